@@ -1,0 +1,25 @@
+//! Matrix-vector kernels, one per numeric type: `y = W x + b`, with `W`
+//! row-major `(out, in)` as PyTorch's `nn.Linear` stores it.
+//!
+//! These are the portable reference kernels: safe, allocation-free, and
+//! written so that the compiler removes bounds checks (`chunks_exact`, `zip`).
+//! Fast paths (Arm DSP, host SIMD) come later and are tested against these.
+//!
+//! A layer's weights are borrowed ([`Linear`] for f32/f16, [`QLinear`] for
+//! int8/Q15); constructors check every length once, so `forward` cannot fail.
+//!
+//! ```
+//! use micromoe::kernels::Linear;
+//! // w: (2, 3) @ x: (3,) -> (2,)
+//! let w = [1.0f32, 0.0, 2.0, 0.0, 1.0, -1.0];
+//! let lin = Linear::new(&w, Some(&[0.5, 0.0]), 2, 3).unwrap();
+//! let mut y = [0.0; 2];
+//! lin.forward(&[1.0, 2.0, 3.0], &mut y);
+//! assert_eq!(y, [7.5, -1.0]);
+//! ```
+
+mod float;
+mod int;
+
+pub use float::{Activation, FloatWeight, Linear, matvec};
+pub use int::{IntKernel, MulParams, QLinear, matvec_i8, matvec_q15};

@@ -1,0 +1,19 @@
+#![cfg_attr(not(any(test, feature = "std")), no_std)]
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
+pub mod error;
+pub mod expert;
+pub mod kernels;
+pub mod moe;
+pub mod quant;
+pub mod router;
+pub mod scratch;
+
+pub use error::{Error, Result, What};
+pub use moe::{MoeLayer, QMoeLayer, Stats};
+pub use router::{Choice, Router, Rule, Selection};

@@ -1,0 +1,272 @@
+//! Post-training quantization of a float layer to int8 or Q15 (`alloc`).
+//!
+//! Weights: symmetric int8 per output channel. Activations: ranges observed
+//! while running the float layer over calibration tokens (every expert sees
+//! every token, so rarely chosen experts are calibrated too); asymmetric int8
+//! or symmetric Q15. All expert outputs share one quantization (the
+//! combine needs a common scale). Router logits use the fixed
+//! `2^-LOGIT_FRAC_BITS` scale; the selection bias and scaling factor become Q15.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use super::{Combine, MoeLayer, QMoeLayer, QSharedExpert};
+use crate::error::{Error, Result, What};
+use crate::expert::{Expert, Ffn, QActivation, QExpert};
+use crate::kernels::{Activation, FloatWeight, IntKernel, Linear, MulParams};
+use crate::quant::build::{QLinearBuf, act_params, mul_params};
+use crate::quant::{Multiplier, QuantParams, build_lut};
+use crate::router::{IntRouter, LOGIT_FRAC_BITS, ONE_Q15, Rule};
+
+/// Smallest and largest value seen.
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    min: f32,
+    max: f32,
+}
+
+impl Range {
+    const EMPTY: Range = Range { min: 0.0, max: 0.0 };
+
+    fn see(&mut self, xs: &[f32]) {
+        for &x in xs {
+            self.min = self.min.min(x);
+            self.max = self.max.max(x);
+        }
+    }
+
+    fn params<A: IntKernel>(&self) -> Result<QuantParams> {
+        act_params::<A>(self.min, self.max)
+    }
+}
+
+fn weights<W: FloatWeight>(l: &Linear<'_, W>) -> Vec<f32> {
+    l.weights().iter().map(|w| w.to_f32()).collect()
+}
+
+fn quantize_linear<A: IntKernel, W: FloatWeight>(
+    l: &Linear<'_, W>,
+    input: QuantParams,
+    output: QuantParams,
+) -> Result<QLinearBuf<A>> {
+    QLinearBuf::quantize(&weights(l), l.bias(), l.rows(), l.cols(), input, output)
+}
+
+/// An integer expert that owns its data.
+#[derive(Debug, Clone)]
+pub struct QExpertBuf<A: IntKernel> {
+    /// `up` (or Mixtral `w3`).
+    pub up: QLinearBuf<A>,
+    /// Gated units: `gate` (`w1`) and the product's parameters.
+    pub gate: Option<(QLinearBuf<A>, MulParams)>,
+    /// The activation table; `None` for ReLU.
+    pub lut: Option<Vec<A>>,
+    /// `down` (`w2`).
+    pub down: QLinearBuf<A>,
+}
+
+impl<A: IntKernel> QExpertBuf<A> {
+    /// The borrowed expert, validated.
+    pub fn view(&self) -> Result<QExpert<'_, A>> {
+        let act = match &self.lut {
+            Some(t) => QActivation::Lut(t),
+            None => QActivation::Relu,
+        };
+        match &self.gate {
+            None => QExpert::mlp(self.up.view()?, act, self.down.view()?),
+            Some((g, m)) => QExpert::gated(g.view()?, self.up.view()?, act, *m, self.down.view()?),
+        }
+    }
+}
+
+/// Activation ranges of one expert over the calibration tokens.
+struct ExpertRanges {
+    up: Range,
+    gate: Range,
+    act: Range,
+    hidden: Range,
+    out: Range,
+}
+
+fn observe<W: FloatWeight>(e: &Expert<'_, W>, tokens: &[f32]) -> ExpertRanges {
+    let f = e.ffn();
+    let (mut u, mut g, mut y) = (vec![0.0; f.hidden_dim()], vec![0.0; f.hidden_dim()], vec![0.0; f.out_dim()]);
+    let mut r = ExpertRanges { up: Range::EMPTY, gate: Range::EMPTY, act: Range::EMPTY, hidden: Range::EMPTY, out: Range::EMPTY };
+    for x in tokens.chunks_exact(f.in_dim()) {
+        match f {
+            Ffn::Mlp { up, act, down } => {
+                up.forward(x, &mut u);
+                r.up.see(&u);
+                act.apply(&mut u);
+                r.act.see(&u);
+                down.forward(&u, &mut y);
+            }
+            Ffn::Gated { gate, up, act, down } => {
+                gate.forward(x, &mut g);
+                r.gate.see(&g);
+                up.forward(x, &mut u);
+                r.up.see(&u);
+                act.apply(&mut g);
+                r.act.see(&g);
+                g.iter_mut().zip(&u).for_each(|(a, b)| *a *= b);
+                r.hidden.see(&g);
+                down.forward(&g, &mut y);
+            }
+        }
+        r.out.see(&y);
+    }
+    r
+}
+
+fn lut<A: IntKernel>(act: Activation, input: QuantParams, output: QuantParams) -> Result<Option<Vec<A>>> {
+    if act == Activation::Relu {
+        return Ok(None);
+    }
+    let mut t = vec![A::default(); A::LUT_LEN];
+    build_lut(|x| act.eval(x), input, output, &mut t)?;
+    Ok(Some(t))
+}
+
+fn quantize_expert<A: IntKernel, W: FloatWeight>(
+    e: &Expert<'_, W>,
+    r: &ExpertRanges,
+    input: QuantParams,
+    out: QuantParams,
+) -> Result<QExpertBuf<A>> {
+    match e.ffn() {
+        Ffn::Mlp { up, act, down } => {
+            let u = r.up.params::<A>()?;
+            let a = if *act == Activation::Relu { u } else { r.act.params::<A>()? };
+            Ok(QExpertBuf {
+                up: quantize_linear(up, input, u)?,
+                gate: None,
+                lut: lut(*act, u, a)?,
+                down: quantize_linear(down, a, out)?,
+            })
+        }
+        Ffn::Gated { gate, up, act, down } => {
+            let (g, u) = (r.gate.params::<A>()?, r.up.params::<A>()?);
+            let a = if *act == Activation::Relu { g } else { r.act.params::<A>()? };
+            let h = r.hidden.params::<A>()?;
+            Ok(QExpertBuf {
+                up: quantize_linear(up, input, u)?,
+                gate: Some((quantize_linear(gate, input, g)?, mul_params(a, u, h)?)),
+                lut: lut(*act, g, a)?,
+                down: quantize_linear(down, h, out)?,
+            })
+        }
+    }
+}
+
+/// A quantized MoE layer that owns its data. Use it in two steps, because the
+/// layer borrows a slice of expert views:
+///
+/// ```ignore
+/// let q = QMoeBuf::<i8>::quantize(&float_layer, &calibration)?;
+/// let experts = q.expert_views()?;
+/// let layer = q.layer(&experts)?;
+/// ```
+#[derive(Debug, Clone)]
+pub struct QMoeBuf<A: IntKernel> {
+    /// Quantization of the layer's input.
+    pub input: QuantParams,
+    /// Quantization of the layer's output.
+    pub output: QuantParams,
+    /// Common quantization of every expert's output.
+    pub expert_out: QuantParams,
+    /// Gate emitting fixed-point logits.
+    pub gate: QLinearBuf<A>,
+    /// Routed experts.
+    pub experts: Vec<QExpertBuf<A>>,
+    /// Shared expert and its gate.
+    pub shared: Option<(QExpertBuf<A>, Option<QLinearBuf<A>>)>,
+    /// Routing rule.
+    pub rule: Rule,
+    /// Selection bias in Q15.
+    pub bias_q15: Option<Vec<i32>>,
+    /// Routed scaling factor in Q15.
+    pub scaling_q15: i32,
+    /// How outputs are summed.
+    pub combine: Combine,
+}
+
+impl<A: IntKernel> QMoeBuf<A> {
+    /// Quantizes `layer`, calibrating activations on `calibration`
+    /// (`(tokens, in)` row-major, at least one token, finite).
+    pub fn quantize<G: FloatWeight, W: FloatWeight>(layer: &MoeLayer<'_, G, W>, calibration: &[f32]) -> Result<Self> {
+        let (d_in, d_out) = (layer.in_dim(), layer.out_dim());
+        if calibration.is_empty() || calibration.len() % d_in != 0 {
+            return Err(Error::Shape { what: What::Calibration, expected: d_in, actual: calibration.len() });
+        }
+        crate::error::check_finite(What::Calibration, calibration)?;
+        let mut input = Range::EMPTY;
+        input.see(calibration);
+        let input = input.params::<A>()?;
+
+        let mut output = Range::EMPTY;
+        let mut y = vec![0.0; d_out];
+        let mut scratch = vec![0u8; layer.scratch_bytes()];
+        for x in calibration.chunks_exact(d_in) {
+            layer.infer(x, &mut y, &mut scratch)?;
+            output.see(&y);
+        }
+        let output = output.params::<A>()?;
+
+        let ranges: Vec<ExpertRanges> = layer.experts().iter().map(|e| observe(e, calibration)).collect();
+        let shared_ranges = layer.shared().map(|s| observe(&s.expert, calibration));
+        let mut expert_out = Range::EMPTY;
+        for r in ranges.iter().chain(shared_ranges.as_ref()) {
+            expert_out.see(&[r.out.min, r.out.max]);
+        }
+        let expert_out = expert_out.params::<A>()?;
+
+        let logit = QuantParams::new(1.0 / (1u32 << LOGIT_FRAC_BITS) as f32, 0)?;
+        let experts = layer
+            .experts()
+            .iter()
+            .zip(&ranges)
+            .map(|(e, r)| quantize_expert(e, r, input, expert_out))
+            .collect::<Result<Vec<_>>>()?;
+        let shared = match (layer.shared(), &shared_ranges) {
+            (Some(s), Some(r)) => Some((
+                quantize_expert(&s.expert, r, input, expert_out)?,
+                s.gate.as_ref().map(|g| quantize_linear(g, input, logit)).transpose()?,
+            )),
+            _ => None,
+        };
+        let router = layer.router();
+        let q15 = |v: f32| libm::roundf(v * ONE_Q15 as f32) as i32;
+        let combine = Combine {
+            expert_zp: expert_out.zero_point,
+            multiplier: Multiplier::from_scale(expert_out.scale as f64 / (output.scale as f64 * ONE_Q15 as f64))?,
+            out_zp: output.zero_point,
+        };
+        Ok(QMoeBuf {
+            input,
+            output,
+            expert_out,
+            gate: quantize_linear(layer.gate(), input, logit)?,
+            experts,
+            shared,
+            rule: *router.rule(),
+            bias_q15: router.bias().map(|b| b.iter().map(|&v| q15(v)).collect()),
+            scaling_q15: q15(router.scaling()),
+            combine,
+        })
+    }
+
+    /// Views of the routed experts, for [`QMoeBuf::layer`].
+    pub fn expert_views(&self) -> Result<Vec<QExpert<'_, A>>> {
+        self.experts.iter().map(|e| e.view()).collect()
+    }
+
+    /// The runnable layer over `experts` (from [`QMoeBuf::expert_views`]).
+    pub fn layer<'a>(&'a self, experts: &'a [QExpert<'a, A>]) -> Result<QMoeLayer<'a, A>> {
+        let router = IntRouter::new(self.rule, self.bias_q15.as_deref(), self.scaling_q15)?;
+        let shared = match &self.shared {
+            Some((e, g)) => Some(QSharedExpert { expert: e.view()?, gate: g.as_ref().map(|g| g.view()).transpose()? }),
+            None => None,
+        };
+        QMoeLayer::new(self.gate.view()?, router, experts, shared, self.combine)
+    }
+}

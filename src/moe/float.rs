@@ -1,0 +1,165 @@
+//! The f32 / f16 MoE layer.
+
+use crate::error::{Error, Result, What, check_finite, check_len};
+use crate::expert::Expert;
+use crate::kernels::{FloatWeight, Linear};
+use crate::router::{Router, Selection};
+use crate::scratch::{Carve, bytes_for};
+
+use super::Stats;
+
+/// An always-on expert, optionally scaled by `sigmoid(gate x)` (`gate`: one
+/// row, Qwen2-MoE's `shared_expert_gate`).
+#[derive(Debug, Clone, Copy)]
+pub struct SharedExpert<'a, W> {
+    /// The expert.
+    pub expert: Expert<'a, W>,
+    /// `(1, in)`; `None` adds the expert unscaled (DeepSeek).
+    pub gate: Option<Linear<'a, W>>,
+}
+
+/// A sparse MoE layer with f32 or f16 weights: gate weights `G`, expert
+/// weights `W` (e.g. an f32 router over f16 experts).
+#[derive(Debug, Clone, Copy)]
+pub struct MoeLayer<'a, G, W> {
+    gate: Linear<'a, G>,
+    router: Router<'a>,
+    experts: &'a [Expert<'a, W>],
+    shared: Option<SharedExpert<'a, W>>,
+    in_dim: usize,
+    out_dim: usize,
+    hidden_max: usize,
+}
+
+impl<'a, G: FloatWeight, W: FloatWeight> MoeLayer<'a, G, W> {
+    /// Checks that the gate has one row per expert and that every expert
+    /// (and the shared one) has the gate's input width and one output width.
+    pub fn new(
+        gate: Linear<'a, G>,
+        router: Router<'a>,
+        experts: &'a [Expert<'a, W>],
+        shared: Option<SharedExpert<'a, W>>,
+    ) -> Result<Self> {
+        let n = router.rule().experts;
+        check_len(What::Experts, n, experts.len())?;
+        same(What::Experts, n, gate.rows())?;
+        let in_dim = gate.cols();
+        let out_dim = experts.first().map_or(0, |e| e.ffn().out_dim());
+        let mut hidden_max = 0;
+        for e in experts.iter().chain(shared.as_ref().map(|s| &s.expert)) {
+            same(What::Input, in_dim, e.ffn().in_dim())?;
+            same(What::Output, out_dim, e.ffn().out_dim())?;
+            hidden_max = hidden_max.max(e.hidden_len());
+        }
+        if let Some(g) = shared.as_ref().and_then(|s| s.gate.as_ref()) {
+            same(What::Weight, 1, g.rows())?;
+            same(What::Input, in_dim, g.cols())?;
+        }
+        Ok(MoeLayer { gate, router, experts, shared, in_dim, out_dim, hidden_max })
+    }
+
+    /// Input width.
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+
+    /// The gate, `(experts, in)`.
+    pub fn gate(&self) -> &Linear<'a, G> {
+        &self.gate
+    }
+
+    /// The router.
+    pub fn router(&self) -> &Router<'a> {
+        &self.router
+    }
+
+    /// The routed experts.
+    pub fn experts(&self) -> &'a [Expert<'a, W>] {
+        self.experts
+    }
+
+    /// The shared expert, if any.
+    pub fn shared(&self) -> Option<&SharedExpert<'a, W>> {
+        self.shared.as_ref()
+    }
+
+    /// Output width.
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    /// Bytes of scratch [`MoeLayer::infer`] needs.
+    pub fn scratch_bytes(&self) -> usize {
+        bytes_for::<f32>(self.experts.len()) + bytes_for::<f32>(self.hidden_max) + bytes_for::<f32>(self.out_dim)
+    }
+
+    /// Multiply-accumulates for one token with the given experts chosen, and
+    /// with all of them (dense).
+    fn macs(&self, sel: &Selection<f32>) -> (u64, u64) {
+        let base = (self.gate.rows() * self.gate.cols()) as u64
+            + self.shared.as_ref().map_or(0, |s| s.expert.ffn().macs() + s.gate.map_or(0, |g| g.cols() as u64));
+        let chosen: u64 = sel.iter().filter_map(|c| self.experts.get(c.expert as usize)).map(|e| e.ffn().macs()).sum();
+        let all: u64 = self.experts.iter().map(|e| e.ffn().macs()).sum();
+        (base + chosen, base + all)
+    }
+
+    /// Runs one token: `out = sum_i w_i expert_i(x) (+ shared)`. Returns the
+    /// experts chosen. `x` must be finite ([`Error::NonFinite`] otherwise).
+    pub fn infer(&self, x: &[f32], out: &mut [f32], scratch: &mut [u8]) -> Result<Selection<f32>> {
+        check_len(What::Input, self.in_dim, x.len())?;
+        check_len(What::Output, self.out_dim, out.len())?;
+        check_finite(What::Input, x)?;
+        let mut carve = Carve::new(scratch);
+        let logits = carve.take::<f32>(self.experts.len())?;
+        let hidden = carve.take::<f32>(self.hidden_max)?;
+        let y = carve.take::<f32>(self.out_dim)?;
+
+        // logits: (experts,) = gate (experts, in) @ x
+        self.gate.forward(x, logits);
+        let mut sel = Selection::new();
+        self.router.route(logits, &mut sel)?;
+
+        out.fill(0.0);
+        for c in &sel {
+            let Some(expert) = self.experts.get(c.expert as usize) else { continue };
+            expert.forward(x, y, hidden);
+            for (o, &v) in out.iter_mut().zip(y.iter()) {
+                *o += c.weight * v;
+            }
+        }
+        if let Some(shared) = &self.shared {
+            shared.expert.forward(x, y, hidden);
+            let g = match &shared.gate {
+                Some(gate) => {
+                    let mut l = [0.0f32];
+                    gate.forward(x, &mut l);
+                    1.0 / (1.0 + libm::expf(-l[0]))
+                }
+                None => 1.0,
+            };
+            for (o, &v) in out.iter_mut().zip(y.iter()) {
+                *o += g * v;
+            }
+        }
+        Ok(sel)
+    }
+
+    /// [`MoeLayer::infer`], and records the choice and the work in `stats`.
+    pub fn infer_with_stats<const N: usize>(
+        &self,
+        x: &[f32],
+        out: &mut [f32],
+        scratch: &mut [u8],
+        stats: &mut Stats<N>,
+    ) -> Result<Selection<f32>> {
+        stats.check(self.experts.len())?;
+        let sel = self.infer(x, out, scratch)?;
+        let (macs, dense) = self.macs(&sel);
+        stats.record(&sel, macs, dense);
+        Ok(sel)
+    }
+}
+
+pub(super) fn same(what: What, expected: usize, actual: usize) -> Result<()> {
+    if expected == actual { Ok(()) } else { Err(Error::DimMismatch { what, expected, actual }) }
+}

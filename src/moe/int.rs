@@ -1,0 +1,187 @@
+//! The integer MoE layer: int8 or Q15 from gate to combine, no float.
+
+use crate::error::{Error, Result, What, check_len};
+use crate::expert::QExpert;
+use crate::kernels::{IntKernel, QLinear};
+use crate::quant::{Multiplier, WIDE_MAX_SHIFT, requantize_wide};
+use crate::router::{IntRouter, LOGIT_FRAC_BITS, ONE_Q15, Selection, sigmoid_q30};
+use crate::scratch::{Carve, bytes_for};
+
+use super::Stats;
+use super::float::same;
+
+/// How expert outputs are summed: every expert (and the shared one) emits
+/// values with zero point `expert_zp` and one common scale `s_e`; the sum
+/// `acc = sum_i w_i (y_i - expert_zp)` with Q15 weights `w_i` is scaled by
+/// `multiplier = s_e / (s_out * 2^15)` ([`requantize_wide`]) and offset by
+/// `out_zp`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Combine {
+    /// Zero point of every expert's output.
+    pub expert_zp: i32,
+    /// `s_e / (s_out * 2^15)`.
+    pub multiplier: Multiplier,
+    /// Zero point of the layer's output.
+    pub out_zp: i32,
+}
+
+/// An always-on integer expert, optionally scaled by `sigmoid(gate x)`;
+/// `gate` has one row and emits a fixed-point logit (zero point 0,
+/// scale `2^-LOGIT_FRAC_BITS`).
+#[derive(Debug, Clone, Copy)]
+pub struct QSharedExpert<'a, A: IntKernel> {
+    /// The expert.
+    pub expert: QExpert<'a, A>,
+    /// `(1, in)`; `None` adds the expert with weight 1.
+    pub gate: Option<QLinear<'a, A>>,
+}
+
+/// A sparse MoE layer on the integer path (`A = i8`: int8, `A = i16`: Q15).
+/// The gate emits fixed-point logits (zero point 0, scale
+/// `2^-LOGIT_FRAC_BITS`) for the [`IntRouter`].
+#[derive(Debug, Clone, Copy)]
+pub struct QMoeLayer<'a, A: IntKernel> {
+    gate: QLinear<'a, A>,
+    router: IntRouter<'a>,
+    experts: &'a [QExpert<'a, A>],
+    shared: Option<QSharedExpert<'a, A>>,
+    combine: Combine,
+    out_dim: usize,
+    hidden_max: usize,
+}
+
+impl<'a, A: IntKernel> QMoeLayer<'a, A> {
+    /// Checks shapes as [`MoeLayer::new`](super::MoeLayer::new) does, and that
+    /// the quantization chains: every expert reads the gate's input zero
+    /// point and writes `combine.expert_zp`; logits have zero point 0.
+    pub fn new(
+        gate: QLinear<'a, A>,
+        router: IntRouter<'a>,
+        experts: &'a [QExpert<'a, A>],
+        shared: Option<QSharedExpert<'a, A>>,
+        combine: Combine,
+    ) -> Result<Self> {
+        let n = router.rule().experts;
+        check_len(What::Experts, n, experts.len())?;
+        same(What::Experts, n, gate.rows())?;
+        let zp_err = Error::OutOfRange { what: What::ZeroPoint, index: 0 };
+        let out_dim = experts.first().map_or(0, |e| e.out_dim());
+        let mut hidden_max = 0;
+        for e in experts.iter().chain(shared.as_ref().map(|s| &s.expert)) {
+            same(What::Input, gate.cols(), e.in_dim())?;
+            same(What::Output, out_dim, e.out_dim())?;
+            if e.input_zp() != gate.input_zp() || e.down().output_zp() != combine.expert_zp {
+                return Err(zp_err);
+            }
+            hidden_max = hidden_max.max(e.hidden_len());
+        }
+        if let Some(g) = shared.as_ref().and_then(|s| s.gate.as_ref()) {
+            same(What::Weight, 1, g.rows())?;
+            same(What::Input, gate.cols(), g.cols())?;
+            if g.input_zp() != gate.input_zp() || g.output_zp() != 0 {
+                return Err(zp_err);
+            }
+        }
+        if gate.output_zp() != 0 || !(A::MIN..=A::MAX).contains(&combine.out_zp) {
+            return Err(zp_err);
+        }
+        let m = combine.multiplier;
+        if Multiplier::new(m.multiplier, m.shift).is_err() || m.shift > WIDE_MAX_SHIFT {
+            return Err(Error::OutOfRange { what: What::Requant, index: 0 });
+        }
+        Ok(QMoeLayer { gate, router, experts, shared, combine, out_dim, hidden_max })
+    }
+
+    /// Input width.
+    pub fn in_dim(&self) -> usize {
+        self.gate.cols()
+    }
+
+    /// Output width.
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    /// Expert outputs kept at once: the k routed plus the shared one.
+    fn slots(&self) -> usize {
+        self.router.rule().k + 1
+    }
+
+    /// Bytes of scratch [`QMoeLayer::infer`] needs.
+    pub fn scratch_bytes(&self) -> usize {
+        bytes_for::<i32>(self.experts.len())
+            + bytes_for::<A>(self.hidden_max)
+            + bytes_for::<A>(self.slots().saturating_mul(self.out_dim))
+    }
+
+    fn macs(&self, sel: &Selection<i32>) -> (u64, u64) {
+        let base = (self.gate.rows() * self.gate.cols()) as u64
+            + self.shared.as_ref().map_or(0, |s| s.expert.macs() + s.gate.map_or(0, |g| g.cols() as u64));
+        let chosen: u64 = sel.iter().filter_map(|c| self.experts.get(c.expert as usize)).map(|e| e.macs()).sum();
+        let all: u64 = self.experts.iter().map(|e| e.macs()).sum();
+        (base + chosen, base + all)
+    }
+
+    /// Runs one quantized token. Returns the experts chosen with Q15 weights.
+    pub fn infer(&self, x: &[A], out: &mut [A], scratch: &mut [u8]) -> Result<Selection<i32>> {
+        check_len(What::Input, self.in_dim(), x.len())?;
+        check_len(What::Output, self.out_dim, out.len())?;
+        let mut carve = Carve::new(scratch);
+        let logits = carve.take::<i32>(self.experts.len())?;
+        let hidden = carve.take::<A>(self.hidden_max)?;
+        let ys = carve.take::<A>(self.slots() * self.out_dim)?;
+
+        // logits: (experts,) in Q.LOGIT_FRAC_BITS = gate (experts, in) @ x
+        self.gate.forward_wide(x, logits);
+        let mut sel = Selection::new();
+        self.router.route(logits, &mut sel)?;
+
+        // ys: (k + 1, out); weights: Q15, the shared expert's last.
+        let mut weights = heapless::Vec::<i32, { crate::router::MAX_K + 1 }>::new();
+        let mut slots = ys.chunks_exact_mut(self.out_dim.max(1));
+        for c in &sel {
+            if let (Some(expert), Some(y)) = (self.experts.get(c.expert as usize), slots.next()) {
+                expert.forward(x, y, hidden);
+                let _ = weights.push(c.weight);
+            }
+        }
+        if let (Some(shared), Some(y)) = (&self.shared, slots.next()) {
+            shared.expert.forward(x, y, hidden);
+            let w = match &shared.gate {
+                Some(gate) => {
+                    let mut l = [0i32];
+                    gate.forward_wide(x, &mut l);
+                    ((sigmoid_q30(l[0], LOGIT_FRAC_BITS) + (1 << 14)) >> 15) as i32
+                }
+                None => ONE_Q15,
+            };
+            let _ = weights.push(w);
+        }
+        let Combine { expert_zp, multiplier, out_zp } = self.combine;
+        for (j, o) in out.iter_mut().enumerate() {
+            let acc: i64 = ys
+                .chunks_exact(self.out_dim)
+                .zip(&weights)
+                .map(|(y, &w)| w as i64 * (y.get(j).map_or(expert_zp, |v| v.get()) - expert_zp) as i64)
+                .sum();
+            *o = A::saturate(requantize_wide(acc, multiplier).saturating_add(out_zp));
+        }
+        Ok(sel)
+    }
+
+    /// [`QMoeLayer::infer`], and records the choice and the work in `stats`.
+    pub fn infer_with_stats<const N: usize>(
+        &self,
+        x: &[A],
+        out: &mut [A],
+        scratch: &mut [u8],
+        stats: &mut Stats<N>,
+    ) -> Result<Selection<i32>> {
+        stats.check(self.experts.len())?;
+        let sel = self.infer(x, out, scratch)?;
+        let (macs, dense) = self.macs(&sel);
+        stats.record(&sel, macs, dense);
+        Ok(sel)
+    }
+}
