@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Reference fixtures for micromoe's tests, made with PyTorch + Hugging Face transformers.
+
+Each case is one safetensors file under tests/fixtures/ holding a random MoE block's
+weights (our names), inputs, the block's outputs, router logits and chosen experts,
+and its hyper-parameters in the metadata. Run from the repository root:
+
+    pip install torch transformers safetensors
+    python3 tools/make_fixtures.py
+
+Blocks: transformers' MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock and the
+DeepseekV3TopkRouter (router only). Weights are drawn with a larger spread than the
+default init so routing is decisive, not uniform.
+"""
+import os
+
+import torch
+from safetensors.torch import save_file
+from transformers import DeepseekV3Config, MixtralConfig, Qwen2MoeConfig
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
+
+
+def init_(t, std):
+    with torch.no_grad():
+        t.normal_(0.0, std)
+
+
+def expert_tensors(prefix, gate_up, down):
+    """Split HF's fused (2I, H) gate_up into w1 (gate) and w3 (up); w2 = down."""
+    inter = down.shape[1]
+    return {
+        f"{prefix}.w1": gate_up[:inter].contiguous(),
+        f"{prefix}.w3": gate_up[inter:].contiguous(),
+        f"{prefix}.w2": down.contiguous(),
+    }
+
+
+def f16_rounded(block):
+    """A copy of the block whose weights are rounded to f16 (still computed in f32)."""
+    import copy
+
+    b = copy.deepcopy(block)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.copy_(p.half().float())
+    return b
+
+
+def run(block, x, router):
+    with torch.no_grad():
+        y = block(x[None])[0]
+        logits, weights, idx = router(x)
+    return y, logits, weights, idx
+
+
+def mixtral_case(name, hidden, inter, experts, k, tokens, seed):
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=experts,
+                        num_experts_per_tok=k, hidden_act="silu")
+    block = MixtralSparseMoeBlock(cfg).eval()
+    init_(block.gate.weight, 3.0 / hidden**0.5)
+    init_(block.experts.gate_up_proj, 1.0 / hidden**0.5)
+    init_(block.experts.down_proj, 1.0 / inter**0.5)
+    x = torch.randn(tokens, hidden)
+    y, logits, weights, idx = run(block, x, block.gate)
+    b16 = f16_rounded(block)
+    y16, _, _, idx16 = run(b16, x, b16.gate)
+    t = {"x": x, "y": y, "y_f16w": y16, "experts_f16w": idx16.to(torch.int64), "logits": logits, "weights": weights, "experts": idx.to(torch.int64),
+         "gate": block.gate.weight.detach()}
+    for e in range(experts):
+        t.update(expert_tensors(f"experts.{e}", block.experts.gate_up_proj[e].detach(),
+                                block.experts.down_proj[e].detach()))
+    meta = {"arch": "mixtral", "hidden": hidden, "inter": inter, "experts": experts, "k": k,
+            "norm_topk_prob": 1, "act": "silu", "shared": 0}
+    save(name, t, meta)
+
+
+def qwen_case(name, hidden, inter, shared_inter, experts, k, norm, tokens, seed):
+    torch.manual_seed(seed)
+    cfg = Qwen2MoeConfig(hidden_size=hidden, moe_intermediate_size=inter,
+                         shared_expert_intermediate_size=shared_inter, num_experts=experts,
+                         num_experts_per_tok=k, norm_topk_prob=norm, hidden_act="silu")
+    block = Qwen2MoeSparseMoeBlock(cfg).eval()
+    init_(block.gate.weight, 3.0 / hidden**0.5)
+    init_(block.experts.gate_up_proj, 1.0 / hidden**0.5)
+    init_(block.experts.down_proj, 1.0 / inter**0.5)
+    for lin in (block.shared_expert.gate_proj, block.shared_expert.up_proj):
+        init_(lin.weight, 1.0 / hidden**0.5)
+    init_(block.shared_expert.down_proj.weight, 1.0 / shared_inter**0.5)
+    init_(block.shared_expert_gate.weight, 1.0 / hidden**0.5)
+    x = torch.randn(tokens, hidden)
+    y, logits, weights, idx = run(block, x, block.gate)
+    b16 = f16_rounded(block)
+    y16, _, _, idx16 = run(b16, x, b16.gate)
+    t = {"x": x, "y": y, "y_f16w": y16, "experts_f16w": idx16.to(torch.int64), "logits": logits, "weights": weights, "experts": idx.to(torch.int64),
+         "gate": block.gate.weight.detach(),
+         "shared.w1": block.shared_expert.gate_proj.weight.detach(),
+         "shared.w3": block.shared_expert.up_proj.weight.detach(),
+         "shared.w2": block.shared_expert.down_proj.weight.detach(),
+         "shared_gate": block.shared_expert_gate.weight.detach()}
+    for e in range(experts):
+        t.update(expert_tensors(f"experts.{e}", block.experts.gate_up_proj[e].detach(),
+                                block.experts.down_proj[e].detach()))
+    meta = {"arch": "qwen2_moe", "hidden": hidden, "inter": inter, "experts": experts, "k": k,
+            "norm_topk_prob": int(norm), "act": "silu", "shared": 1}
+    save(name, t, meta)
+
+
+def deepseek_router_case(name, hidden, experts, k, n_group, topk_group, norm, scale, tokens, seed):
+    torch.manual_seed(seed)
+    cfg = DeepseekV3Config(hidden_size=hidden, n_routed_experts=experts, num_experts_per_tok=k,
+                           n_group=n_group, topk_group=topk_group, norm_topk_prob=norm,
+                           routed_scaling_factor=scale)
+    router = DeepseekV3TopkRouter(cfg).eval()
+    init_(router.weight, 3.0 / hidden**0.5)
+    with torch.no_grad():
+        router.e_score_correction_bias.normal_(0.0, 0.3)
+    x = torch.randn(tokens, hidden)
+    with torch.no_grad():
+        logits, weights, idx = router(x)
+    # The router returns its top-k unsorted; order them by choice score as ours does.
+    choice = (logits.sigmoid() + router.e_score_correction_bias).gather(1, idx)
+    order = torch.argsort(choice, dim=1, descending=True, stable=True)
+    t = {"x": x, "logits": logits, "weights": weights.gather(1, order), "experts": idx.gather(1, order).to(torch.int64),
+         "gate": router.weight.detach(), "bias": router.e_score_correction_bias.detach().clone()}
+    meta = {"arch": "deepseek_v3_router", "hidden": hidden, "experts": experts, "k": k, "n_group": n_group,
+            "topk_group": topk_group, "norm_topk_prob": int(norm), "scale": scale}
+    save(name, t, meta)
+
+
+def save(name, tensors, meta):
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    save_file(tensors, os.path.join(OUT, f"{name}.safetensors"), metadata={k: str(v) for k, v in meta.items()})
+    print(name, {k: tuple(v.shape) for k, v in tensors.items() if not k.startswith("experts.")})
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    print("torch", torch.__version__)
+    mixtral_case("mixtral_h16_e4_k1", 16, 32, 4, 1, 24, 1)
+    mixtral_case("mixtral_h32_e8_k2", 32, 48, 8, 2, 24, 2)
+    mixtral_case("mixtral_h24_e6_k3", 24, 40, 6, 3, 24, 3)
+    mixtral_case("mixtral_h48_e8_k2", 48, 64, 8, 2, 16, 4)
+    qwen_case("qwen2moe_h16_e4_k1_norm", 16, 24, 32, 4, 1, True, 24, 5)
+    qwen_case("qwen2moe_h32_e8_k2", 32, 32, 48, 8, 2, False, 24, 6)
+    qwen_case("qwen2moe_h24_e6_k3_norm", 24, 32, 40, 6, 3, True, 24, 7)
+    qwen_case("qwen2moe_h32_e6_k3", 32, 24, 32, 6, 3, False, 16, 8)
+    deepseek_router_case("deepseek_router_e16_g4", 24, 16, 4, 4, 2, True, 2.5, 64, 9)
+    deepseek_router_case("deepseek_router_e8_g1", 16, 8, 2, 1, 1, False, 1.0, 64, 10)
+
+
+if __name__ == "__main__":
+    main()
