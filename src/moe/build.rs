@@ -3,7 +3,8 @@
 //! Weights: symmetric int8 per output channel. Activations: ranges observed
 //! while running the float layer over calibration tokens (every expert sees
 //! every token, so rarely chosen experts are calibrated too); asymmetric int8
-//! or symmetric Q15. All expert outputs share one quantization (the
+//! or symmetric Q15. A table activation's output range is the function over
+//! the table's whole input range, so the table never saturates. All expert outputs share one quantization (the
 //! combine needs a common scale). Router logits use the fixed
 //! `2^-LOGIT_FRAC_BITS` scale; the selection bias and scaling factor become Q15.
 
@@ -83,7 +84,6 @@ impl<A: IntKernel> QExpertBuf<A> {
 struct ExpertRanges {
     up: Range,
     gate: Range,
-    act: Range,
     hidden: Range,
     out: Range,
 }
@@ -91,14 +91,13 @@ struct ExpertRanges {
 fn observe<W: FloatWeight>(e: &Expert<'_, W>, tokens: &[f32]) -> ExpertRanges {
     let f = e.ffn();
     let (mut u, mut g, mut y) = (vec![0.0; f.hidden_dim()], vec![0.0; f.hidden_dim()], vec![0.0; f.out_dim()]);
-    let mut r = ExpertRanges { up: Range::EMPTY, gate: Range::EMPTY, act: Range::EMPTY, hidden: Range::EMPTY, out: Range::EMPTY };
+    let mut r = ExpertRanges { up: Range::EMPTY, gate: Range::EMPTY, hidden: Range::EMPTY, out: Range::EMPTY };
     for x in tokens.chunks_exact(f.in_dim()) {
         match f {
             Ffn::Mlp { up, act, down } => {
                 up.forward(x, &mut u);
                 r.up.see(&u);
                 act.apply(&mut u);
-                r.act.see(&u);
                 down.forward(&u, &mut y);
             }
             Ffn::Gated { gate, up, act, down } => {
@@ -107,13 +106,24 @@ fn observe<W: FloatWeight>(e: &Expert<'_, W>, tokens: &[f32]) -> ExpertRanges {
                 up.forward(x, &mut u);
                 r.up.see(&u);
                 act.apply(&mut g);
-                r.act.see(&g);
                 g.iter_mut().zip(&u).for_each(|(a, b)| *a *= b);
                 r.hidden.see(&g);
                 down.forward(&g, &mut y);
             }
         }
         r.out.see(&y);
+    }
+    r
+}
+
+/// Range of `act` over every input its table can be asked about, so the
+/// table never saturates (not just the values seen in calibration).
+fn act_range<A: IntKernel>(act: Activation, input: QuantParams) -> Range {
+    let step = if A::LUT_LEN == 256 { 1 } else { 128 };
+    let mut r = Range::EMPTY;
+    for j in 0..A::LUT_LEN as i32 {
+        let q = A::MIN + j * step;
+        r.see(&[act.eval(input.scale * (q - input.zero_point) as f32)]);
     }
     r
 }
@@ -136,7 +146,7 @@ fn quantize_expert<A: IntKernel, W: FloatWeight>(
     match e.ffn() {
         Ffn::Mlp { up, act, down } => {
             let u = r.up.params::<A>()?;
-            let a = if *act == Activation::Relu { u } else { r.act.params::<A>()? };
+            let a = if *act == Activation::Relu { u } else { act_range::<A>(*act, u).params::<A>()? };
             Ok(QExpertBuf {
                 up: quantize_linear(up, input, u)?,
                 gate: None,
@@ -146,7 +156,7 @@ fn quantize_expert<A: IntKernel, W: FloatWeight>(
         }
         Ffn::Gated { gate, up, act, down } => {
             let (g, u) = (r.gate.params::<A>()?, r.up.params::<A>()?);
-            let a = if *act == Activation::Relu { g } else { r.act.params::<A>()? };
+            let a = if *act == Activation::Relu { g } else { act_range::<A>(*act, g).params::<A>()? };
             let h = r.hidden.params::<A>()?;
             Ok(QExpertBuf {
                 up: quantize_linear(up, input, u)?,
