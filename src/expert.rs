@@ -72,7 +72,15 @@ impl<A: IntKernel> Dims for QLinear<'_, A> {
 }
 
 fn same(what: What, expected: usize, actual: usize) -> Result<()> {
-    if expected == actual { Ok(()) } else { Err(Error::DimMismatch { what, expected, actual }) }
+    if expected == actual {
+        Ok(())
+    } else {
+        Err(Error::DimMismatch {
+            what,
+            expected,
+            actual,
+        })
+    }
 }
 
 impl<L: Dims> Ffn<L> {
@@ -118,7 +126,11 @@ impl<L: Dims> Ffn<L> {
 
     /// Multiply-accumulates per token.
     pub fn macs(&self) -> u64 {
-        let (i, h, o) = (self.in_dim() as u64, self.hidden_dim() as u64, self.out_dim() as u64);
+        let (i, h, o) = (
+            self.in_dim() as u64,
+            self.hidden_dim() as u64,
+            self.out_dim() as u64,
+        );
         self.hidden_buffers() as u64 * i * h + h * o
     }
 }
@@ -138,8 +150,18 @@ impl<'a, W: FloatWeight> Expert<'a, W> {
     }
 
     /// `down(act(gate x) * up x)`.
-    pub fn gated(gate: Linear<'a, W>, up: Linear<'a, W>, down: Linear<'a, W>, act: Activation) -> Result<Self> {
-        let ffn = Ffn::Gated { gate, up, act, down };
+    pub fn gated(
+        gate: Linear<'a, W>,
+        up: Linear<'a, W>,
+        down: Linear<'a, W>,
+        act: Activation,
+    ) -> Result<Self> {
+        let ffn = Ffn::Gated {
+            gate,
+            up,
+            act,
+            down,
+        };
         ffn.check()?;
         Ok(Expert { ffn })
     }
@@ -165,7 +187,12 @@ impl<'a, W: FloatWeight> Expert<'a, W> {
                 act.apply(h1);
                 down.forward(h1, y);
             }
-            Ffn::Gated { gate, up, act, down } => {
+            Ffn::Gated {
+                gate,
+                up,
+                act,
+                down,
+            } => {
                 gate.forward(x, h1);
                 up.forward(x, h2);
                 for (g, &u) in h1.iter_mut().zip(h2.iter()) {
@@ -189,7 +216,9 @@ pub enum QActivation<'a, A> {
 impl<A: IntKernel> QActivation<'_, A> {
     fn apply(&self, xs: &mut [A], zp: i32) {
         match self {
-            QActivation::Relu => xs.iter_mut().for_each(|x| *x = A::saturate(x.get().max(zp))),
+            QActivation::Relu => xs
+                .iter_mut()
+                .for_each(|x| *x = A::saturate(x.get().max(zp))),
             QActivation::Lut(lut) => xs.iter_mut().for_each(|x| *x = x.lookup(lut)),
         }
     }
@@ -210,11 +239,24 @@ impl<'a, A: IntKernel> QExpert<'a, A> {
     /// quantization (checked by zero point).
     pub fn mlp(up: QLinear<'a, A>, act: QActivation<'a, A>, down: QLinear<'a, A>) -> Result<Self> {
         check_act(&act)?;
-        Ffn::Mlp { up, act: Activation::Relu, down }.check()?;
-        if matches!(act, QActivation::Relu) && down.input_zp() != up.output_zp() {
-            return Err(Error::OutOfRange { what: What::ZeroPoint, index: 0 });
+        Ffn::Mlp {
+            up,
+            act: Activation::Relu,
+            down,
         }
-        Ok(QExpert { up, act, gate: None, down })
+        .check()?;
+        if matches!(act, QActivation::Relu) && down.input_zp() != up.output_zp() {
+            return Err(Error::OutOfRange {
+                what: What::ZeroPoint,
+                index: 0,
+            });
+        }
+        Ok(QExpert {
+            up,
+            act,
+            gate: None,
+            down,
+        })
     }
 
     /// `down(mul(act(gate x), up x))`; zero points must chain:
@@ -228,18 +270,41 @@ impl<'a, A: IntKernel> QExpert<'a, A> {
         down: QLinear<'a, A>,
     ) -> Result<Self> {
         check_act(&act)?;
-        Ffn::Gated { gate, up, act: Activation::Relu, down }.check()?;
+        Ffn::Gated {
+            gate,
+            up,
+            act: Activation::Relu,
+            down,
+        }
+        .check()?;
         let relu_ok = !matches!(act, QActivation::Relu) || mul.a_zp == gate.output_zp();
         if !relu_ok || mul.b_zp != up.output_zp() || mul.out_zp != down.input_zp() {
-            return Err(Error::OutOfRange { what: What::ZeroPoint, index: 0 });
+            return Err(Error::OutOfRange {
+                what: What::ZeroPoint,
+                index: 0,
+            });
         }
-        Ok(QExpert { up, act, gate: Some((gate, mul)), down })
+        Ok(QExpert {
+            up,
+            act,
+            gate: Some((gate, mul)),
+            down,
+        })
     }
 
     fn dims(&self) -> Ffn<QLinear<'a, A>> {
         match self.gate {
-            None => Ffn::Mlp { up: self.up, act: Activation::Relu, down: self.down },
-            Some((gate, _)) => Ffn::Gated { gate, up: self.up, act: Activation::Relu, down: self.down },
+            None => Ffn::Mlp {
+                up: self.up,
+                act: Activation::Relu,
+                down: self.down,
+            },
+            Some((gate, _)) => Ffn::Gated {
+                gate,
+                up: self.up,
+                act: Activation::Relu,
+                down: self.down,
+            },
         }
     }
 
@@ -296,9 +361,11 @@ impl<'a, A: IntKernel> QExpert<'a, A> {
 
 fn check_act<A: IntKernel>(act: &QActivation<'_, A>) -> Result<()> {
     match act {
-        QActivation::Lut(lut) if lut.len() != A::LUT_LEN => {
-            Err(Error::Shape { what: What::Lut, expected: A::LUT_LEN, actual: lut.len() })
-        }
+        QActivation::Lut(lut) if lut.len() != A::LUT_LEN => Err(Error::Shape {
+            what: What::Lut,
+            expected: A::LUT_LEN,
+            actual: lut.len(),
+        }),
         _ => Ok(()),
     }
 }

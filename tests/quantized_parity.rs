@@ -43,7 +43,13 @@ fn is_q15<A: IntKernel>() -> bool {
 }
 
 /// True output and error bound of a quantized linear layer.
-fn linear<A: IntKernel>(q: &QLinearBuf<A>, w: &[f32], x: &[f64], e: &[f64], d_m: f64) -> (Vec<f64>, Vec<f64>) {
+fn linear<A: IntKernel>(
+    q: &QLinearBuf<A>,
+    w: &[f32],
+    x: &[f64],
+    e: &[f64],
+    d_m: f64,
+) -> (Vec<f64>, Vec<f64>) {
     let mut y = vec![0.0; q.rows];
     let mut err = vec![0.0; q.rows];
     for o in 0..q.rows {
@@ -62,7 +68,12 @@ fn linear<A: IntKernel>(q: &QLinearBuf<A>, w: &[f32], x: &[f64], e: &[f64], d_m:
     (y, err)
 }
 
-fn table<A: IntKernel>(g: &[f64], e_g: &[f64], input: QuantParams, out: QuantParams) -> (Vec<f64>, Vec<f64>) {
+fn table<A: IntKernel>(
+    g: &[f64],
+    e_g: &[f64],
+    input: QuantParams,
+    out: QuantParams,
+) -> (Vec<f64>, Vec<f64>) {
     let s_a = out.scale as f64;
     let extra = if is_q15::<A>() {
         let h = 128.0 * input.scale as f64;
@@ -71,25 +82,42 @@ fn table<A: IntKernel>(g: &[f64], e_g: &[f64], input: QuantParams, out: QuantPar
         0.0
     };
     let a = g.iter().map(|&v| silu(v)).collect();
-    let e = e_g.iter().map(|&v| SILU_SLOPE * v + s_a / 2.0 + extra).collect();
+    let e = e_g
+        .iter()
+        .map(|&v| SILU_SLOPE * v + s_a / 2.0 + extra)
+        .collect();
     (a, e)
 }
 
 /// True output and error bound of one quantized gated expert.
-fn expert<A: IntKernel>(q: &QExpertBuf<A>, fx: &Fixture, prefix: &str, x: &[f64], e: &[f64], d_m: f64) -> (Vec<f64>, Vec<f64>) {
+fn expert<A: IntKernel>(
+    q: &QExpertBuf<A>,
+    fx: &Fixture,
+    prefix: &str,
+    x: &[f64],
+    e: &[f64],
+    d_m: f64,
+) -> (Vec<f64>, Vec<f64>) {
     let (gq, mul) = q.gate.as_ref().expect("fixture experts are gated");
     let (g, e_g) = linear(gq, fx.f32(&format!("{prefix}.w1")), x, e, d_m);
     let (u, e_u) = linear(&q.up, fx.f32(&format!("{prefix}.w3")), x, e, d_m);
     // The table's output quantization is the product's `a` input.
     let a_out = QuantParams {
-        scale: (mul.multiplier.to_scale() * q.down.input.scale as f64 / q.up.output.scale as f64) as f32,
+        scale: (mul.multiplier.to_scale() * q.down.input.scale as f64 / q.up.output.scale as f64)
+            as f32,
         zero_point: mul.a_zp,
     };
     let (a, e_a) = table::<A>(&g, &e_g, gq.output, a_out);
     let s_h = q.down.input.scale as f64;
     let h: Vec<f64> = a.iter().zip(&u).map(|(a, u)| a * u).collect();
     let e_h: Vec<f64> = (0..h.len())
-        .map(|i| a[i].abs() * e_u[i] + u[i].abs() * e_a[i] + e_a[i] * e_u[i] + s_h / 2.0 + 1e-9 * h[i].abs())
+        .map(|i| {
+            a[i].abs() * e_u[i]
+                + u[i].abs() * e_a[i]
+                + e_a[i] * e_u[i]
+                + s_h / 2.0
+                + 1e-9 * h[i].abs()
+        })
         .collect();
     linear(&q.down, fx.f32(&format!("{prefix}.w2")), &h, &e_h, d_m)
 }
@@ -110,9 +138,22 @@ fn check<A: IntKernel>(name: &str) -> Report {
         let views = q.expert_views().unwrap();
         let layer = q.layer(&views).unwrap();
         let mut scratch = vec![0u8; layer.scratch_bytes()];
-        let (mut xq, mut yq) = (vec![A::default(); layer.in_dim()], vec![A::default(); layer.out_dim()]);
-        let d_m = if is_q15::<A>() { 2f64.powi(-15) } else { 2f64.powi(-30) };
-        let mut r = Report { tokens: 0, near_ties: 0, worst_rel: 0.0, worst_lsb: 0.0, worst_ratio: 0.0 };
+        let (mut xq, mut yq) = (
+            vec![A::default(); layer.in_dim()],
+            vec![A::default(); layer.out_dim()],
+        );
+        let d_m = if is_q15::<A>() {
+            2f64.powi(-15)
+        } else {
+            2f64.powi(-30)
+        };
+        let mut r = Report {
+            tokens: 0,
+            near_ties: 0,
+            worst_rel: 0.0,
+            worst_lsb: 0.0,
+            worst_ratio: 0.0,
+        };
         for t in 0..fx.tokens() {
             let x32 = fx.row("x", t);
             q.input.quantize_slice(x32, &mut xq).unwrap();
@@ -128,13 +169,19 @@ fn check<A: IntKernel>(name: &str) -> Report {
             let e_l_exact = (0..l.len())
                 .map(|o| {
                     let (s_w, n) = (q.gate.weight_scales[o] as f64, q.gate.cols);
-                    let lq: f64 = (0..n).map(|i| q.gate.weights[o * n + i] as f64 * s_w * xq_real[i]).sum();
+                    let lq: f64 = (0..n)
+                        .map(|i| q.gate.weights[o * n + i] as f64 * s_w * xq_real[i])
+                        .sum();
                     (lq - l[o]).abs() + 2f64.powi(-13) + 2f64.powi(-15) * lq.abs()
                 })
                 .fold(0.0, f64::max);
             let mut sorted = l.clone();
             sorted.sort_by(|a, b| b.total_cmp(a));
-            let margin = if k < sorted.len() { sorted[k - 1] - sorted[k] } else { f64::INFINITY };
+            let margin = if k < sorted.len() {
+                sorted[k - 1] - sorted[k]
+            } else {
+                f64::INFINITY
+            };
 
             let mut want: Vec<u16> = fx.experts_row("experts", t);
             let mut got: Vec<u16> = sel.iter().map(|c| c.expert).collect();
@@ -144,7 +191,10 @@ fn check<A: IntKernel>(name: &str) -> Report {
                 r.near_ties += 1;
                 continue;
             }
-            assert_eq!(got, want, "{name} token {t}: experts (margin {margin:.4}, logit error <= {e_l_exact:.4})");
+            assert_eq!(
+                got, want,
+                "{name} token {t}: experts (margin {margin:.4}, logit error <= {e_l_exact:.4})"
+            );
 
             // Combine: sum_i w_i y_i (+ g y_shared).
             let e_w = 0.55 * e_lmax + 2f64.powi(-15);
@@ -159,7 +209,14 @@ fn check<A: IntKernel>(name: &str) -> Report {
             let ids = fx.experts_row("experts", t);
             for (i, &e) in ids.iter().enumerate() {
                 let w = fx.row("weights", t)[i] as f64;
-                let (y, e_y) = expert(&q.experts[e as usize], &fx, &format!("experts.{e}"), &x, &e_x, d_m);
+                let (y, e_y) = expert(
+                    &q.experts[e as usize],
+                    &fx,
+                    &format!("experts.{e}"),
+                    &x,
+                    &e_x,
+                    d_m,
+                );
                 add(w, e_w, &y, &e_y);
             }
             if let Some((sq, Some(sg))) = &q.shared {
@@ -171,9 +228,15 @@ fn check<A: IntKernel>(name: &str) -> Report {
             let reference = fx.row("y", t);
             let scale = reference.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
             for j in 0..out_dim {
-                let bound = e_out[j] + q.output.scale as f64 / 2.0 + 2f64.powi(-15) * out[j].abs() + 1e-5 * scale;
+                let bound = e_out[j]
+                    + q.output.scale as f64 / 2.0
+                    + 2f64.powi(-15) * out[j].abs()
+                    + 1e-5 * scale;
                 let err = (q.output.dequantize(yq[j]) as f64 - reference[j] as f64).abs();
-                assert!(err <= bound, "{name} token {t} out {j}: error {err:.5} > bound {bound:.5}");
+                assert!(
+                    err <= bound,
+                    "{name} token {t} out {j}: error {err:.5} > bound {bound:.5}"
+                );
                 r.worst_ratio = r.worst_ratio.max(err / bound);
                 r.worst_rel = r.worst_rel.max(err / scale);
                 r.worst_lsb = r.worst_lsb.max(err / q.output.scale as f64);
@@ -201,7 +264,10 @@ fn run_all<A: IntKernel>(label: &str) {
     println!(
         "{label}: {tokens} tokens checked, {ties} near ties skipped; worst error {rel:.2e} of the row's max, {lsb:.1} output steps, {ratio:.2} of the bound"
     );
-    assert!(ties * 10 <= tokens, "too many near ties: {ties} of {tokens}");
+    assert!(
+        ties * 10 <= tokens,
+        "too many near ties: {ties} of {tokens}"
+    );
 }
 
 #[test]

@@ -34,11 +34,13 @@ fn reference(x: i32, m: Multiplier) -> i32 {
 fn reference_wide(x: i64, m: Multiplier) -> i32 {
     let reduced = floor_div(m.multiplier as i128 + (1 << 15), 1 << 16).min(0x7FFF);
     let total = 15 - m.shift;
-    floor_div(x as i128 * reduced + (1i128 << (total - 1)), 1i128 << total).clamp(i32::MIN as i128, i32::MAX as i128) as i32
+    floor_div(x as i128 * reduced + (1i128 << (total - 1)), 1i128 << total)
+        .clamp(i32::MIN as i128, i32::MAX as i128) as i32
 }
 
 fn multiplier(max_shift: i32) -> impl Strategy<Value = Multiplier> {
-    ((1i32 << 30)..=i32::MAX, -31i32..=max_shift).prop_map(|(multiplier, shift)| Multiplier { multiplier, shift })
+    ((1i32 << 30)..=i32::MAX, -31i32..=max_shift)
+        .prop_map(|(multiplier, shift)| Multiplier { multiplier, shift })
 }
 
 proptest! {
@@ -116,19 +118,33 @@ proptest! {
 #[test]
 fn rounding_ties_by_hand() {
     // Scale 1/4 (M = 2^30, shift -1): 10 / 4 = 2.5 -> 3, -10 / 4 = -2.5 -> -3.
-    let quarter = Multiplier { multiplier: 1 << 30, shift: -1 };
+    let quarter = Multiplier {
+        multiplier: 1 << 30,
+        shift: -1,
+    };
     assert_eq!(requantize(10, quarter), 3);
     assert_eq!(requantize(-10, quarter), -3);
     assert_eq!(requantize(-6, quarter), -2); // -1.5 -> -2
     // Scale 1/2 with shift 0: the tie is in the high multiply, which rounds
     // toward +infinity: 3 / 2 = 1.5 -> 2, -3 / 2 = -1.5 -> -1.
-    let half = Multiplier { multiplier: 1 << 30, shift: 0 };
+    let half = Multiplier {
+        multiplier: 1 << 30,
+        shift: 0,
+    };
     assert_eq!(requantize(3, half), 2);
     assert_eq!(requantize(-3, half), -1);
     // 16x8: one rounding, half toward +infinity.
     assert_eq!(requantize_wide(3, half), 2);
     assert_eq!(requantize_wide(-3, half), -1);
-    for (x, m) in [(10, quarter), (-10, quarter), (-6, quarter), (3, half), (-3, half), (i32::MAX, half), (i32::MIN, half)] {
+    for (x, m) in [
+        (10, quarter),
+        (-10, quarter),
+        (-6, quarter),
+        (3, half),
+        (-3, half),
+        (i32::MAX, half),
+        (i32::MIN, half),
+    ] {
         assert_eq!(requantize(x, m), reference(x, m), "{x} {m:?}");
     }
 }
@@ -137,7 +153,10 @@ struct Lcg(u64);
 
 impl Lcg {
     fn next(&mut self) -> u32 {
-        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
         (self.0 >> 33) as u32
     }
 }

@@ -55,7 +55,15 @@ impl<'a, G: FloatWeight, W: FloatWeight> MoeLayer<'a, G, W> {
             same(What::Weight, 1, g.rows())?;
             same(What::Input, in_dim, g.cols())?;
         }
-        Ok(MoeLayer { gate, router, experts, shared, in_dim, out_dim, hidden_max })
+        Ok(MoeLayer {
+            gate,
+            router,
+            experts,
+            shared,
+            in_dim,
+            out_dim,
+            hidden_max,
+        })
     }
 
     /// Input width.
@@ -90,15 +98,23 @@ impl<'a, G: FloatWeight, W: FloatWeight> MoeLayer<'a, G, W> {
 
     /// Bytes of scratch [`MoeLayer::infer`] needs.
     pub fn scratch_bytes(&self) -> usize {
-        bytes_for::<f32>(self.experts.len()) + bytes_for::<f32>(self.hidden_max) + bytes_for::<f32>(self.out_dim)
+        bytes_for::<f32>(self.experts.len())
+            + bytes_for::<f32>(self.hidden_max)
+            + bytes_for::<f32>(self.out_dim)
     }
 
     /// Multiply-accumulates for one token with the given experts chosen, and
     /// with all of them (dense).
     fn macs(&self, sel: &Selection<f32>) -> (u64, u64) {
         let base = (self.gate.rows() * self.gate.cols()) as u64
-            + self.shared.as_ref().map_or(0, |s| s.expert.ffn().macs() + s.gate.map_or(0, |g| g.cols() as u64));
-        let chosen: u64 = sel.iter().filter_map(|c| self.experts.get(c.expert as usize)).map(|e| e.ffn().macs()).sum();
+            + self.shared.as_ref().map_or(0, |s| {
+                s.expert.ffn().macs() + s.gate.map_or(0, |g| g.cols() as u64)
+            });
+        let chosen: u64 = sel
+            .iter()
+            .filter_map(|c| self.experts.get(c.expert as usize))
+            .map(|e| e.ffn().macs())
+            .sum();
         let all: u64 = self.experts.iter().map(|e| e.ffn().macs()).sum();
         (base + chosen, base + all)
     }
@@ -121,7 +137,9 @@ impl<'a, G: FloatWeight, W: FloatWeight> MoeLayer<'a, G, W> {
 
         out.fill(0.0);
         for c in &sel {
-            let Some(expert) = self.experts.get(c.expert as usize) else { continue };
+            let Some(expert) = self.experts.get(c.expert as usize) else {
+                continue;
+            };
             expert.forward(x, y, hidden);
             for (o, &v) in out.iter_mut().zip(y.iter()) {
                 *o += c.weight * v;
@@ -161,5 +179,13 @@ impl<'a, G: FloatWeight, W: FloatWeight> MoeLayer<'a, G, W> {
 }
 
 pub(super) fn same(what: What, expected: usize, actual: usize) -> Result<()> {
-    if expected == actual { Ok(()) } else { Err(Error::DimMismatch { what, expected, actual }) }
+    if expected == actual {
+        Ok(())
+    } else {
+        Err(Error::DimMismatch {
+            what,
+            expected,
+            actual,
+        })
+    }
 }

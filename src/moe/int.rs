@@ -65,7 +65,10 @@ impl<'a, A: IntKernel> QMoeLayer<'a, A> {
         let n = router.rule().experts;
         check_len(What::Experts, n, experts.len())?;
         same(What::Experts, n, gate.rows())?;
-        let zp_err = Error::OutOfRange { what: What::ZeroPoint, index: 0 };
+        let zp_err = Error::OutOfRange {
+            what: What::ZeroPoint,
+            index: 0,
+        };
         let out_dim = experts.first().map_or(0, |e| e.out_dim());
         let mut hidden_max = 0;
         for e in experts.iter().chain(shared.as_ref().map(|s| &s.expert)) {
@@ -88,9 +91,20 @@ impl<'a, A: IntKernel> QMoeLayer<'a, A> {
         }
         let m = combine.multiplier;
         if Multiplier::new(m.multiplier, m.shift).is_err() || m.shift > WIDE_MAX_SHIFT {
-            return Err(Error::OutOfRange { what: What::Requant, index: 0 });
+            return Err(Error::OutOfRange {
+                what: What::Requant,
+                index: 0,
+            });
         }
-        Ok(QMoeLayer { gate, router, experts, shared, combine, out_dim, hidden_max })
+        Ok(QMoeLayer {
+            gate,
+            router,
+            experts,
+            shared,
+            combine,
+            out_dim,
+            hidden_max,
+        })
     }
 
     /// Input width.
@@ -117,8 +131,14 @@ impl<'a, A: IntKernel> QMoeLayer<'a, A> {
 
     fn macs(&self, sel: &Selection<i32>) -> (u64, u64) {
         let base = (self.gate.rows() * self.gate.cols()) as u64
-            + self.shared.as_ref().map_or(0, |s| s.expert.macs() + s.gate.map_or(0, |g| g.cols() as u64));
-        let chosen: u64 = sel.iter().filter_map(|c| self.experts.get(c.expert as usize)).map(|e| e.macs()).sum();
+            + self.shared.as_ref().map_or(0, |s| {
+                s.expert.macs() + s.gate.map_or(0, |g| g.cols() as u64)
+            });
+        let chosen: u64 = sel
+            .iter()
+            .filter_map(|c| self.experts.get(c.expert as usize))
+            .map(|e| e.macs())
+            .sum();
         let all: u64 = self.experts.iter().map(|e| e.macs()).sum();
         (base + chosen, base + all)
     }
@@ -158,12 +178,18 @@ impl<'a, A: IntKernel> QMoeLayer<'a, A> {
             };
             let _ = weights.push(w);
         }
-        let Combine { expert_zp, multiplier, out_zp } = self.combine;
+        let Combine {
+            expert_zp,
+            multiplier,
+            out_zp,
+        } = self.combine;
         for (j, o) in out.iter_mut().enumerate() {
             let acc: i64 = ys
                 .chunks_exact(self.out_dim)
                 .zip(&weights)
-                .map(|(y, &w)| w as i64 * (y.get(j).map_or(expert_zp, |v| v.get()) - expert_zp) as i64)
+                .map(|(y, &w)| {
+                    w as i64 * (y.get(j).map_or(expert_zp, |v| v.get()) - expert_zp) as i64
+                })
                 .sum();
             *o = A::saturate(requantize_wide(acc, multiplier).saturating_add(out_zp));
         }

@@ -72,7 +72,9 @@ impl IntAct for i8 {
     }
     #[inline]
     fn lookup(self, lut: &[i8]) -> i8 {
-        lut.get((self as i32 + 128) as usize).copied().unwrap_or_default()
+        lut.get((self as i32 + 128) as usize)
+            .copied()
+            .unwrap_or_default()
     }
 }
 
@@ -119,7 +121,10 @@ impl QuantParams {
     /// Checks `scale` (finite, > 0).
     pub fn new(scale: f32, zero_point: i32) -> Result<Self> {
         if !(scale.is_finite() && scale > 0.0) {
-            return Err(Error::OutOfRange { what: What::Scale, index: 0 });
+            return Err(Error::OutOfRange {
+                what: What::Scale,
+                index: 0,
+            });
         }
         Ok(QuantParams { scale, zero_point })
     }
@@ -128,7 +133,10 @@ impl QuantParams {
     /// 0.0, so zero is exact), as TFLM's converter chooses them.
     pub fn from_range(min: f32, max: f32) -> Result<Self> {
         if !(min.is_finite() && max.is_finite()) || min > max {
-            return Err(Error::OutOfRange { what: What::Calibration, index: 0 });
+            return Err(Error::OutOfRange {
+                what: What::Calibration,
+                index: 0,
+            });
         }
         let (min, max) = (min.min(0.0), max.max(0.0));
         let scale = if max > min { (max - min) / 255.0 } else { 1.0 };
@@ -139,9 +147,16 @@ impl QuantParams {
     /// Symmetric Q15 parameters (zero point 0) covering `[-abs_max, abs_max]`.
     pub fn symmetric_q15(abs_max: f32) -> Result<Self> {
         if !abs_max.is_finite() || abs_max < 0.0 {
-            return Err(Error::OutOfRange { what: What::Calibration, index: 0 });
+            return Err(Error::OutOfRange {
+                what: What::Calibration,
+                index: 0,
+            });
         }
-        let scale = if abs_max > 0.0 { abs_max / 32767.0 } else { 1.0 };
+        let scale = if abs_max > 0.0 {
+            abs_max / 32767.0
+        } else {
+            1.0
+        };
         Self::new(scale, 0)
     }
 

@@ -14,7 +14,12 @@ pub const MAX_GROUPS: usize = 64;
 
 /// Inserts `(e, s)` into `best` (sorted by score, descending) if it ranks
 /// among the first `k`.
-fn offer<T: PartialOrd + Copy>(best: &mut heapless::Vec<(usize, T), MAX_K>, k: usize, e: usize, s: T) {
+fn offer<T: PartialOrd + Copy>(
+    best: &mut heapless::Vec<(usize, T), MAX_K>,
+    k: usize,
+    e: usize,
+    s: T,
+) {
     let pos = best.iter().position(|&(_, b)| s > b).unwrap_or(best.len());
     if pos >= k {
         return;
@@ -49,16 +54,18 @@ pub(super) fn kept_groups<T: PartialOrd + Copy + core::ops::Add<Output = T>>(
     groups: Option<Groups>,
     value: impl Fn(usize) -> T,
 ) -> u64 {
-    let Some(Groups { count, keep }) = groups else { return u64::MAX };
+    let Some(Groups { count, keep }) = groups else {
+        return u64::MAX;
+    };
     let size = experts / count.max(1);
     let mut mask = 0u64;
     for _ in 0..keep {
         let mut best: Option<(usize, T)> = None;
         for g in (0..count).filter(|&g| mask & (1 << g) == 0) {
-            if let Some(s) = group_score(g, size, &value) {
-                if best.is_none_or(|(_, b)| s > b) {
-                    best = Some((g, s));
-                }
+            if let Some(s) = group_score(g, size, &value)
+                && best.is_none_or(|(_, b)| s > b)
+            {
+                best = Some((g, s));
             }
         }
         if let Some((g, _)) = best {
@@ -96,7 +103,10 @@ mod tests {
     fn ties_go_to_the_lower_index() {
         let s = [1.0f32, 3.0, 3.0, 2.0, 3.0];
         let got = top_k(5, 3, 1, u64::MAX, |e| s[e]);
-        assert_eq!(got.iter().map(|p| p.0).collect::<heapless::Vec<_, 8>>(), [1, 2, 4]);
+        assert_eq!(
+            got.iter().map(|p| p.0).collect::<heapless::Vec<_, 8>>(),
+            [1, 2, 4]
+        );
     }
 
     #[test]
@@ -106,6 +116,9 @@ mod tests {
         let mask = kept_groups(6, Some(Groups { count: 3, keep: 1 }), |e| s[e]);
         assert_eq!(mask, 0b010);
         let got = top_k(6, 2, 2, mask, |e| s[e]);
-        assert_eq!(got.iter().map(|p| p.0).collect::<heapless::Vec<_, 8>>(), [3, 2]);
+        assert_eq!(
+            got.iter().map(|p| p.0).collect::<heapless::Vec<_, 8>>(),
+            [3, 2]
+        );
     }
 }

@@ -4,11 +4,10 @@
 
 use std::collections::HashMap;
 
-use micromoe::expert::Expert;
-use micromoe::kernels::{Activation, FloatWeight, Linear};
-use micromoe::moe::SharedExpert;
+use micromoe::kernels::{Activation, FloatWeight};
+use micromoe::moe::owned::{ExpertBuf, MoeBuf};
 use micromoe::quant::f16;
-use micromoe::{MoeLayer, Router, Rule};
+use micromoe::{MoeLayer, Rule};
 use safetensors::{Dtype, SafeTensors};
 
 pub const MOE_CASES: &[&str] = &[
@@ -32,7 +31,10 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn load(name: &str) -> Fixture {
-        let path = format!("{}/tests/fixtures/{name}.safetensors", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/tests/fixtures/{name}.safetensors",
+            env!("CARGO_MANIFEST_DIR")
+        );
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
         let meta = header.metadata().clone().unwrap_or_default();
@@ -43,23 +45,43 @@ impl Fixture {
             let data = view.data();
             match view.dtype() {
                 Dtype::F32 => {
-                    floats.insert(key, data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect());
+                    floats.insert(
+                        key,
+                        data.chunks_exact(4)
+                            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                            .collect(),
+                    );
                 }
                 Dtype::I64 => {
-                    ints.insert(key, data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect());
+                    ints.insert(
+                        key,
+                        data.chunks_exact(8)
+                            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                            .collect(),
+                    );
                 }
                 d => panic!("{name}: {key}: unexpected dtype {d:?}"),
             }
         }
-        Fixture { name: name.to_string(), meta, floats, ints, shapes }
+        Fixture {
+            name: name.to_string(),
+            meta,
+            floats,
+            ints,
+            shapes,
+        }
     }
 
     pub fn f32(&self, key: &str) -> &[f32] {
-        self.floats.get(key).unwrap_or_else(|| panic!("{}: no tensor {key}", self.name))
+        self.floats
+            .get(key)
+            .unwrap_or_else(|| panic!("{}: no tensor {key}", self.name))
     }
 
     pub fn i64(&self, key: &str) -> &[i64] {
-        self.ints.get(key).unwrap_or_else(|| panic!("{}: no tensor {key}", self.name))
+        self.ints
+            .get(key)
+            .unwrap_or_else(|| panic!("{}: no tensor {key}", self.name))
     }
 
     pub fn shape(&self, key: &str) -> &[usize] {
@@ -99,36 +121,37 @@ impl Fixture {
 
     pub fn experts_row(&self, key: &str, t: usize) -> Vec<u16> {
         let k = self.shape(key)[1];
-        self.i64(key)[t * k..(t + 1) * k].iter().map(|&e| e as u16).collect()
+        self.i64(key)[t * k..(t + 1) * k]
+            .iter()
+            .map(|&e| e as u16)
+            .collect()
     }
 }
 
-/// Weights of one gated expert, converted to `W`.
-struct Gated<W> {
-    w1: Vec<W>,
-    w3: Vec<W>,
-    w2: Vec<W>,
-    inter: usize,
+fn gated(fx: &Fixture, prefix: &str) -> ExpertBuf<f32> {
+    let w = |k: &str| fx.f32(&format!("{prefix}.{k}")).to_vec();
+    let inter = fx.shape(&format!("{prefix}.w1"))[0];
+    ExpertBuf::gated(
+        w("w1"),
+        w("w3"),
+        w("w2"),
+        fx.hidden(),
+        inter,
+        fx.hidden(),
+        Activation::Silu,
+    )
 }
 
-impl<W: FloatWeight> Gated<W> {
-    fn load(fx: &Fixture, prefix: &str, conv: fn(f32) -> W) -> Self {
-        let c = |k: &str| fx.f32(&format!("{prefix}.{k}")).iter().map(|&v| conv(v)).collect::<Vec<W>>();
-        Gated { w1: c("w1"), w3: c("w3"), w2: c("w2"), inter: fx.shape(&format!("{prefix}.w1"))[0] }
+/// The fixture's block as an owned micromoe layer.
+pub fn model(fx: &Fixture) -> MoeBuf<f32> {
+    let experts = (0..fx.meta("experts"))
+        .map(|e| gated(fx, &format!("experts.{e}")))
+        .collect();
+    let mut m = MoeBuf::new(fx.f32("gate").to_vec(), experts, fx.rule());
+    if fx.meta("shared") == 1 {
+        m.shared = Some((gated(fx, "shared"), Some(fx.f32("shared_gate").to_vec())));
     }
-
-    fn expert(&self, hidden: usize) -> Expert<'_, W> {
-        fn lin<W: FloatWeight>(w: &[W], r: usize, c: usize) -> Linear<'_, W> {
-            Linear::new(w, None, r, c).unwrap()
-        }
-        Expert::gated(
-            lin(&self.w1, self.inter, hidden),
-            lin(&self.w3, self.inter, hidden),
-            lin(&self.w2, hidden, self.inter),
-            Activation::Silu,
-        )
-        .unwrap()
-    }
+    m
 }
 
 pub fn to_f32(v: f32) -> f32 {
@@ -139,27 +162,27 @@ pub fn to_f16(v: f32) -> f16 {
     f16::from_f32(v)
 }
 
-/// Builds the fixture's block as a micromoe layer with weights converted by
-/// `conv` (gate included) and hands it to `f`.
-pub fn with_layer<W: FloatWeight, R>(fx: &Fixture, conv: fn(f32) -> W, f: impl FnOnce(&MoeLayer<'_, W, W>) -> R) -> R {
-    let h = fx.hidden();
-    let n = fx.meta("experts");
-    let gate: Vec<W> = fx.f32("gate").iter().map(|&v| conv(v)).collect();
-    let experts: Vec<Gated<W>> = (0..n).map(|e| Gated::load(fx, &format!("experts.{e}"), conv)).collect();
-    let views: Vec<Expert<'_, W>> = experts.iter().map(|e| e.expert(h)).collect();
-    let shared = (fx.meta("shared") == 1).then(|| Gated::load(fx, "shared", conv));
-    let shared_gate: Option<Vec<W>> = shared.as_ref().map(|_| fx.f32("shared_gate").iter().map(|&v| conv(v)).collect());
-    let shared = shared.as_ref().map(|s| SharedExpert {
-        expert: s.expert(h),
-        gate: shared_gate.as_deref().map(|g| Linear::new(g, None, 1, h).unwrap()),
-    });
-    let router = Router::new(fx.rule(), None, 1.0).unwrap();
-    let layer = MoeLayer::new(Linear::new(&gate, None, n, h).unwrap(), router, &views, shared).unwrap();
-    f(&layer)
+/// Builds the fixture's block with weights converted by `conv` (gate
+/// included) and hands the runnable layer to `f`.
+pub fn with_layer<W: FloatWeight, R>(
+    fx: &Fixture,
+    conv: fn(f32) -> W,
+    f: impl FnOnce(&MoeLayer<'_, W, W>) -> R,
+) -> R {
+    let m = model(fx).convert(conv);
+    let views = m.expert_views().unwrap();
+    f(&m.layer(&views).unwrap())
 }
 
 /// `max_j |got_j - want_j| / max_j |want_j|`: error relative to the row's scale.
 pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
-    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max) / scale
+    let scale = want
+        .iter()
+        .fold(0.0f32, |m, v| m.max(v.abs()))
+        .max(f32::MIN_POSITIVE);
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
+        / scale
 }
