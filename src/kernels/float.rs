@@ -3,7 +3,7 @@
 use crate::error::{Error, Result, What, check_len, mul};
 use crate::quant::f16;
 
-/// A weight element that widens to f32: `f32` or [`f16`].
+/// A weight element that widens to f32: `f32` or [`f16`](struct@f16).
 pub trait FloatWeight: Copy + bytemuck::Pod + 'static {
     /// The weight as f32.
     fn to_f32(self) -> f32;

@@ -1,6 +1,6 @@
 //! Numeric types: affine int8 / Q15 activations, f16 weights, requantization.
 //!
-//! - **f16** weights ([`half::f16`], re-exported as [`f16`]) are widened to
+//! - **f16** weights ([`half::f16`], re-exported as [`f16`](struct@f16)) are widened to
 //!   f32 and accumulated in f32.
 //! - **int8**: weights symmetric per output channel (zero point 0), activations
 //!   asymmetric per tensor ([`QuantParams`]), `i32` accumulators and bias,
