@@ -25,7 +25,10 @@ struct Rng(u64);
 
 impl Rng {
     fn uniform(&mut self) -> f32 {
-        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
         (self.0 >> 40) as f32 / (1u64 << 24) as f32
     }
 
@@ -43,11 +46,19 @@ fn model(rng: &mut Rng) -> MoeBuf<f32> {
     let (si, sh) = (1.0 / (D as f32).sqrt(), 1.0 / (HIDDEN as f32).sqrt());
     let experts = (0..EXPERTS)
         .map(|_| {
-            let (w1, w3, w2) = (rng.vec(HIDDEN * D, si), rng.vec(HIDDEN * D, si), rng.vec(D * HIDDEN, sh));
+            let (w1, w3, w2) = (
+                rng.vec(HIDDEN * D, si),
+                rng.vec(HIDDEN * D, si),
+                rng.vec(D * HIDDEN, sh),
+            );
             ExpertBuf::gated(w1, w3, w2, D, HIDDEN, D, Activation::Silu)
         })
         .collect();
-    MoeBuf::new(rng.vec(EXPERTS * D, 3.0 * si), experts, Rule::mixtral(EXPERTS, K))
+    MoeBuf::new(
+        rng.vec(EXPERTS * D, 3.0 * si),
+        experts,
+        Rule::mixtral(EXPERTS, K),
+    )
 }
 
 struct Row {
@@ -61,7 +72,10 @@ struct Row {
 
 fn compare(reference: &[(Vec<f32>, Vec<u16>)], got: &[(Vec<f32>, Vec<u16>)]) -> (f64, f64, f64) {
     let (mut same, mut max, mut sq, mut n) = (0usize, 0f64, 0f64, 0usize);
-    let scale = reference.iter().flat_map(|r| &r.0).fold(0f64, |m, v| m.max(v.abs() as f64));
+    let scale = reference
+        .iter()
+        .flat_map(|r| &r.0)
+        .fold(0f64, |m, v| m.max(v.abs() as f64));
     for (r, g) in reference.iter().zip(got) {
         let mut a = r.1.clone();
         let mut b = g.1.clone();
@@ -79,10 +93,18 @@ fn compare(reference: &[(Vec<f32>, Vec<u16>)], got: &[(Vec<f32>, Vec<u16>)]) -> 
             n += 1;
         }
     }
-    (same as f64 / reference.len() as f64, max, (sq / n as f64).sqrt())
+    (
+        same as f64 / reference.len() as f64,
+        max,
+        (sq / n as f64).sqrt(),
+    )
 }
 
-fn run_float<W: micromoe::kernels::FloatWeight>(m: &MoeBuf<W>, xs: &[f32], stats: &mut Stats<EXPERTS>) -> (usize, Vec<(Vec<f32>, Vec<u16>)>) {
+fn run_float<W: micromoe::kernels::FloatWeight>(
+    m: &MoeBuf<W>,
+    xs: &[f32],
+    stats: &mut Stats<EXPERTS>,
+) -> (usize, Vec<(Vec<f32>, Vec<u16>)>) {
     let views = m.expert_views().expect("valid experts");
     let layer = m.layer(&views).expect("valid layer");
     let mut scratch = vec![0u8; layer.scratch_bytes()];
@@ -90,7 +112,9 @@ fn run_float<W: micromoe::kernels::FloatWeight>(m: &MoeBuf<W>, xs: &[f32], stats
         .chunks_exact(D)
         .map(|x| {
             let mut y = vec![0.0; D];
-            let sel = layer.infer_with_stats(x, &mut y, &mut scratch, stats).expect("inference");
+            let sel = layer
+                .infer_with_stats(x, &mut y, &mut scratch, stats)
+                .expect("inference");
             (y, sel.iter().map(|c| c.expert).collect())
         })
         .collect();
@@ -113,9 +137,14 @@ fn run_int<A: IntKernel>(q: &QMoeBuf<A>, xs: &[f32]) -> (usize, usize, Vec<(Vec<
         })
         .collect();
     let bias = size_of::<A::Bias>();
-    let lin = |l: &micromoe::quant::build::QLinearBuf<A>| l.weights.len() + l.multipliers.len() * 8 + l.bias.as_ref().map_or(0, |b| b.len() * bias);
+    let lin = |l: &micromoe::quant::build::QLinearBuf<A>| {
+        l.weights.len() + l.multipliers.len() * 8 + l.bias.as_ref().map_or(0, |b| b.len() * bias)
+    };
     let expert = |e: &micromoe::moe::build::QExpertBuf<A>| {
-        lin(&e.up) + lin(&e.down) + e.gate.as_ref().map_or(0, |g| lin(&g.0)) + e.lut.as_ref().map_or(0, |t| t.len() * size_of::<A>())
+        lin(&e.up)
+            + lin(&e.down)
+            + e.gate.as_ref().map_or(0, |g| lin(&g.0))
+            + e.lut.as_ref().map_or(0, |t| t.len() * size_of::<A>())
     };
     let weight_bytes = lin(&q.gate) + q.experts.iter().map(expert).sum::<usize>();
     (weight_bytes, layer.scratch_bytes(), out)
@@ -129,23 +158,51 @@ fn main() {
 
     let mut stats = Stats::<EXPERTS>::new();
     let (scratch, reference) = run_float(&f32_model, &xs, &mut stats);
-    let mut rows = vec![Row { dtype: "f32", weight_bytes: f32_model.weight_bytes(), scratch_bytes: scratch, agreement: 1.0, max_err: 0.0, rms_err: 0.0 }];
+    let mut rows = vec![Row {
+        dtype: "f32",
+        weight_bytes: f32_model.weight_bytes(),
+        scratch_bytes: scratch,
+        agreement: 1.0,
+        max_err: 0.0,
+        rms_err: 0.0,
+    }];
 
     let f16_model = f32_model.convert(f16::from_f32);
     let (scratch, out) = run_float(&f16_model, &xs, &mut Stats::new());
     let (agreement, max_err, rms_err) = compare(&reference, &out);
-    rows.push(Row { dtype: "f16", weight_bytes: f16_model.weight_bytes(), scratch_bytes: scratch, agreement, max_err, rms_err });
+    rows.push(Row {
+        dtype: "f16",
+        weight_bytes: f16_model.weight_bytes(),
+        scratch_bytes: scratch,
+        agreement,
+        max_err,
+        rms_err,
+    });
 
     let views = f32_model.expert_views().expect("valid experts");
     let float_layer = f32_model.layer(&views).expect("valid layer");
     let q8 = QMoeBuf::<i8>::quantize(&float_layer, &xs).expect("quantizes");
     let (weight_bytes, scratch, out) = run_int(&q8, &xs);
     let (agreement, max_err, rms_err) = compare(&reference, &out);
-    rows.push(Row { dtype: "int8", weight_bytes, scratch_bytes: scratch, agreement, max_err, rms_err });
+    rows.push(Row {
+        dtype: "int8",
+        weight_bytes,
+        scratch_bytes: scratch,
+        agreement,
+        max_err,
+        rms_err,
+    });
     let q15 = QMoeBuf::<i16>::quantize(&float_layer, &xs).expect("quantizes");
     let (weight_bytes, scratch, out) = run_int(&q15, &xs);
     let (agreement, max_err, rms_err) = compare(&reference, &out);
-    rows.push(Row { dtype: "q15", weight_bytes, scratch_bytes: scratch, agreement, max_err, rms_err });
+    rows.push(Row {
+        dtype: "q15",
+        weight_bytes,
+        scratch_bytes: scratch,
+        agreement,
+        max_err,
+        rms_err,
+    });
 
     let per_token = |v: u64| v as f64 / stats.tokens as f64;
     if json {
@@ -168,8 +225,12 @@ fn main() {
         );
         return;
     }
-    println!("Mixtral-style layer: {D} -> {EXPERTS} SwiGLU experts ({HIDDEN} hidden), top-{K}, {TOKENS} tokens\n");
-    println!("error columns: over tokens that chose the same experts as f32, relative to max |y|\n");
+    println!(
+        "Mixtral-style layer: {D} -> {EXPERTS} SwiGLU experts ({HIDDEN} hidden), top-{K}, {TOKENS} tokens\n"
+    );
+    println!(
+        "error columns: over tokens that chose the same experts as f32, relative to max |y|\n"
+    );
     println!("dtype  weight bytes  scratch bytes  same experts as f32  max |err|  rms err");
     for r in &rows {
         println!(
