@@ -61,6 +61,9 @@ fn model(rng: &mut Rng) -> MoeBuf<f32> {
     )
 }
 
+/// One token's output and chosen experts.
+type Token = (Vec<f32>, Vec<u16>);
+
 struct Row {
     dtype: &'static str,
     weight_bytes: usize,
@@ -70,7 +73,7 @@ struct Row {
     rms_err: f64,
 }
 
-fn compare(reference: &[(Vec<f32>, Vec<u16>)], got: &[(Vec<f32>, Vec<u16>)]) -> (f64, f64, f64) {
+fn compare(reference: &[Token], got: &[Token]) -> (f64, f64, f64) {
     let (mut same, mut max, mut sq, mut n) = (0usize, 0f64, 0f64, 0usize);
     let scale = reference
         .iter()
@@ -104,7 +107,7 @@ fn run_float<W: micromoe::kernels::FloatWeight>(
     m: &MoeBuf<W>,
     xs: &[f32],
     stats: &mut Stats<EXPERTS>,
-) -> (usize, Vec<(Vec<f32>, Vec<u16>)>) {
+) -> (usize, Vec<Token>) {
     let views = m.expert_views().expect("valid experts");
     let layer = m.layer(&views).expect("valid layer");
     let mut scratch = vec![0u8; layer.scratch_bytes()];
@@ -121,7 +124,7 @@ fn run_float<W: micromoe::kernels::FloatWeight>(
     (layer.scratch_bytes(), out)
 }
 
-fn run_int<A: IntKernel>(q: &QMoeBuf<A>, xs: &[f32]) -> (usize, usize, Vec<(Vec<f32>, Vec<u16>)>) {
+fn run_int<A: IntKernel>(q: &QMoeBuf<A>, xs: &[f32]) -> (usize, usize, Vec<Token>) {
     let views = q.expert_views().expect("valid experts");
     let layer = q.layer(&views).expect("valid layer");
     let mut scratch = vec![0u8; layer.scratch_bytes()];
