@@ -10,7 +10,7 @@
 
 use micromoe::kernels::{Activation, IntKernel};
 use micromoe::moe::build::QMoeBuf;
-use micromoe::moe::owned::{ExpertBuf, MoeBuf};
+use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
 use micromoe::quant::f16;
 use micromoe::{Rule, Stats};
 

@@ -19,6 +19,7 @@
 
 use crate::error::{Error, Result, What};
 use crate::kernels::{Activation, FloatWeight, IntKernel, Linear, MulParams, QLinear};
+use crate::quant::Multiplier;
 
 /// The shape of an expert, generic over its linear layer type.
 #[derive(Debug, Clone, Copy)]
@@ -278,9 +279,21 @@ impl<'a, A: IntKernel> QExpert<'a, A> {
         }
         .check()?;
         let relu_ok = !matches!(act, QActivation::Relu) || mul.a_zp == gate.output_zp();
-        if !relu_ok || mul.b_zp != up.output_zp() || mul.out_zp != down.input_zp() {
+        let a_zp_ok = if A::LUT_LEN == 256 {
+            (A::MIN..=A::MAX).contains(&mul.a_zp)
+        } else {
+            mul.a_zp == 0
+        };
+        if !relu_ok || !a_zp_ok || mul.b_zp != up.output_zp() || mul.out_zp != down.input_zp() {
             return Err(Error::OutOfRange {
                 what: What::ZeroPoint,
+                index: 0,
+            });
+        }
+        let m = mul.multiplier;
+        if Multiplier::new(m.multiplier, m.shift).is_err() {
+            return Err(Error::OutOfRange {
+                what: What::Requant,
                 index: 0,
             });
         }

@@ -10,9 +10,12 @@
 //!   where `d_M` is the multiplier's relative error (`2^-30` for the 32-bit
 //!   multiplier of int8, `2^-15` for the reduced one of the 16x8 scheme and of
 //!   router logits);
-//! - table activation `f` (SiLU: slope <= 1.1, |f''| <= 0.5):
-//!   `e_a = 1.1 e_g + s_a / 2`; the interpolated Q15 table adds a second
-//!   rounding `s_a / 2` and `0.5 h^2 / 8` with knot spacing `h = 128 s_g`;
+//! - bias, rounded to accumulator units: `+ s_x s_w[o] / 2`;
+//! - ReLU is exact on quantized values: `e_a = e_g`;
+//! - table activation `f` (SiLU: slope <= 1.1, |f''| <= 0.5; GELU: slope
+//!   <= 1.13, |f''| <= 0.8): `e_a = slope e_g + s_a / 2`; the interpolated
+//!   Q15 table adds a second rounding `s_a / 2` and `|f''| h^2 / 8` with knot
+//!   spacing `h = 128 s_g`;
 //! - product: `e_h = |a| e_u + |u| e_a + e_a e_u + s_h / 2`;
 //! - router weights (softmax): `sum_j |dw_i / dl_j| <= 1/2`, so
 //!   `e_w = 0.55 max e_l + 2^-15` (Q15 rounding); the shared gate's sigmoid
@@ -26,16 +29,58 @@
 mod common;
 
 use common::{Fixture, MOE_CASES, to_f32, with_layer};
-use micromoe::kernels::IntKernel;
+use micromoe::kernels::{Activation, IntKernel};
 use micromoe::moe::build::{QExpertBuf, QMoeBuf};
 use micromoe::quant::QuantParams;
 use micromoe::quant::build::QLinearBuf;
 
-const SILU_SLOPE: f64 = 1.1;
-const SILU_CURVATURE: f64 = 0.5;
+/// A non-linearity for the bound: the function, its largest slope and its
+/// largest |second derivative|.
+struct Act {
+    f: fn(f64) -> f64,
+    slope: f64,
+    curvature: f64,
+    relu: bool,
+}
 
-fn silu(x: f64) -> f64 {
-    x / (1.0 + (-x).exp())
+fn act_of(fx: &Fixture) -> Act {
+    match fx.activation() {
+        Activation::Silu => Act {
+            f: |x| x / (1.0 + (-x).exp()),
+            slope: 1.1,
+            curvature: 0.5,
+            relu: false,
+        },
+        // GELU: slope <= 1.13, |f''| = phi(x) (2 - x^2) <= 2 phi(0) < 0.8.
+        Activation::Gelu => Act {
+            f: |x| 0.5 * x * (1.0 + erf(x / 2f64.sqrt())),
+            slope: 1.13,
+            curvature: 0.8,
+            relu: false,
+        },
+        Activation::Relu => Act {
+            f: |x| x.max(0.0),
+            slope: 1.0,
+            curvature: 0.0,
+            relu: true,
+        },
+        a => panic!("no bound for {a:?}"),
+    }
+}
+
+/// erf to 1.2e-7 (Numerical Recipes' erfc approximation).
+fn erf(x: f64) -> f64 {
+    let t = 1.0 / (1.0 + 0.5 * x.abs());
+    let p = -x * x - 1.26551223
+        + t * (1.00002368
+            + t * (0.37409196
+                + t * (0.09678418
+                    + t * (-0.18628806
+                        + t * (0.27886807
+                            + t * (-1.13520398
+                                + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))));
+    let r = 1.0 - t * p.exp();
+    if x >= 0.0 { r } else { -r }
 }
 
 fn is_q15<A: IntKernel>() -> bool {
@@ -46,6 +91,7 @@ fn is_q15<A: IntKernel>() -> bool {
 fn linear<A: IntKernel>(
     q: &QLinearBuf<A>,
     w: &[f32],
+    b: Option<&[f32]>,
     x: &[f64],
     e: &[f64],
     d_m: f64,
@@ -60,6 +106,11 @@ fn linear<A: IntKernel>(
             eo += (q.weights[o * q.cols + i] as f64 * s_w).abs() * e[i];
             xabs += x[i].abs();
         }
+        if let Some(b) = b {
+            // The bias is rounded to accumulator units s_in * s_w.
+            yo += b[o] as f64;
+            eo += q.input.scale as f64 * s_w / 2.0;
+        }
         eo += s_w / 2.0 * xabs + q.output.scale as f64 / 2.0;
         eo += d_m * (yo.abs() + eo);
         y[o] = yo;
@@ -68,28 +119,33 @@ fn linear<A: IntKernel>(
     (y, err)
 }
 
-fn table<A: IntKernel>(
+/// The activation on the integer path: exact for ReLU, a table otherwise.
+fn activation<A: IntKernel>(
+    act: &Act,
     g: &[f64],
     e_g: &[f64],
     input: QuantParams,
     out: QuantParams,
 ) -> (Vec<f64>, Vec<f64>) {
+    let a = g.iter().map(|&v| (act.f)(v)).collect();
+    if act.relu {
+        return (a, e_g.to_vec());
+    }
     let s_a = out.scale as f64;
     let extra = if is_q15::<A>() {
         let h = 128.0 * input.scale as f64;
-        s_a / 2.0 + SILU_CURVATURE * h * h / 8.0
+        s_a / 2.0 + act.curvature * h * h / 8.0
     } else {
         0.0
     };
-    let a = g.iter().map(|&v| silu(v)).collect();
     let e = e_g
         .iter()
-        .map(|&v| SILU_SLOPE * v + s_a / 2.0 + extra)
+        .map(|&v| act.slope * v + s_a / 2.0 + extra)
         .collect();
     (a, e)
 }
 
-/// True output and error bound of one quantized gated expert.
+/// True output and error bound of one quantized expert.
 fn expert<A: IntKernel>(
     q: &QExpertBuf<A>,
     fx: &Fixture,
@@ -98,16 +154,16 @@ fn expert<A: IntKernel>(
     e: &[f64],
     d_m: f64,
 ) -> (Vec<f64>, Vec<f64>) {
-    let (gq, mul) = q.gate.as_ref().expect("fixture experts are gated");
-    let (g, e_g) = linear(gq, fx.f32(&format!("{prefix}.w1")), x, e, d_m);
-    let (u, e_u) = linear(&q.up, fx.f32(&format!("{prefix}.w3")), x, e, d_m);
-    // The table's output quantization is the product's `a` input.
-    let a_out = QuantParams {
-        scale: (mul.multiplier.to_scale() * q.down.input.scale as f64 / q.up.output.scale as f64)
-            as f32,
-        zero_point: mul.a_zp,
+    let t = |k: &str| fx.f32(&format!("{prefix}.{k}"));
+    let act = act_of(fx);
+    let Some((gq, _)) = q.gate.as_ref() else {
+        let (u, e_u) = linear(&q.up, t("up"), Some(t("up_bias")), x, e, d_m);
+        let (a, e_a) = activation::<A>(&act, &u, &e_u, q.up.output, q.act_out);
+        return linear(&q.down, t("down"), Some(t("down_bias")), &a, &e_a, d_m);
     };
-    let (a, e_a) = table::<A>(&g, &e_g, gq.output, a_out);
+    let (g, e_g) = linear(gq, t("w1"), None, x, e, d_m);
+    let (u, e_u) = linear(&q.up, t("w3"), None, x, e, d_m);
+    let (a, e_a) = activation::<A>(&act, &g, &e_g, gq.output, q.act_out);
     let s_h = q.down.input.scale as f64;
     let h: Vec<f64> = a.iter().zip(&u).map(|(a, u)| a * u).collect();
     let e_h: Vec<f64> = (0..h.len())
@@ -119,7 +175,7 @@ fn expert<A: IntKernel>(
                 + 1e-9 * h[i].abs()
         })
         .collect();
-    linear(&q.down, fx.f32(&format!("{prefix}.w2")), &h, &e_h, d_m)
+    linear(&q.down, t("w2"), None, &h, &e_h, d_m)
 }
 
 struct Report {
@@ -161,7 +217,7 @@ fn check<A: IntKernel>(name: &str) -> Report {
 
             let x: Vec<f64> = x32.iter().map(|&v| v as f64).collect();
             let e_x = vec![q.input.scale as f64 / 2.0; x.len()];
-            let (l, e_l) = linear(&q.gate, fx.f32("gate"), &x, &e_x, 2f64.powi(-15));
+            let (l, e_l) = linear(&q.gate, fx.f32("gate"), None, &x, &e_x, 2f64.powi(-15));
             let e_lmax = e_l.iter().cloned().fold(0.0, f64::max);
             // The gate is the first layer, so its error is known exactly up to
             // the final rounding: int8 weights times the quantized input.
@@ -220,7 +276,7 @@ fn check<A: IntKernel>(name: &str) -> Report {
                 add(w, e_w, &y, &e_y);
             }
             if let Some((sq, Some(sg))) = &q.shared {
-                let (gl, e_gl) = linear(sg, fx.f32("shared_gate"), &x, &e_x, 2f64.powi(-15));
+                let (gl, e_gl) = linear(sg, fx.f32("shared_gate"), None, &x, &e_x, 2f64.powi(-15));
                 let g = 1.0 / (1.0 + (-gl[0]).exp());
                 let (y, e_y) = expert(sq, &fx, "shared", &x, &e_x, d_m);
                 add(g, 0.25 * e_gl[0] + 2f64.powi(-15), &y, &e_y);

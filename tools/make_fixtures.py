@@ -9,7 +9,8 @@ and its hyper-parameters in the metadata. Run from the repository root:
     python3 tools/make_fixtures.py
 
 Blocks: transformers' MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock and the
-DeepseekV3TopkRouter (router only). Weights are drawn with a larger spread than the
+DeepseekV3TopkRouter (router only), and Switch / GLaM-style layers of MLP experts with
+biases written with PyTorch ops (nn.Linear, gelu, relu, softmax, topk). Weights are drawn with a larger spread than the
 default init so routing is decisive, not uniform.
 """
 import os
@@ -110,6 +111,51 @@ def qwen_case(name, hidden, inter, shared_inter, experts, k, norm, tokens, seed)
     save(name, t, meta)
 
 
+def mlp_case(name, hidden, inter, experts, k, act, router, tokens, seed):
+    """A Switch / GLaM-style layer of plain MLP experts with biases, written with PyTorch ops."""
+    torch.manual_seed(seed)
+    gate = torch.nn.Linear(hidden, experts, bias=False)
+    ups = [torch.nn.Linear(hidden, inter) for _ in range(experts)]
+    downs = [torch.nn.Linear(inter, hidden) for _ in range(experts)]
+    init_(gate.weight, 3.0 / hidden**0.5)
+    for up, down in zip(ups, downs):
+        init_(up.weight, 1.0 / hidden**0.5)
+        init_(up.bias, 0.5)
+        init_(down.weight, 1.0 / inter**0.5)
+        init_(down.bias, 0.2)
+    f = {"gelu": torch.nn.functional.gelu, "relu": torch.nn.functional.relu}[act]
+    x = torch.randn(tokens, hidden)
+
+    def forward(r):
+        """The layer with weight matrices passed through r (biases stay f32, as micromoe keeps them)."""
+        with torch.no_grad():
+            logits = torch.nn.functional.linear(x, r(gate.weight))
+            probs = torch.softmax(logits, dim=-1)
+            weights, idx = torch.topk(probs, k, dim=-1)
+            if router == "mixtral":
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            y = torch.zeros_like(x)
+            for t in range(tokens):
+                for i in range(k):
+                    e = idx[t, i]
+                    h = f(torch.nn.functional.linear(x[t], r(ups[e].weight), ups[e].bias))
+                    y[t] += weights[t, i] * torch.nn.functional.linear(h, r(downs[e].weight), downs[e].bias)
+        return y, logits, weights, idx
+
+    y, logits, weights, idx = forward(lambda w: w)
+    y16, _, _, idx16 = forward(lambda w: w.half().float())
+    t = {"x": x, "y": y, "y_f16w": y16, "experts_f16w": idx16.to(torch.int64), "logits": logits, "weights": weights,
+         "experts": idx.to(torch.int64), "gate": gate.weight}
+    for e in range(experts):
+        t[f"experts.{e}.up"] = ups[e].weight
+        t[f"experts.{e}.up_bias"] = ups[e].bias
+        t[f"experts.{e}.down"] = downs[e].weight
+        t[f"experts.{e}.down_bias"] = downs[e].bias
+    meta = {"arch": "mlp_moe", "router": router, "hidden": hidden, "inter": inter, "experts": experts, "k": k,
+            "act": act, "shared": 0}
+    save(name, t, meta)
+
+
 def deepseek_router_case(name, hidden, experts, k, n_group, topk_group, norm, scale, tokens, seed):
     torch.manual_seed(seed)
     cfg = DeepseekV3Config(hidden_size=hidden, n_routed_experts=experts, num_experts_per_tok=k,
@@ -132,9 +178,27 @@ def deepseek_router_case(name, hidden, experts, k, n_group, topk_group, norm, sc
     save(name, t, meta)
 
 
+def unchanged(path, tensors, meta):
+    """True if `path` already holds these tensors and metadata (safetensors orders
+    metadata keys arbitrarily, so rewriting would change the bytes but not the data)."""
+    if not os.path.exists(path):
+        return False
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        if f.metadata() != meta or set(f.keys()) != set(tensors):
+            return False
+        return all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+
+
 def save(name, tensors, meta):
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-    save_file(tensors, os.path.join(OUT, f"{name}.safetensors"), metadata={k: str(v) for k, v in meta.items()})
+    meta = {k: str(v) for k, v in meta.items()}
+    path = os.path.join(OUT, f"{name}.safetensors")
+    if unchanged(path, tensors, meta):
+        print(name, "unchanged")
+        return
+    save_file(tensors, path, metadata=meta)
     print(name, {k: tuple(v.shape) for k, v in tensors.items() if not k.startswith("experts.")})
 
 
@@ -149,6 +213,8 @@ def main():
     qwen_case("qwen2moe_h32_e8_k2", 32, 32, 48, 8, 2, False, 24, 6)
     qwen_case("qwen2moe_h24_e6_k3_norm", 24, 32, 40, 6, 3, True, 24, 7)
     qwen_case("qwen2moe_h32_e6_k3", 32, 24, 32, 6, 3, False, 16, 8)
+    mlp_case("switch_mlp_gelu_h16_e4", 16, 32, 4, 1, "gelu", "switch", 24, 11)
+    mlp_case("glam_mlp_relu_h24_e8_k2", 24, 48, 8, 2, "relu", "mixtral", 24, 12)
     deepseek_router_case("deepseek_router_e16_g4", 24, 16, 4, 4, 2, True, 2.5, 64, 9)
     deepseek_router_case("deepseek_router_e8_g1", 16, 8, 2, 1, 1, False, 1.0, 64, 10)
 

@@ -62,6 +62,8 @@ pub struct QExpertBuf<A: IntKernel> {
     pub gate: Option<(QLinearBuf<A>, MulParams)>,
     /// The activation table; `None` for ReLU.
     pub lut: Option<Vec<A>>,
+    /// Quantization of the activation's output.
+    pub act_out: QuantParams,
     /// `down` (`w2`).
     pub down: QLinearBuf<A>,
 }
@@ -173,6 +175,7 @@ fn quantize_expert<A: IntKernel, W: FloatWeight>(
                 up: quantize_linear(up, input, u)?,
                 gate: None,
                 lut: lut(*act, u, a)?,
+                act_out: a,
                 down: quantize_linear(down, a, out)?,
             })
         }
@@ -193,6 +196,7 @@ fn quantize_expert<A: IntKernel, W: FloatWeight>(
                 up: quantize_linear(up, input, u)?,
                 gate: Some((quantize_linear(gate, input, g)?, mul_params(a, u, h)?)),
                 lut: lut(*act, g, a)?,
+                act_out: a,
                 down: quantize_linear(down, h, out)?,
             })
         }
@@ -202,10 +206,30 @@ fn quantize_expert<A: IntKernel, W: FloatWeight>(
 /// A quantized MoE layer that owns its data. Use it in two steps, because the
 /// layer borrows a slice of expert views:
 ///
-/// ```ignore
-/// let q = QMoeBuf::<i8>::quantize(&float_layer, &calibration)?;
-/// let experts = q.expert_views()?;
-/// let layer = q.layer(&experts)?;
+/// ```
+/// use micromoe::kernels::Activation;
+/// use micromoe::moe::build::QMoeBuf;
+/// use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
+/// use micromoe::Rule;
+/// let lin = |v: f32, rows, cols| LinearBuf::new(vec![v; rows * cols], None, rows, cols);
+/// let experts = vec![
+///     ExpertBuf::mlp(lin(0.5, 4, 2), lin(0.25, 2, 4), Activation::Relu),
+///     ExpertBuf::mlp(lin(-0.5, 4, 2), lin(0.25, 2, 4), Activation::Relu),
+/// ];
+/// let gate = LinearBuf::new(vec![1.0, 1.0, -1.0, -1.0], None, 2, 2);
+/// let model = MoeBuf::new(gate, experts, Rule::switch(2));
+/// let views = model.expert_views().unwrap();
+/// let float = model.layer(&views).unwrap();
+///
+/// let calibration = [1.0f32, 2.0, -1.0, -0.5, 0.0, 0.3];
+/// let q = QMoeBuf::<i8>::quantize(&float, &calibration).unwrap();
+/// let experts = q.expert_views().unwrap();
+/// let layer = q.layer(&experts).unwrap();
+/// let mut scratch = vec![0u8; layer.scratch_bytes()];
+/// let (mut x, mut y) = ([0i8; 2], [0i8; 2]);
+/// q.input.quantize_slice(&[1.0, 2.0], &mut x).unwrap();
+/// let sel = layer.infer(&x, &mut y, &mut scratch).unwrap();
+/// assert_eq!(sel[0].expert, 0);
 /// ```
 #[derive(Debug, Clone)]
 pub struct QMoeBuf<A: IntKernel> {

@@ -185,7 +185,7 @@ impl<'a, A: IntKernel> QMoeLayer<'a, A> {
         } = self.combine;
         for (j, o) in out.iter_mut().enumerate() {
             let acc: i64 = ys
-                .chunks_exact(self.out_dim)
+                .chunks_exact(self.out_dim.max(1))
                 .zip(&weights)
                 .map(|(y, &w)| {
                     w as i64 * (y.get(j).map_or(expert_zp, |v| v.get()) - expert_zp) as i64

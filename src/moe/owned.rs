@@ -3,11 +3,13 @@
 //!
 //! ```
 //! use micromoe::kernels::Activation;
-//! use micromoe::moe::owned::{ExpertBuf, MoeBuf};
+//! use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
 //! use micromoe::Rule;
 //! // 2 experts, in = out = 2, hidden 3, gated SiLU; all weights 0.1.
-//! let expert = ExpertBuf::gated(vec![0.1f32; 6], vec![0.1; 6], vec![0.1; 6], 2, 3, 2, Activation::Silu);
-//! let f32_layer = MoeBuf::new(vec![0.5, -0.5, -0.5, 0.5], vec![expert.clone(), expert], Rule::mixtral(2, 1));
+//! let lin = |rows, cols| LinearBuf::new(vec![0.1f32; rows * cols], None, rows, cols);
+//! let expert = ExpertBuf::gated(lin(3, 2), lin(3, 2), lin(2, 3), Activation::Silu);
+//! let gate = LinearBuf::new(vec![0.5, -0.5, -0.5, 0.5], None, 2, 2);
+//! let f32_layer = MoeBuf::new(gate, vec![expert.clone(), expert], Rule::mixtral(2, 1));
 //! let f16_layer = f32_layer.convert(micromoe::quant::f16::from_f32);
 //! let experts = f16_layer.expert_views().unwrap();
 //! let layer = f16_layer.layer(&experts).unwrap();
@@ -25,95 +27,111 @@ use crate::expert::Expert;
 use crate::kernels::{Activation, FloatWeight, Linear};
 use crate::router::{Router, Rule};
 
-/// One expert's weights, row-major `(out, in)` each.
+/// A fully-connected layer's weights, `(rows, cols)` row-major, and bias.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinearBuf<W> {
+    /// `(rows, cols)` row-major.
+    pub weights: Vec<W>,
+    /// `rows` values, if any.
+    pub bias: Option<Vec<f32>>,
+    /// Output width.
+    pub rows: usize,
+    /// Input width.
+    pub cols: usize,
+}
+
+impl<W: FloatWeight> LinearBuf<W> {
+    /// Collects the parts; [`LinearBuf::view`] checks them.
+    pub fn new(weights: Vec<W>, bias: Option<Vec<f32>>, rows: usize, cols: usize) -> Self {
+        LinearBuf {
+            weights,
+            bias,
+            rows,
+            cols,
+        }
+    }
+
+    /// The borrowed layer, validated.
+    pub fn view(&self) -> Result<Linear<'_, W>> {
+        Linear::new(&self.weights, self.bias.as_deref(), self.rows, self.cols)
+    }
+
+    /// The same layer with every weight converted by `f` (the bias stays f32).
+    pub fn convert<V: FloatWeight>(&self, f: impl Fn(W) -> V) -> LinearBuf<V> {
+        LinearBuf {
+            weights: self.weights.iter().map(|&w| f(w)).collect(),
+            bias: self.bias.clone(),
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.weights.len() * core::mem::size_of::<W>()
+            + self.bias.as_ref().map_or(0, |b| b.len() * 4)
+    }
+}
+
+/// One expert's layers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExpertBuf<W> {
     /// `up` (Mixtral `w3`), `(hidden, in)`.
-    pub up: Vec<W>,
+    pub up: LinearBuf<W>,
     /// Gated units: `gate` (Mixtral `w1`), `(hidden, in)`.
-    pub gate: Option<Vec<W>>,
+    pub gate: Option<LinearBuf<W>>,
     /// `down` (Mixtral `w2`), `(out, hidden)`.
-    pub down: Vec<W>,
-    /// Input width.
-    pub in_dim: usize,
-    /// Hidden width.
-    pub hidden: usize,
-    /// Output width.
-    pub out_dim: usize,
+    pub down: LinearBuf<W>,
     /// Non-linearity.
     pub act: Activation,
 }
 
 impl<W: FloatWeight> ExpertBuf<W> {
     /// `down(act(up x))`.
-    pub fn mlp(
-        up: Vec<W>,
-        down: Vec<W>,
-        in_dim: usize,
-        hidden: usize,
-        out_dim: usize,
-        act: Activation,
-    ) -> Self {
+    pub fn mlp(up: LinearBuf<W>, down: LinearBuf<W>, act: Activation) -> Self {
         ExpertBuf {
             up,
             gate: None,
             down,
-            in_dim,
-            hidden,
-            out_dim,
             act,
         }
     }
 
     /// `down(act(gate x) * up x)`.
-    #[allow(clippy::too_many_arguments)]
     pub fn gated(
-        gate: Vec<W>,
-        up: Vec<W>,
-        down: Vec<W>,
-        in_dim: usize,
-        hidden: usize,
-        out_dim: usize,
+        gate: LinearBuf<W>,
+        up: LinearBuf<W>,
+        down: LinearBuf<W>,
         act: Activation,
     ) -> Self {
         ExpertBuf {
             up,
             gate: Some(gate),
             down,
-            in_dim,
-            hidden,
-            out_dim,
             act,
         }
     }
 
     /// The borrowed expert, validated.
     pub fn view(&self) -> Result<Expert<'_, W>> {
-        let up = Linear::new(&self.up, None, self.hidden, self.in_dim)?;
-        let down = Linear::new(&self.down, None, self.out_dim, self.hidden)?;
+        let (up, down) = (self.up.view()?, self.down.view()?);
         match &self.gate {
             None => Expert::mlp(up, down, self.act),
-            Some(g) => Expert::gated(
-                Linear::new(g, None, self.hidden, self.in_dim)?,
-                up,
-                down,
-                self.act,
-            ),
+            Some(g) => Expert::gated(g.view()?, up, down, self.act),
         }
     }
 
     /// The same expert with every weight converted by `f`.
     pub fn convert<V: FloatWeight>(&self, f: impl Fn(W) -> V + Copy) -> ExpertBuf<V> {
-        let c = |v: &Vec<W>| v.iter().map(|&w| f(w)).collect();
         ExpertBuf {
-            up: c(&self.up),
-            gate: self.gate.as_ref().map(c),
-            down: c(&self.down),
-            in_dim: self.in_dim,
-            hidden: self.hidden,
-            out_dim: self.out_dim,
+            up: self.up.convert(f),
+            gate: self.gate.as_ref().map(|g| g.convert(f)),
+            down: self.down.convert(f),
             act: self.act,
         }
+    }
+
+    fn bytes(&self) -> usize {
+        self.up.bytes() + self.down.bytes() + self.gate.as_ref().map_or(0, LinearBuf::bytes)
     }
 }
 
@@ -121,11 +139,11 @@ impl<W: FloatWeight> ExpertBuf<W> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MoeBuf<W> {
     /// Gate, `(experts, in)`.
-    pub gate: Vec<W>,
+    pub gate: LinearBuf<W>,
     /// Routed experts.
     pub experts: Vec<ExpertBuf<W>>,
     /// Shared expert and its `(1, in)` gate.
-    pub shared: Option<(ExpertBuf<W>, Option<Vec<W>>)>,
+    pub shared: Option<(ExpertBuf<W>, Option<LinearBuf<W>>)>,
     /// Routing rule.
     pub rule: Rule,
     /// Selection bias.
@@ -136,7 +154,7 @@ pub struct MoeBuf<W> {
 
 impl<W: FloatWeight> MoeBuf<W> {
     /// A layer without shared expert, selection bias or scaling.
-    pub fn new(gate: Vec<W>, experts: Vec<ExpertBuf<W>>, rule: Rule) -> Self {
+    pub fn new(gate: LinearBuf<W>, experts: Vec<ExpertBuf<W>>, rule: Rule) -> Self {
         MoeBuf {
             gate,
             experts,
@@ -154,48 +172,38 @@ impl<W: FloatWeight> MoeBuf<W> {
 
     /// The runnable layer over `experts` (from [`MoeBuf::expert_views`]).
     pub fn layer<'a>(&'a self, experts: &'a [Expert<'a, W>]) -> Result<MoeLayer<'a, W, W>> {
-        let in_dim = self.experts.first().map_or(0, |e| e.in_dim);
-        let gate = Linear::new(&self.gate, None, self.rule.experts, in_dim)?;
         let shared = match &self.shared {
             Some((e, g)) => Some(SharedExpert {
                 expert: e.view()?,
-                gate: g
-                    .as_ref()
-                    .map(|g| Linear::new(g, None, 1, in_dim))
-                    .transpose()?,
+                gate: g.as_ref().map(|g| g.view()).transpose()?,
             }),
             None => None,
         };
         let router = Router::new(self.rule, self.bias.as_deref(), self.scaling)?;
-        MoeLayer::new(gate, router, experts, shared)
+        MoeLayer::new(self.gate.view()?, router, experts, shared)
     }
 
     /// The same layer with every weight converted by `f` (e.g. to f16).
     pub fn convert<V: FloatWeight>(&self, f: impl Fn(W) -> V + Copy) -> MoeBuf<V> {
         MoeBuf {
-            gate: self.gate.iter().map(|&w| f(w)).collect(),
+            gate: self.gate.convert(f),
             experts: self.experts.iter().map(|e| e.convert(f)).collect(),
-            shared: self.shared.as_ref().map(|(e, g)| {
-                (
-                    e.convert(f),
-                    g.as_ref().map(|g| g.iter().map(|&w| f(w)).collect()),
-                )
-            }),
+            shared: self
+                .shared
+                .as_ref()
+                .map(|(e, g)| (e.convert(f), g.as_ref().map(|g| g.convert(f)))),
             rule: self.rule,
             bias: self.bias.clone(),
             scaling: self.scaling,
         }
     }
 
-    /// Bytes of weight storage (gate, experts, shared).
+    /// Bytes of weights and biases (gate, experts, shared).
     pub fn weight_bytes(&self) -> usize {
-        let e = |x: &ExpertBuf<W>| x.up.len() + x.down.len() + x.gate.as_ref().map_or(0, Vec::len);
-        let n = self.gate.len()
-            + self.experts.iter().map(e).sum::<usize>()
-            + self
-                .shared
-                .as_ref()
-                .map_or(0, |(x, g)| e(x) + g.as_ref().map_or(0, Vec::len));
-        n * core::mem::size_of::<W>()
+        self.gate.bytes()
+            + self.experts.iter().map(ExpertBuf::bytes).sum::<usize>()
+            + self.shared.as_ref().map_or(0, |(e, g)| {
+                e.bytes() + g.as_ref().map_or(0, LinearBuf::bytes)
+            })
     }
 }

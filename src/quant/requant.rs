@@ -126,7 +126,11 @@ pub const fn rounding_divide_by_pot(x: i32, exponent: u32) -> i32 {
 #[inline]
 pub const fn requantize(x: i32, m: Multiplier) -> i32 {
     let left = if m.shift > 0 { m.shift as u32 } else { 0 };
-    let right = if m.shift > 0 { 0 } else { (-m.shift) as u32 };
+    let right = if m.shift > 0 {
+        0
+    } else {
+        m.shift.unsigned_abs()
+    };
     let scaled = x.wrapping_mul(1i32.wrapping_shl(left));
     rounding_divide_by_pot(
         saturating_rounding_doubling_high_mul(scaled, m.multiplier),

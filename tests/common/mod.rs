@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use micromoe::kernels::{Activation, FloatWeight};
-use micromoe::moe::owned::{ExpertBuf, MoeBuf};
+use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
 use micromoe::quant::f16;
 use micromoe::{MoeLayer, Rule};
 use safetensors::{Dtype, SafeTensors};
@@ -19,6 +19,8 @@ pub const MOE_CASES: &[&str] = &[
     "qwen2moe_h32_e8_k2",
     "qwen2moe_h24_e6_k3_norm",
     "qwen2moe_h32_e6_k3",
+    "switch_mlp_gelu_h16_e4",
+    "glam_mlp_relu_h24_e8_k2",
 ];
 
 pub struct Fixture {
@@ -104,10 +106,25 @@ impl Fixture {
         self.meta("hidden")
     }
 
+    pub fn is_mlp(&self) -> bool {
+        self.meta["arch"] == "mlp_moe"
+    }
+
+    pub fn activation(&self) -> Activation {
+        match self.meta["act"].as_str() {
+            "silu" => Activation::Silu,
+            "gelu" => Activation::Gelu,
+            "relu" => Activation::Relu,
+            a => panic!("{}: unknown activation {a}", self.name),
+        }
+    }
+
     pub fn rule(&self) -> Rule {
         let (e, k) = (self.meta("experts"), self.meta("k"));
         match self.meta["arch"].as_str() {
             "mixtral" => Rule::mixtral(e, k),
+            "mlp_moe" if self.meta["router"] == "switch" => Rule::switch(e),
+            "mlp_moe" => Rule::mixtral(e, k),
             "qwen2_moe" => Rule::qwen2_moe(e, k, self.meta("norm_topk_prob") == 1),
             a => panic!("no MoE rule for {a}"),
         }
@@ -128,28 +145,46 @@ impl Fixture {
     }
 }
 
-fn gated(fx: &Fixture, prefix: &str) -> ExpertBuf<f32> {
-    let w = |k: &str| fx.f32(&format!("{prefix}.{k}")).to_vec();
-    let inter = fx.shape(&format!("{prefix}.w1"))[0];
-    ExpertBuf::gated(
-        w("w1"),
-        w("w3"),
-        w("w2"),
-        fx.hidden(),
-        inter,
-        fx.hidden(),
-        Activation::Silu,
+fn linear(fx: &Fixture, key: &str, bias: Option<&str>) -> LinearBuf<f32> {
+    let shape = fx.shape(key);
+    LinearBuf::new(
+        fx.f32(key).to_vec(),
+        bias.map(|b| fx.f32(b).to_vec()),
+        shape[0],
+        shape[1],
     )
+}
+
+fn gated(fx: &Fixture, prefix: &str) -> ExpertBuf<f32> {
+    let w = |k: &str| linear(fx, &format!("{prefix}.{k}"), None);
+    ExpertBuf::gated(w("w1"), w("w3"), w("w2"), Activation::Silu)
+}
+
+fn mlp(fx: &Fixture, prefix: &str) -> ExpertBuf<f32> {
+    let w = |k: &str| {
+        linear(
+            fx,
+            &format!("{prefix}.{k}"),
+            Some(&format!("{prefix}.{k}_bias")),
+        )
+    };
+    ExpertBuf::mlp(w("up"), w("down"), fx.activation())
 }
 
 /// The fixture's block as an owned micromoe layer.
 pub fn model(fx: &Fixture) -> MoeBuf<f32> {
-    let experts = (0..fx.meta("experts"))
-        .map(|e| gated(fx, &format!("experts.{e}")))
-        .collect();
-    let mut m = MoeBuf::new(fx.f32("gate").to_vec(), experts, fx.rule());
+    let expert = |e: usize| {
+        let prefix = format!("experts.{e}");
+        if fx.is_mlp() {
+            mlp(fx, &prefix)
+        } else {
+            gated(fx, &prefix)
+        }
+    };
+    let experts = (0..fx.meta("experts")).map(expert).collect();
+    let mut m = MoeBuf::new(linear(fx, "gate", None), experts, fx.rule());
     if fx.meta("shared") == 1 {
-        m.shared = Some((gated(fx, "shared"), Some(fx.f32("shared_gate").to_vec())));
+        m.shared = Some((gated(fx, "shared"), Some(linear(fx, "shared_gate", None))));
     }
     m
 }
