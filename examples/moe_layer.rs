@@ -46,19 +46,14 @@ fn model(rng: &mut Rng) -> MoeBuf<f32> {
     let (si, sh) = (1.0 / (D as f32).sqrt(), 1.0 / (HIDDEN as f32).sqrt());
     let experts = (0..EXPERTS)
         .map(|_| {
-            let (w1, w3, w2) = (
-                rng.vec(HIDDEN * D, si),
-                rng.vec(HIDDEN * D, si),
-                rng.vec(D * HIDDEN, sh),
-            );
-            ExpertBuf::gated(w1, w3, w2, D, HIDDEN, D, Activation::Silu)
+            let w1 = LinearBuf::new(rng.vec(HIDDEN * D, si), None, HIDDEN, D);
+            let w3 = LinearBuf::new(rng.vec(HIDDEN * D, si), None, HIDDEN, D);
+            let w2 = LinearBuf::new(rng.vec(D * HIDDEN, sh), None, D, HIDDEN);
+            ExpertBuf::gated(w1, w3, w2, Activation::Silu)
         })
         .collect();
-    MoeBuf::new(
-        rng.vec(EXPERTS * D, 3.0 * si),
-        experts,
-        Rule::mixtral(EXPERTS, K),
-    )
+    let gate = LinearBuf::new(rng.vec(EXPERTS * D, 3.0 * si), None, EXPERTS, D);
+    MoeBuf::new(gate, experts, Rule::mixtral(EXPERTS, K))
 }
 
 /// One token's output and chosen experts.
