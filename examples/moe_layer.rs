@@ -25,10 +25,7 @@ struct Rng(u64);
 
 impl Rng {
     fn uniform(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
+        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         (self.0 >> 40) as f32 / (1u64 << 24) as f32
     }
 
@@ -70,10 +67,7 @@ struct Row {
 
 fn compare(reference: &[Token], got: &[Token]) -> (f64, f64, f64) {
     let (mut same, mut max, mut sq, mut n) = (0usize, 0f64, 0f64, 0usize);
-    let scale = reference
-        .iter()
-        .flat_map(|r| &r.0)
-        .fold(0f64, |m, v| m.max(v.abs() as f64));
+    let scale = reference.iter().flat_map(|r| &r.0).fold(0f64, |m, v| m.max(v.abs() as f64));
     for (r, g) in reference.iter().zip(got) {
         let mut a = r.1.clone();
         let mut b = g.1.clone();
@@ -91,11 +85,7 @@ fn compare(reference: &[Token], got: &[Token]) -> (f64, f64, f64) {
             n += 1;
         }
     }
-    (
-        same as f64 / reference.len() as f64,
-        max,
-        (sq / n as f64).sqrt(),
-    )
+    (same as f64 / reference.len() as f64, max, (sq / n as f64).sqrt())
 }
 
 fn run_float<W: micromoe::kernels::FloatWeight>(
@@ -110,9 +100,7 @@ fn run_float<W: micromoe::kernels::FloatWeight>(
         .chunks_exact(D)
         .map(|x| {
             let mut y = vec![0.0; D];
-            let sel = layer
-                .infer_with_stats(x, &mut y, &mut scratch, stats)
-                .expect("inference");
+            let sel = layer.infer_with_stats(x, &mut y, &mut scratch, stats).expect("inference");
             (y, sel.iter().map(|c| c.expert).collect())
         })
         .collect();
@@ -182,25 +170,11 @@ fn main() {
     let q8 = QMoeBuf::<i8>::quantize(&float_layer, &xs).expect("quantizes");
     let (weight_bytes, scratch, out) = run_int(&q8, &xs);
     let (agreement, max_err, rms_err) = compare(&reference, &out);
-    rows.push(Row {
-        dtype: "int8",
-        weight_bytes,
-        scratch_bytes: scratch,
-        agreement,
-        max_err,
-        rms_err,
-    });
+    rows.push(Row { dtype: "int8", weight_bytes, scratch_bytes: scratch, agreement, max_err, rms_err });
     let q15 = QMoeBuf::<i16>::quantize(&float_layer, &xs).expect("quantizes");
     let (weight_bytes, scratch, out) = run_int(&q15, &xs);
     let (agreement, max_err, rms_err) = compare(&reference, &out);
-    rows.push(Row {
-        dtype: "q15",
-        weight_bytes,
-        scratch_bytes: scratch,
-        agreement,
-        max_err,
-        rms_err,
-    });
+    rows.push(Row { dtype: "q15", weight_bytes, scratch_bytes: scratch, agreement, max_err, rms_err });
 
     let per_token = |v: u64| v as f64 / stats.tokens as f64;
     if json {
@@ -226,9 +200,7 @@ fn main() {
     println!(
         "Mixtral-style layer: {D} -> {EXPERTS} SwiGLU experts ({HIDDEN} hidden), top-{K}, {TOKENS} tokens\n"
     );
-    println!(
-        "error columns: over tokens that chose the same experts as f32, relative to max |y|\n"
-    );
+    println!("error columns: over tokens that chose the same experts as f32, relative to max |y|\n");
     println!("dtype  weight bytes  scratch bytes  same experts as f32  max |err|  rms err");
     for r in &rows {
         println!(

@@ -146,50 +146,26 @@ impl fmt::Display for What {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            Error::Shape {
-                what,
-                expected,
-                actual,
-            } => {
+            Error::Shape { what, expected, actual } => {
                 write!(f, "{what}: expected {expected} elements, got {actual}")
             }
-            Error::DimMismatch {
-                what,
-                expected,
-                actual,
-            } => {
-                write!(
-                    f,
-                    "{what}: dimension {actual} does not match the layer's {expected}"
-                )
+            Error::DimMismatch { what, expected, actual } => {
+                write!(f, "{what}: dimension {actual} does not match the layer's {expected}")
             }
             Error::Overflow => f.write_str("size computation overflowed"),
             Error::ScratchTooSmall { needed, actual } => {
-                write!(
-                    f,
-                    "scratch buffer too small: need {needed} bytes, got {actual}"
-                )
+                write!(f, "scratch buffer too small: need {needed} bytes, got {actual}")
             }
             Error::NonFinite { what, index } => {
                 write!(f, "{what}: NaN or infinity at index {index}")
             }
             Error::OutOfRange { what, index } => {
-                write!(
-                    f,
-                    "{what}: value at index {index} is out of the supported range"
-                )
+                write!(f, "{what}: value at index {index} is out of the supported range")
             }
             Error::TopK { k, experts } => {
-                write!(
-                    f,
-                    "top-k: cannot choose {k} of {experts} experts (1 <= k <= min(8, experts))"
-                )
+                write!(f, "top-k: cannot choose {k} of {experts} experts (1 <= k <= min(8, experts))")
             }
-            Error::Groups {
-                groups,
-                topk_group,
-                experts,
-            } => write!(
+            Error::Groups { groups, topk_group, experts } => write!(
                 f,
                 "expert groups: {experts} experts in {groups} groups keeping {topk_group} is inconsistent"
             ),
@@ -204,15 +180,12 @@ impl core::error::Error for Error {}
 
 /// Checks that `actual == expected`, naming `what` otherwise.
 pub(crate) fn check_len(what: What, expected: usize, actual: usize) -> Result<()> {
-    if expected == actual {
-        Ok(())
-    } else {
-        Err(Error::Shape {
-            what,
-            expected,
-            actual,
-        })
-    }
+    if expected == actual { Ok(()) } else { Err(Error::Shape { what, expected, actual }) }
+}
+
+/// Checks that a part's dimension `actual` agrees with the layer's `expected`.
+pub(crate) fn check_dim(what: What, expected: usize, actual: usize) -> Result<()> {
+    if expected == actual { Ok(()) } else { Err(Error::DimMismatch { what, expected, actual }) }
 }
 
 /// `a * b` or [`Error::Overflow`].

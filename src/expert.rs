@@ -17,7 +17,7 @@
 //! assert_eq!(y, [-3.0]);
 //! ```
 
-use crate::error::{Error, Result, What};
+use crate::error::{Error, Result, What, check_dim};
 use crate::kernels::{Activation, FloatWeight, IntKernel, Linear, MulParams, QLinear};
 use crate::quant::Multiplier;
 
@@ -72,26 +72,14 @@ impl<A: IntKernel> Dims for QLinear<'_, A> {
     }
 }
 
-fn same(what: What, expected: usize, actual: usize) -> Result<()> {
-    if expected == actual {
-        Ok(())
-    } else {
-        Err(Error::DimMismatch {
-            what,
-            expected,
-            actual,
-        })
-    }
-}
-
 impl<L: Dims> Ffn<L> {
     fn check(&self) -> Result<()> {
         match self {
-            Ffn::Mlp { up, down, .. } => same(What::Weight, up.rows(), down.cols()),
+            Ffn::Mlp { up, down, .. } => check_dim(What::Weight, up.rows(), down.cols()),
             Ffn::Gated { gate, up, down, .. } => {
-                same(What::Weight, gate.rows(), up.rows())?;
-                same(What::Weight, gate.cols(), up.cols())?;
-                same(What::Weight, up.rows(), down.cols())
+                check_dim(What::Weight, gate.rows(), up.rows())?;
+                check_dim(What::Weight, gate.cols(), up.cols())?;
+                check_dim(What::Weight, up.rows(), down.cols())
             }
         }
     }
@@ -127,11 +115,7 @@ impl<L: Dims> Ffn<L> {
 
     /// Multiply-accumulates per token.
     pub fn macs(&self) -> u64 {
-        let (i, h, o) = (
-            self.in_dim() as u64,
-            self.hidden_dim() as u64,
-            self.out_dim() as u64,
-        );
+        let (i, h, o) = (self.in_dim() as u64, self.hidden_dim() as u64, self.out_dim() as u64);
         self.hidden_buffers() as u64 * i * h + h * o
     }
 }
@@ -157,12 +141,7 @@ impl<'a, W: FloatWeight> Expert<'a, W> {
         down: Linear<'a, W>,
         act: Activation,
     ) -> Result<Self> {
-        let ffn = Ffn::Gated {
-            gate,
-            up,
-            act,
-            down,
-        };
+        let ffn = Ffn::Gated { gate, up, act, down };
         ffn.check()?;
         Ok(Expert { ffn })
     }
@@ -188,12 +167,7 @@ impl<'a, W: FloatWeight> Expert<'a, W> {
                 act.apply(h1);
                 down.forward(h1, y);
             }
-            Ffn::Gated {
-                gate,
-                up,
-                act,
-                down,
-            } => {
+            Ffn::Gated { gate, up, act, down } => {
                 gate.forward(x, h1);
                 up.forward(x, h2);
                 for (g, &u) in h1.iter_mut().zip(h2.iter()) {
@@ -217,9 +191,7 @@ pub enum QActivation<'a, A> {
 impl<A: IntKernel> QActivation<'_, A> {
     fn apply(&self, xs: &mut [A], zp: i32) {
         match self {
-            QActivation::Relu => xs
-                .iter_mut()
-                .for_each(|x| *x = A::saturate(x.get().max(zp))),
+            QActivation::Relu => xs.iter_mut().for_each(|x| *x = A::saturate(x.get().max(zp))),
             QActivation::Lut(lut) => xs.iter_mut().for_each(|x| *x = x.lookup(lut)),
         }
     }
@@ -240,24 +212,11 @@ impl<'a, A: IntKernel> QExpert<'a, A> {
     /// quantization (checked by zero point).
     pub fn mlp(up: QLinear<'a, A>, act: QActivation<'a, A>, down: QLinear<'a, A>) -> Result<Self> {
         check_act(&act)?;
-        Ffn::Mlp {
-            up,
-            act: Activation::Relu,
-            down,
-        }
-        .check()?;
+        Ffn::Mlp { up, act: Activation::Relu, down }.check()?;
         if matches!(act, QActivation::Relu) && down.input_zp() != up.output_zp() {
-            return Err(Error::OutOfRange {
-                what: What::ZeroPoint,
-                index: 0,
-            });
+            return Err(Error::OutOfRange { what: What::ZeroPoint, index: 0 });
         }
-        Ok(QExpert {
-            up,
-            act,
-            gate: None,
-            down,
-        })
+        Ok(QExpert { up, act, gate: None, down })
     }
 
     /// `down(mul(act(gate x), up x))`; zero points must chain:
@@ -271,53 +230,23 @@ impl<'a, A: IntKernel> QExpert<'a, A> {
         down: QLinear<'a, A>,
     ) -> Result<Self> {
         check_act(&act)?;
-        Ffn::Gated {
-            gate,
-            up,
-            act: Activation::Relu,
-            down,
-        }
-        .check()?;
+        Ffn::Gated { gate, up, act: Activation::Relu, down }.check()?;
         let relu_ok = !matches!(act, QActivation::Relu) || mul.a_zp == gate.output_zp();
-        let a_zp_ok = if A::LUT_LEN == 256 {
-            (A::MIN..=A::MAX).contains(&mul.a_zp)
-        } else {
-            mul.a_zp == 0
-        };
+        let a_zp_ok = if A::LUT_LEN == 256 { (A::MIN..=A::MAX).contains(&mul.a_zp) } else { mul.a_zp == 0 };
         if !relu_ok || !a_zp_ok || mul.b_zp != up.output_zp() || mul.out_zp != down.input_zp() {
-            return Err(Error::OutOfRange {
-                what: What::ZeroPoint,
-                index: 0,
-            });
+            return Err(Error::OutOfRange { what: What::ZeroPoint, index: 0 });
         }
         let m = mul.multiplier;
         if Multiplier::new(m.multiplier, m.shift).is_err() {
-            return Err(Error::OutOfRange {
-                what: What::Requant,
-                index: 0,
-            });
+            return Err(Error::OutOfRange { what: What::Requant, index: 0 });
         }
-        Ok(QExpert {
-            up,
-            act,
-            gate: Some((gate, mul)),
-            down,
-        })
+        Ok(QExpert { up, act, gate: Some((gate, mul)), down })
     }
 
     fn dims(&self) -> Ffn<QLinear<'a, A>> {
         match self.gate {
-            None => Ffn::Mlp {
-                up: self.up,
-                act: Activation::Relu,
-                down: self.down,
-            },
-            Some((gate, _)) => Ffn::Gated {
-                gate,
-                up: self.up,
-                act: Activation::Relu,
-                down: self.down,
-            },
+            None => Ffn::Mlp { up: self.up, act: Activation::Relu, down: self.down },
+            Some((gate, _)) => Ffn::Gated { gate, up: self.up, act: Activation::Relu, down: self.down },
         }
     }
 
@@ -374,11 +303,9 @@ impl<'a, A: IntKernel> QExpert<'a, A> {
 
 fn check_act<A: IntKernel>(act: &QActivation<'_, A>) -> Result<()> {
     match act {
-        QActivation::Lut(lut) if lut.len() != A::LUT_LEN => Err(Error::Shape {
-            what: What::Lut,
-            expected: A::LUT_LEN,
-            actual: lut.len(),
-        }),
+        QActivation::Lut(lut) if lut.len() != A::LUT_LEN => {
+            Err(Error::Shape { what: What::Lut, expected: A::LUT_LEN, actual: lut.len() })
+        }
         _ => Ok(()),
     }
 }

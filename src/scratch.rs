@@ -21,8 +21,7 @@ use crate::error::{Error, Result};
 /// Bytes that [`Carve::take`] needs for `n` values of `T`, including the
 /// worst-case padding to `T`'s alignment.
 pub const fn bytes_for<T>(n: usize) -> usize {
-    n.saturating_mul(core::mem::size_of::<T>())
-        .saturating_add(core::mem::align_of::<T>() - 1)
+    n.saturating_mul(core::mem::size_of::<T>()).saturating_add(core::mem::align_of::<T>() - 1)
 }
 
 /// Hands out consecutive typed slices of a byte buffer.
@@ -43,9 +42,7 @@ impl<'a> Carve<'a> {
     pub fn take<T: bytemuck::Pod>(&mut self, n: usize) -> Result<&'a mut [T]> {
         let rest = core::mem::take(&mut self.rest);
         let pad = rest.as_ptr().align_offset(core::mem::align_of::<T>());
-        let len = n
-            .checked_mul(core::mem::size_of::<T>())
-            .ok_or(Error::Overflow)?;
+        let len = n.checked_mul(core::mem::size_of::<T>()).ok_or(Error::Overflow)?;
         let too_small = Error::ScratchTooSmall {
             needed: self.total - rest.len() + pad.saturating_add(len),
             actual: self.total,

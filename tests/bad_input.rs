@@ -29,11 +29,7 @@ fn model() -> MoeBuf<f32> {
             )
         })
         .collect();
-    let mut m = MoeBuf::new(
-        LinearBuf::new(v(16), None, 4, 4),
-        experts,
-        Rule::qwen2_moe(4, 2, false),
-    );
+    let mut m = MoeBuf::new(LinearBuf::new(v(16), None, 4, 4), experts, Rule::qwen2_moe(4, 2, false));
     let shared = ExpertBuf::mlp(
         LinearBuf::new(v(12), Some(v(3)), 3, 4),
         LinearBuf::new(v(12), Some(v(4)), 4, 3),
@@ -68,9 +64,7 @@ fn float_layer_scratch_short_or_misaligned() {
     }
     for offset in 0..8 {
         let mut y = [0.0f32; 4];
-        layer
-            .infer(&X, &mut y, &mut buf[offset..offset + need])
-            .unwrap();
+        layer.infer(&X, &mut y, &mut buf[offset..offset + need]).unwrap();
         assert_eq!(y, want, "offset {offset}");
     }
 }
@@ -101,9 +95,7 @@ fn integer_layers_scratch_short_or_misaligned() {
     }
     for offset in 0..8 {
         let mut y = [0i16; 4];
-        layer
-            .infer(&x, &mut y, &mut buf[offset..offset + need])
-            .unwrap();
+        layer.infer(&x, &mut y, &mut buf[offset..offset + need]).unwrap();
         assert_eq!(y, want, "offset {offset}");
     }
 }
@@ -117,38 +109,22 @@ fn wrong_lengths_nan_and_small_stats_are_errors() {
     let mut y = [0.0f32; 4];
     assert_eq!(
         layer.infer(&X[..3], &mut y, &mut s).unwrap_err(),
-        Error::Shape {
-            what: What::Input,
-            expected: 4,
-            actual: 3
-        }
+        Error::Shape { what: What::Input, expected: 4, actual: 3 }
     );
     assert_eq!(
         layer.infer(&X, &mut y[..2], &mut s).unwrap_err(),
-        Error::Shape {
-            what: What::Output,
-            expected: 4,
-            actual: 2
-        }
+        Error::Shape { what: What::Output, expected: 4, actual: 2 }
     );
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
         let x = [0.0, 0.0, bad, 0.0];
         assert_eq!(
             layer.infer(&x, &mut y, &mut s).unwrap_err(),
-            Error::NonFinite {
-                what: What::Input,
-                index: 2
-            }
+            Error::NonFinite { what: What::Input, index: 2 }
         );
     }
     assert_eq!(
-        layer
-            .infer_with_stats(&X, &mut y, &mut s, &mut Stats::<3>::new())
-            .unwrap_err(),
-        Error::StatsTooSmall {
-            experts: 4,
-            capacity: 3
-        }
+        layer.infer_with_stats(&X, &mut y, &mut s, &mut Stats::<3>::new()).unwrap_err(),
+        Error::StatsTooSmall { experts: 4, capacity: 3 }
     );
     // Calibration data must be whole, finite tokens.
     assert!(QMoeBuf::<i8>::quantize(&layer, &X[..3]).is_err());
@@ -167,11 +143,7 @@ fn inconsistent_layers_are_refused() {
     let experts = [e4, e3];
     assert_eq!(
         MoeLayer::new(lin(2, 4), router, &experts, None).unwrap_err(),
-        Error::DimMismatch {
-            what: What::Input,
-            expected: 4,
-            actual: 3
-        }
+        Error::DimMismatch { what: What::Input, expected: 4, actual: 3 }
     );
     // The gate must have one row per expert, and the rule one expert per view.
     let experts = [e4, e4];

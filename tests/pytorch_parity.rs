@@ -17,38 +17,22 @@ fn f32_layers_match_pytorch() {
             let mut y = vec![0.0; layer.out_dim()];
             let mut stats = Stats::<8>::new();
             for t in 0..fx.tokens() {
-                let sel = layer
-                    .infer_with_stats(fx.row("x", t), &mut y, &mut scratch, &mut stats)
-                    .unwrap();
+                let sel = layer.infer_with_stats(fx.row("x", t), &mut y, &mut scratch, &mut stats).unwrap();
                 let chosen: Vec<u16> = sel.iter().map(|c| c.expert).collect();
-                assert_eq!(
-                    chosen,
-                    fx.experts_row("experts", t),
-                    "{name} token {t}: experts"
-                );
+                assert_eq!(chosen, fx.experts_row("experts", t), "{name} token {t}: experts");
                 for (c, &w) in sel.iter().zip(fx.row("weights", t)) {
-                    assert!(
-                        (c.weight - w).abs() <= 1e-6,
-                        "{name} token {t}: weight {} vs {w}",
-                        c.weight
-                    );
+                    assert!((c.weight - w).abs() <= 1e-6, "{name} token {t}: weight {} vs {w}", c.weight);
                 }
                 let err = rel_err(&y, fx.row("y", t));
                 assert!(err <= 1e-5, "{name} token {t}: relative error {err:e}");
                 worst = worst.max(err);
             }
             assert_eq!(stats.tokens as usize, fx.tokens());
-            assert_eq!(
-                stats.counts.iter().sum::<u32>() as usize,
-                fx.tokens() * fx.meta("k")
-            );
+            assert_eq!(stats.counts.iter().sum::<u32>() as usize, fx.tokens() * fx.meta("k"));
             assert!(stats.macs < stats.macs_dense);
         });
     }
-    println!(
-        "f32: largest relative error {worst:e} over {} cases",
-        MOE_CASES.len()
-    );
+    println!("f32: largest relative error {worst:e} over {} cases", MOE_CASES.len());
 }
 
 #[test]
@@ -63,16 +47,9 @@ fn f16_layers_match_pytorch() {
                 let sel = layer.infer(fx.row("x", t), &mut y, &mut scratch).unwrap();
                 let chosen: Vec<u16> = sel.iter().map(|c| c.expert).collect();
                 // Same weights rounded to f16, evaluated by PyTorch in f32.
-                assert_eq!(
-                    chosen,
-                    fx.experts_row("experts_f16w", t),
-                    "{name} token {t}: experts"
-                );
+                assert_eq!(chosen, fx.experts_row("experts_f16w", t), "{name} token {t}: experts");
                 let same = rel_err(&y, fx.row("y_f16w", t));
-                assert!(
-                    same <= 1e-5,
-                    "{name} token {t}: vs f16-rounded PyTorch {same:e}"
-                );
+                assert!(same <= 1e-5, "{name} token {t}: vs f16-rounded PyTorch {same:e}");
                 // Against the f32 block: the cost of f16 weights.
                 if chosen == fx.experts_row("experts", t) {
                     let err = rel_err(&y, fx.row("y", t));
@@ -134,10 +111,8 @@ fn integer_router_matches_pytorch_routing() {
         let mut sel = Selection::new();
         for t in 0..fx.tokens() {
             let logits = fx.row("logits", t);
-            let q: Vec<i32> = logits
-                .iter()
-                .map(|&l| (l * (1 << LOGIT_FRAC_BITS) as f32).round() as i32)
-                .collect();
+            let q: Vec<i32> =
+                logits.iter().map(|&l| (l * (1 << LOGIT_FRAC_BITS) as f32).round() as i32).collect();
             router.route(&q, &mut sel).unwrap();
             let want = fx.experts_row("experts", t);
             let chosen: Vec<u16> = sel.iter().map(|c| c.expert).collect();
@@ -146,15 +121,8 @@ fn integer_router_matches_pytorch_routing() {
                 let mut sorted: Vec<f32> = logits.to_vec();
                 sorted.sort_by(|a, b| b.total_cmp(a));
                 let k = rule.k;
-                let margin = if k < sorted.len() {
-                    sorted[k - 1] - sorted[k]
-                } else {
-                    f32::INFINITY
-                };
-                assert!(
-                    margin <= 2.0 / 4096.0 || bias.is_some(),
-                    "{name} token {t}: {chosen:?} vs {want:?}"
-                );
+                let margin = if k < sorted.len() { sorted[k - 1] - sorted[k] } else { f32::INFINITY };
+                assert!(margin <= 2.0 / 4096.0 || bias.is_some(), "{name} token {t}: {chosen:?} vs {want:?}");
                 continue;
             }
             for (c, &w) in sel.iter().zip(fx.row(weights, t)) {
@@ -173,11 +141,7 @@ fn integer_router_matches_pytorch_routing() {
     }
     for name in DEEPSEEK_CASES {
         let (fx, rule) = deepseek(name);
-        let bias = fx
-            .f32("bias")
-            .iter()
-            .map(|&b| (b * ONE_Q15 as f32).round() as i32)
-            .collect();
+        let bias = fx.f32("bias").iter().map(|&b| (b * ONE_Q15 as f32).round() as i32).collect();
         run(name, rule, Some(bias), fx.meta_f32("scale"), "weights");
     }
     assert!(checked > 300, "{checked}");

@@ -45,25 +45,12 @@ struct Act {
 
 fn act_of(fx: &Fixture) -> Act {
     match fx.activation() {
-        Activation::Silu => Act {
-            f: |x| x / (1.0 + (-x).exp()),
-            slope: 1.1,
-            curvature: 0.5,
-            relu: false,
-        },
+        Activation::Silu => Act { f: |x| x / (1.0 + (-x).exp()), slope: 1.1, curvature: 0.5, relu: false },
         // GELU: slope <= 1.13, |f''| = phi(x) (2 - x^2) <= 2 phi(0) < 0.8.
-        Activation::Gelu => Act {
-            f: |x| 0.5 * x * (1.0 + erf(x / 2f64.sqrt())),
-            slope: 1.13,
-            curvature: 0.8,
-            relu: false,
-        },
-        Activation::Relu => Act {
-            f: |x| x.max(0.0),
-            slope: 1.0,
-            curvature: 0.0,
-            relu: true,
-        },
+        Activation::Gelu => {
+            Act { f: |x| 0.5 * x * (1.0 + erf(x / 2f64.sqrt())), slope: 1.13, curvature: 0.8, relu: false }
+        }
+        Activation::Relu => Act { f: |x| x.max(0.0), slope: 1.0, curvature: 0.0, relu: true },
         a => panic!("no bound for {a:?}"),
     }
 }
@@ -77,8 +64,7 @@ fn erf(x: f64) -> f64 {
                 + t * (0.09678418
                     + t * (-0.18628806
                         + t * (0.27886807
-                            + t * (-1.13520398
-                                + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))));
+                            + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))));
     let r = 1.0 - t * p.exp();
     if x >= 0.0 { r } else { -r }
 }
@@ -138,10 +124,7 @@ fn activation<A: IntKernel>(
     } else {
         0.0
     };
-    let e = e_g
-        .iter()
-        .map(|&v| act.slope * v + s_a / 2.0 + extra)
-        .collect();
+    let e = e_g.iter().map(|&v| act.slope * v + s_a / 2.0 + extra).collect();
     (a, e)
 }
 
@@ -167,13 +150,7 @@ fn expert<A: IntKernel>(
     let s_h = q.down.input.scale as f64;
     let h: Vec<f64> = a.iter().zip(&u).map(|(a, u)| a * u).collect();
     let e_h: Vec<f64> = (0..h.len())
-        .map(|i| {
-            a[i].abs() * e_u[i]
-                + u[i].abs() * e_a[i]
-                + e_a[i] * e_u[i]
-                + s_h / 2.0
-                + 1e-9 * h[i].abs()
-        })
+        .map(|i| a[i].abs() * e_u[i] + u[i].abs() * e_a[i] + e_a[i] * e_u[i] + s_h / 2.0 + 1e-9 * h[i].abs())
         .collect();
     linear(&q.down, t("w2"), None, &h, &e_h, d_m)
 }
@@ -194,22 +171,9 @@ fn check<A: IntKernel>(name: &str) -> Report {
         let views = q.expert_views().unwrap();
         let layer = q.layer(&views).unwrap();
         let mut scratch = vec![0u8; layer.scratch_bytes()];
-        let (mut xq, mut yq) = (
-            vec![A::default(); layer.in_dim()],
-            vec![A::default(); layer.out_dim()],
-        );
-        let d_m = if is_q15::<A>() {
-            2f64.powi(-15)
-        } else {
-            2f64.powi(-30)
-        };
-        let mut r = Report {
-            tokens: 0,
-            near_ties: 0,
-            worst_rel: 0.0,
-            worst_lsb: 0.0,
-            worst_ratio: 0.0,
-        };
+        let (mut xq, mut yq) = (vec![A::default(); layer.in_dim()], vec![A::default(); layer.out_dim()]);
+        let d_m = if is_q15::<A>() { 2f64.powi(-15) } else { 2f64.powi(-30) };
+        let mut r = Report { tokens: 0, near_ties: 0, worst_rel: 0.0, worst_lsb: 0.0, worst_ratio: 0.0 };
         for t in 0..fx.tokens() {
             let x32 = fx.row("x", t);
             q.input.quantize_slice(x32, &mut xq).unwrap();
@@ -225,19 +189,13 @@ fn check<A: IntKernel>(name: &str) -> Report {
             let e_l_exact = (0..l.len())
                 .map(|o| {
                     let (s_w, n) = (q.gate.weight_scales[o] as f64, q.gate.cols);
-                    let lq: f64 = (0..n)
-                        .map(|i| q.gate.weights[o * n + i] as f64 * s_w * xq_real[i])
-                        .sum();
+                    let lq: f64 = (0..n).map(|i| q.gate.weights[o * n + i] as f64 * s_w * xq_real[i]).sum();
                     (lq - l[o]).abs() + 2f64.powi(-13) + 2f64.powi(-15) * lq.abs()
                 })
                 .fold(0.0, f64::max);
             let mut sorted = l.clone();
             sorted.sort_by(|a, b| b.total_cmp(a));
-            let margin = if k < sorted.len() {
-                sorted[k - 1] - sorted[k]
-            } else {
-                f64::INFINITY
-            };
+            let margin = if k < sorted.len() { sorted[k - 1] - sorted[k] } else { f64::INFINITY };
 
             let mut want: Vec<u16> = fx.experts_row("experts", t);
             let mut got: Vec<u16> = sel.iter().map(|c| c.expert).collect();
@@ -265,14 +223,7 @@ fn check<A: IntKernel>(name: &str) -> Report {
             let ids = fx.experts_row("experts", t);
             for (i, &e) in ids.iter().enumerate() {
                 let w = fx.row("weights", t)[i] as f64;
-                let (y, e_y) = expert(
-                    &q.experts[e as usize],
-                    &fx,
-                    &format!("experts.{e}"),
-                    &x,
-                    &e_x,
-                    d_m,
-                );
+                let (y, e_y) = expert(&q.experts[e as usize], &fx, &format!("experts.{e}"), &x, &e_x, d_m);
                 add(w, e_w, &y, &e_y);
             }
             if let Some((sq, Some(sg))) = &q.shared {
@@ -284,15 +235,10 @@ fn check<A: IntKernel>(name: &str) -> Report {
             let reference = fx.row("y", t);
             let scale = reference.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
             for j in 0..out_dim {
-                let bound = e_out[j]
-                    + q.output.scale as f64 / 2.0
-                    + 2f64.powi(-15) * out[j].abs()
-                    + 1e-5 * scale;
+                let bound =
+                    e_out[j] + q.output.scale as f64 / 2.0 + 2f64.powi(-15) * out[j].abs() + 1e-5 * scale;
                 let err = (q.output.dequantize(yq[j]) as f64 - reference[j] as f64).abs();
-                assert!(
-                    err <= bound,
-                    "{name} token {t} out {j}: error {err:.5} > bound {bound:.5}"
-                );
+                assert!(err <= bound, "{name} token {t} out {j}: error {err:.5} > bound {bound:.5}");
                 r.worst_ratio = r.worst_ratio.max(err / bound);
                 r.worst_rel = r.worst_rel.max(err / scale);
                 r.worst_lsb = r.worst_lsb.max(err / q.output.scale as f64);
@@ -320,10 +266,7 @@ fn run_all<A: IntKernel>(label: &str) {
     println!(
         "{label}: {tokens} tokens checked, {ties} near ties skipped; worst error {rel:.2e} of the row's max, {lsb:.1} output steps, {ratio:.2} of the bound"
     );
-    assert!(
-        ties * 10 <= tokens,
-        "too many near ties: {ties} of {tokens}"
-    );
+    assert!(ties * 10 <= tokens, "too many near ties: {ties} of {tokens}");
 }
 
 #[test]

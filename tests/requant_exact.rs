@@ -118,19 +118,13 @@ proptest! {
 #[test]
 fn rounding_ties_by_hand() {
     // Scale 1/4 (M = 2^30, shift -1): 10 / 4 = 2.5 -> 3, -10 / 4 = -2.5 -> -3.
-    let quarter = Multiplier {
-        multiplier: 1 << 30,
-        shift: -1,
-    };
+    let quarter = Multiplier { multiplier: 1 << 30, shift: -1 };
     assert_eq!(requantize(10, quarter), 3);
     assert_eq!(requantize(-10, quarter), -3);
     assert_eq!(requantize(-6, quarter), -2); // -1.5 -> -2
     // Scale 1/2 with shift 0: the tie is in the high multiply, which rounds
     // toward +infinity: 3 / 2 = 1.5 -> 2, -3 / 2 = -1.5 -> -1.
-    let half = Multiplier {
-        multiplier: 1 << 30,
-        shift: 0,
-    };
+    let half = Multiplier { multiplier: 1 << 30, shift: 0 };
     assert_eq!(requantize(3, half), 2);
     assert_eq!(requantize(-3, half), -1);
     // 16x8: one rounding, half toward +infinity.
@@ -153,10 +147,7 @@ struct Lcg(u64);
 
 impl Lcg {
     fn next(&mut self) -> u32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
+        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         (self.0 >> 33) as u32
     }
 }

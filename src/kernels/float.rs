@@ -59,18 +59,9 @@ impl<'a, W: FloatWeight> Linear<'a, W> {
             check_len(What::Bias, rows, b.len())?;
         }
         if rows == 0 || cols == 0 {
-            return Err(Error::Shape {
-                what: What::Weight,
-                expected: 1,
-                actual: 0,
-            });
+            return Err(Error::Shape { what: What::Weight, expected: 1, actual: 0 });
         }
-        Ok(Linear {
-            w,
-            bias,
-            rows,
-            cols,
-        })
+        Ok(Linear { w, bias, rows, cols })
     }
 
     /// Output width.
@@ -165,10 +156,7 @@ mod tests {
         assert!(Linear::new(&[0.0f32; 5], None, 2, 3).is_err());
         assert!(Linear::new(&[0.0f32; 6], Some(&[0.0]), 2, 3).is_err());
         assert!(Linear::<f32>::new(&[], None, 0, 3).is_err());
-        assert_eq!(
-            Linear::new(&[0.0f32; 6], None, usize::MAX, 2).unwrap_err(),
-            Error::Overflow
-        );
+        assert_eq!(Linear::new(&[0.0f32; 6], None, usize::MAX, 2).unwrap_err(), Error::Overflow);
     }
 
     #[test]

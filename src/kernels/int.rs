@@ -22,36 +22,23 @@ pub fn matvec_i8(
 ) {
     let bias = bias.unwrap_or(&[]);
     let requant = multipliers.iter().zip(shifts);
-    for (o, ((yo, row), (&m, &s))) in y
-        .iter_mut()
-        .zip(w.chunks_exact(x.len().max(1)))
-        .zip(requant)
-        .enumerate()
+    for (o, ((yo, row), (&m, &s))) in
+        y.iter_mut().zip(w.chunks_exact(x.len().max(1))).zip(requant).enumerate()
     {
         let acc = dot_i8(row, x, input_offset).wrapping_add(bias.get(o).copied().unwrap_or(0));
-        let v = requantize(
-            acc,
-            Multiplier {
-                multiplier: m,
-                shift: s,
-            },
-        );
+        let v = requantize(acc, Multiplier { multiplier: m, shift: s });
         *yo = i8::saturate(v.saturating_add(output_zp));
     }
 }
 
 #[inline(always)]
 fn dot_i8(row: &[i8], x: &[i8], input_offset: i32) -> i32 {
-    row.iter().zip(x).fold(0i32, |acc, (&wi, &xi)| {
-        acc.wrapping_add((xi as i32 + input_offset) * wi as i32)
-    })
+    row.iter().zip(x).fold(0i32, |acc, (&wi, &xi)| acc.wrapping_add((xi as i32 + input_offset) * wi as i32))
 }
 
 #[inline(always)]
 fn dot_q15(row: &[i8], x: &[i16]) -> i64 {
-    row.iter()
-        .zip(x)
-        .fold(0i64, |acc, (&wi, &xi)| acc + (xi as i32 * wi as i32) as i64)
+    row.iter().zip(x).fold(0i64, |acc, (&wi, &xi)| acc + (xi as i32 * wi as i32) as i64)
 }
 
 /// `y = requant(W x + b)`, Q15 (16x8): `i16` activations with zero point 0,
@@ -68,20 +55,11 @@ pub fn matvec_q15(
 ) {
     let bias = bias.unwrap_or(&[]);
     let requant = multipliers.iter().zip(shifts);
-    for (o, ((yo, row), (&m, &s))) in y
-        .iter_mut()
-        .zip(w.chunks_exact(x.len().max(1)))
-        .zip(requant)
-        .enumerate()
+    for (o, ((yo, row), (&m, &s))) in
+        y.iter_mut().zip(w.chunks_exact(x.len().max(1))).zip(requant).enumerate()
     {
         let acc = dot_q15(row, x).wrapping_add(bias.get(o).copied().unwrap_or(0));
-        *yo = i16::saturate(requantize_wide(
-            acc,
-            Multiplier {
-                multiplier: m,
-                shift: s,
-            },
-        ));
+        *yo = i16::saturate(requantize_wide(acc, Multiplier { multiplier: m, shift: s }));
     }
 }
 
@@ -110,24 +88,12 @@ impl IntKernel for i8 {
     }
 
     fn matvec(lin: &QLinear<'_, i8>, x: &[i8], y: &mut [i8]) {
-        matvec_i8(
-            lin.w,
-            lin.bias,
-            lin.multipliers,
-            lin.shifts,
-            x,
-            -lin.input_zp,
-            lin.output_zp,
-            y,
-        )
+        matvec_i8(lin.w, lin.bias, lin.multipliers, lin.shifts, x, -lin.input_zp, lin.output_zp, y)
     }
 
     fn matvec_wide(lin: &QLinear<'_, i8>, x: &[i8], y: &mut [i32]) {
         let bias = lin.bias.unwrap_or(&[]);
-        let rows = y
-            .iter_mut()
-            .zip(lin.w.chunks_exact(lin.cols))
-            .zip(lin.requant());
+        let rows = y.iter_mut().zip(lin.w.chunks_exact(lin.cols)).zip(lin.requant());
         for (o, ((yo, row), m)) in rows.enumerate() {
             let acc = dot_i8(row, x, -lin.input_zp).wrapping_add(bias.get(o).copied().unwrap_or(0));
             *yo = requantize_wide(acc as i64, m).saturating_add(lin.output_zp);
@@ -148,10 +114,7 @@ impl IntKernel for i16 {
 
     fn matvec_wide(lin: &QLinear<'_, i16>, x: &[i16], y: &mut [i32]) {
         let bias = lin.bias.unwrap_or(&[]);
-        let rows = y
-            .iter_mut()
-            .zip(lin.w.chunks_exact(lin.cols))
-            .zip(lin.requant());
+        let rows = y.iter_mut().zip(lin.w.chunks_exact(lin.cols)).zip(lin.requant());
         for (o, ((yo, row), m)) in rows.enumerate() {
             let acc = dot_q15(row, x).wrapping_add(bias.get(o).copied().unwrap_or(0));
             *yo = requantize_wide(acc, m).saturating_add(lin.output_zp);
@@ -189,11 +152,7 @@ impl<'a, A: IntKernel> QLinear<'a, A> {
         output_zp: i32,
     ) -> Result<Self> {
         if rows == 0 || cols == 0 {
-            return Err(Error::Shape {
-                what: What::Weight,
-                expected: 1,
-                actual: 0,
-            });
+            return Err(Error::Shape { what: What::Weight, expected: 1, actual: 0 });
         }
         check_len(What::Weight, mul(rows, cols)?, w.len())?;
         if let Some(b) = bias {
@@ -203,35 +162,16 @@ impl<'a, A: IntKernel> QLinear<'a, A> {
         check_len(What::Requant, rows, shifts.len())?;
         for (index, (&m, &s)) in multipliers.iter().zip(shifts).enumerate() {
             if Multiplier::new(m, s).is_err() || s > WIDE_MAX_SHIFT {
-                return Err(Error::OutOfRange {
-                    what: What::Requant,
-                    index,
-                });
+                return Err(Error::OutOfRange { what: What::Requant, index });
             }
         }
         let zp_ok = |zp: i32| {
-            if A::LUT_LEN == 256 {
-                (A::MIN..=A::MAX).contains(&zp)
-            } else {
-                zp == 0
-            }
+            if A::LUT_LEN == 256 { (A::MIN..=A::MAX).contains(&zp) } else { zp == 0 }
         };
         if !zp_ok(input_zp) || !zp_ok(output_zp) {
-            return Err(Error::OutOfRange {
-                what: What::ZeroPoint,
-                index: 0,
-            });
+            return Err(Error::OutOfRange { what: What::ZeroPoint, index: 0 });
         }
-        Ok(QLinear {
-            w,
-            bias,
-            multipliers,
-            shifts,
-            rows,
-            cols,
-            input_zp,
-            output_zp,
-        })
+        Ok(QLinear { w, bias, multipliers, shifts, rows, cols, input_zp, output_zp })
     }
 
     /// Output width.
@@ -256,10 +196,7 @@ impl<'a, A: IntKernel> QLinear<'a, A> {
 
     /// Per-row requantization.
     pub fn requant(&self) -> impl Iterator<Item = Multiplier> + 'a {
-        self.multipliers
-            .iter()
-            .zip(self.shifts)
-            .map(|(&multiplier, &shift)| Multiplier { multiplier, shift })
+        self.multipliers.iter().zip(self.shifts).map(|(&multiplier, &shift)| Multiplier { multiplier, shift })
     }
 
     /// `y = requant(W (x - zx) + b) + zy`; `x`: `cols`, `y`: `rows` elements.

@@ -92,17 +92,10 @@ struct ExpertRanges {
 
 fn observe<W: FloatWeight>(e: &Expert<'_, W>, tokens: &[f32]) -> ExpertRanges {
     let f = e.ffn();
-    let (mut u, mut g, mut y) = (
-        vec![0.0; f.hidden_dim()],
-        vec![0.0; f.hidden_dim()],
-        vec![0.0; f.out_dim()],
-    );
-    let mut r = ExpertRanges {
-        up: Range::EMPTY,
-        gate: Range::EMPTY,
-        hidden: Range::EMPTY,
-        out: Range::EMPTY,
-    };
+    let (mut u, mut g, mut y) =
+        (vec![0.0; f.hidden_dim()], vec![0.0; f.hidden_dim()], vec![0.0; f.out_dim()]);
+    let mut r =
+        ExpertRanges { up: Range::EMPTY, gate: Range::EMPTY, hidden: Range::EMPTY, out: Range::EMPTY };
     for x in tokens.chunks_exact(f.in_dim()) {
         match f {
             Ffn::Mlp { up, act, down } => {
@@ -111,12 +104,7 @@ fn observe<W: FloatWeight>(e: &Expert<'_, W>, tokens: &[f32]) -> ExpertRanges {
                 act.apply(&mut u);
                 down.forward(&u, &mut y);
             }
-            Ffn::Gated {
-                gate,
-                up,
-                act,
-                down,
-            } => {
+            Ffn::Gated { gate, up, act, down } => {
                 gate.forward(x, &mut g);
                 r.gate.see(&g);
                 up.forward(x, &mut u);
@@ -144,11 +132,7 @@ fn act_range<A: IntKernel>(act: Activation, input: QuantParams) -> Range {
     r
 }
 
-fn lut<A: IntKernel>(
-    act: Activation,
-    input: QuantParams,
-    output: QuantParams,
-) -> Result<Option<Vec<A>>> {
+fn lut<A: IntKernel>(act: Activation, input: QuantParams, output: QuantParams) -> Result<Option<Vec<A>>> {
     if act == Activation::Relu {
         return Ok(None);
     }
@@ -166,11 +150,7 @@ fn quantize_expert<A: IntKernel, W: FloatWeight>(
     match e.ffn() {
         Ffn::Mlp { up, act, down } => {
             let u = r.up.params::<A>()?;
-            let a = if *act == Activation::Relu {
-                u
-            } else {
-                act_range::<A>(*act, u).params::<A>()?
-            };
+            let a = if *act == Activation::Relu { u } else { act_range::<A>(*act, u).params::<A>()? };
             Ok(QExpertBuf {
                 up: quantize_linear(up, input, u)?,
                 gate: None,
@@ -179,18 +159,9 @@ fn quantize_expert<A: IntKernel, W: FloatWeight>(
                 down: quantize_linear(down, a, out)?,
             })
         }
-        Ffn::Gated {
-            gate,
-            up,
-            act,
-            down,
-        } => {
+        Ffn::Gated { gate, up, act, down } => {
             let (g, u) = (r.gate.params::<A>()?, r.up.params::<A>()?);
-            let a = if *act == Activation::Relu {
-                g
-            } else {
-                act_range::<A>(*act, g).params::<A>()?
-            };
+            let a = if *act == Activation::Relu { g } else { act_range::<A>(*act, g).params::<A>()? };
             let h = r.hidden.params::<A>()?;
             Ok(QExpertBuf {
                 up: quantize_linear(up, input, u)?,
@@ -264,11 +235,7 @@ impl<A: IntKernel> QMoeBuf<A> {
     ) -> Result<Self> {
         let (d_in, d_out) = (layer.in_dim(), layer.out_dim());
         if calibration.is_empty() || !calibration.len().is_multiple_of(d_in) {
-            return Err(Error::Shape {
-                what: What::Calibration,
-                expected: d_in,
-                actual: calibration.len(),
-            });
+            return Err(Error::Shape { what: What::Calibration, expected: d_in, actual: calibration.len() });
         }
         crate::error::check_finite(What::Calibration, calibration)?;
         let mut input = Range::EMPTY;
@@ -284,11 +251,7 @@ impl<A: IntKernel> QMoeBuf<A> {
         }
         let output = output.params::<A>()?;
 
-        let ranges: Vec<ExpertRanges> = layer
-            .experts()
-            .iter()
-            .map(|e| observe(e, calibration))
-            .collect();
+        let ranges: Vec<ExpertRanges> = layer.experts().iter().map(|e| observe(e, calibration)).collect();
         let shared_ranges = layer.shared().map(|s| observe(&s.expert, calibration));
         let mut expert_out = Range::EMPTY;
         for r in ranges.iter().chain(shared_ranges.as_ref()) {
@@ -306,10 +269,7 @@ impl<A: IntKernel> QMoeBuf<A> {
         let shared = match (layer.shared(), &shared_ranges) {
             (Some(s), Some(r)) => Some((
                 quantize_expert(&s.expert, r, input, expert_out)?,
-                s.gate
-                    .as_ref()
-                    .map(|g| quantize_linear(g, input, logit))
-                    .transpose()?,
+                s.gate.as_ref().map(|g| quantize_linear(g, input, logit)).transpose()?,
             )),
             _ => None,
         };
@@ -345,10 +305,9 @@ impl<A: IntKernel> QMoeBuf<A> {
     pub fn layer<'a>(&'a self, experts: &'a [QExpert<'a, A>]) -> Result<QMoeLayer<'a, A>> {
         let router = IntRouter::new(self.rule, self.bias_q15.as_deref(), self.scaling_q15)?;
         let shared = match &self.shared {
-            Some((e, g)) => Some(QSharedExpert {
-                expert: e.view()?,
-                gate: g.as_ref().map(|g| g.view()).transpose()?,
-            }),
+            Some((e, g)) => {
+                Some(QSharedExpert { expert: e.view()?, gate: g.as_ref().map(|g| g.view()).transpose()? })
+            }
             None => None,
         };
         QMoeLayer::new(self.gate.view()?, router, experts, shared, self.combine)

@@ -1,6 +1,6 @@
 //! The f32 / f16 MoE layer.
 
-use crate::error::{Error, Result, What, check_finite, check_len};
+use crate::error::{Result, What, check_dim, check_finite, check_len};
 use crate::expert::Expert;
 use crate::kernels::{FloatWeight, Linear};
 use crate::router::{Router, Selection};
@@ -42,28 +42,20 @@ impl<'a, G: FloatWeight, W: FloatWeight> MoeLayer<'a, G, W> {
     ) -> Result<Self> {
         let n = router.rule().experts;
         check_len(What::Experts, n, experts.len())?;
-        same(What::Experts, n, gate.rows())?;
+        check_dim(What::Experts, n, gate.rows())?;
         let in_dim = gate.cols();
         let out_dim = experts.first().map_or(0, |e| e.ffn().out_dim());
         let mut hidden_max = 0;
         for e in experts.iter().chain(shared.as_ref().map(|s| &s.expert)) {
-            same(What::Input, in_dim, e.ffn().in_dim())?;
-            same(What::Output, out_dim, e.ffn().out_dim())?;
+            check_dim(What::Input, in_dim, e.ffn().in_dim())?;
+            check_dim(What::Output, out_dim, e.ffn().out_dim())?;
             hidden_max = hidden_max.max(e.hidden_len());
         }
         if let Some(g) = shared.as_ref().and_then(|s| s.gate.as_ref()) {
-            same(What::Weight, 1, g.rows())?;
-            same(What::Input, in_dim, g.cols())?;
+            check_dim(What::Weight, 1, g.rows())?;
+            check_dim(What::Input, in_dim, g.cols())?;
         }
-        Ok(MoeLayer {
-            gate,
-            router,
-            experts,
-            shared,
-            in_dim,
-            out_dim,
-            hidden_max,
-        })
+        Ok(MoeLayer { gate, router, experts, shared, in_dim, out_dim, hidden_max })
     }
 
     /// Input width.
@@ -107,14 +99,12 @@ impl<'a, G: FloatWeight, W: FloatWeight> MoeLayer<'a, G, W> {
     /// with all of them (dense).
     fn macs(&self, sel: &Selection<f32>) -> (u64, u64) {
         let base = (self.gate.rows() * self.gate.cols()) as u64
-            + self.shared.as_ref().map_or(0, |s| {
-                s.expert.ffn().macs() + s.gate.map_or(0, |g| g.cols() as u64)
-            });
-        let chosen: u64 = sel
-            .iter()
-            .filter_map(|c| self.experts.get(c.expert as usize))
-            .map(|e| e.ffn().macs())
-            .sum();
+            + self
+                .shared
+                .as_ref()
+                .map_or(0, |s| s.expert.ffn().macs() + s.gate.map_or(0, |g| g.cols() as u64));
+        let chosen: u64 =
+            sel.iter().filter_map(|c| self.experts.get(c.expert as usize)).map(|e| e.ffn().macs()).sum();
         let all: u64 = self.experts.iter().map(|e| e.ffn().macs()).sum();
         (base + chosen, base + all)
     }
@@ -175,17 +165,5 @@ impl<'a, G: FloatWeight, W: FloatWeight> MoeLayer<'a, G, W> {
         let (macs, dense) = self.macs(&sel);
         stats.record(&sel, macs, dense);
         Ok(sel)
-    }
-}
-
-pub(super) fn same(what: What, expected: usize, actual: usize) -> Result<()> {
-    if expected == actual {
-        Ok(())
-    } else {
-        Err(Error::DimMismatch {
-            what,
-            expected,
-            actual,
-        })
     }
 }

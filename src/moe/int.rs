@@ -1,6 +1,6 @@
 //! The integer MoE layer: int8 or Q15 from gate to combine, no float.
 
-use crate::error::{Error, Result, What, check_len};
+use crate::error::{Error, Result, What, check_dim, check_len};
 use crate::expert::QExpert;
 use crate::kernels::{IntKernel, QLinear};
 use crate::quant::{Multiplier, WIDE_MAX_SHIFT, requantize_wide};
@@ -8,7 +8,6 @@ use crate::router::{IntRouter, LOGIT_FRAC_BITS, ONE_Q15, Selection, sigmoid_q30}
 use crate::scratch::{Carve, bytes_for};
 
 use super::Stats;
-use super::float::same;
 
 /// How expert outputs are summed: every expert (and the shared one) emits
 /// values with zero point `expert_zp` and one common scale `s_e`; the sum
@@ -64,24 +63,21 @@ impl<'a, A: IntKernel> QMoeLayer<'a, A> {
     ) -> Result<Self> {
         let n = router.rule().experts;
         check_len(What::Experts, n, experts.len())?;
-        same(What::Experts, n, gate.rows())?;
-        let zp_err = Error::OutOfRange {
-            what: What::ZeroPoint,
-            index: 0,
-        };
+        check_dim(What::Experts, n, gate.rows())?;
+        let zp_err = Error::OutOfRange { what: What::ZeroPoint, index: 0 };
         let out_dim = experts.first().map_or(0, |e| e.out_dim());
         let mut hidden_max = 0;
         for e in experts.iter().chain(shared.as_ref().map(|s| &s.expert)) {
-            same(What::Input, gate.cols(), e.in_dim())?;
-            same(What::Output, out_dim, e.out_dim())?;
+            check_dim(What::Input, gate.cols(), e.in_dim())?;
+            check_dim(What::Output, out_dim, e.out_dim())?;
             if e.input_zp() != gate.input_zp() || e.down().output_zp() != combine.expert_zp {
                 return Err(zp_err);
             }
             hidden_max = hidden_max.max(e.hidden_len());
         }
         if let Some(g) = shared.as_ref().and_then(|s| s.gate.as_ref()) {
-            same(What::Weight, 1, g.rows())?;
-            same(What::Input, gate.cols(), g.cols())?;
+            check_dim(What::Weight, 1, g.rows())?;
+            check_dim(What::Input, gate.cols(), g.cols())?;
             if g.input_zp() != gate.input_zp() || g.output_zp() != 0 {
                 return Err(zp_err);
             }
@@ -91,20 +87,9 @@ impl<'a, A: IntKernel> QMoeLayer<'a, A> {
         }
         let m = combine.multiplier;
         if Multiplier::new(m.multiplier, m.shift).is_err() || m.shift > WIDE_MAX_SHIFT {
-            return Err(Error::OutOfRange {
-                what: What::Requant,
-                index: 0,
-            });
+            return Err(Error::OutOfRange { what: What::Requant, index: 0 });
         }
-        Ok(QMoeLayer {
-            gate,
-            router,
-            experts,
-            shared,
-            combine,
-            out_dim,
-            hidden_max,
-        })
+        Ok(QMoeLayer { gate, router, experts, shared, combine, out_dim, hidden_max })
     }
 
     /// Input width.
@@ -131,14 +116,9 @@ impl<'a, A: IntKernel> QMoeLayer<'a, A> {
 
     fn macs(&self, sel: &Selection<i32>) -> (u64, u64) {
         let base = (self.gate.rows() * self.gate.cols()) as u64
-            + self.shared.as_ref().map_or(0, |s| {
-                s.expert.macs() + s.gate.map_or(0, |g| g.cols() as u64)
-            });
-        let chosen: u64 = sel
-            .iter()
-            .filter_map(|c| self.experts.get(c.expert as usize))
-            .map(|e| e.macs())
-            .sum();
+            + self.shared.as_ref().map_or(0, |s| s.expert.macs() + s.gate.map_or(0, |g| g.cols() as u64));
+        let chosen: u64 =
+            sel.iter().filter_map(|c| self.experts.get(c.expert as usize)).map(|e| e.macs()).sum();
         let all: u64 = self.experts.iter().map(|e| e.macs()).sum();
         (base + chosen, base + all)
     }
@@ -178,18 +158,12 @@ impl<'a, A: IntKernel> QMoeLayer<'a, A> {
             };
             let _ = weights.push(w);
         }
-        let Combine {
-            expert_zp,
-            multiplier,
-            out_zp,
-        } = self.combine;
+        let Combine { expert_zp, multiplier, out_zp } = self.combine;
         for (j, o) in out.iter_mut().enumerate() {
             let acc: i64 = ys
                 .chunks_exact(self.out_dim.max(1))
                 .zip(&weights)
-                .map(|(y, &w)| {
-                    w as i64 * (y.get(j).map_or(expert_zp, |v| v.get()) - expert_zp) as i64
-                })
+                .map(|(y, &w)| w as i64 * (y.get(j).map_or(expert_zp, |v| v.get()) - expert_zp) as i64)
                 .sum();
             *o = A::saturate(requantize_wide(acc, multiplier).saturating_add(out_zp));
         }

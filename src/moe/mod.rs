@@ -64,23 +64,11 @@ pub struct Stats<const N: usize> {
 impl<const N: usize> Stats<N> {
     /// Empty statistics for up to `N` experts.
     pub const fn new() -> Self {
-        Stats {
-            tokens: 0,
-            counts: [0; N],
-            macs: 0,
-            macs_dense: 0,
-        }
+        Stats { tokens: 0, counts: [0; N], macs: 0, macs_dense: 0 }
     }
 
     fn check(&self, experts: usize) -> Result<()> {
-        if experts > N {
-            Err(Error::StatsTooSmall {
-                experts,
-                capacity: N,
-            })
-        } else {
-            Ok(())
-        }
+        if experts > N { Err(Error::StatsTooSmall { experts, capacity: N }) } else { Ok(()) }
     }
 
     fn record<W>(&mut self, sel: &[Choice<W>], macs: u64, macs_dense: u64) {

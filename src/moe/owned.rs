@@ -43,12 +43,7 @@ pub struct LinearBuf<W> {
 impl<W: FloatWeight> LinearBuf<W> {
     /// Collects the parts; [`LinearBuf::view`] checks them.
     pub fn new(weights: Vec<W>, bias: Option<Vec<f32>>, rows: usize, cols: usize) -> Self {
-        LinearBuf {
-            weights,
-            bias,
-            rows,
-            cols,
-        }
+        LinearBuf { weights, bias, rows, cols }
     }
 
     /// The borrowed layer, validated.
@@ -67,8 +62,7 @@ impl<W: FloatWeight> LinearBuf<W> {
     }
 
     fn bytes(&self) -> usize {
-        self.weights.len() * core::mem::size_of::<W>()
-            + self.bias.as_ref().map_or(0, |b| b.len() * 4)
+        self.weights.len() * core::mem::size_of::<W>() + self.bias.as_ref().map_or(0, |b| b.len() * 4)
     }
 }
 
@@ -88,27 +82,12 @@ pub struct ExpertBuf<W> {
 impl<W: FloatWeight> ExpertBuf<W> {
     /// `down(act(up x))`.
     pub fn mlp(up: LinearBuf<W>, down: LinearBuf<W>, act: Activation) -> Self {
-        ExpertBuf {
-            up,
-            gate: None,
-            down,
-            act,
-        }
+        ExpertBuf { up, gate: None, down, act }
     }
 
     /// `down(act(gate x) * up x)`.
-    pub fn gated(
-        gate: LinearBuf<W>,
-        up: LinearBuf<W>,
-        down: LinearBuf<W>,
-        act: Activation,
-    ) -> Self {
-        ExpertBuf {
-            up,
-            gate: Some(gate),
-            down,
-            act,
-        }
+    pub fn gated(gate: LinearBuf<W>, up: LinearBuf<W>, down: LinearBuf<W>, act: Activation) -> Self {
+        ExpertBuf { up, gate: Some(gate), down, act }
     }
 
     /// The borrowed expert, validated.
@@ -155,14 +134,7 @@ pub struct MoeBuf<W> {
 impl<W: FloatWeight> MoeBuf<W> {
     /// A layer without shared expert, selection bias or scaling.
     pub fn new(gate: LinearBuf<W>, experts: Vec<ExpertBuf<W>>, rule: Rule) -> Self {
-        MoeBuf {
-            gate,
-            experts,
-            shared: None,
-            rule,
-            bias: None,
-            scaling: 1.0,
-        }
+        MoeBuf { gate, experts, shared: None, rule, bias: None, scaling: 1.0 }
     }
 
     /// Views of the routed experts, for [`MoeBuf::layer`].
@@ -173,10 +145,9 @@ impl<W: FloatWeight> MoeBuf<W> {
     /// The runnable layer over `experts` (from [`MoeBuf::expert_views`]).
     pub fn layer<'a>(&'a self, experts: &'a [Expert<'a, W>]) -> Result<MoeLayer<'a, W, W>> {
         let shared = match &self.shared {
-            Some((e, g)) => Some(SharedExpert {
-                expert: e.view()?,
-                gate: g.as_ref().map(|g| g.view()).transpose()?,
-            }),
+            Some((e, g)) => {
+                Some(SharedExpert { expert: e.view()?, gate: g.as_ref().map(|g| g.view()).transpose()? })
+            }
             None => None,
         };
         let router = Router::new(self.rule, self.bias.as_deref(), self.scaling)?;
@@ -188,10 +159,7 @@ impl<W: FloatWeight> MoeBuf<W> {
         MoeBuf {
             gate: self.gate.convert(f),
             experts: self.experts.iter().map(|e| e.convert(f)).collect(),
-            shared: self
-                .shared
-                .as_ref()
-                .map(|(e, g)| (e.convert(f), g.as_ref().map(|g| g.convert(f)))),
+            shared: self.shared.as_ref().map(|(e, g)| (e.convert(f), g.as_ref().map(|g| g.convert(f)))),
             rule: self.rule,
             bias: self.bias.clone(),
             scaling: self.scaling,
@@ -202,8 +170,6 @@ impl<W: FloatWeight> MoeBuf<W> {
     pub fn weight_bytes(&self) -> usize {
         self.gate.bytes()
             + self.experts.iter().map(ExpertBuf::bytes).sum::<usize>()
-            + self.shared.as_ref().map_or(0, |(e, g)| {
-                e.bytes() + g.as_ref().map_or(0, LinearBuf::bytes)
-            })
+            + self.shared.as_ref().map_or(0, |(e, g)| e.bytes() + g.as_ref().map_or(0, LinearBuf::bytes))
     }
 }

@@ -82,21 +82,14 @@ impl<A: IntKernel> QLinearBuf<A> {
         for (r, row) in w.chunks_exact(cols.max(1)).enumerate() {
             let amax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let s_w = if amax > 0.0 { amax / 127.0 } else { 1.0 };
-            out.weights.extend(
-                row.iter()
-                    .map(|&v| libm::roundf(v / s_w).clamp(-127.0, 127.0) as i8),
-            );
+            out.weights.extend(row.iter().map(|&v| libm::roundf(v / s_w).clamp(-127.0, 127.0) as i8));
             out.weight_scales.push(s_w);
             let acc_scale = input.scale as f64 * s_w as f64;
             if let (Some(qb), Some(b)) = (out.bias.as_mut(), bias) {
                 qb.push(A::bias_from_f64(b[r] as f64 / acc_scale));
             }
-            let m = Multiplier::from_scale(acc_scale / output.scale as f64).map_err(|_| {
-                Error::OutOfRange {
-                    what: What::Requant,
-                    index: r,
-                }
-            })?;
+            let m = Multiplier::from_scale(acc_scale / output.scale as f64)
+                .map_err(|_| Error::OutOfRange { what: What::Requant, index: r })?;
             out.multipliers.push(m.multiplier);
             out.shifts.push(m.shift);
         }
@@ -121,10 +114,5 @@ impl<A: IntKernel> QLinearBuf<A> {
 /// TFLM `MUL` parameters for `out = a * b`.
 pub fn mul_params(a: QuantParams, b: QuantParams, out: QuantParams) -> Result<MulParams> {
     let multiplier = Multiplier::from_scale(a.scale as f64 * b.scale as f64 / out.scale as f64)?;
-    Ok(MulParams {
-        a_zp: a.zero_point,
-        b_zp: b.zero_point,
-        out_zp: out.zero_point,
-        multiplier,
-    })
+    Ok(MulParams { a_zp: a.zero_point, b_zp: b.zero_point, out_zp: out.zero_point, multiplier })
 }

@@ -27,8 +27,8 @@ pub mod build;
 
 pub use half::f16;
 pub use requant::{
-    Multiplier, WIDE_MAX_SHIFT, reduce_multiplier, requantize, requantize_wide,
-    rounding_divide_by_pot, saturating_rounding_doubling_high_mul,
+    Multiplier, WIDE_MAX_SHIFT, reduce_multiplier, requantize, requantize_wide, rounding_divide_by_pot,
+    saturating_rounding_doubling_high_mul,
 };
 
 use crate::error::{Error, Result, What, check_len};
@@ -72,9 +72,7 @@ impl IntAct for i8 {
     }
     #[inline]
     fn lookup(self, lut: &[i8]) -> i8 {
-        lut.get((self as i32 + 128) as usize)
-            .copied()
-            .unwrap_or_default()
+        lut.get((self as i32 + 128) as usize).copied().unwrap_or_default()
     }
 }
 
@@ -121,10 +119,7 @@ impl QuantParams {
     /// Checks `scale` (finite, > 0).
     pub fn new(scale: f32, zero_point: i32) -> Result<Self> {
         if !(scale.is_finite() && scale > 0.0) {
-            return Err(Error::OutOfRange {
-                what: What::Scale,
-                index: 0,
-            });
+            return Err(Error::OutOfRange { what: What::Scale, index: 0 });
         }
         Ok(QuantParams { scale, zero_point })
     }
@@ -133,10 +128,7 @@ impl QuantParams {
     /// 0.0, so zero is exact), as TFLM's converter chooses them.
     pub fn from_range(min: f32, max: f32) -> Result<Self> {
         if !(min.is_finite() && max.is_finite()) || min > max {
-            return Err(Error::OutOfRange {
-                what: What::Calibration,
-                index: 0,
-            });
+            return Err(Error::OutOfRange { what: What::Calibration, index: 0 });
         }
         let (min, max) = (min.min(0.0), max.max(0.0));
         let scale = if max > min { (max - min) / 255.0 } else { 1.0 };
@@ -147,16 +139,9 @@ impl QuantParams {
     /// Symmetric Q15 parameters (zero point 0) covering `[-abs_max, abs_max]`.
     pub fn symmetric_q15(abs_max: f32) -> Result<Self> {
         if !abs_max.is_finite() || abs_max < 0.0 {
-            return Err(Error::OutOfRange {
-                what: What::Calibration,
-                index: 0,
-            });
+            return Err(Error::OutOfRange { what: What::Calibration, index: 0 });
         }
-        let scale = if abs_max > 0.0 {
-            abs_max / 32767.0
-        } else {
-            1.0
-        };
+        let scale = if abs_max > 0.0 { abs_max / 32767.0 } else { 1.0 };
         Self::new(scale, 0)
     }
 

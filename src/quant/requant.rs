@@ -35,19 +35,13 @@ pub struct Multiplier {
 
 impl Multiplier {
     /// The zero scale.
-    pub const ZERO: Multiplier = Multiplier {
-        multiplier: 0,
-        shift: 0,
-    };
+    pub const ZERO: Multiplier = Multiplier { multiplier: 0, shift: 0 };
 
     /// Checks a (multiplier, shift) pair, e.g. one read from a model file.
     pub const fn new(multiplier: i32, shift: i32) -> Result<Self> {
         let zero = multiplier == 0 && shift == 0;
         if !zero && (multiplier < (1 << 30) || shift < -31 || shift > 30) {
-            return Err(Error::OutOfRange {
-                what: What::Requant,
-                index: 0,
-            });
+            return Err(Error::OutOfRange { what: What::Requant, index: 0 });
         }
         Ok(Multiplier { multiplier, shift })
     }
@@ -59,10 +53,7 @@ impl Multiplier {
     /// or `>= 2^30` are refused.
     pub fn from_scale(scale: f64) -> Result<Self> {
         if !scale.is_finite() || scale < 0.0 {
-            return Err(Error::OutOfRange {
-                what: What::Scale,
-                index: 0,
-            });
+            return Err(Error::OutOfRange { what: What::Scale, index: 0 });
         }
         if scale == 0.0 {
             return Ok(Self::ZERO);
@@ -77,15 +68,9 @@ impl Multiplier {
             return Ok(Self::ZERO);
         }
         if shift > 30 {
-            return Err(Error::OutOfRange {
-                what: What::Scale,
-                index: 0,
-            });
+            return Err(Error::OutOfRange { what: What::Scale, index: 0 });
         }
-        Ok(Multiplier {
-            multiplier: q_fixed as i32,
-            shift,
-        })
+        Ok(Multiplier { multiplier: q_fixed as i32, shift })
     }
 
     /// The real scale this multiplier stands for.
@@ -126,16 +111,9 @@ pub const fn rounding_divide_by_pot(x: i32, exponent: u32) -> i32 {
 #[inline]
 pub const fn requantize(x: i32, m: Multiplier) -> i32 {
     let left = if m.shift > 0 { m.shift as u32 } else { 0 };
-    let right = if m.shift > 0 {
-        0
-    } else {
-        m.shift.unsigned_abs()
-    };
+    let right = if m.shift > 0 { 0 } else { m.shift.unsigned_abs() };
     let scaled = x.wrapping_mul(1i32.wrapping_shl(left));
-    rounding_divide_by_pot(
-        saturating_rounding_doubling_high_mul(scaled, m.multiplier),
-        right,
-    )
+    rounding_divide_by_pot(saturating_rounding_doubling_high_mul(scaled, m.multiplier), right)
 }
 
 /// Largest shift [`requantize_wide`] accepts.
@@ -152,11 +130,7 @@ pub const WIDE_MAX_SHIFT: i32 = 14;
 #[inline]
 pub const fn requantize_wide(x: i64, m: Multiplier) -> i32 {
     let reduced = reduce_multiplier(m.multiplier) as i64;
-    let shift = if m.shift > WIDE_MAX_SHIFT {
-        WIDE_MAX_SHIFT
-    } else {
-        m.shift
-    };
+    let shift = if m.shift > WIDE_MAX_SHIFT { WIDE_MAX_SHIFT } else { m.shift };
     let total_shift = (15 - shift) as u32; // in [1, 46]
     let round = 1i64 << (total_shift - 1);
     let r = x.wrapping_mul(reduced).wrapping_add(round) >> total_shift;
@@ -172,11 +146,7 @@ pub const fn requantize_wide(x: i64, m: Multiplier) -> i32 {
 /// The 16-bit multiplier of the 16x8 scheme.
 #[inline]
 pub const fn reduce_multiplier(m: i32) -> i32 {
-    if m < 0x7FFF_0000 {
-        (m + (1 << 15)) >> 16
-    } else {
-        0x7FFF
-    }
+    if m < 0x7FFF_0000 { (m + (1 << 15)) >> 16 } else { 0x7FFF }
 }
 
 #[cfg(test)]
@@ -185,17 +155,7 @@ mod tests {
 
     #[test]
     fn from_scale_normalizes_mantissa() {
-        for &s in &[
-            1e-9,
-            0.0003,
-            0.01,
-            0.5,
-            0.75,
-            0.999_999_999_9,
-            1.0,
-            3.0,
-            1000.0,
-        ] {
+        for &s in &[1e-9, 0.0003, 0.01, 0.5, 0.75, 0.999_999_999_9, 1.0, 3.0, 1000.0] {
             let m = Multiplier::from_scale(s).unwrap();
             assert!(m.multiplier >= 1 << 30, "{s}: {m:?}");
             assert!((m.to_scale() - s).abs() <= s * 2f64.powi(-30), "{s}: {m:?}");
@@ -206,13 +166,7 @@ mod tests {
     fn mantissa_rounding_up_to_one_renormalizes() {
         // Just below 1.0: q rounds to 2^31, must become 2^30 with shift + 1.
         let m = Multiplier::from_scale(1.0 - 2f64.powi(-40)).unwrap();
-        assert_eq!(
-            m,
-            Multiplier {
-                multiplier: 1 << 30,
-                shift: 1
-            }
-        );
+        assert_eq!(m, Multiplier { multiplier: 1 << 30, shift: 1 });
     }
 
     #[test]
@@ -239,10 +193,7 @@ mod tests {
 
     #[test]
     fn doubling_high_mul_ties_and_saturation() {
-        assert_eq!(
-            saturating_rounding_doubling_high_mul(i32::MIN, i32::MIN),
-            i32::MAX
-        );
+        assert_eq!(saturating_rounding_doubling_high_mul(i32::MIN, i32::MIN), i32::MAX);
         // 1 * 2^30 / 2^31 = 0.5 -> 1 ; -0.5 -> 0 (ties toward +inf).
         assert_eq!(saturating_rounding_doubling_high_mul(1, 1 << 30), 1);
         assert_eq!(saturating_rounding_doubling_high_mul(-1, 1 << 30), 0);
@@ -251,10 +202,7 @@ mod tests {
 
     #[test]
     fn wide_requantize_matches_tflm_formula_at_ties() {
-        let half = Multiplier {
-            multiplier: 1 << 30,
-            shift: 0,
-        }; // 0.5
+        let half = Multiplier { multiplier: 1 << 30, shift: 0 }; // 0.5
         assert_eq!(reduce_multiplier(1 << 30), 1 << 14);
         assert_eq!(requantize_wide(3, half), 2); // 1.5 -> 2
         assert_eq!(requantize_wide(-3, half), -1); // -1.5 -> -1 (toward +inf)

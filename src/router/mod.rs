@@ -102,35 +102,17 @@ pub struct Rule {
 impl Rule {
     /// Switch Transformer: top-1 of a softmax over all experts.
     pub const fn switch(experts: usize) -> Rule {
-        Rule {
-            experts,
-            k: 1,
-            scoring: Scoring::Softmax,
-            normalize: false,
-            groups: None,
-        }
+        Rule { experts, k: 1, scoring: Scoring::Softmax, normalize: false, groups: None }
     }
 
     /// GLaM / Mixtral: top-k, softmax over the chosen.
     pub const fn mixtral(experts: usize, k: usize) -> Rule {
-        Rule {
-            experts,
-            k,
-            scoring: Scoring::Softmax,
-            normalize: true,
-            groups: None,
-        }
+        Rule { experts, k, scoring: Scoring::Softmax, normalize: true, groups: None }
     }
 
     /// Qwen2-MoE: softmax over all, top-k, renormalized if `norm_topk_prob`.
     pub const fn qwen2_moe(experts: usize, k: usize, norm_topk_prob: bool) -> Rule {
-        Rule {
-            experts,
-            k,
-            scoring: Scoring::Softmax,
-            normalize: norm_topk_prob,
-            groups: None,
-        }
+        Rule { experts, k, scoring: Scoring::Softmax, normalize: norm_topk_prob, groups: None }
     }
 
     /// DeepSeek-V3: sigmoid scores, `n_group` groups of which `topk_group`
@@ -143,46 +125,22 @@ impl Rule {
         topk_group: usize,
         norm_topk_prob: bool,
     ) -> Rule {
-        let groups = if n_group > 1 {
-            Some(Groups {
-                count: n_group,
-                keep: topk_group,
-            })
-        } else {
-            None
-        };
-        Rule {
-            experts,
-            k,
-            scoring: Scoring::Sigmoid,
-            normalize: norm_topk_prob,
-            groups,
-        }
+        let groups = if n_group > 1 { Some(Groups { count: n_group, keep: topk_group }) } else { None };
+        Rule { experts, k, scoring: Scoring::Sigmoid, normalize: norm_topk_prob, groups }
     }
 
     /// Checks k, the expert count and the groups.
     pub fn validate(&self) -> Result<()> {
         let Rule { experts, k, .. } = *self;
         if experts == 0 || experts > u16::MAX as usize {
-            return Err(Error::OutOfRange {
-                what: What::Experts,
-                index: 0,
-            });
+            return Err(Error::OutOfRange { what: What::Experts, index: 0 });
         }
         if k == 0 || k > MAX_K || k > experts {
             return Err(Error::TopK { k, experts });
         }
         if let Some(Groups { count, keep }) = self.groups {
-            let bad = Error::Groups {
-                groups: count,
-                topk_group: keep,
-                experts,
-            };
-            if count == 0
-                || count > MAX_GROUPS
-                || !experts.is_multiple_of(count)
-                || keep == 0
-                || keep > count
+            let bad = Error::Groups { groups: count, topk_group: keep, experts };
+            if count == 0 || count > MAX_GROUPS || !experts.is_multiple_of(count) || keep == 0 || keep > count
             {
                 return Err(bad);
             }
@@ -227,16 +185,9 @@ impl<'a> Router<'a> {
             crate::error::check_finite(What::SelectionBias, b)?;
         }
         if !scaling.is_finite() {
-            return Err(Error::NonFinite {
-                what: What::Scaling,
-                index: 0,
-            });
+            return Err(Error::NonFinite { what: What::Scaling, index: 0 });
         }
-        Ok(Router {
-            rule,
-            bias,
-            scaling,
-        })
+        Ok(Router { rule, bias, scaling })
     }
 
     /// The routing rule.
@@ -274,9 +225,7 @@ impl<'a> Router<'a> {
         let best = if rule.scoring == Scoring::Softmax && self.bias.is_none() {
             select::top_k(rule.experts, rule.k, rule.group_size(), mask, l)
         } else {
-            select::top_k(rule.experts, rule.k, rule.group_size(), mask, |e| {
-                score(e) + bias(e)
-            })
+            select::top_k(rule.experts, rule.k, rule.group_size(), mask, |e| score(e) + bias(e))
         };
         sel.clear();
         let top = best.first().map_or(0.0, |&(e, _)| l(e));
@@ -287,10 +236,7 @@ impl<'a> Router<'a> {
                 _ => score(e),
             };
             // Cannot fail: best.len() <= k <= MAX_K.
-            let _ = sel.push(Choice {
-                expert: e as u16,
-                weight: w,
-            });
+            let _ = sel.push(Choice { expert: e as u16, weight: w });
         }
         if rule.normalize {
             let total: f32 = sel.iter().map(|c| c.weight).sum::<f32>() + 1e-20;
@@ -324,16 +270,9 @@ impl<'a> IntRouter<'a> {
             check_len(What::SelectionBias, rule.experts, b.len())?;
         }
         if !(0..=(1 << 20)).contains(&scaling_q15) {
-            return Err(Error::OutOfRange {
-                what: What::Scaling,
-                index: 0,
-            });
+            return Err(Error::OutOfRange { what: What::Scaling, index: 0 });
         }
-        Ok(IntRouter {
-            rule,
-            bias,
-            scaling_q15,
-        })
+        Ok(IntRouter { rule, bias, scaling_q15 })
     }
 
     /// The routing rule.
@@ -346,8 +285,7 @@ impl<'a> IntRouter<'a> {
         let rule = &self.rule;
         check_len(What::Logits, rule.experts, logits.len())?;
         let l = |e: usize| logits[e];
-        let exp_rel =
-            |e: usize, max: i32| exp_neg_q30((max as i64 - l(e) as i64) as u64, LOGIT_FRAC_BITS);
+        let exp_rel = |e: usize, max: i32| exp_neg_q30((max as i64 - l(e) as i64) as u64, LOGIT_FRAC_BITS);
         let max = (0..rule.experts).map(l).max().unwrap_or(0);
         // Score in Q30 (softmax: relative to the largest logit, unnormalized;
         // the common factor does not change ranks) plus bias.
@@ -360,9 +298,7 @@ impl<'a> IntRouter<'a> {
         };
         let mask = select::kept_groups(rule.experts, rule.groups, key);
         let best = if rule.scoring == Scoring::Softmax && self.bias.is_none() {
-            select::top_k(rule.experts, rule.k, rule.group_size(), mask, |e| {
-                l(e) as i64
-            })
+            select::top_k(rule.experts, rule.k, rule.group_size(), mask, |e| l(e) as i64)
         } else {
             select::top_k(rule.experts, rule.k, rule.group_size(), mask, key)
         };
@@ -385,10 +321,7 @@ impl<'a> IntRouter<'a> {
             let w = ((value(e) << 15) + den / 2).checked_div(den).unwrap_or(0);
             let w = ((w * self.scaling_q15 as u64 + (1 << 14)) >> 15) as i32;
             // Cannot fail: best.len() <= k <= MAX_K.
-            let _ = sel.push(Choice {
-                expert: e as u16,
-                weight: w,
-            });
+            let _ = sel.push(Choice { expert: e as u16, weight: w });
         }
         Ok(())
     }

@@ -14,12 +14,7 @@ pub const MAX_GROUPS: usize = 64;
 
 /// Inserts `(e, s)` into `best` (sorted by score, descending) if it ranks
 /// among the first `k`.
-fn offer<T: PartialOrd + Copy>(
-    best: &mut heapless::Vec<(usize, T), MAX_K>,
-    k: usize,
-    e: usize,
-    s: T,
-) {
+fn offer<T: PartialOrd + Copy>(best: &mut heapless::Vec<(usize, T), MAX_K>, k: usize, e: usize, s: T) {
     let pos = best.iter().position(|&(_, b)| s > b).unwrap_or(best.len());
     if pos >= k {
         return;
@@ -103,10 +98,7 @@ mod tests {
     fn ties_go_to_the_lower_index() {
         let s = [1.0f32, 3.0, 3.0, 2.0, 3.0];
         let got = top_k(5, 3, 1, u64::MAX, |e| s[e]);
-        assert_eq!(
-            got.iter().map(|p| p.0).collect::<heapless::Vec<_, 8>>(),
-            [1, 2, 4]
-        );
+        assert_eq!(got.iter().map(|p| p.0).collect::<heapless::Vec<_, 8>>(), [1, 2, 4]);
     }
 
     #[test]
@@ -116,9 +108,6 @@ mod tests {
         let mask = kept_groups(6, Some(Groups { count: 3, keep: 1 }), |e| s[e]);
         assert_eq!(mask, 0b010);
         let got = top_k(6, 2, 2, mask, |e| s[e]);
-        assert_eq!(
-            got.iter().map(|p| p.0).collect::<heapless::Vec<_, 8>>(),
-            [3, 2]
-        );
+        assert_eq!(got.iter().map(|p| p.0).collect::<heapless::Vec<_, 8>>(), [3, 2]);
     }
 }

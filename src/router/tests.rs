@@ -6,23 +6,15 @@ fn experts(sel: &Selection<impl Copy>) -> heapless::Vec<u16, MAX_K> {
 
 fn route(rule: Rule, logits: &[f32]) -> Selection<f32> {
     let mut sel = Selection::new();
-    Router::new(rule, None, 1.0)
-        .unwrap()
-        .route(logits, &mut sel)
-        .unwrap();
+    Router::new(rule, None, 1.0).unwrap().route(logits, &mut sel).unwrap();
     sel
 }
 
 fn route_int(rule: Rule, logits: &[f32]) -> Selection<i32> {
-    let q: heapless::Vec<i32, 64> = logits
-        .iter()
-        .map(|&l| libm::roundf(l * (1 << LOGIT_FRAC_BITS) as f32) as i32)
-        .collect();
+    let q: heapless::Vec<i32, 64> =
+        logits.iter().map(|&l| libm::roundf(l * (1 << LOGIT_FRAC_BITS) as f32) as i32).collect();
     let mut sel = Selection::new();
-    IntRouter::new(rule, None, ONE_Q15)
-        .unwrap()
-        .route(&q, &mut sel)
-        .unwrap();
+    IntRouter::new(rule, None, ONE_Q15).unwrap().route(&q, &mut sel).unwrap();
     sel
 }
 
@@ -55,10 +47,7 @@ fn k_equal_to_expert_count_sorts_everything() {
     assert_eq!(experts(&sel), [2, 6, 3, 4, 0, 7, 5, 1]);
     let total: f32 = sel.iter().map(|c| c.weight).sum();
     assert!((total - 1.0).abs() < 1e-6);
-    assert_eq!(
-        experts(&route_int(Rule::mixtral(8, 8), &logits)),
-        [2, 6, 3, 4, 0, 7, 5, 1]
-    );
+    assert_eq!(experts(&route_int(Rule::mixtral(8, 8), &logits)), [2, 6, 3, 4, 0, 7, 5, 1]);
 }
 
 #[test]
@@ -73,11 +62,7 @@ fn nan_ranks_last_and_never_yields_nan_weights() {
         Rule::qwen2_moe(4, 4, false),
         Rule::deepseek_v3(4, 2, 2, 1, true),
     ] {
-        for logits in [
-            [f32::NAN; 4],
-            [f32::INFINITY; 4],
-            [f32::NEG_INFINITY, f32::INFINITY, f32::NAN, 0.0],
-        ] {
+        for logits in [[f32::NAN; 4], [f32::INFINITY; 4], [f32::NEG_INFINITY, f32::INFINITY, f32::NAN, 0.0]] {
             let sel = route(rule, &logits);
             assert_eq!(sel.len(), rule.k);
             assert!(
@@ -109,20 +94,14 @@ fn selection_bias_changes_choice_not_weight() {
     let rule = Rule::deepseek_v3(4, 1, 1, 1, false);
     let bias = [0.0, 0.0, 0.0, 0.9];
     let mut sel = Selection::new();
-    Router::new(rule, Some(&bias), 2.5)
-        .unwrap()
-        .route(&[1.0, 0.0, 0.0, -1.0], &mut sel)
-        .unwrap();
+    Router::new(rule, Some(&bias), 2.5).unwrap().route(&[1.0, 0.0, 0.0, -1.0], &mut sel).unwrap();
     assert_eq!(sel[0].expert, 3);
     assert!((sel[0].weight - 2.5 * sigmoid(-1.0)).abs() < 1e-6);
 }
 
 #[test]
 fn invalid_rules_are_refused() {
-    assert_eq!(
-        Router::new(Rule::mixtral(4, 0), None, 1.0).unwrap_err(),
-        Error::TopK { k: 0, experts: 4 }
-    );
+    assert_eq!(Router::new(Rule::mixtral(4, 0), None, 1.0).unwrap_err(), Error::TopK { k: 0, experts: 4 });
     assert!(Router::new(Rule::mixtral(4, 5), None, 1.0).is_err());
     assert!(Router::new(Rule::mixtral(16, 9), None, 1.0).is_err());
     assert!(Router::new(Rule::deepseek_v3(6, 2, 4, 2, true), None, 1.0).is_err());
@@ -156,10 +135,7 @@ fn integer_router_tracks_float_router() {
             // that close; otherwise the choice is identical.
             if experts(&f) == experts(&i) {
                 for (a, b) in f.iter().zip(&i) {
-                    assert!(
-                        (a.weight - b.weight as f32 / 32768.0).abs() < 4e-4,
-                        "{rule:?} {a:?} {b:?}"
-                    );
+                    assert!((a.weight - b.weight as f32 / 32768.0).abs() < 4e-4, "{rule:?} {a:?} {b:?}");
                 }
             }
         }

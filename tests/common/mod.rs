@@ -33,10 +33,7 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn load(name: &str) -> Fixture {
-        let path = format!(
-            "{}/tests/fixtures/{name}.safetensors",
-            env!("CARGO_MANIFEST_DIR")
-        );
+        let path = format!("{}/tests/fixtures/{name}.safetensors", env!("CARGO_MANIFEST_DIR"));
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
         let meta = header.metadata().clone().unwrap_or_default();
@@ -49,41 +46,27 @@ impl Fixture {
                 Dtype::F32 => {
                     floats.insert(
                         key,
-                        data.chunks_exact(4)
-                            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                            .collect(),
+                        data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
                     );
                 }
                 Dtype::I64 => {
                     ints.insert(
                         key,
-                        data.chunks_exact(8)
-                            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-                            .collect(),
+                        data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect(),
                     );
                 }
                 d => panic!("{name}: {key}: unexpected dtype {d:?}"),
             }
         }
-        Fixture {
-            name: name.to_string(),
-            meta,
-            floats,
-            ints,
-            shapes,
-        }
+        Fixture { name: name.to_string(), meta, floats, ints, shapes }
     }
 
     pub fn f32(&self, key: &str) -> &[f32] {
-        self.floats
-            .get(key)
-            .unwrap_or_else(|| panic!("{}: no tensor {key}", self.name))
+        self.floats.get(key).unwrap_or_else(|| panic!("{}: no tensor {key}", self.name))
     }
 
     pub fn i64(&self, key: &str) -> &[i64] {
-        self.ints
-            .get(key)
-            .unwrap_or_else(|| panic!("{}: no tensor {key}", self.name))
+        self.ints.get(key).unwrap_or_else(|| panic!("{}: no tensor {key}", self.name))
     }
 
     pub fn shape(&self, key: &str) -> &[usize] {
@@ -138,21 +121,13 @@ impl Fixture {
 
     pub fn experts_row(&self, key: &str, t: usize) -> Vec<u16> {
         let k = self.shape(key)[1];
-        self.i64(key)[t * k..(t + 1) * k]
-            .iter()
-            .map(|&e| e as u16)
-            .collect()
+        self.i64(key)[t * k..(t + 1) * k].iter().map(|&e| e as u16).collect()
     }
 }
 
 fn linear(fx: &Fixture, key: &str, bias: Option<&str>) -> LinearBuf<f32> {
     let shape = fx.shape(key);
-    LinearBuf::new(
-        fx.f32(key).to_vec(),
-        bias.map(|b| fx.f32(b).to_vec()),
-        shape[0],
-        shape[1],
-    )
+    LinearBuf::new(fx.f32(key).to_vec(), bias.map(|b| fx.f32(b).to_vec()), shape[0], shape[1])
 }
 
 fn gated(fx: &Fixture, prefix: &str) -> ExpertBuf<f32> {
@@ -161,13 +136,7 @@ fn gated(fx: &Fixture, prefix: &str) -> ExpertBuf<f32> {
 }
 
 fn mlp(fx: &Fixture, prefix: &str) -> ExpertBuf<f32> {
-    let w = |k: &str| {
-        linear(
-            fx,
-            &format!("{prefix}.{k}"),
-            Some(&format!("{prefix}.{k}_bias")),
-        )
-    };
+    let w = |k: &str| linear(fx, &format!("{prefix}.{k}"), Some(&format!("{prefix}.{k}_bias")));
     ExpertBuf::mlp(w("up"), w("down"), fx.activation())
 }
 
@@ -175,11 +144,7 @@ fn mlp(fx: &Fixture, prefix: &str) -> ExpertBuf<f32> {
 pub fn model(fx: &Fixture) -> MoeBuf<f32> {
     let expert = |e: usize| {
         let prefix = format!("experts.{e}");
-        if fx.is_mlp() {
-            mlp(fx, &prefix)
-        } else {
-            gated(fx, &prefix)
-        }
+        if fx.is_mlp() { mlp(fx, &prefix) } else { gated(fx, &prefix) }
     };
     let experts = (0..fx.meta("experts")).map(expert).collect();
     let mut m = MoeBuf::new(linear(fx, "gate", None), experts, fx.rule());
@@ -211,13 +176,6 @@ pub fn with_layer<W: FloatWeight, R>(
 
 /// `max_j |got_j - want_j| / max_j |want_j|`: error relative to the row's scale.
 pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    let scale = want
-        .iter()
-        .fold(0.0f32, |m, v| m.max(v.abs()))
-        .max(f32::MIN_POSITIVE);
-    got.iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max)
-        / scale
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max) / scale
 }
