@@ -11,7 +11,7 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use super::{Combine, MoeLayer, QMoeLayer, QSharedExpert};
+use super::{Combine, ExpertSource, MoeLayer, QMoeLayer, QSharedExpert};
 use crate::error::{Error, Result, What};
 use crate::expert::{Expert, Ffn, QActivation, QExpert};
 use crate::kernels::{Activation, FloatWeight, IntKernel, Linear, MulParams};
@@ -227,10 +227,10 @@ pub struct QMoeBuf<A: IntKernel> {
 }
 
 impl<A: IntKernel> QMoeBuf<A> {
-    /// Quantizes `layer`, calibrating activations on `calibration`
+    /// Quantizes `layer` (any expert source), calibrating activations on `calibration`
     /// (`(tokens, in)` row-major, at least one token, finite).
-    pub fn quantize<G: FloatWeight, W: FloatWeight>(
-        layer: &MoeLayer<'_, G, W>,
+    pub fn quantize<'a, G: FloatWeight, W: FloatWeight, S: ExpertSource<Expert = Expert<'a, W>>>(
+        layer: &MoeLayer<'a, G, W, S>,
         calibration: &[f32],
     ) -> Result<Self> {
         let (d_in, d_out) = (layer.in_dim(), layer.out_dim());
@@ -251,7 +251,9 @@ impl<A: IntKernel> QMoeBuf<A> {
         }
         let output = output.params::<A>()?;
 
-        let ranges: Vec<ExpertRanges> = layer.experts().iter().map(|e| observe(e, calibration)).collect();
+        let routed: Vec<Expert<'_, W>> =
+            (0..layer.router().rule().experts).filter_map(|i| layer.experts().expert(i)).collect();
+        let ranges: Vec<ExpertRanges> = routed.iter().map(|e| observe(e, calibration)).collect();
         let shared_ranges = layer.shared().map(|s| observe(&s.expert, calibration));
         let mut expert_out = Range::EMPTY;
         for r in ranges.iter().chain(shared_ranges.as_ref()) {
@@ -260,8 +262,7 @@ impl<A: IntKernel> QMoeBuf<A> {
         let expert_out = expert_out.params::<A>()?;
 
         let logit = QuantParams::new(1.0 / (1u32 << LOGIT_FRAC_BITS) as f32, 0)?;
-        let experts = layer
-            .experts()
+        let experts = routed
             .iter()
             .zip(&ranges)
             .map(|(e, r)| quantize_expert(e, r, input, expert_out))

@@ -6,7 +6,7 @@ use crate::kernels::{FloatWeight, Linear};
 use crate::router::{Router, Selection};
 use crate::scratch::{Carve, bytes_for};
 
-use super::Stats;
+use super::{ExpertSource, Stats};
 
 /// An always-on expert, optionally scaled by `sigmoid(gate x)` (`gate`: one
 /// row, Qwen2-MoE's `shared_expert_gate`).
@@ -19,43 +19,49 @@ pub struct SharedExpert<'a, W> {
 }
 
 /// A sparse MoE layer with f32 or f16 weights: gate weights `G`, expert
-/// weights `W` (e.g. an f32 router over f16 experts).
+/// weights `W` (e.g. an f32 router over f16 experts), experts from `S` (a
+/// slice of views, or views made on demand from model bytes).
 #[derive(Debug, Clone, Copy)]
-pub struct MoeLayer<'a, G, W> {
+pub struct MoeLayer<'a, G, W, S = &'a [Expert<'a, W>]> {
     gate: Linear<'a, G>,
     router: Router<'a>,
-    experts: &'a [Expert<'a, W>],
+    experts: S,
     shared: Option<SharedExpert<'a, W>>,
     in_dim: usize,
     out_dim: usize,
     hidden_max: usize,
+    macs_experts: u64,
 }
 
-impl<'a, G: FloatWeight, W: FloatWeight> MoeLayer<'a, G, W> {
+impl<'a, G: FloatWeight, W: FloatWeight, S: ExpertSource<Expert = Expert<'a, W>>> MoeLayer<'a, G, W, S> {
     /// Checks that the gate has one row per expert and that every expert
     /// (and the shared one) has the gate's input width and one output width.
     pub fn new(
         gate: Linear<'a, G>,
         router: Router<'a>,
-        experts: &'a [Expert<'a, W>],
+        experts: S,
         shared: Option<SharedExpert<'a, W>>,
     ) -> Result<Self> {
         let n = router.rule().experts;
-        check_len(What::Experts, n, experts.len())?;
+        check_len(What::Experts, n, experts.count())?;
         check_dim(What::Experts, n, gate.rows())?;
         let in_dim = gate.cols();
-        let out_dim = experts.first().map_or(0, |e| e.ffn().out_dim());
-        let mut hidden_max = 0;
-        for e in experts.iter().chain(shared.as_ref().map(|s| &s.expert)) {
+        let out_dim = experts.expert(0).map_or(0, |e| e.ffn().out_dim());
+        let (mut hidden_max, mut macs_experts) = (0, 0);
+        let routed = (0..n).filter_map(|i| experts.expert(i));
+        for (i, e) in routed.chain(shared.as_ref().map(|s| s.expert)).enumerate() {
             check_dim(What::Input, in_dim, e.ffn().in_dim())?;
             check_dim(What::Output, out_dim, e.ffn().out_dim())?;
             hidden_max = hidden_max.max(e.hidden_len());
+            if i < n {
+                macs_experts += e.ffn().macs();
+            }
         }
         if let Some(g) = shared.as_ref().and_then(|s| s.gate.as_ref()) {
             check_dim(What::Weight, 1, g.rows())?;
             check_dim(What::Input, in_dim, g.cols())?;
         }
-        Ok(MoeLayer { gate, router, experts, shared, in_dim, out_dim, hidden_max })
+        Ok(MoeLayer { gate, router, experts, shared, in_dim, out_dim, hidden_max, macs_experts })
     }
 
     /// Input width.
@@ -74,8 +80,8 @@ impl<'a, G: FloatWeight, W: FloatWeight> MoeLayer<'a, G, W> {
     }
 
     /// The routed experts.
-    pub fn experts(&self) -> &'a [Expert<'a, W>] {
-        self.experts
+    pub fn experts(&self) -> &S {
+        &self.experts
     }
 
     /// The shared expert, if any.
@@ -90,7 +96,7 @@ impl<'a, G: FloatWeight, W: FloatWeight> MoeLayer<'a, G, W> {
 
     /// Bytes of scratch [`MoeLayer::infer`] needs.
     pub fn scratch_bytes(&self) -> usize {
-        bytes_for::<f32>(self.experts.len())
+        bytes_for::<f32>(self.router.rule().experts)
             + bytes_for::<f32>(self.hidden_max)
             + bytes_for::<f32>(self.out_dim)
     }
@@ -104,19 +110,18 @@ impl<'a, G: FloatWeight, W: FloatWeight> MoeLayer<'a, G, W> {
                 .as_ref()
                 .map_or(0, |s| s.expert.ffn().macs() + s.gate.map_or(0, |g| g.cols() as u64));
         let chosen: u64 =
-            sel.iter().filter_map(|c| self.experts.get(c.expert as usize)).map(|e| e.ffn().macs()).sum();
-        let all: u64 = self.experts.iter().map(|e| e.ffn().macs()).sum();
-        (base + chosen, base + all)
+            sel.iter().filter_map(|c| self.experts.expert(c.expert as usize)).map(|e| e.ffn().macs()).sum();
+        (base + chosen, base + self.macs_experts)
     }
 
     /// Runs one token: `out = sum_i w_i expert_i(x) (+ shared)`. Returns the
-    /// experts chosen. `x` must be finite ([`Error::NonFinite`] otherwise).
+    /// experts chosen. `x` must be finite ([`Error::NonFinite`](crate::Error::NonFinite) otherwise).
     pub fn infer(&self, x: &[f32], out: &mut [f32], scratch: &mut [u8]) -> Result<Selection<f32>> {
         check_len(What::Input, self.in_dim, x.len())?;
         check_len(What::Output, self.out_dim, out.len())?;
         check_finite(What::Input, x)?;
         let mut carve = Carve::new(scratch);
-        let logits = carve.take::<f32>(self.experts.len())?;
+        let logits = carve.take::<f32>(self.router.rule().experts)?;
         let hidden = carve.take::<f32>(self.hidden_max)?;
         let y = carve.take::<f32>(self.out_dim)?;
 
@@ -127,7 +132,7 @@ impl<'a, G: FloatWeight, W: FloatWeight> MoeLayer<'a, G, W> {
 
         out.fill(0.0);
         for c in &sel {
-            let Some(expert) = self.experts.get(c.expert as usize) else {
+            let Some(expert) = self.experts.expert(c.expert as usize) else {
                 continue;
             };
             expert.forward(x, y, hidden);
@@ -160,7 +165,7 @@ impl<'a, G: FloatWeight, W: FloatWeight> MoeLayer<'a, G, W> {
         scratch: &mut [u8],
         stats: &mut Stats<N>,
     ) -> Result<Selection<f32>> {
-        stats.check(self.experts.len())?;
+        stats.check(self.router.rule().experts)?;
         let sel = self.infer(x, out, scratch)?;
         let (macs, dense) = self.macs(&sel);
         stats.record(&sel, macs, dense);

@@ -7,7 +7,7 @@ use crate::quant::{Multiplier, WIDE_MAX_SHIFT, requantize_wide};
 use crate::router::{IntRouter, LOGIT_FRAC_BITS, ONE_Q15, Selection, sigmoid_q30};
 use crate::scratch::{Carve, bytes_for};
 
-use super::Stats;
+use super::{ExpertSource, Stats};
 
 /// How expert outputs are summed: every expert (and the shared one) emits
 /// values with zero point `expert_zp` and one common scale `s_e`; the sum
@@ -40,40 +40,45 @@ pub struct QSharedExpert<'a, A: IntKernel> {
 /// The gate emits fixed-point logits (zero point 0, scale
 /// `2^-LOGIT_FRAC_BITS`) for the [`IntRouter`].
 #[derive(Debug, Clone, Copy)]
-pub struct QMoeLayer<'a, A: IntKernel> {
+pub struct QMoeLayer<'a, A: IntKernel, S = &'a [QExpert<'a, A>]> {
     gate: QLinear<'a, A>,
     router: IntRouter<'a>,
-    experts: &'a [QExpert<'a, A>],
+    experts: S,
     shared: Option<QSharedExpert<'a, A>>,
     combine: Combine,
     out_dim: usize,
     hidden_max: usize,
+    macs_experts: u64,
 }
 
-impl<'a, A: IntKernel> QMoeLayer<'a, A> {
+impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A, S> {
     /// Checks shapes as [`MoeLayer::new`](super::MoeLayer::new) does, and that
     /// the quantization chains: every expert reads the gate's input zero
     /// point and writes `combine.expert_zp`; logits have zero point 0.
     pub fn new(
         gate: QLinear<'a, A>,
         router: IntRouter<'a>,
-        experts: &'a [QExpert<'a, A>],
+        experts: S,
         shared: Option<QSharedExpert<'a, A>>,
         combine: Combine,
     ) -> Result<Self> {
         let n = router.rule().experts;
-        check_len(What::Experts, n, experts.len())?;
+        check_len(What::Experts, n, experts.count())?;
         check_dim(What::Experts, n, gate.rows())?;
         let zp_err = Error::OutOfRange { what: What::ZeroPoint, index: 0 };
-        let out_dim = experts.first().map_or(0, |e| e.out_dim());
-        let mut hidden_max = 0;
-        for e in experts.iter().chain(shared.as_ref().map(|s| &s.expert)) {
+        let out_dim = experts.expert(0).map_or(0, |e| e.out_dim());
+        let (mut hidden_max, mut macs_experts) = (0, 0);
+        let routed = (0..n).filter_map(|i| experts.expert(i));
+        for (i, e) in routed.chain(shared.as_ref().map(|s| s.expert)).enumerate() {
             check_dim(What::Input, gate.cols(), e.in_dim())?;
             check_dim(What::Output, out_dim, e.out_dim())?;
             if e.input_zp() != gate.input_zp() || e.down().output_zp() != combine.expert_zp {
                 return Err(zp_err);
             }
             hidden_max = hidden_max.max(e.hidden_len());
+            if i < n {
+                macs_experts += e.macs();
+            }
         }
         if let Some(g) = shared.as_ref().and_then(|s| s.gate.as_ref()) {
             check_dim(What::Weight, 1, g.rows())?;
@@ -89,7 +94,7 @@ impl<'a, A: IntKernel> QMoeLayer<'a, A> {
         if Multiplier::new(m.multiplier, m.shift).is_err() || m.shift > WIDE_MAX_SHIFT {
             return Err(Error::OutOfRange { what: What::Requant, index: 0 });
         }
-        Ok(QMoeLayer { gate, router, experts, shared, combine, out_dim, hidden_max })
+        Ok(QMoeLayer { gate, router, experts, shared, combine, out_dim, hidden_max, macs_experts })
     }
 
     /// Input width.
@@ -109,7 +114,7 @@ impl<'a, A: IntKernel> QMoeLayer<'a, A> {
 
     /// Bytes of scratch [`QMoeLayer::infer`] needs.
     pub fn scratch_bytes(&self) -> usize {
-        bytes_for::<i32>(self.experts.len())
+        bytes_for::<i32>(self.router.rule().experts)
             + bytes_for::<A>(self.hidden_max)
             + bytes_for::<A>(self.slots().saturating_mul(self.out_dim))
     }
@@ -118,9 +123,8 @@ impl<'a, A: IntKernel> QMoeLayer<'a, A> {
         let base = (self.gate.rows() * self.gate.cols()) as u64
             + self.shared.as_ref().map_or(0, |s| s.expert.macs() + s.gate.map_or(0, |g| g.cols() as u64));
         let chosen: u64 =
-            sel.iter().filter_map(|c| self.experts.get(c.expert as usize)).map(|e| e.macs()).sum();
-        let all: u64 = self.experts.iter().map(|e| e.macs()).sum();
-        (base + chosen, base + all)
+            sel.iter().filter_map(|c| self.experts.expert(c.expert as usize)).map(|e| e.macs()).sum();
+        (base + chosen, base + self.macs_experts)
     }
 
     /// Runs one quantized token. Returns the experts chosen with Q15 weights.
@@ -128,7 +132,7 @@ impl<'a, A: IntKernel> QMoeLayer<'a, A> {
         check_len(What::Input, self.in_dim(), x.len())?;
         check_len(What::Output, self.out_dim, out.len())?;
         let mut carve = Carve::new(scratch);
-        let logits = carve.take::<i32>(self.experts.len())?;
+        let logits = carve.take::<i32>(self.router.rule().experts)?;
         let hidden = carve.take::<A>(self.hidden_max)?;
         let ys = carve.take::<A>(self.slots() * self.out_dim)?;
 
@@ -141,7 +145,7 @@ impl<'a, A: IntKernel> QMoeLayer<'a, A> {
         let mut weights = heapless::Vec::<i32, { crate::router::MAX_K + 1 }>::new();
         let mut slots = ys.chunks_exact_mut(self.out_dim.max(1));
         for c in &sel {
-            if let (Some(expert), Some(y)) = (self.experts.get(c.expert as usize), slots.next()) {
+            if let (Some(expert), Some(y)) = (self.experts.expert(c.expert as usize), slots.next()) {
                 expert.forward(x, y, hidden);
                 let _ = weights.push(c.weight);
             }
@@ -178,7 +182,7 @@ impl<'a, A: IntKernel> QMoeLayer<'a, A> {
         scratch: &mut [u8],
         stats: &mut Stats<N>,
     ) -> Result<Selection<i32>> {
-        stats.check(self.experts.len())?;
+        stats.check(self.router.rule().experts)?;
         let sel = self.infer(x, out, scratch)?;
         let (macs, dense) = self.macs(&sel);
         stats.record(&sel, macs, dense);

@@ -34,6 +34,7 @@
 
 mod float;
 mod int;
+mod source;
 
 #[cfg(feature = "alloc")]
 pub mod build;
@@ -42,6 +43,7 @@ pub mod owned;
 
 pub use float::{MoeLayer, SharedExpert};
 pub use int::{Combine, QMoeLayer, QSharedExpert};
+pub use source::ExpertSource;
 
 use crate::error::{Error, Result};
 use crate::router::Choice;
