@@ -43,6 +43,54 @@ pub enum What {
     Calibration,
 }
 
+/// A field of a `.moe` header or layer record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum Field {
+    /// Header size.
+    HeaderLen,
+    /// Architecture code.
+    Arch,
+    /// Task code.
+    Task,
+    /// Model input or output width, or a layer width that does not chain.
+    Dims,
+    /// Layer count.
+    Layers,
+    /// Tensor count.
+    Tensors,
+    /// A section offset.
+    Offsets,
+    /// Reserved bytes that must be zero.
+    Reserved,
+    /// Experts, k, groups or routing flags.
+    Routing,
+    /// Activation code.
+    Activation,
+    /// Numeric type code.
+    Dtype,
+    /// Scaling factor or quantization parameters.
+    Quant,
+}
+
+/// What is wrong with a `.moe` tensor table entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum TensorProblem {
+    /// Unknown dtype, role or part code, or layer / expert out of range.
+    Code,
+    /// Entries are not in strictly ascending key order.
+    Order,
+    /// Data offset not 16-aligned, or before the data section.
+    Alignment,
+    /// Data extends past the payload.
+    Bounds,
+    /// Byte length differs from rows x cols x element size.
+    Size,
+}
+
 /// Everything that can go wrong in micromoe. Never a panic instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -108,6 +156,58 @@ pub enum Error {
         /// Number of experts.
         experts: usize,
     },
+    /// Not a `.moe` model: the magic bytes are wrong.
+    BadMagic,
+    /// A `.moe` format version this build cannot read.
+    Version {
+        /// Version in the file.
+        found: u16,
+    },
+    /// The buffer is shorter than the model (or its header) needs.
+    Truncated {
+        /// Bytes needed.
+        needed: usize,
+        /// Bytes given.
+        actual: usize,
+    },
+    /// The CRC32 over header and payload does not match: corrupted bytes.
+    Crc {
+        /// CRC stored in the file.
+        stored: u32,
+        /// CRC of the bytes given.
+        computed: u32,
+    },
+    /// Model bytes must start at a 16-byte aligned address for zero-copy
+    /// views (use `include_model!` or an aligned buffer).
+    Misaligned {
+        /// Start address modulo 16.
+        offset: usize,
+    },
+    /// A header or layer record field is invalid.
+    BadField {
+        /// Which field.
+        field: Field,
+        /// Layer index (0 for header fields).
+        layer: usize,
+    },
+    /// A tensor table entry is invalid.
+    BadTensor {
+        /// Entry index.
+        index: usize,
+        /// What is wrong.
+        problem: TensorProblem,
+    },
+    /// A tensor a layer needs is missing or has the wrong shape or type.
+    MissingTensor {
+        /// Layer index.
+        layer: u16,
+        /// Expert index (`0xFFFE` shared, `0xFFFF` layer-level).
+        expert: u16,
+        /// Role code (see `format`).
+        role: u8,
+        /// Part code (see `format`).
+        part: u8,
+    },
     /// The statistics buffer has room for fewer experts than the layer has.
     StatsTooSmall {
         /// Experts in the layer.
@@ -168,6 +268,23 @@ impl fmt::Display for Error {
             Error::Groups { groups, topk_group, experts } => write!(
                 f,
                 "expert groups: {experts} experts in {groups} groups keeping {topk_group} is inconsistent"
+            ),
+            Error::BadMagic => f.write_str("not a .moe model (bad magic bytes)"),
+            Error::Version { found } => write!(f, "unsupported .moe version {found}"),
+            Error::Truncated { needed, actual } => {
+                write!(f, "model truncated: need {needed} bytes, got {actual}")
+            }
+            Error::Crc { stored, computed } => {
+                write!(f, "model corrupted: CRC32 {computed:#010x}, file says {stored:#010x}")
+            }
+            Error::Misaligned { offset } => {
+                write!(f, "model bytes start {offset} bytes past a 16-byte boundary; zero-copy needs 16")
+            }
+            Error::BadField { field, layer } => write!(f, "invalid {field:?} field (layer {layer})"),
+            Error::BadTensor { index, problem } => write!(f, "tensor {index}: {problem:?}"),
+            Error::MissingTensor { layer, expert, role, part } => write!(
+                f,
+                "missing or malformed tensor: layer {layer}, expert {expert}, role {role}, part {part}"
             ),
             Error::StatsTooSmall { experts, capacity } => {
                 write!(f, "stats hold {capacity} experts, the layer has {experts}")

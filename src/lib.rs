@@ -8,6 +8,7 @@ extern crate alloc;
 
 pub mod error;
 pub mod expert;
+pub mod format;
 pub mod kernels;
 pub mod moe;
 pub mod quant;
@@ -15,5 +16,6 @@ pub mod router;
 pub mod scratch;
 
 pub use error::{Error, Result, What};
+pub use format::Model;
 pub use moe::{MoeLayer, QMoeLayer, Stats};
 pub use router::{Choice, Router, Rule, Selection};

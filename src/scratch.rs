@@ -37,6 +37,11 @@ impl<'a> Carve<'a> {
         Carve { rest: buf, total }
     }
 
+    /// Everything not yet taken.
+    pub fn rest(self) -> &'a mut [u8] {
+        self.rest
+    }
+
     /// The next `n` values of `T`, aligned; [`Error::ScratchTooSmall`] if the
     /// buffer is exhausted.
     pub fn take<T: bytemuck::Pod>(&mut self, n: usize) -> Result<&'a mut [T]> {

@@ -64,6 +64,8 @@ pub struct QExpertBuf<A: IntKernel> {
     pub lut: Option<Vec<A>>,
     /// Quantization of the activation's output.
     pub act_out: QuantParams,
+    /// The function the table encodes (ReLU: no table).
+    pub act: Activation,
     /// `down` (`w2`).
     pub down: QLinearBuf<A>,
 }
@@ -156,6 +158,7 @@ fn quantize_expert<A: IntKernel, W: FloatWeight>(
                 gate: None,
                 lut: lut(*act, u, a)?,
                 act_out: a,
+                act: *act,
                 down: quantize_linear(down, a, out)?,
             })
         }
@@ -168,6 +171,7 @@ fn quantize_expert<A: IntKernel, W: FloatWeight>(
                 gate: Some((quantize_linear(gate, input, g)?, mul_params(a, u, h)?)),
                 lut: lut(*act, g, a)?,
                 act_out: a,
+                act: *act,
                 down: quantize_linear(down, h, out)?,
             })
         }

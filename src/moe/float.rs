@@ -103,7 +103,7 @@ impl<'a, G: FloatWeight, W: FloatWeight, S: ExpertSource<Expert = Expert<'a, W>>
 
     /// Multiply-accumulates for one token with the given experts chosen, and
     /// with all of them (dense).
-    fn macs(&self, sel: &Selection<f32>) -> (u64, u64) {
+    pub fn macs(&self, sel: &Selection<f32>) -> (u64, u64) {
         let base = (self.gate.rows() * self.gate.cols()) as u64
             + self
                 .shared

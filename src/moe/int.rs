@@ -119,7 +119,9 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
             + bytes_for::<A>(self.slots().saturating_mul(self.out_dim))
     }
 
-    fn macs(&self, sel: &Selection<i32>) -> (u64, u64) {
+    /// Multiply-accumulates for one token with the given experts chosen,
+    /// and with all of them (dense).
+    pub fn macs(&self, sel: &Selection<i32>) -> (u64, u64) {
         let base = (self.gate.rows() * self.gate.cols()) as u64
             + self.shared.as_ref().map_or(0, |s| s.expert.macs() + s.gate.map_or(0, |g| g.cols() as u64));
         let chosen: u64 =

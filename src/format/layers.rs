@@ -1,0 +1,260 @@
+//! Runnable layers made from a parsed model: views built on demand from the
+//! tensor table, so nothing is copied and no RAM holds expert views.
+
+use core::marker::PhantomData;
+
+use super::LayerInfo;
+use super::layout::{LAYER_LEVEL, LayerDtype, SHARED_EXPERT, flags, part, role};
+use super::table::{Elem, Key, Table};
+use crate::error::Result;
+use crate::expert::{Expert, QActivation, QExpert};
+use crate::kernels::{Activation, FloatWeight, IntKernel, Linear, MulParams, QLinear};
+use crate::moe::{Combine, ExpertSource, MoeLayer, QMoeLayer, QSharedExpert, SharedExpert};
+use crate::quant::{Multiplier, QuantParams, f16};
+use crate::router::{IntRouter, Router, Rule, Scoring};
+
+fn key(layer: usize, expert: u16, role: u8, part: u8) -> Key {
+    Key { layer: layer as u16, expert, role, part }
+}
+
+fn float_linear<'a, W: FloatWeight + Elem>(
+    t: &Table<'a>,
+    layer: usize,
+    expert: u16,
+    role: u8,
+    rows: usize,
+    cols: usize,
+) -> Result<Linear<'a, W>> {
+    let w = t.need::<W>(key(layer, expert, role, part::WEIGHT), rows, cols)?;
+    let b = t.optional::<f32>(key(layer, expert, role, part::BIAS), rows, 1)?;
+    Linear::new(w.data, b, rows, cols)
+}
+
+fn int_linear<'a, A: IntKernel>(
+    t: &Table<'a>,
+    layer: usize,
+    expert: u16,
+    role: u8,
+    rows: usize,
+    cols: usize,
+) -> Result<QLinear<'a, A>>
+where
+    A::Bias: Elem,
+{
+    let w = t.need::<i8>(key(layer, expert, role, part::WEIGHT), rows, cols)?;
+    let b = t.optional::<A::Bias>(key(layer, expert, role, part::BIAS), rows, 1)?;
+    let m = t.need::<i32>(key(layer, expert, role, part::MULTIPLIER), rows, 1)?;
+    let s = t.need::<i32>(key(layer, expert, role, part::SHIFT), rows, 1)?;
+    QLinear::new(w.data, b, m.data, s.data, rows, cols, w.in_zp, w.out_zp)
+}
+
+/// The float expert `expert` (or the shared one) of layer `layer`.
+pub(crate) fn float_expert<'a, W: FloatWeight + Elem>(
+    t: &Table<'a>,
+    layer: usize,
+    info: &LayerInfo,
+    expert: u16,
+) -> Result<Expert<'a, W>> {
+    let hidden = if expert == SHARED_EXPERT { info.shared_hidden } else { info.hidden };
+    let up = float_linear(t, layer, expert, role::UP, hidden, info.in_dim)?;
+    let down = float_linear(t, layer, expert, role::DOWN, info.out_dim, hidden)?;
+    if info.flags & flags::GATED != 0 {
+        let gate = float_linear(t, layer, expert, role::GATE_PROJ, hidden, info.in_dim)?;
+        Expert::gated(gate, up, down, info.act)
+    } else {
+        Expert::mlp(up, down, info.act)
+    }
+}
+
+/// The integer expert `expert` (or the shared one) of layer `layer`.
+pub(crate) fn int_expert<'a, A: IntKernel + Elem>(
+    t: &Table<'a>,
+    layer: usize,
+    info: &LayerInfo,
+    expert: u16,
+) -> Result<QExpert<'a, A>>
+where
+    A::Bias: Elem,
+{
+    let hidden = if expert == SHARED_EXPERT { info.shared_hidden } else { info.hidden };
+    let up = int_linear::<A>(t, layer, expert, role::UP, hidden, info.in_dim)?;
+    let down = int_linear::<A>(t, layer, expert, role::DOWN, info.out_dim, hidden)?;
+    let act = if info.act == Activation::Relu {
+        QActivation::Relu
+    } else {
+        QActivation::Lut(t.need::<A>(key(layer, expert, role::LUT, part::WEIGHT), A::LUT_LEN, 1)?.data)
+    };
+    if info.flags & flags::GATED == 0 {
+        return QExpert::mlp(up, act, down);
+    }
+    let gate = int_linear::<A>(t, layer, expert, role::GATE_PROJ, hidden, info.in_dim)?;
+    let p = t.need::<i32>(key(layer, expert, role::MUL, part::WEIGHT), 5, 1)?.data;
+    let mul = MulParams {
+        a_zp: p[0],
+        b_zp: p[1],
+        out_zp: p[2],
+        multiplier: Multiplier { multiplier: p[3], shift: p[4] },
+    };
+    QExpert::gated(gate, up, act, mul, down)
+}
+
+/// Routed float experts of one layer, made on demand.
+#[derive(Debug, Clone, Copy)]
+pub struct FloatExperts<'a, W> {
+    table: Table<'a>,
+    layer: usize,
+    info: LayerInfo,
+    _w: PhantomData<W>,
+}
+
+impl<'a, W: FloatWeight + Elem> ExpertSource for FloatExperts<'a, W> {
+    type Expert = Expert<'a, W>;
+
+    fn count(&self) -> usize {
+        self.info.experts
+    }
+
+    fn expert(&self, i: usize) -> Option<Expert<'a, W>> {
+        if i >= self.info.experts {
+            return None;
+        }
+        float_expert(&self.table, self.layer, &self.info, i as u16).ok()
+    }
+}
+
+/// Routed integer experts of one layer, made on demand.
+#[derive(Debug, Clone, Copy)]
+pub struct IntExperts<'a, A> {
+    table: Table<'a>,
+    layer: usize,
+    info: LayerInfo,
+    _a: PhantomData<A>,
+}
+
+impl<'a, A: IntKernel + Elem> ExpertSource for IntExperts<'a, A>
+where
+    A::Bias: Elem,
+{
+    type Expert = QExpert<'a, A>;
+
+    fn count(&self) -> usize {
+        self.info.experts
+    }
+
+    fn expert(&self, i: usize) -> Option<QExpert<'a, A>> {
+        if i >= self.info.experts {
+            return None;
+        }
+        int_expert(&self.table, self.layer, &self.info, i as u16).ok()
+    }
+}
+
+/// One MoE layer of a model, in its numeric type.
+#[derive(Debug, Clone, Copy)]
+pub enum Layer<'a> {
+    /// f32 gate and experts.
+    F32(MoeLayer<'a, f32, f32, FloatExperts<'a, f32>>),
+    /// f16 gate and experts.
+    F16(MoeLayer<'a, f16, f16, FloatExperts<'a, f16>>),
+    /// f32 gate, f16 experts.
+    F32GateF16(MoeLayer<'a, f32, f16, FloatExperts<'a, f16>>),
+    /// f16 gate, f32 experts.
+    F16GateF32(MoeLayer<'a, f16, f32, FloatExperts<'a, f32>>),
+    /// int8 end to end; input and output quantization.
+    Int8(QMoeLayer<'a, i8, IntExperts<'a, i8>>, QuantParams, QuantParams),
+    /// Q15 end to end; input and output quantization.
+    Q15(QMoeLayer<'a, i16, IntExperts<'a, i16>>, QuantParams, QuantParams),
+}
+
+pub(crate) fn rule(info: &LayerInfo) -> Rule {
+    let scoring = if info.flags & flags::SIGMOID != 0 { Scoring::Sigmoid } else { Scoring::Softmax };
+    let groups =
+        (info.n_group > 1).then_some(crate::router::Groups { count: info.n_group, keep: info.topk_group });
+    Rule { experts: info.experts, k: info.k, scoring, normalize: info.flags & flags::NORMALIZE != 0, groups }
+}
+
+fn float_layer<'a, G: FloatWeight + Elem, W: FloatWeight + Elem>(
+    t: &Table<'a>,
+    layer: usize,
+    info: &LayerInfo,
+) -> Result<MoeLayer<'a, G, W, FloatExperts<'a, W>>> {
+    let gate = float_linear::<G>(t, layer, LAYER_LEVEL, role::GATE, info.experts, info.in_dim)?;
+    let bias = if info.flags & flags::SELECTION_BIAS != 0 {
+        Some(
+            t.need::<f32>(key(layer, LAYER_LEVEL, role::SELECTION_BIAS, part::WEIGHT), info.experts, 1)?.data,
+        )
+    } else {
+        None
+    };
+    let router = Router::new(rule(info), bias, info.scaling)?;
+    let shared = if info.flags & flags::SHARED != 0 {
+        let expert = float_expert::<W>(t, layer, info, SHARED_EXPERT)?;
+        let gate = if info.flags & flags::SHARED_GATE != 0 {
+            Some(float_linear::<W>(t, layer, SHARED_EXPERT, role::SHARED_GATE, 1, info.in_dim)?)
+        } else {
+            None
+        };
+        Some(SharedExpert { expert, gate })
+    } else {
+        None
+    };
+    for e in 0..info.experts {
+        float_expert::<W>(t, layer, info, e as u16)?;
+    }
+    let experts = FloatExperts { table: *t, layer, info: *info, _w: PhantomData };
+    MoeLayer::new(gate, router, experts, shared)
+}
+
+fn int_layer<'a, A: IntKernel + Elem>(
+    t: &Table<'a>,
+    layer: usize,
+    info: &LayerInfo,
+) -> Result<QMoeLayer<'a, A, IntExperts<'a, A>>>
+where
+    A::Bias: Elem,
+{
+    let gate = int_linear::<A>(t, layer, LAYER_LEVEL, role::GATE, info.experts, info.in_dim)?;
+    let bias = if info.flags & flags::SELECTION_BIAS != 0 {
+        Some(
+            t.need::<i32>(key(layer, LAYER_LEVEL, role::SELECTION_BIAS, part::WEIGHT), info.experts, 1)?.data,
+        )
+    } else {
+        None
+    };
+    let router = IntRouter::new(rule(info), bias, info.scaling_q15)?;
+    let shared = if info.flags & flags::SHARED != 0 {
+        let expert = int_expert::<A>(t, layer, info, SHARED_EXPERT)?;
+        let gate = if info.flags & flags::SHARED_GATE != 0 {
+            Some(int_linear::<A>(t, layer, SHARED_EXPERT, role::SHARED_GATE, 1, info.in_dim)?)
+        } else {
+            None
+        };
+        Some(QSharedExpert { expert, gate })
+    } else {
+        None
+    };
+    for e in 0..info.experts {
+        int_expert::<A>(t, layer, info, e as u16)?;
+    }
+    let experts = IntExperts { table: *t, layer, info: *info, _a: PhantomData };
+    QMoeLayer::new(gate, router, experts, shared, info.combine)
+}
+
+/// Builds layer `layer` (validating every tensor it uses).
+pub(crate) fn build<'a>(t: &Table<'a>, layer: usize, info: &LayerInfo) -> Result<Layer<'a>> {
+    use LayerDtype::*;
+    Ok(match (info.gate_dtype, info.expert_dtype) {
+        (F32, F32) => Layer::F32(float_layer(t, layer, info)?),
+        (F16, F16) => Layer::F16(float_layer(t, layer, info)?),
+        (F32, F16) => Layer::F32GateF16(float_layer(t, layer, info)?),
+        (F16, F32) => Layer::F16GateF32(float_layer(t, layer, info)?),
+        (Int8, Int8) => Layer::Int8(int_layer(t, layer, info)?, info.input, info.output),
+        (Q15, Q15) => Layer::Q15(int_layer(t, layer, info)?, info.input, info.output),
+        _ => return Err(crate::Error::BadField { field: crate::error::Field::Dtype, layer }),
+    })
+}
+
+/// Quantization of an integer layer's combine, read from its record.
+pub(crate) fn combine(expert_zp: i32, multiplier: i32, shift: i32, out_zp: i32) -> Combine {
+    Combine { expert_zp, multiplier: Multiplier { multiplier, shift }, out_zp }
+}

@@ -1,0 +1,279 @@
+//! Byte layout constants and little-endian readers usable in `const fn`.
+
+use crate::error::{Error, Field};
+
+/// First 8 bytes of every `.moe` file.
+pub const MAGIC: [u8; 8] = *b"MICROMOE";
+/// The format version this build writes and reads.
+pub const VERSION: u16 = 1;
+/// Bytes of the header.
+pub const HEADER_LEN: usize = 64;
+/// Bytes of one layer record.
+pub const LAYER_LEN: usize = 96;
+/// Bytes of one tensor table entry.
+pub const ENTRY_LEN: usize = 32;
+/// Alignment of the model bytes and of every tensor's data.
+pub const ALIGN: usize = 16;
+/// Bytes of the CRC32 trailer.
+pub const CRC_LEN: usize = 4;
+
+/// Header field offsets.
+pub(crate) mod header {
+    pub const MAGIC: usize = 0;
+    pub const VERSION: usize = 8;
+    pub const HEADER_LEN: usize = 10;
+    pub const TOTAL_LEN: usize = 12;
+    pub const ARCH: usize = 16;
+    pub const TASK: usize = 20;
+    pub const INPUT_DIM: usize = 24;
+    pub const OUTPUT_DIM: usize = 28;
+    pub const N_LAYERS: usize = 32;
+    pub const N_TENSORS: usize = 36;
+    pub const LAYERS_OFFSET: usize = 40;
+    pub const TABLE_OFFSET: usize = 44;
+    pub const DATA_OFFSET: usize = 48;
+    pub const RESERVED: usize = 52;
+}
+
+/// Layer record word indices (each word is 4 bytes).
+pub(crate) mod layer {
+    pub const IN_DIM: usize = 0;
+    pub const OUT_DIM: usize = 1;
+    pub const HIDDEN: usize = 2;
+    pub const EXPERTS: usize = 3;
+    pub const K: usize = 4;
+    pub const FLAGS: usize = 5;
+    pub const ACT: usize = 6;
+    pub const GATE_DTYPE: usize = 7;
+    pub const EXPERT_DTYPE: usize = 8;
+    pub const SHARED_HIDDEN: usize = 9;
+    pub const N_GROUP: usize = 10;
+    pub const TOPK_GROUP: usize = 11;
+    pub const SCALING: usize = 12;
+    pub const SCALING_Q15: usize = 13;
+    pub const IN_SCALE: usize = 14;
+    pub const IN_ZP: usize = 15;
+    pub const OUT_SCALE: usize = 16;
+    pub const OUT_ZP: usize = 17;
+    pub const EXPERT_ZP: usize = 18;
+    pub const COMBINE_MULT: usize = 19;
+    pub const COMBINE_SHIFT: usize = 20;
+    pub const RESERVED: usize = 21;
+    pub const WORDS: usize = 24;
+}
+
+/// Layer flags.
+pub mod flags {
+    /// Renormalize the chosen weights.
+    pub const NORMALIZE: u32 = 1;
+    /// Sigmoid scores (else softmax).
+    pub const SIGMOID: u32 = 2;
+    /// Gated experts (else MLP).
+    pub const GATED: u32 = 4;
+    /// A shared expert.
+    pub const SHARED: u32 = 8;
+    /// The shared expert has a sigmoid gate.
+    pub const SHARED_GATE: u32 = 16;
+    /// Expert linears have biases.
+    pub const BIASES: u32 = 32;
+    /// The router has a selection bias.
+    pub const SELECTION_BIAS: u32 = 64;
+    /// Every defined flag.
+    pub const ALL: u32 = 127;
+}
+
+/// Tensor entry byte offsets.
+pub(crate) mod entry {
+    pub const LAYER: usize = 0;
+    pub const EXPERT: usize = 2;
+    pub const ROLE: usize = 4;
+    pub const PART: usize = 5;
+    pub const DTYPE: usize = 6;
+    pub const RESERVED: usize = 7;
+    pub const ROWS: usize = 8;
+    pub const COLS: usize = 12;
+    pub const OFFSET: usize = 16;
+    pub const BYTES: usize = 20;
+    pub const IN_ZP: usize = 24;
+    pub const OUT_ZP: usize = 28;
+}
+
+/// Expert index of the shared expert in tensor entries.
+pub const SHARED_EXPERT: u16 = 0xFFFE;
+/// Expert index of layer-level tensors (gate, selection bias).
+pub const LAYER_LEVEL: u16 = 0xFFFF;
+
+/// What a tensor is for.
+pub mod role {
+    /// Router gate `(experts, in)`.
+    pub const GATE: u8 = 0;
+    /// Expert `up` (`w3`).
+    pub const UP: u8 = 1;
+    /// Expert `gate` (`w1`) of gated units.
+    pub const GATE_PROJ: u8 = 2;
+    /// Expert `down` (`w2`).
+    pub const DOWN: u8 = 3;
+    /// The shared expert's sigmoid gate `(1, in)`.
+    pub const SHARED_GATE: u8 = 4;
+    /// The router's selection bias (f32 on float layers, Q15 `i32` on integer ones).
+    pub const SELECTION_BIAS: u8 = 5;
+    /// An expert's activation table (integer layers).
+    pub const LUT: u8 = 6;
+    /// An expert's product parameters `[a_zp, b_zp, out_zp, multiplier, shift]` (integer gated layers).
+    pub const MUL: u8 = 7;
+    /// Number of roles.
+    pub const COUNT: u8 = 8;
+}
+
+/// Which array of a tensor.
+pub mod part {
+    /// Weights (or the tensor itself).
+    pub const WEIGHT: u8 = 0;
+    /// Bias.
+    pub const BIAS: u8 = 1;
+    /// Per-row requantization multipliers.
+    pub const MULTIPLIER: u8 = 2;
+    /// Per-row requantization shifts.
+    pub const SHIFT: u8 = 3;
+    /// Number of parts.
+    pub const COUNT: u8 = 4;
+}
+
+/// Element type codes of tensor entries.
+pub mod dtype {
+    /// f32.
+    pub const F32: u8 = 0;
+    /// f16.
+    pub const F16: u8 = 1;
+    /// i8.
+    pub const I8: u8 = 2;
+    /// i16.
+    pub const I16: u8 = 3;
+    /// i32.
+    pub const I32: u8 = 4;
+    /// i64.
+    pub const I64: u8 = 5;
+
+    /// Bytes of one element, or 0 for an unknown code.
+    pub const fn size(code: u8) -> usize {
+        match code {
+            F32 | I32 => 4,
+            F16 | I16 => 2,
+            I8 => 1,
+            I64 => 8,
+            _ => 0,
+        }
+    }
+}
+
+/// Numeric type of a layer's gate or experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum LayerDtype {
+    /// f32 weights.
+    F32 = 0,
+    /// f16 weights, f32 arithmetic.
+    F16 = 1,
+    /// int8 weights and activations.
+    Int8 = 2,
+    /// int8 weights, Q15 activations.
+    Q15 = 3,
+}
+
+impl LayerDtype {
+    /// From its code.
+    pub const fn from_code(code: u32) -> Option<LayerDtype> {
+        match code {
+            0 => Some(LayerDtype::F32),
+            1 => Some(LayerDtype::F16),
+            2 => Some(LayerDtype::Int8),
+            3 => Some(LayerDtype::Q15),
+            _ => None,
+        }
+    }
+
+    /// On the integer path.
+    pub const fn is_int(self) -> bool {
+        matches!(self, LayerDtype::Int8 | LayerDtype::Q15)
+    }
+
+    /// Short name: f32, f16, int8, q15.
+    pub const fn name(self) -> &'static str {
+        match self {
+            LayerDtype::F32 => "f32",
+            LayerDtype::F16 => "f16",
+            LayerDtype::Int8 => "int8",
+            LayerDtype::Q15 => "q15",
+        }
+    }
+}
+
+/// `u16` at `at`, or `None` past the end.
+pub const fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    if at > b.len() || b.len() - at < 2 {
+        return None;
+    }
+    Some(u16::from_le_bytes([b[at], b[at + 1]]))
+}
+
+/// `u32` at `at`, or `None` past the end.
+pub const fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    if at > b.len() || b.len() - at < 4 {
+        return None;
+    }
+    Some(u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]))
+}
+
+/// Word `w` of layer record `i`, or `None` past the end.
+pub(crate) const fn layer_word(b: &[u8], layers_offset: usize, i: usize, w: usize) -> Option<u32> {
+    match i.checked_mul(LAYER_LEN) {
+        Some(o) => match layers_offset.checked_add(o + 4 * w) {
+            Some(at) => u32_at(b, at),
+            None => None,
+        },
+        None => None,
+    }
+}
+
+/// Header word as `usize`, or the error for `field`.
+pub(crate) const fn header_usize(b: &[u8], at: usize, field: Field) -> Result<usize, Error> {
+    match u32_at(b, at) {
+        Some(v) => Ok(v as usize),
+        None => Err(Error::BadField { field, layer: 0 }),
+    }
+}
+
+const fn crc_table() -> [u32; 256] {
+    let mut t = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 { (c >> 1) ^ 0xEDB8_8320 } else { c >> 1 };
+            k += 1;
+        }
+        t[i] = c;
+        i += 1;
+    }
+    t
+}
+
+const CRC_TABLE: [u32; 256] = crc_table();
+
+/// CRC-32 (IEEE 802.3, as zlib and PNG), table-driven.
+pub fn crc32(bytes: &[u8]) -> u32 {
+    !bytes.iter().fold(!0u32, |c, &b| CRC_TABLE[((c ^ b as u32) & 0xFF) as usize] ^ (c >> 8))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_check_value() {
+        // The standard check value of CRC-32/ISO-HDLC.
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b""), 0);
+    }
+}

@@ -1,0 +1,643 @@
+//! The `.moe` model container: versioned, little-endian, parsed zero-copy
+//! from `&[u8]` (flash, a file, or a heap buffer) and validated in full
+//! before use.
+//!
+//! # Byte layout (version 1)
+//!
+//! All integers little-endian. The buffer must start 16-byte aligned
+//! ([`include_model!`](crate::include_model) does that for flash).
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `MICROMOE` |
+//! | 8 | 2 | version (1) |
+//! | 10 | 2 | header bytes (64) |
+//! | 12 | 4 | total length in bytes, CRC included |
+//! | 16 | 4 | architecture: 1 = stack of MoE layers (classifier / regressor) |
+//! | 20 | 4 | task: 0 = classify (argmax of the output), 1 = regress |
+//! | 24 | 4 | input width |
+//! | 28 | 4 | output width |
+//! | 32 | 4 | number of layers L (1..=64) |
+//! | 36 | 4 | number of tensors T |
+//! | 40 | 4 | offset of the layer records (64) |
+//! | 44 | 4 | offset of the tensor table (64 + 96 L) |
+//! | 48 | 4 | offset of the data section (16-aligned, after the table) |
+//! | 52 | 12 | reserved, zero |
+//!
+//! **Layer record** (96 bytes, 24 little-endian words; layer i's input width
+//! is layer i-1's output width, the first takes the model input, the last
+//! gives the model output):
+//!
+//! | word | field |
+//! |---|---|
+//! | 0, 1, 2 | input width, output width, expert hidden width |
+//! | 3, 4 | experts, k |
+//! | 5 | flags: 1 normalize, 2 sigmoid scores, 4 gated experts, 8 shared expert, 16 shared expert gate, 32 expert biases, 64 selection bias |
+//! | 6 | activation: 0 ReLU, 1 GELU, 2 GELU (tanh), 3 SiLU |
+//! | 7, 8 | gate and expert numeric type: 0 f32, 1 f16, 2 int8, 3 Q15 (integer layers use one type for both) |
+//! | 9 | shared expert hidden width |
+//! | 10, 11 | expert groups, groups kept (0 = no groups) |
+//! | 12 | routed scaling factor (f32 bits); 13: the same in Q15 (integer layers) |
+//! | 14, 15 | input scale (f32 bits), input zero point (integer layers) |
+//! | 16, 17 | output scale, output zero point |
+//! | 18, 19, 20 | combine: expert output zero point, multiplier, shift |
+//! | 21..24 | reserved, zero |
+//!
+//! **Tensor table**: T entries of 32 bytes, sorted strictly ascending by
+//! `(layer, expert, role, part)`:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 2 | layer |
+//! | 2 | 2 | expert (`0xFFFE` shared expert, `0xFFFF` layer-level) |
+//! | 4 | 1 | role: 0 gate, 1 up (`w3`), 2 gate_proj (`w1`), 3 down (`w2`), 4 shared expert gate, 5 selection bias, 6 activation table, 7 product parameters |
+//! | 5 | 1 | part: 0 weight, 1 bias, 2 multipliers, 3 shifts |
+//! | 6 | 1 | dtype: 0 f32, 1 f16, 2 i8, 3 i16, 4 i32, 5 i64 |
+//! | 7 | 1 | reserved, zero |
+//! | 8, 12 | 4, 4 | rows, columns (`(out, in)` for weights, `(n, 1)` for vectors) |
+//! | 16, 20 | 4, 4 | data offset (16-aligned) and length in bytes (= rows x columns x element size) |
+//! | 24, 28 | 4, 4 | input and output zero point (quantized weights) |
+//!
+//! Integer linears store int8 weights (symmetric per row), a bias (`i32`
+//! for int8, `i64` for Q15), and per-row multipliers and shifts (`i32`).
+//!
+//! **Trailer**: CRC-32 (IEEE) of every byte before it.
+//!
+//! ```
+//! # #[cfg(feature = "alloc")] {
+//! use micromoe::format::{Model, write::{LayerSpec, ModelSpec, Task}};
+//! use micromoe::kernels::Activation;
+//! use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
+//! use micromoe::format::LayerDtype;
+//! use micromoe::Rule;
+//! let lin = |v: f32, rows, cols| LinearBuf::new(vec![v; rows * cols], None, rows, cols);
+//! let experts = vec![
+//!     ExpertBuf::mlp(lin(0.5, 4, 2), lin(0.25, 3, 4), Activation::Relu),
+//!     ExpertBuf::mlp(lin(-0.5, 4, 2), lin(0.25, 3, 4), Activation::Relu),
+//! ];
+//! let layer = MoeBuf::new(LinearBuf::new(vec![1.0, 1.0, -1.0, -1.0], None, 2, 2), experts, Rule::switch(2));
+//! let spec = ModelSpec { task: Task::Classify, layers: vec![LayerSpec::Float { layer, gate: LayerDtype::F32, experts: LayerDtype::F16 }] };
+//! let bytes = micromoe::format::write::write(&spec).unwrap();
+//! let bytes = micromoe::format::write::AlignedBytes::from(&bytes[..]);
+//! let model = Model::parse(&bytes).unwrap();
+//! let mut scratch = vec![0u8; model.scratch_bytes()];
+//! let mut y = [0.0f32; 3];
+//! model.infer(&[1.0, 1.0], &mut y, &mut scratch, |_| {}).unwrap();
+//! # }
+//! ```
+
+mod layers;
+pub mod layout;
+mod table;
+#[cfg(feature = "alloc")]
+pub mod write;
+
+pub use layers::{FloatExperts, IntExperts, Layer};
+pub use layout::{ALIGN, LayerDtype, MAGIC, VERSION};
+pub use table::{Elem, Key, Table, Tensor, Typed};
+
+use layout::{CRC_LEN, ENTRY_LEN, HEADER_LEN, LAYER_LEN, header, header_usize, layer as lw, layer_word};
+
+use crate::error::{Error, Field, Result, TensorProblem, What, check_len};
+use crate::kernels::Activation;
+use crate::moe::Combine;
+use crate::quant::{Multiplier, QuantParams};
+use crate::router::{Choice, ONE_Q15, Selection};
+use crate::scratch::{Carve, bytes_for};
+
+/// Most layers a model may have.
+pub const MAX_LAYERS: usize = 64;
+/// Largest width of any layer.
+pub const MAX_DIM: usize = 1 << 20;
+
+/// Model architectures.
+pub mod arch {
+    /// A stack of MoE layers.
+    pub const MOE_STACK: u32 = 1;
+}
+
+/// Everything a layer record says, validated.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct LayerInfo {
+    /// Input width.
+    pub in_dim: usize,
+    /// Output width.
+    pub out_dim: usize,
+    /// Hidden width of each routed expert.
+    pub hidden: usize,
+    /// Routed experts.
+    pub experts: usize,
+    /// Experts chosen per token.
+    pub k: usize,
+    /// [`layout::flags`].
+    pub flags: u32,
+    /// Expert non-linearity.
+    pub act: Activation,
+    /// Numeric type of the gate.
+    pub gate_dtype: LayerDtype,
+    /// Numeric type of the experts.
+    pub expert_dtype: LayerDtype,
+    /// Hidden width of the shared expert (0 without one).
+    pub shared_hidden: usize,
+    /// Expert groups (0 or 1: none).
+    pub n_group: usize,
+    /// Groups kept.
+    pub topk_group: usize,
+    /// Routed scaling factor.
+    pub scaling: f32,
+    /// The same in Q15.
+    pub scaling_q15: i32,
+    /// Input quantization (integer layers).
+    pub input: QuantParams,
+    /// Output quantization (integer layers).
+    pub output: QuantParams,
+    /// Combine parameters (integer layers).
+    pub combine: Combine,
+}
+
+impl LayerInfo {
+    /// Weight and bias bytes per routed expert, and of the whole layer.
+    pub fn is_int(&self) -> bool {
+        self.expert_dtype.is_int()
+    }
+}
+
+fn act_from(code: u32) -> Option<Activation> {
+    Some(match code {
+        0 => Activation::Relu,
+        1 => Activation::Gelu,
+        2 => Activation::GeluTanh,
+        3 => Activation::Silu,
+        _ => return None,
+    })
+}
+
+/// Scratch bytes `Model::infer` needs for the model in `bytes`, from the
+/// header and layer records alone; usable in `const` context, so firmware can
+/// size a `static` buffer at compile time (see [`scratch_len!`](crate::scratch_len)).
+/// Malformed records give an error here and a full diagnosis in
+/// [`Model::parse`].
+pub const fn required_scratch(bytes: &[u8]) -> core::result::Result<usize, Error> {
+    let mut i = 0;
+    while i < 8 {
+        if bytes.len() <= i || bytes[i] != MAGIC[i] {
+            return Err(Error::BadMagic);
+        }
+        i += 1;
+    }
+    let n_layers = match header_usize(bytes, header::N_LAYERS, Field::Layers) {
+        Ok(n) if n >= 1 && n <= MAX_LAYERS => n,
+        Ok(_) => return Err(Error::BadField { field: Field::Layers, layer: 0 }),
+        Err(e) => return Err(e),
+    };
+    let mut max_dim = match header_usize(bytes, header::INPUT_DIM, Field::Dims) {
+        Ok(n) => n,
+        Err(e) => return Err(e),
+    };
+    let mut layer_max = 0usize;
+    let mut l = 0;
+    while l < n_layers {
+        let (Some(out), Some(hidden), Some(e), Some(k), Some(fl), Some(dt), Some(sh)) = (
+            layer_word(bytes, HEADER_LEN, l, lw::OUT_DIM),
+            layer_word(bytes, HEADER_LEN, l, lw::HIDDEN),
+            layer_word(bytes, HEADER_LEN, l, lw::EXPERTS),
+            layer_word(bytes, HEADER_LEN, l, lw::K),
+            layer_word(bytes, HEADER_LEN, l, lw::FLAGS),
+            layer_word(bytes, HEADER_LEN, l, lw::EXPERT_DTYPE),
+            layer_word(bytes, HEADER_LEN, l, lw::SHARED_HIDDEN),
+        ) else {
+            return Err(Error::Truncated { needed: HEADER_LEN + (l + 1) * LAYER_LEN, actual: bytes.len() });
+        };
+        let (out, e, k) = (out as usize, e as usize, k as usize);
+        let buffers = if fl & layout::flags::GATED != 0 { 2 } else { 1 };
+        let shared = if fl & layout::flags::SHARED != 0 { sh as usize } else { 0 };
+        let hidden = if shared > hidden as usize { shared } else { hidden as usize };
+        let hidden_max = hidden.saturating_mul(buffers);
+        let slots = k.saturating_add(1).saturating_mul(out);
+        let need = match LayerDtype::from_code(dt) {
+            Some(LayerDtype::Int8) => bytes_for::<i32>(e)
+                .saturating_add(bytes_for::<i8>(hidden_max))
+                .saturating_add(bytes_for::<i8>(slots)),
+            Some(LayerDtype::Q15) => bytes_for::<i32>(e)
+                .saturating_add(bytes_for::<i16>(hidden_max))
+                .saturating_add(bytes_for::<i16>(slots)),
+            Some(_) => bytes_for::<f32>(e)
+                .saturating_add(bytes_for::<f32>(hidden_max))
+                .saturating_add(bytes_for::<f32>(out)),
+            None => return Err(Error::BadField { field: Field::Dtype, layer: l }),
+        };
+        if need > layer_max {
+            layer_max = need;
+        }
+        if out > max_dim {
+            max_dim = out;
+        }
+        l += 1;
+    }
+    let acts = bytes_for::<f32>(max_dim)
+        .saturating_mul(2)
+        .saturating_add(bytes_for::<i16>(max_dim).saturating_mul(2));
+    Ok(acts.saturating_add(layer_max))
+}
+
+/// A validated model: every offset, size, shape, code and the CRC checked.
+/// Nothing reachable from it panics.
+#[derive(Debug, Clone, Copy)]
+pub struct Model<'a> {
+    bytes: &'a [u8],
+    table: Table<'a>,
+    n_layers: usize,
+    input_dim: usize,
+    output_dim: usize,
+    task: u32,
+}
+
+/// What happened in one layer during [`Model::infer`].
+#[derive(Debug, Clone, Copy)]
+pub struct Step<'s> {
+    /// Layer index.
+    pub layer: usize,
+    /// Experts chosen and their weights (integer layers: Q15 / 32768).
+    pub selection: &'s Selection<f32>,
+    /// Multiply-accumulates done.
+    pub macs: u64,
+    /// Multiply-accumulates with every expert active.
+    pub macs_dense: u64,
+}
+
+impl<'a> Model<'a> {
+    /// Validates `bytes` in full: length, magic, version, CRC, alignment,
+    /// header and layer fields, every tensor entry's codes, order, alignment,
+    /// bounds and size, and that every layer finds each tensor it needs with
+    /// the right shape and type (no size arithmetic can overflow).
+    pub fn parse(bytes: &'a [u8]) -> Result<Self> {
+        if bytes.len() < HEADER_LEN + CRC_LEN {
+            return Err(Error::Truncated { needed: HEADER_LEN + CRC_LEN, actual: bytes.len() });
+        }
+        if bytes[header::MAGIC..header::MAGIC + 8] != MAGIC {
+            return Err(Error::BadMagic);
+        }
+        let version = layout::u16_at(bytes, header::VERSION).unwrap_or(0);
+        if version != VERSION {
+            return Err(Error::Version { found: version });
+        }
+        let h = |at, field| header_usize(bytes, at, field);
+        let total = h(header::TOTAL_LEN, Field::Offsets)?;
+        if total > bytes.len() {
+            return Err(Error::Truncated { needed: total, actual: bytes.len() });
+        }
+        if total < HEADER_LEN + CRC_LEN || total != bytes.len() {
+            return Err(Error::BadField { field: Field::Offsets, layer: 0 });
+        }
+        let payload = total - CRC_LEN;
+        let stored = layout::u32_at(bytes, payload).unwrap_or(0);
+        let computed = layout::crc32(&bytes[..payload]);
+        if stored != computed {
+            return Err(Error::Crc { stored, computed });
+        }
+        let misaligned = bytes.as_ptr() as usize % ALIGN;
+        if misaligned != 0 {
+            return Err(Error::Misaligned { offset: misaligned });
+        }
+        if layout::u16_at(bytes, header::HEADER_LEN) != Some(HEADER_LEN as u16) {
+            return Err(Error::BadField { field: Field::HeaderLen, layer: 0 });
+        }
+        if h(header::ARCH, Field::Arch)? != arch::MOE_STACK as usize {
+            return Err(Error::BadField { field: Field::Arch, layer: 0 });
+        }
+        let task = h(header::TASK, Field::Task)? as u32;
+        if task > 1 {
+            return Err(Error::BadField { field: Field::Task, layer: 0 });
+        }
+        if bytes[header::RESERVED..HEADER_LEN].iter().any(|&b| b != 0) {
+            return Err(Error::BadField { field: Field::Reserved, layer: 0 });
+        }
+        let n_layers = h(header::N_LAYERS, Field::Layers)?;
+        if !(1..=MAX_LAYERS).contains(&n_layers) {
+            return Err(Error::BadField { field: Field::Layers, layer: 0 });
+        }
+        let n_tensors = h(header::N_TENSORS, Field::Tensors)?;
+        let table_offset = HEADER_LEN + n_layers * LAYER_LEN;
+        let table_end = n_tensors.checked_mul(ENTRY_LEN).and_then(|t| t.checked_add(table_offset));
+        let data_offset = h(header::DATA_OFFSET, Field::Offsets)?;
+        let offsets_ok = h(header::LAYERS_OFFSET, Field::Offsets)? == HEADER_LEN
+            && h(header::TABLE_OFFSET, Field::Offsets)? == table_offset
+            && table_end.is_some_and(|end| end <= data_offset)
+            && data_offset % ALIGN == 0
+            && data_offset <= payload;
+        if !offsets_ok {
+            return Err(Error::BadField { field: Field::Offsets, layer: 0 });
+        }
+        let input_dim = h(header::INPUT_DIM, Field::Dims)?;
+        let output_dim = h(header::OUTPUT_DIM, Field::Dims)?;
+
+        let mut prev_out = input_dim;
+        let mut infos = heapless::Vec::<LayerInfo, MAX_LAYERS>::new();
+        for l in 0..n_layers {
+            let info = layer_info(bytes, l)?;
+            if info.in_dim != prev_out {
+                return Err(Error::BadField { field: Field::Dims, layer: l });
+            }
+            prev_out = info.out_dim;
+            let _ = infos.push(info);
+        }
+        if prev_out != output_dim {
+            return Err(Error::BadField { field: Field::Dims, layer: n_layers - 1 });
+        }
+        check_entries(bytes, table_offset, n_tensors, data_offset, payload, &infos)?;
+        let model = Model {
+            bytes,
+            table: Table::new(bytes, table_offset, n_tensors),
+            n_layers,
+            input_dim,
+            output_dim,
+            task,
+        };
+        for (l, info) in infos.iter().enumerate() {
+            layers::build(&model.table, l, info)?;
+        }
+        Ok(model)
+    }
+
+    /// The bytes the model was parsed from.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    /// The tensor table.
+    pub fn table(&self) -> &Table<'a> {
+        &self.table
+    }
+
+    /// Number of MoE layers.
+    pub fn layers(&self) -> usize {
+        self.n_layers
+    }
+
+    /// Input width.
+    pub fn input_dim(&self) -> usize {
+        self.input_dim
+    }
+
+    /// Output width.
+    pub fn output_dim(&self) -> usize {
+        self.output_dim
+    }
+
+    /// True for classifiers (the answer is the argmax of the output).
+    pub fn is_classifier(&self) -> bool {
+        self.task == 0
+    }
+
+    /// Layer `i`'s record.
+    pub fn layer_info(&self, i: usize) -> Result<LayerInfo> {
+        layer_info(self.bytes, i)
+    }
+
+    /// Layer `i`, runnable. Building it costs a few table look-ups; keep it
+    /// for many tokens.
+    pub fn layer(&self, i: usize) -> Result<Layer<'a>> {
+        layers::build(&self.table, i, &self.layer_info(i)?)
+    }
+
+    /// Scratch bytes [`Model::infer`] needs (= [`required_scratch`]).
+    pub fn scratch_bytes(&self) -> usize {
+        required_scratch(self.bytes).unwrap_or(usize::MAX)
+    }
+
+    /// Runs one input through every layer: `x` (input width) to `out`
+    /// (output width), f32 at the edges; integer layers quantize their input
+    /// and dequantize their output with the parameters stored in the model.
+    /// `on_step` sees each layer's choice and work.
+    pub fn infer(
+        &self,
+        x: &[f32],
+        out: &mut [f32],
+        scratch: &mut [u8],
+        mut on_step: impl FnMut(Step<'_>),
+    ) -> Result<()> {
+        check_len(What::Input, self.input_dim, x.len())?;
+        check_len(What::Output, self.output_dim, out.len())?;
+        crate::error::check_finite(What::Input, x)?;
+        let need = self.scratch_bytes();
+        if scratch.len() < need {
+            return Err(Error::ScratchTooSmall { needed: need, actual: scratch.len() });
+        }
+        let max_dim = (0..self.n_layers)
+            .filter_map(|l| self.layer_info(l).ok())
+            .fold(self.input_dim, |m, i| m.max(i.out_dim));
+        let mut carve = Carve::new(scratch);
+        let mut a = carve.take::<f32>(max_dim)?;
+        let mut b = carve.take::<f32>(max_dim)?;
+        let qa = carve.take::<u8>(bytes_for::<i16>(max_dim))?;
+        let qb = carve.take::<u8>(bytes_for::<i16>(max_dim))?;
+        let layer_scratch = carve.rest();
+        a[..x.len()].copy_from_slice(x);
+        let mut width = x.len();
+        for l in 0..self.n_layers {
+            let layer = self.layer(l)?;
+            let (x, y) = (&a[..width], &mut *b);
+            let (sel, out_w, macs) = run_layer(&layer, x, y, qa, qb, layer_scratch)?;
+            on_step(Step { layer: l, selection: &sel, macs: macs.0, macs_dense: macs.1 });
+            width = out_w;
+            core::mem::swap(&mut a, &mut b);
+        }
+        out.copy_from_slice(&a[..width.min(out.len())]);
+        Ok(())
+    }
+}
+
+fn as_f32(sel: &Selection<i32>) -> Selection<f32> {
+    sel.iter().map(|c| Choice { expert: c.expert, weight: c.weight as f32 / ONE_Q15 as f32 }).collect()
+}
+
+type Ran = (Selection<f32>, usize, (u64, u64));
+
+fn run_layer(
+    layer: &Layer<'_>,
+    x: &[f32],
+    y: &mut [f32],
+    qa: &mut [u8],
+    qb: &mut [u8],
+    scratch: &mut [u8],
+) -> Result<Ran> {
+    macro_rules! float {
+        ($l:expr) => {{
+            let out = $l.out_dim();
+            let sel = $l.infer(x, &mut y[..out], scratch)?;
+            let macs = $l.macs(&sel);
+            (sel, out, macs)
+        }};
+    }
+    macro_rules! int {
+        ($l:expr, $t:ty, $input:expr, $output:expr) => {{
+            let (n_in, n_out) = ($l.in_dim(), $l.out_dim());
+            let xq = Carve::new(qa).take::<$t>(n_in)?;
+            let yq = Carve::new(qb).take::<$t>(n_out)?;
+            $input.quantize_slice(x, xq)?;
+            let sel = $l.infer(xq, yq, scratch)?;
+            $output.dequantize_slice(yq, &mut y[..n_out])?;
+            let macs = $l.macs(&sel);
+            (as_f32(&sel), n_out, macs)
+        }};
+    }
+    Ok(match layer {
+        Layer::F32(l) => float!(l),
+        Layer::F16(l) => float!(l),
+        Layer::F32GateF16(l) => float!(l),
+        Layer::F16GateF32(l) => float!(l),
+        Layer::Int8(l, i, o) => int!(l, i8, i, o),
+        Layer::Q15(l, i, o) => int!(l, i16, i, o),
+    })
+}
+
+fn layer_info(bytes: &[u8], l: usize) -> Result<LayerInfo> {
+    let w = |word| {
+        layer_word(bytes, HEADER_LEN, l, word)
+            .ok_or(Error::Truncated { needed: HEADER_LEN + (l + 1) * LAYER_LEN, actual: bytes.len() })
+    };
+    let bad = |field| Error::BadField { field, layer: l };
+    let dim = |word| -> Result<usize> {
+        let v = w(word)? as usize;
+        if (1..=MAX_DIM).contains(&v) { Ok(v) } else { Err(bad(Field::Dims)) }
+    };
+    let flags = w(lw::FLAGS)?;
+    if flags & !layout::flags::ALL != 0 {
+        return Err(bad(Field::Routing));
+    }
+    let dtype = |word| LayerDtype::from_code(w(word).unwrap_or(u32::MAX)).ok_or(bad(Field::Dtype));
+    let (gate_dtype, expert_dtype) = (dtype(lw::GATE_DTYPE)?, dtype(lw::EXPERT_DTYPE)?);
+    if (gate_dtype.is_int() || expert_dtype.is_int()) && gate_dtype != expert_dtype {
+        return Err(bad(Field::Dtype));
+    }
+    let experts = w(lw::EXPERTS)? as usize;
+    let shared_hidden = if flags & layout::flags::SHARED != 0 { dim(lw::SHARED_HIDDEN)? } else { 0 };
+    let f32_at = |word| w(word).map(f32::from_bits);
+    let scaling = f32_at(lw::SCALING)?;
+    if !scaling.is_finite() {
+        return Err(bad(Field::Quant));
+    }
+    let is_int = expert_dtype.is_int();
+    let quant = |scale_word, zp_word| -> Result<QuantParams> {
+        if !is_int {
+            return Ok(QuantParams { scale: 1.0, zero_point: 0 });
+        }
+        QuantParams::new(f32_at(scale_word)?, w(zp_word)? as i32).map_err(|_| bad(Field::Quant))
+    };
+    let combine = layers::combine(
+        w(lw::EXPERT_ZP)? as i32,
+        w(lw::COMBINE_MULT)? as i32,
+        w(lw::COMBINE_SHIFT)? as i32,
+        w(lw::OUT_ZP)? as i32,
+    );
+    if is_int && Multiplier::new(combine.multiplier.multiplier, combine.multiplier.shift).is_err() {
+        return Err(bad(Field::Quant));
+    }
+    if (lw::RESERVED..lw::WORDS).any(|word| w(word).ok() != Some(0)) {
+        return Err(bad(Field::Reserved));
+    }
+    let info = LayerInfo {
+        in_dim: dim(lw::IN_DIM)?,
+        out_dim: dim(lw::OUT_DIM)?,
+        hidden: dim(lw::HIDDEN)?,
+        experts,
+        k: w(lw::K)? as usize,
+        flags,
+        act: act_from(w(lw::ACT)?).ok_or(bad(Field::Activation))?,
+        gate_dtype,
+        expert_dtype,
+        shared_hidden,
+        n_group: w(lw::N_GROUP)? as usize,
+        topk_group: w(lw::TOPK_GROUP)? as usize,
+        scaling,
+        scaling_q15: w(lw::SCALING_Q15)? as i32,
+        input: quant(lw::IN_SCALE, lw::IN_ZP)?,
+        output: quant(lw::OUT_SCALE, lw::OUT_ZP)?,
+        combine,
+    };
+    layers::rule(&info).validate().map_err(|_| bad(Field::Routing))?;
+    Ok(info)
+}
+
+fn check_entries(
+    bytes: &[u8],
+    table_offset: usize,
+    n: usize,
+    data_offset: usize,
+    payload: usize,
+    infos: &[LayerInfo],
+) -> Result<()> {
+    use layout::{dtype, entry, part, role};
+    let mut prev: Option<Key> = None;
+    for index in 0..n {
+        let bad = |problem| Error::BadTensor { index, problem };
+        let at = table_offset + index * ENTRY_LEN;
+        let key = table::key_at(bytes, at).ok_or(bad(TensorProblem::Bounds))?;
+        let code = bytes[at + entry::DTYPE];
+        let info = infos.get(key.layer as usize).ok_or(bad(TensorProblem::Code))?;
+        let expert_ok = (key.expert as usize) < info.experts
+            || key.expert == layout::LAYER_LEVEL
+            || (key.expert == layout::SHARED_EXPERT && info.flags & layout::flags::SHARED != 0);
+        if !expert_ok
+            || key.role >= role::COUNT
+            || key.part >= part::COUNT
+            || dtype::size(code) == 0
+            || bytes[at + entry::RESERVED] != 0
+        {
+            return Err(bad(TensorProblem::Code));
+        }
+        if prev.is_some_and(|p| p >= key) {
+            return Err(bad(TensorProblem::Order));
+        }
+        prev = Some(key);
+        let u = |o| layout::u32_at(bytes, at + o).map(|v| v as usize).ok_or(bad(TensorProblem::Bounds));
+        let (rows, cols, offset, len) =
+            (u(entry::ROWS)?, u(entry::COLS)?, u(entry::OFFSET)?, u(entry::BYTES)?);
+        if offset % ALIGN != 0 || offset < data_offset {
+            return Err(bad(TensorProblem::Alignment));
+        }
+        if offset.checked_add(len).is_none_or(|end| end > payload) {
+            return Err(bad(TensorProblem::Bounds));
+        }
+        let size = rows.checked_mul(cols).and_then(|rc| rc.checked_mul(dtype::size(code)));
+        if size != Some(len) {
+            return Err(bad(TensorProblem::Size));
+        }
+    }
+    Ok(())
+}
+
+/// Places a `.moe` file in the binary (flash) 16-byte aligned, as
+/// [`Model::parse`] needs; evaluates to `&'static [u8]`, usable in `const`.
+///
+/// ```ignore
+/// const MODEL: &[u8] = micromoe::include_model!("../models/digits_int8.moe");
+/// ```
+#[macro_export]
+macro_rules! include_model {
+    ($path:expr) => {{
+        #[repr(C, align(16))]
+        struct Aligned<T: ?Sized>(T);
+        const ALIGNED: &Aligned<[u8]> = &Aligned(*include_bytes!($path));
+        &ALIGNED.0
+    }};
+}
+
+/// The scratch length a model (a `const` byte slice) needs, as a constant:
+/// a malformed model, or a `static` buffer declared from a smaller number,
+/// fails to compile instead of failing in the field.
+///
+/// ```ignore
+/// const MODEL: &[u8] = micromoe::include_model!("digits_int8.moe");
+/// static mut SCRATCH: [u8; micromoe::scratch_len!(MODEL)] = [0; micromoe::scratch_len!(MODEL)];
+/// ```
+#[macro_export]
+macro_rules! scratch_len {
+    ($model:expr) => {
+        match $crate::format::required_scratch($model) {
+            Ok(n) => n,
+            Err(_) => panic!("not a valid .moe model"),
+        }
+    };
+}

@@ -1,0 +1,184 @@
+//! The tensor table: entries sorted by `(layer, expert, role, part)`, found
+//! by binary search, handed out as typed zero-copy slices.
+
+use core::marker::PhantomData;
+
+use super::layout::{ENTRY_LEN, dtype, entry, u16_at, u32_at};
+use crate::error::{Error, Result};
+use crate::quant::f16;
+
+/// An element type a tensor can hold.
+pub trait Elem: bytemuck::Pod {
+    /// Its dtype code.
+    const DTYPE: u8;
+}
+
+impl Elem for f32 {
+    const DTYPE: u8 = dtype::F32;
+}
+impl Elem for f16 {
+    const DTYPE: u8 = dtype::F16;
+}
+impl Elem for i8 {
+    const DTYPE: u8 = dtype::I8;
+}
+impl Elem for i16 {
+    const DTYPE: u8 = dtype::I16;
+}
+impl Elem for i32 {
+    const DTYPE: u8 = dtype::I32;
+}
+impl Elem for i64 {
+    const DTYPE: u8 = dtype::I64;
+}
+
+/// Where a tensor belongs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Key {
+    /// Layer index.
+    pub layer: u16,
+    /// Expert index, or `SHARED_EXPERT` / `LAYER_LEVEL`.
+    pub expert: u16,
+    /// Role code.
+    pub role: u8,
+    /// Part code.
+    pub part: u8,
+}
+
+impl Key {
+    fn missing(self) -> Error {
+        Error::MissingTensor { layer: self.layer, expert: self.expert, role: self.role, part: self.part }
+    }
+}
+
+/// One validated tensor: its place, shape, type, data and zero points.
+#[derive(Debug, Clone, Copy)]
+pub struct Tensor<'a> {
+    /// Where it belongs.
+    pub key: Key,
+    /// Element type code.
+    pub dtype: u8,
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// Zero point of the layer input (quantized linears).
+    pub in_zp: i32,
+    /// Zero point of the layer output (quantized linears).
+    pub out_zp: i32,
+    /// Raw little-endian data, 16-aligned.
+    pub data: &'a [u8],
+}
+
+impl<'a> Tensor<'a> {
+    /// The data as `T`, if the dtype is `T`'s.
+    pub fn slice<T: Elem>(&self) -> Option<&'a [T]> {
+        if self.dtype != T::DTYPE {
+            return None;
+        }
+        bytemuck::try_cast_slice(self.data).ok()
+    }
+}
+
+/// The validated tensor table of a model.
+#[derive(Debug, Clone, Copy)]
+pub struct Table<'a> {
+    bytes: &'a [u8],
+    table_offset: usize,
+    n: usize,
+}
+
+impl<'a> Table<'a> {
+    /// Wraps a table whose entries `parse` has validated.
+    pub(crate) fn new(bytes: &'a [u8], table_offset: usize, n: usize) -> Self {
+        Table { bytes, table_offset, n }
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// True without entries.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Entry `i`; `None` past the end.
+    pub fn get(&self, i: usize) -> Option<Tensor<'a>> {
+        if i >= self.n {
+            return None;
+        }
+        let at = self.table_offset + i * ENTRY_LEN;
+        let b = self.bytes;
+        let key = key_at(b, at)?;
+        let rows = u32_at(b, at + entry::ROWS)? as usize;
+        let cols = u32_at(b, at + entry::COLS)? as usize;
+        let offset = u32_at(b, at + entry::OFFSET)? as usize;
+        let len = u32_at(b, at + entry::BYTES)? as usize;
+        Some(Tensor {
+            key,
+            dtype: *b.get(at + entry::DTYPE)?,
+            rows,
+            cols,
+            in_zp: u32_at(b, at + entry::IN_ZP)? as i32,
+            out_zp: u32_at(b, at + entry::OUT_ZP)? as i32,
+            data: b.get(offset..offset.checked_add(len)?)?,
+        })
+    }
+
+    /// The tensor at `key`, if present.
+    pub fn find(&self, key: Key) -> Option<Tensor<'a>> {
+        let (mut lo, mut hi) = (0, self.n);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match key_at(self.bytes, self.table_offset + mid * ENTRY_LEN)?.cmp(&key) {
+                core::cmp::Ordering::Less => lo = mid + 1,
+                core::cmp::Ordering::Greater => hi = mid,
+                core::cmp::Ordering::Equal => return self.get(mid),
+            }
+        }
+        None
+    }
+
+    /// The tensor at `key` as a `(rows, cols)` array of `T`, or
+    /// [`Error::MissingTensor`] naming it.
+    pub fn need<T: Elem>(&self, key: Key, rows: usize, cols: usize) -> Result<Typed<'a, T>> {
+        let t = self.find(key).ok_or(key.missing())?;
+        let data = t.slice::<T>().ok_or(key.missing())?;
+        if t.rows != rows || t.cols != cols {
+            return Err(key.missing());
+        }
+        Ok(Typed { data, in_zp: t.in_zp, out_zp: t.out_zp, _t: PhantomData })
+    }
+
+    /// Like [`Table::need`], `None` if the tensor is absent (an error if
+    /// present but malformed).
+    pub fn optional<T: Elem>(&self, key: Key, rows: usize, cols: usize) -> Result<Option<&'a [T]>> {
+        match self.find(key) {
+            None => Ok(None),
+            Some(_) => self.need(key, rows, cols).map(|t| Some(t.data)),
+        }
+    }
+}
+
+/// A tensor's data as `T`, with its zero points.
+#[derive(Debug, Clone, Copy)]
+pub struct Typed<'a, T> {
+    /// The elements.
+    pub data: &'a [T],
+    /// Input zero point.
+    pub in_zp: i32,
+    /// Output zero point.
+    pub out_zp: i32,
+    _t: PhantomData<T>,
+}
+
+pub(crate) fn key_at(b: &[u8], at: usize) -> Option<Key> {
+    Some(Key {
+        layer: u16_at(b, at + entry::LAYER)?,
+        expert: u16_at(b, at + entry::EXPERT)?,
+        role: *b.get(at + entry::ROLE)?,
+        part: *b.get(at + entry::PART)?,
+    })
+}

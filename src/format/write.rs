@@ -1,0 +1,379 @@
+//! Writing `.moe` bytes from owned layers (`alloc`), and an aligned heap
+//! buffer to parse them from.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use super::layout::{
+    ALIGN, CRC_LEN, ENTRY_LEN, HEADER_LEN, LAYER_LEN, LAYER_LEVEL, LayerDtype, MAGIC, SHARED_EXPERT, VERSION,
+    crc32, entry, flags, header, layer as lw, part, role,
+};
+use super::table::{Elem, Key};
+use super::{MAX_LAYERS, arch};
+use crate::error::{Error, Field, Result};
+use crate::kernels::{Activation, IntKernel};
+use crate::moe::build::{QExpertBuf, QMoeBuf};
+use crate::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
+use crate::quant::build::QLinearBuf;
+use crate::quant::f16;
+use crate::router::{Rule, Scoring};
+
+/// What the model's output means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Class scores: the answer is the argmax.
+    Classify = 0,
+    /// Values.
+    Regress = 1,
+}
+
+/// One layer to write.
+#[derive(Debug, Clone)]
+pub enum LayerSpec {
+    /// Float weights, stored as f32 or f16 (gate and experts separately).
+    Float {
+        /// The layer, in f32.
+        layer: MoeBuf<f32>,
+        /// How to store the gate: `F32` or `F16`.
+        gate: LayerDtype,
+        /// How to store the experts: `F32` or `F16`.
+        experts: LayerDtype,
+    },
+    /// An int8 layer.
+    Int8(QMoeBuf<i8>),
+    /// A Q15 layer.
+    Q15(QMoeBuf<i16>),
+}
+
+/// A whole model to write.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    /// Classifier or regressor.
+    pub task: Task,
+    /// The layers, first to last; widths must chain.
+    pub layers: Vec<LayerSpec>,
+}
+
+struct Entry {
+    key: Key,
+    dtype: u8,
+    rows: usize,
+    cols: usize,
+    in_zp: i32,
+    out_zp: i32,
+    data: Vec<u8>,
+}
+
+fn entry<T: Elem>(key: Key, rows: usize, cols: usize, data: &[T], zps: (i32, i32)) -> Entry {
+    Entry {
+        key,
+        dtype: T::DTYPE,
+        rows,
+        cols,
+        in_zp: zps.0,
+        out_zp: zps.1,
+        data: bytemuck::cast_slice(data).to_vec(),
+    }
+}
+
+fn key(layer: usize, expert: u16, role: u8, part: u8) -> Key {
+    Key { layer: layer as u16, expert, role, part }
+}
+
+fn act_code(a: Activation) -> u32 {
+    match a {
+        Activation::Relu => 0,
+        Activation::Gelu => 1,
+        Activation::GeluTanh => 2,
+        Activation::Silu => 3,
+    }
+}
+
+fn routing_words(rule: &Rule, words: &mut [u32; lw::WORDS]) -> u32 {
+    words[lw::EXPERTS] = rule.experts as u32;
+    words[lw::K] = rule.k as u32;
+    if let Some(g) = rule.groups {
+        words[lw::N_GROUP] = g.count as u32;
+        words[lw::TOPK_GROUP] = g.keep as u32;
+    }
+    let mut f = 0;
+    if rule.normalize {
+        f |= flags::NORMALIZE;
+    }
+    if rule.scoring == Scoring::Sigmoid {
+        f |= flags::SIGMOID;
+    }
+    f
+}
+
+fn float_linear(out: &mut Vec<Entry>, k: Key, l: &LinearBuf<f32>, dtype: LayerDtype) {
+    match dtype {
+        LayerDtype::F16 => {
+            let w: Vec<f16> = l.weights.iter().map(|&v| f16::from_f32(v)).collect();
+            out.push(entry(k, l.rows, l.cols, &w, (0, 0)));
+        }
+        _ => out.push(entry(k, l.rows, l.cols, &l.weights, (0, 0))),
+    }
+    if let Some(b) = &l.bias {
+        out.push(entry(Key { part: part::BIAS, ..k }, l.rows, 1, b, (0, 0)));
+    }
+}
+
+fn float_expert(out: &mut Vec<Entry>, l: usize, e: u16, x: &ExpertBuf<f32>, dtype: LayerDtype) {
+    float_linear(out, key(l, e, role::UP, part::WEIGHT), &x.up, dtype);
+    if let Some(g) = &x.gate {
+        float_linear(out, key(l, e, role::GATE_PROJ, part::WEIGHT), g, dtype);
+    }
+    float_linear(out, key(l, e, role::DOWN, part::WEIGHT), &x.down, dtype);
+}
+
+fn float_layer(
+    out: &mut Vec<Entry>,
+    l: usize,
+    m: &MoeBuf<f32>,
+    gate: LayerDtype,
+    experts: LayerDtype,
+) -> Result<[u32; lw::WORDS]> {
+    let bad = |field| Error::BadField { field, layer: l };
+    if gate.is_int() || experts.is_int() {
+        return Err(bad(Field::Dtype));
+    }
+    let first = m.experts.first().ok_or(bad(Field::Routing))?;
+    let same_shape = |x: &ExpertBuf<f32>| x.act == first.act && x.gate.is_some() == first.gate.is_some();
+    if !m.experts.iter().all(|x| same_shape(x) && x.up.rows == first.up.rows)
+        || m.shared.as_ref().is_some_and(|(s, _)| !same_shape(s))
+    {
+        return Err(bad(Field::Dims));
+    }
+    let mut w = [0u32; lw::WORDS];
+    let mut f = routing_words(&m.rule, &mut w);
+    w[lw::IN_DIM] = first.up.cols as u32;
+    w[lw::OUT_DIM] = first.down.rows as u32;
+    w[lw::HIDDEN] = first.up.rows as u32;
+    w[lw::ACT] = act_code(first.act);
+    w[lw::GATE_DTYPE] = gate as u32;
+    w[lw::EXPERT_DTYPE] = experts as u32;
+    w[lw::SCALING] = m.scaling.to_bits();
+    w[lw::SCALING_Q15] = (m.scaling * 32768.0).round() as i32 as u32;
+    if first.gate.is_some() {
+        f |= flags::GATED;
+    }
+    float_linear(out, key(l, LAYER_LEVEL, role::GATE, part::WEIGHT), &m.gate, gate);
+    if let Some(b) = &m.bias {
+        f |= flags::SELECTION_BIAS;
+        out.push(entry(key(l, LAYER_LEVEL, role::SELECTION_BIAS, part::WEIGHT), b.len(), 1, b, (0, 0)));
+    }
+    for (e, x) in m.experts.iter().enumerate() {
+        float_expert(out, l, e as u16, x, experts);
+    }
+    if let Some((s, g)) = &m.shared {
+        f |= flags::SHARED;
+        w[lw::SHARED_HIDDEN] = s.up.rows as u32;
+        float_expert(out, l, SHARED_EXPERT, s, experts);
+        if let Some(g) = g {
+            f |= flags::SHARED_GATE;
+            float_linear(out, key(l, SHARED_EXPERT, role::SHARED_GATE, part::WEIGHT), g, experts);
+        }
+    }
+    let any_bias = |x: &ExpertBuf<f32>| x.up.bias.is_some() || x.down.bias.is_some();
+    if m.experts.iter().any(any_bias) {
+        f |= flags::BIASES;
+    }
+    w[lw::FLAGS] = f;
+    Ok(w)
+}
+
+fn int_linear<A: IntKernel>(out: &mut Vec<Entry>, k: Key, q: &QLinearBuf<A>)
+where
+    A::Bias: Elem,
+{
+    let zps = (q.input.zero_point, q.output.zero_point);
+    out.push(entry(k, q.rows, q.cols, &q.weights, zps));
+    if let Some(b) = &q.bias {
+        out.push(entry(Key { part: part::BIAS, ..k }, q.rows, 1, b, (0, 0)));
+    }
+    out.push(entry(Key { part: part::MULTIPLIER, ..k }, q.rows, 1, &q.multipliers, (0, 0)));
+    out.push(entry(Key { part: part::SHIFT, ..k }, q.rows, 1, &q.shifts, (0, 0)));
+}
+
+fn int_expert<A: IntKernel + Elem>(out: &mut Vec<Entry>, l: usize, e: u16, x: &QExpertBuf<A>)
+where
+    A::Bias: Elem,
+{
+    int_linear(out, key(l, e, role::UP, part::WEIGHT), &x.up);
+    if let Some((g, m)) = &x.gate {
+        int_linear(out, key(l, e, role::GATE_PROJ, part::WEIGHT), g);
+        let p = [m.a_zp, m.b_zp, m.out_zp, m.multiplier.multiplier, m.multiplier.shift];
+        out.push(entry(key(l, e, role::MUL, part::WEIGHT), 5, 1, &p, (0, 0)));
+    }
+    int_linear(out, key(l, e, role::DOWN, part::WEIGHT), &x.down);
+    if let Some(t) = &x.lut {
+        out.push(entry(key(l, e, role::LUT, part::WEIGHT), t.len(), 1, t, (0, 0)));
+    }
+}
+
+fn int_layer<A: IntKernel + Elem>(
+    out: &mut Vec<Entry>,
+    l: usize,
+    q: &QMoeBuf<A>,
+    dtype: LayerDtype,
+) -> Result<[u32; lw::WORDS]>
+where
+    A::Bias: Elem,
+{
+    let bad = |field| Error::BadField { field, layer: l };
+    let first = q.experts.first().ok_or(bad(Field::Routing))?;
+    let same_shape = |x: &QExpertBuf<A>| x.act == first.act && x.gate.is_some() == first.gate.is_some();
+    if !q.experts.iter().all(|x| same_shape(x) && x.up.rows == first.up.rows)
+        || q.shared.as_ref().is_some_and(|(s, _)| !same_shape(s))
+    {
+        return Err(bad(Field::Dims));
+    }
+    let mut w = [0u32; lw::WORDS];
+    let mut f = routing_words(&q.rule, &mut w);
+    w[lw::IN_DIM] = first.up.cols as u32;
+    w[lw::OUT_DIM] = first.down.rows as u32;
+    w[lw::HIDDEN] = first.up.rows as u32;
+    w[lw::ACT] = act_code(first.act);
+    w[lw::GATE_DTYPE] = dtype as u32;
+    w[lw::EXPERT_DTYPE] = dtype as u32;
+    w[lw::SCALING] = (q.scaling_q15 as f32 / 32768.0).to_bits();
+    w[lw::SCALING_Q15] = q.scaling_q15 as u32;
+    w[lw::IN_SCALE] = q.input.scale.to_bits();
+    w[lw::IN_ZP] = q.input.zero_point as u32;
+    w[lw::OUT_SCALE] = q.output.scale.to_bits();
+    w[lw::OUT_ZP] = q.output.zero_point as u32;
+    w[lw::EXPERT_ZP] = q.combine.expert_zp as u32;
+    w[lw::COMBINE_MULT] = q.combine.multiplier.multiplier as u32;
+    w[lw::COMBINE_SHIFT] = q.combine.multiplier.shift as u32;
+    if q.combine.out_zp != q.output.zero_point {
+        return Err(bad(Field::Quant));
+    }
+    if first.gate.is_some() {
+        f |= flags::GATED;
+    }
+    int_linear(out, key(l, LAYER_LEVEL, role::GATE, part::WEIGHT), &q.gate);
+    if let Some(b) = &q.bias_q15 {
+        f |= flags::SELECTION_BIAS;
+        out.push(entry(key(l, LAYER_LEVEL, role::SELECTION_BIAS, part::WEIGHT), b.len(), 1, b, (0, 0)));
+    }
+    for (e, x) in q.experts.iter().enumerate() {
+        int_expert(out, l, e as u16, x);
+    }
+    if let Some((s, g)) = &q.shared {
+        f |= flags::SHARED;
+        w[lw::SHARED_HIDDEN] = s.up.rows as u32;
+        int_expert(out, l, SHARED_EXPERT, s);
+        if let Some(g) = g {
+            f |= flags::SHARED_GATE;
+            int_linear(out, key(l, SHARED_EXPERT, role::SHARED_GATE, part::WEIGHT), g);
+        }
+    }
+    if q.experts.iter().any(|x| x.up.bias.is_some() || x.down.bias.is_some()) {
+        f |= flags::BIASES;
+    }
+    w[lw::FLAGS] = f;
+    Ok(w)
+}
+
+fn align(n: usize) -> usize {
+    n.div_ceil(ALIGN) * ALIGN
+}
+
+fn put_u32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Serializes `spec` (validated by parsing the result before it is returned).
+pub fn write(spec: &ModelSpec) -> Result<Vec<u8>> {
+    let n_layers = spec.layers.len();
+    if !(1..=MAX_LAYERS).contains(&n_layers) {
+        return Err(Error::BadField { field: Field::Layers, layer: 0 });
+    }
+    let mut entries = Vec::new();
+    let mut records = Vec::with_capacity(n_layers);
+    for (l, layer) in spec.layers.iter().enumerate() {
+        records.push(match layer {
+            LayerSpec::Float { layer, gate, experts } => {
+                float_layer(&mut entries, l, layer, *gate, *experts)?
+            }
+            LayerSpec::Int8(q) => int_layer(&mut entries, l, q, LayerDtype::Int8)?,
+            LayerSpec::Q15(q) => int_layer(&mut entries, l, q, LayerDtype::Q15)?,
+        });
+    }
+    entries.sort_by_key(|e| e.key);
+    let table_offset = HEADER_LEN + n_layers * LAYER_LEN;
+    let data_offset = align(table_offset + entries.len() * ENTRY_LEN);
+    let mut offsets = Vec::with_capacity(entries.len());
+    let mut end = data_offset;
+    for e in &entries {
+        offsets.push(end);
+        end = align(end + e.data.len());
+    }
+    let total = end + CRC_LEN;
+    let too_big = |_| Error::BadField { field: Field::Offsets, layer: 0 };
+    let total_u32 = u32::try_from(total).map_err(too_big)?;
+    let mut b = vec![0u8; total];
+    b[..8].copy_from_slice(&MAGIC);
+    b[header::VERSION..header::VERSION + 2].copy_from_slice(&VERSION.to_le_bytes());
+    b[header::HEADER_LEN..header::HEADER_LEN + 2].copy_from_slice(&(HEADER_LEN as u16).to_le_bytes());
+    put_u32(&mut b, header::TOTAL_LEN, total_u32);
+    put_u32(&mut b, header::ARCH, arch::MOE_STACK);
+    put_u32(&mut b, header::TASK, spec.task as u32);
+    put_u32(&mut b, header::INPUT_DIM, records[0][lw::IN_DIM]);
+    put_u32(&mut b, header::OUTPUT_DIM, records[n_layers - 1][lw::OUT_DIM]);
+    put_u32(&mut b, header::N_LAYERS, n_layers as u32);
+    put_u32(&mut b, header::N_TENSORS, entries.len() as u32);
+    put_u32(&mut b, header::LAYERS_OFFSET, HEADER_LEN as u32);
+    put_u32(&mut b, header::TABLE_OFFSET, table_offset as u32);
+    put_u32(&mut b, header::DATA_OFFSET, data_offset as u32);
+    for (l, words) in records.iter().enumerate() {
+        for (i, &v) in words.iter().enumerate() {
+            put_u32(&mut b, HEADER_LEN + l * LAYER_LEN + 4 * i, v);
+        }
+    }
+    for (i, (e, &offset)) in entries.iter().zip(&offsets).enumerate() {
+        let at = table_offset + i * ENTRY_LEN;
+        b[at + entry::LAYER..at + entry::LAYER + 2].copy_from_slice(&e.key.layer.to_le_bytes());
+        b[at + entry::EXPERT..at + entry::EXPERT + 2].copy_from_slice(&e.key.expert.to_le_bytes());
+        b[at + entry::ROLE] = e.key.role;
+        b[at + entry::PART] = e.key.part;
+        b[at + entry::DTYPE] = e.dtype;
+        put_u32(&mut b, at + entry::ROWS, e.rows as u32);
+        put_u32(&mut b, at + entry::COLS, e.cols as u32);
+        put_u32(&mut b, at + entry::OFFSET, offset as u32);
+        put_u32(&mut b, at + entry::BYTES, e.data.len() as u32);
+        put_u32(&mut b, at + entry::IN_ZP, e.in_zp as u32);
+        put_u32(&mut b, at + entry::OUT_ZP, e.out_zp as u32);
+        b[offset..offset + e.data.len()].copy_from_slice(&e.data);
+    }
+    let crc = crc32(&b[..total - CRC_LEN]);
+    put_u32(&mut b, total - CRC_LEN, crc);
+    super::Model::parse(&AlignedBytes::from(&b[..]))?;
+    Ok(b)
+}
+
+/// Bytes on the heap starting at a 16-byte aligned address, for
+/// [`Model::parse`](super::Model::parse) of a file read at run time.
+#[derive(Debug, Clone)]
+pub struct AlignedBytes {
+    buf: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl From<&[u8]> for AlignedBytes {
+    fn from(bytes: &[u8]) -> Self {
+        let mut buf = vec![0u8; bytes.len() + ALIGN - 1];
+        let start = buf.as_ptr().align_offset(ALIGN).min(ALIGN - 1);
+        buf[start..start + bytes.len()].copy_from_slice(bytes);
+        AlignedBytes { buf, start, len: bytes.len() }
+    }
+}
+
+impl core::ops::Deref for AlignedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..self.start + self.len]
+    }
+}

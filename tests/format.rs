@@ -1,0 +1,303 @@
+//! The `.moe` container: lossless write -> parse, and every malformed model
+//! refused with a specific error, never a panic.
+
+mod common;
+
+use common::{Fixture, model, to_f16};
+use micromoe::error::{Error, Field, What};
+use micromoe::format::write::{AlignedBytes, LayerSpec, ModelSpec, Task, write};
+use micromoe::format::{LayerDtype, Model, layout, required_scratch};
+use micromoe::moe::build::QMoeBuf;
+
+fn float_spec(name: &str, gate: LayerDtype, experts: LayerDtype) -> (Fixture, ModelSpec) {
+    let fx = Fixture::load(name);
+    let layer = model(&fx);
+    (fx, ModelSpec { task: Task::Regress, layers: vec![LayerSpec::Float { layer, gate, experts }] })
+}
+
+fn int_spec(name: &str, q15: bool) -> (Fixture, ModelSpec) {
+    let fx = Fixture::load(name);
+    let m = model(&fx);
+    let views = m.expert_views().unwrap();
+    let layer = m.layer(&views).unwrap();
+    let spec = if q15 {
+        LayerSpec::Q15(QMoeBuf::quantize(&layer, fx.f32("x")).unwrap())
+    } else {
+        LayerSpec::Int8(QMoeBuf::quantize(&layer, fx.f32("x")).unwrap())
+    };
+    (fx, ModelSpec { task: Task::Regress, layers: vec![spec] })
+}
+
+/// Runs every fixture token through the parsed model; returns outputs and experts.
+fn run(bytes: &[u8], fx: &Fixture) -> Vec<(Vec<f32>, Vec<u16>)> {
+    let aligned = AlignedBytes::from(bytes);
+    let model = Model::parse(&aligned).unwrap();
+    let mut scratch = vec![0u8; model.scratch_bytes()];
+    (0..fx.tokens())
+        .map(|t| {
+            let mut y = vec![0.0; model.output_dim()];
+            let mut experts = vec![];
+            model
+                .infer(fx.row("x", t), &mut y, &mut scratch, |s| {
+                    experts = s.selection.iter().map(|c| c.expert).collect()
+                })
+                .unwrap();
+            (y, experts)
+        })
+        .collect()
+}
+
+#[test]
+fn float_models_round_trip_bit_for_bit() {
+    for (name, gate, experts, conv) in [
+        ("qwen2moe_h16_e4_k1_norm", LayerDtype::F32, LayerDtype::F32, None),
+        ("glam_mlp_relu_h24_e8_k2", LayerDtype::F32, LayerDtype::F32, None),
+        ("mixtral_h32_e8_k2", LayerDtype::F16, LayerDtype::F16, Some(to_f16 as fn(f32) -> _)),
+    ] {
+        let (fx, spec) = float_spec(name, gate, experts);
+        let bytes = write(&spec).unwrap();
+        // The same layer in memory, with the weights the file holds.
+        let m = model(&fx);
+        let got = run(&bytes, &fx);
+        let mut scratch = vec![0u8; 4096];
+        for (t, (y, experts)) in got.iter().enumerate() {
+            let mut want = vec![0.0f32; y.len()];
+            let sel = match conv {
+                None => {
+                    let views = m.expert_views().unwrap();
+                    m.layer(&views).unwrap().infer(fx.row("x", t), &mut want, &mut scratch).unwrap()
+                }
+                Some(c) => {
+                    let m16 = m.convert(c);
+                    let views = m16.expert_views().unwrap();
+                    m16.layer(&views).unwrap().infer(fx.row("x", t), &mut want, &mut scratch).unwrap()
+                }
+            };
+            assert_eq!(
+                y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{name} {t}"
+            );
+            assert_eq!(experts, &sel.iter().map(|c| c.expert).collect::<Vec<_>>());
+        }
+        // Every stored weight is the source weight (f32) or its f16 rounding.
+        let aligned = AlignedBytes::from(&bytes[..]);
+        let parsed = Model::parse(&aligned).unwrap();
+        let key = |expert, role| micromoe::format::Key { layer: 0, expert, role, part: layout::part::WEIGHT };
+        let up = parsed.table().find(key(1, layout::role::UP)).unwrap();
+        match conv {
+            None => assert_eq!(up.slice::<f32>().unwrap(), &m.experts[1].up.weights[..]),
+            Some(_) => {
+                let w: Vec<_> = m.experts[1].up.weights.iter().map(|&v| to_f16(v)).collect();
+                assert_eq!(up.slice::<micromoe::quant::f16>().unwrap(), &w[..]);
+            }
+        }
+        // Writing is deterministic.
+        assert_eq!(write(&spec).unwrap(), bytes);
+    }
+}
+
+#[test]
+fn integer_models_round_trip_bit_for_bit() {
+    for q15 in [false, true] {
+        let (fx, spec) = int_spec("qwen2moe_h24_e6_k3_norm", q15);
+        let bytes = write(&spec).unwrap();
+        let got = run(&bytes, &fx);
+        for (t, (y, experts)) in got.iter().enumerate() {
+            let mut want = vec![0.0f32; y.len()];
+            let sel = match &spec.layers[0] {
+                LayerSpec::Int8(q) => infer_int(q, fx.row("x", t), &mut want),
+                LayerSpec::Q15(q) => infer_int(q, fx.row("x", t), &mut want),
+                _ => unreachable!(),
+            };
+            assert_eq!(y, &want, "q15={q15} token {t}");
+            assert_eq!(experts, &sel);
+        }
+    }
+}
+
+fn infer_int<A: micromoe::kernels::IntKernel>(q: &QMoeBuf<A>, x: &[f32], y: &mut [f32]) -> Vec<u16> {
+    let views = q.expert_views().unwrap();
+    let layer = q.layer(&views).unwrap();
+    let mut scratch = vec![0u8; layer.scratch_bytes()];
+    let (mut xq, mut yq) = (vec![A::default(); x.len()], vec![A::default(); y.len()]);
+    q.input.quantize_slice(x, &mut xq).unwrap();
+    let sel = layer.infer(&xq, &mut yq, &mut scratch).unwrap();
+    q.output.dequantize_slice(&yq, y).unwrap();
+    sel.iter().map(|c| c.expert).collect()
+}
+
+fn small_model() -> Vec<u8> {
+    let (_, spec) = int_spec("switch_mlp_gelu_h16_e4", false);
+    write(&spec).unwrap()
+}
+
+fn parse(bytes: &[u8]) -> Result<(), Error> {
+    let aligned = AlignedBytes::from(bytes);
+    Model::parse(&aligned).map(|_| ())
+}
+
+/// Rewrites the CRC so a change reaches the checks behind it.
+fn fix_crc(b: &mut [u8]) {
+    let n = b.len() - 4;
+    let crc = layout::crc32(&b[..n]);
+    b[n..].copy_from_slice(&crc.to_le_bytes());
+}
+
+#[test]
+fn every_truncation_is_refused() {
+    let bytes = small_model();
+    parse(&bytes).unwrap();
+    for n in 0..bytes.len() {
+        match parse(&bytes[..n]) {
+            Err(Error::Truncated { actual, .. }) => assert_eq!(actual, n),
+            other => panic!("truncated to {n}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn every_bit_flip_is_refused() {
+    let bytes = small_model();
+    let mut b = bytes.clone();
+    for i in 0..b.len() {
+        for bit in 0..8 {
+            b[i] ^= 1 << bit;
+            let r = parse(&b);
+            assert!(r.is_err(), "flip {i}.{bit} accepted");
+            if i >= 12 {
+                assert!(
+                    matches!(
+                        r,
+                        Err(Error::Crc { .. }) | Err(Error::Truncated { .. }) | Err(Error::BadField { .. })
+                    ),
+                    "{i}.{bit}: {r:?}"
+                );
+            }
+            b[i] ^= 1 << bit;
+        }
+    }
+}
+
+#[test]
+fn header_damage_gets_specific_errors() {
+    let bytes = small_model();
+    let edit = |at: usize, v: &[u8]| {
+        let mut b = bytes.clone();
+        b[at..at + v.len()].copy_from_slice(v);
+        fix_crc(&mut b);
+        parse(&b)
+    };
+    assert_eq!(edit(0, b"MICROMOF"), Err(Error::BadMagic));
+    assert_eq!(edit(8, &2u16.to_le_bytes()), Err(Error::Version { found: 2 }));
+    assert_eq!(edit(16, &7u32.to_le_bytes()), Err(Error::BadField { field: Field::Arch, layer: 0 }));
+    assert_eq!(edit(32, &0u32.to_le_bytes()), Err(Error::BadField { field: Field::Layers, layer: 0 }));
+    assert_eq!(edit(36, &u32::MAX.to_le_bytes()), Err(Error::BadField { field: Field::Offsets, layer: 0 }));
+    assert_eq!(edit(56, &[1]), Err(Error::BadField { field: Field::Reserved, layer: 0 }));
+    // Huge dimensions in the layer record.
+    assert_eq!(edit(64, &u32::MAX.to_le_bytes()), Err(Error::BadField { field: Field::Dims, layer: 0 }));
+    assert_eq!(
+        edit(64 + 8, &0x4000_0000u32.to_le_bytes()),
+        Err(Error::BadField { field: Field::Dims, layer: 0 })
+    );
+    // k above the number of experts.
+    assert_eq!(edit(64 + 16, &9u32.to_le_bytes()), Err(Error::BadField { field: Field::Routing, layer: 0 }));
+    // A tensor claiming more rows than its data holds.
+    let table = 64 + 96;
+    let r = edit(table + 8, &0x0100_0000u32.to_le_bytes());
+    assert!(matches!(r, Err(Error::BadTensor { index: 0, .. })), "{r:?}");
+    // A tensor pointing past the end, or at a misaligned offset.
+    let r = edit(table + 16, &0x7FFF_FFF0u32.to_le_bytes());
+    assert!(matches!(r, Err(Error::BadTensor { index: 0, .. })), "{r:?}");
+    let r = edit(
+        table + 16 + 32,
+        &(u32::from_le_bytes(bytes[table + 48..table + 52].try_into().unwrap()) + 4).to_le_bytes(),
+    );
+    assert!(matches!(r, Err(Error::BadTensor { index: 1, .. })), "{r:?}");
+    // Two entries swapped out of order.
+    let mut b = bytes.clone();
+    let (e0, e1) = (table..table + 32, table + 32..table + 64);
+    let first: Vec<u8> = b[e0.clone()].to_vec();
+    b.copy_within(e1.clone(), e0.start);
+    b[e1].copy_from_slice(&first);
+    fix_crc(&mut b);
+    assert!(matches!(parse(&b), Err(Error::BadTensor { index: 1, .. })), "{:?}", parse(&b));
+}
+
+#[test]
+fn misaligned_buffers_and_wrong_inputs_are_refused() {
+    let bytes = small_model();
+    let mut buf = vec![0u8; bytes.len() + 32];
+    let start = buf.as_ptr().align_offset(16);
+    for shift in 1..16 {
+        buf[start + shift..start + shift + bytes.len()].copy_from_slice(&bytes);
+        assert_eq!(
+            Model::parse(&buf[start + shift..start + shift + bytes.len()]).unwrap_err(),
+            Error::Misaligned { offset: shift }
+        );
+    }
+    let aligned = AlignedBytes::from(&bytes[..]);
+    let model = Model::parse(&aligned).unwrap();
+    let mut scratch = vec![0u8; model.scratch_bytes()];
+    let mut y = vec![0.0; model.output_dim()];
+    let x = vec![0.5; model.input_dim()];
+    assert_eq!(
+        model.infer(&x[1..], &mut y, &mut scratch, |_| {}).unwrap_err(),
+        Error::Shape { what: What::Input, expected: x.len(), actual: x.len() - 1 }
+    );
+    assert!(matches!(
+        model.infer(&x, &mut y[1..], &mut scratch, |_| {}),
+        Err(Error::Shape { what: What::Output, .. })
+    ));
+    let mut nan = x.clone();
+    nan[3] = f32::NAN;
+    assert_eq!(
+        model.infer(&nan, &mut y, &mut scratch, |_| {}).unwrap_err(),
+        Error::NonFinite { what: What::Input, index: 3 }
+    );
+    let need = model.scratch_bytes();
+    assert_eq!(required_scratch(&bytes), Ok(need));
+    assert_eq!(
+        model.infer(&x, &mut y, &mut scratch[..need - 1], |_| {}).unwrap_err(),
+        Error::ScratchTooSmall { needed: need, actual: need - 1 }
+    );
+    model.infer(&x, &mut y, &mut scratch[..need], |_| {}).unwrap();
+}
+
+/// A bounded stand-in for the fuzz target that runs on stable in CI:
+/// random byte edits with a valid CRC, then parse and (if accepted) infer.
+#[test]
+fn random_edits_never_panic() {
+    let bytes = small_model();
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut accepted, mut refused) = (0, 0);
+    for _ in 0..3000 {
+        let mut b = bytes.clone();
+        for _ in 0..1 + next() % 4 {
+            let at = (next() % (b.len() as u64 - 4)) as usize;
+            // Aim most edits at the header, records and table, where the checks are.
+            let at = if next() % 4 != 0 { at % (64 + 96 + 32 * 20) } else { at };
+            b[at] = next() as u8;
+        }
+        fix_crc(&mut b);
+        let aligned = AlignedBytes::from(&b[..]);
+        match Model::parse(&aligned) {
+            Ok(model) => {
+                accepted += 1;
+                let mut scratch = vec![0u8; model.scratch_bytes().min(1 << 20)];
+                let mut y = vec![0.0; model.output_dim().min(1 << 16)];
+                let x = vec![0.25; model.input_dim().min(1 << 16)];
+                let _ = model.infer(&x, &mut y, &mut scratch, |_| {});
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    println!("random edits: {accepted} accepted, {refused} refused");
+    assert!(refused > 1000);
+}
