@@ -9,6 +9,8 @@ extern crate alloc;
 pub mod error;
 pub mod expert;
 pub mod format;
+#[cfg(feature = "std")]
+pub mod host;
 pub mod kernels;
 pub mod moe;
 pub mod quant;

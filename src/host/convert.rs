@@ -1,0 +1,213 @@
+//! Checkpoint directory -> `.moe` bytes.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::checkpoint::{Checkpoint, HostError, read_inputs};
+use crate::format::LayerDtype;
+use crate::format::write::{LayerSpec, ModelSpec, Task, write};
+use crate::kernels::Activation;
+use crate::moe::build::QMoeBuf;
+use crate::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
+use crate::router::Rule;
+
+/// Numeric type to convert to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    /// f32 weights.
+    F32,
+    /// f16 weights.
+    F16,
+    /// int8 weights and activations (needs calibration inputs).
+    Int8,
+    /// int8 weights, Q15 activations (needs calibration inputs).
+    Q15,
+}
+
+impl Dtype {
+    /// From `f32`, `f16`, `int8`, `q15`.
+    pub fn parse(s: &str) -> Option<Dtype> {
+        Some(match s {
+            "f32" => Dtype::F32,
+            "f16" => Dtype::F16,
+            "int8" => Dtype::Int8,
+            "q15" => Dtype::Q15,
+            _ => return None,
+        })
+    }
+}
+
+struct Cfg<'a> {
+    v: &'a Value,
+    at: String,
+}
+
+impl Cfg<'_> {
+    fn field(&self, key: &str) -> Option<&Value> {
+        self.v.get(key)
+    }
+
+    fn usize(&self, key: &str) -> Result<usize, HostError> {
+        self.field(key)
+            .and_then(Value::as_u64)
+            .filter(|&n| n > 0 && n <= u32::MAX as u64)
+            .map(|n| n as usize)
+            .ok_or_else(|| HostError::Config(format!("{}{key}: expected a positive integer", self.at)))
+    }
+
+    fn usize_or(&self, key: &str, default: usize) -> Result<usize, HostError> {
+        if self.field(key).is_none() { Ok(default) } else { self.usize(key) }
+    }
+
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool, HostError> {
+        match self.field(key) {
+            None => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| HostError::Config(format!("{}{key}: expected true or false", self.at))),
+        }
+    }
+
+    fn str(&self, key: &str) -> Result<&str, HostError> {
+        self.field(key).and_then(Value::as_str).ok_or_else(|| HostError::Config(format!("{}{key}: expected a string", self.at)))
+    }
+}
+
+fn activation(c: &Cfg<'_>) -> Result<Activation, HostError> {
+    Ok(match c.str("activation")? {
+        "relu" => Activation::Relu,
+        "gelu" => Activation::Gelu,
+        "gelu_tanh" | "gelu_pytorch_tanh" => Activation::GeluTanh,
+        "silu" | "swish" => Activation::Silu,
+        a => return Err(HostError::Config(format!("{}activation: unknown {a:?} (relu, gelu, gelu_tanh, silu)", c.at))),
+    })
+}
+
+fn linear(ck: &Checkpoint, name: &str, rows: usize, cols: usize, bias: bool) -> Result<LinearBuf<f32>, HostError> {
+    let w = ck.tensor(&format!("{name}.weight"), &[rows, cols])?;
+    let b = if bias { Some(ck.tensor(&format!("{name}.bias"), &[rows])?) } else { None };
+    Ok(LinearBuf::new(w, b, rows, cols))
+}
+
+fn expert(ck: &Checkpoint, name: &str, dims: (usize, usize, usize), gated: bool, bias: bool, act: Activation) -> Result<ExpertBuf<f32>, HostError> {
+    let (inp, hidden, out) = dims;
+    let up = linear(ck, &format!("{name}.up"), hidden, inp, bias)?;
+    let down = linear(ck, &format!("{name}.down"), out, hidden, bias)?;
+    if gated {
+        Ok(ExpertBuf::gated(linear(ck, &format!("{name}.gate_proj"), hidden, inp, bias)?, up, down, act))
+    } else {
+        Ok(ExpertBuf::mlp(up, down, act))
+    }
+}
+
+fn layer(ck: &Checkpoint, l: usize, v: &Value) -> Result<MoeBuf<f32>, HostError> {
+    let c = Cfg { v, at: format!("layers[{l}].") };
+    let (inp, out, hidden) = (c.usize("in_dim")?, c.usize("out_dim")?, c.usize("hidden")?);
+    let (experts, k) = (c.usize("experts")?, c.usize("k")?);
+    let act = activation(&c)?;
+    let (gated, bias) = (c.bool_or("gated", false)?, c.bool_or("bias", false)?);
+    let mut scaling = 1.0;
+    let rule = match c.str("router")? {
+        "switch" if k == 1 => Rule::switch(experts),
+        "switch" => return Err(HostError::Config(format!("{}k: switch routing is top-1", c.at))),
+        "mixtral" => Rule::mixtral(experts, k),
+        "qwen2_moe" => Rule::qwen2_moe(experts, k, c.bool_or("norm_topk_prob", false)?),
+        "deepseek_v3" => {
+            scaling = match c.field("routed_scaling_factor") {
+                None => 1.0,
+                Some(v) => v.as_f64().ok_or_else(|| HostError::Config(format!("{}routed_scaling_factor: expected a number", c.at)))? as f32,
+            };
+            let (groups, keep) = (c.usize_or("n_group", 1)?, c.usize_or("topk_group", 1)?);
+            Rule::deepseek_v3(experts, k, groups, keep, c.bool_or("norm_topk_prob", true)?)
+        }
+        r => return Err(HostError::Config(format!("{}router: unknown {r:?} (switch, mixtral, qwen2_moe, deepseek_v3)", c.at))),
+    };
+    rule.validate().map_err(|e| HostError::Config(format!("{}: {e}", c.at.trim_end_matches('.'))))?;
+    let p = format!("layers.{l}");
+    let gate = linear(ck, &format!("{p}.gate"), experts, inp, false)?;
+    let experts_buf = (0..experts)
+        .map(|e| expert(ck, &format!("{p}.experts.{e}"), (inp, hidden, out), gated, bias, act))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut m = MoeBuf::new(gate, experts_buf, rule);
+    m.scaling = scaling;
+    m.bias = ck.optional(&format!("{p}.gate.e_score_correction_bias"), &[experts])?;
+    let shared_hidden = if c.field("shared_hidden").is_some_and(|v| v.as_u64() == Some(0)) { 0 } else { c.usize_or("shared_hidden", 0)? };
+    if shared_hidden > 0 {
+        let s = expert(ck, &format!("{p}.shared_expert"), (inp, shared_hidden, out), gated, bias, act)?;
+        let g = if c.bool_or("shared_gate", false)? { Some(linear(ck, &format!("{p}.shared_expert_gate"), 1, inp, false)?) } else { None };
+        m.shared = Some((s, g));
+    }
+    Ok(m)
+}
+
+/// Converts the checkpoint in `dir` to `.moe` bytes of `dtype` (the gate in
+/// `gate_dtype` for float models, e.g. an f32 router over f16 experts).
+/// Integer types need `calibration`: representative inputs (see
+/// [`read_inputs`]), from which activation ranges are measured.
+pub fn convert(dir: &Path, dtype: Dtype, gate_dtype: Option<Dtype>, calibration: Option<&Path>) -> Result<Vec<u8>, HostError> {
+    let ck = Checkpoint::open(dir)?;
+    let root = Cfg { v: &ck.config, at: String::new() };
+    match root.str("architecture")? {
+        "moe_mlp" => {}
+        a @ ("MixtralForCausalLM" | "Qwen2MoeForCausalLM") => {
+            return Err(HostError::Config(format!("architecture: {a} (decoders) is not supported yet")));
+        }
+        a => return Err(HostError::Config(format!("architecture: unknown {a:?} (moe_mlp)"))),
+    }
+    let task = match root.str("task")? {
+        "classify" => Task::Classify,
+        "regress" => Task::Regress,
+        t => return Err(HostError::Config(format!("task: unknown {t:?} (classify, regress)"))),
+    };
+    let layers_v = ck.config.get("layers").and_then(Value::as_array).filter(|a| !a.is_empty())
+        .ok_or_else(|| HostError::Config("layers: expected a non-empty array".into()))?;
+    let input_dim = root.usize("input_dim")?;
+    let mut layers = Vec::new();
+    let mut width = input_dim;
+    for (l, v) in layers_v.iter().enumerate() {
+        let m = layer(&ck, l, v)?;
+        let in_dim = m.gate.cols;
+        if in_dim != width {
+            return Err(HostError::Config(format!("layers[{l}].in_dim: {in_dim}, but the input to this layer is {width} wide")));
+        }
+        width = m.experts[0].down.rows;
+        layers.push(m);
+    }
+    ck.check_all_used()?;
+
+    let float_dtype = |d: Dtype| match d {
+        Dtype::F16 => LayerDtype::F16,
+        _ => LayerDtype::F32,
+    };
+    let mut calib = match (dtype, calibration) {
+        (Dtype::Int8 | Dtype::Q15, Some(p)) => Some(read_inputs(p, input_dim)?),
+        (Dtype::Int8 | Dtype::Q15, None) => {
+            return Err(HostError::Input("int8 and q15 need --calibration FILE (representative inputs)".into()));
+        }
+        _ => None,
+    };
+    let mut specs = Vec::new();
+    for m in layers {
+        let spec = match (dtype, &mut calib) {
+            (Dtype::Int8 | Dtype::Q15, Some(x)) => {
+                let views = m.expert_views()?;
+                let layer = m.layer(&views)?;
+                let spec = if dtype == Dtype::Int8 {
+                    LayerSpec::Int8(QMoeBuf::quantize(&layer, x)?)
+                } else {
+                    LayerSpec::Q15(QMoeBuf::quantize(&layer, x)?)
+                };
+                // The next layer is calibrated on this layer's float outputs.
+                let mut scratch = vec![0u8; layer.scratch_bytes()];
+                let mut next = vec![0.0; x.len() / layer.in_dim() * layer.out_dim()];
+                for (xi, yi) in x.chunks_exact(layer.in_dim()).zip(next.chunks_exact_mut(layer.out_dim())) {
+                    layer.infer(xi, yi, &mut scratch)?;
+                }
+                *x = next;
+                spec
+            }
+            _ => LayerSpec::Float { layer: m, gate: float_dtype(gate_dtype.unwrap_or(dtype)), experts: float_dtype(dtype) },
+        };
+        specs.push(spec);
+    }
+    Ok(write(&ModelSpec { task, layers: specs })?)
+}
