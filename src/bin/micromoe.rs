@@ -139,5 +139,8 @@ fn run(cli: Cli) -> Result<(), HostError> {
 }
 
 fn argmax(y: &[f32]) -> usize {
-    y.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0
+    y.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+        .0
 }

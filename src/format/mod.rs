@@ -611,8 +611,11 @@ fn check_entries(
 /// Places a `.moe` file in the binary (flash) 16-byte aligned, as
 /// [`Model::parse`] needs; evaluates to `&'static [u8]`, usable in `const`.
 ///
-/// ```ignore
-/// const MODEL: &[u8] = micromoe::include_model!("../models/digits_int8.moe");
+/// ```
+/// // Firmware writes a path relative to the source file: include_model!("../models/digits_int8.moe").
+/// const MODEL: &[u8] = micromoe::include_model!(concat!(env!("CARGO_MANIFEST_DIR"), "/models/digits/digits_int8.moe"));
+/// assert_eq!(MODEL.as_ptr() as usize % 16, 0);
+/// assert!(micromoe::Model::parse(MODEL).is_ok());
 /// ```
 #[macro_export]
 macro_rules! include_model {
@@ -628,9 +631,14 @@ macro_rules! include_model {
 /// a malformed model, or a `static` buffer declared from a smaller number,
 /// fails to compile instead of failing in the field.
 ///
-/// ```ignore
-/// const MODEL: &[u8] = micromoe::include_model!("digits_int8.moe");
-/// static mut SCRATCH: [u8; micromoe::scratch_len!(MODEL)] = [0; micromoe::scratch_len!(MODEL)];
+/// ```
+/// const MODEL: &[u8] = micromoe::include_model!(concat!(env!("CARGO_MANIFEST_DIR"), "/models/digits/digits_int8.moe"));
+/// const SCRATCH: usize = micromoe::scratch_len!(MODEL);
+/// // On a microcontroller: a `static` (behind a critical-section Mutex) or a stack array.
+/// let mut scratch = [0u8; SCRATCH];
+/// let model = micromoe::Model::parse(MODEL).unwrap();
+/// let mut y = [0.0f32; 10];
+/// model.infer(&[0.5; 64], &mut y, &mut scratch, |_| {}).unwrap();
 /// ```
 #[macro_export]
 macro_rules! scratch_len {

@@ -154,7 +154,7 @@ fn float_layer(
     w[lw::GATE_DTYPE] = gate as u32;
     w[lw::EXPERT_DTYPE] = experts as u32;
     w[lw::SCALING] = m.scaling.to_bits();
-    w[lw::SCALING_Q15] = (m.scaling * 32768.0).round() as i32 as u32;
+    w[lw::SCALING_Q15] = libm::roundf(m.scaling * 32768.0) as i32 as u32;
     if first.gate.is_some() {
         f |= flags::GATED;
     }

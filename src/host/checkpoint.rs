@@ -54,14 +54,24 @@ fn read(path: &Path) -> Result<Vec<u8>, HostError> {
 /// Tensors of one safetensors file as f32, with shapes.
 fn load_file(path: &Path, into: &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Result<(), HostError> {
     let bytes = read(path)?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| HostError::Parse(path.to_path_buf(), e.to_string()))?;
+    let st =
+        SafeTensors::deserialize(&bytes).map_err(|e| HostError::Parse(path.to_path_buf(), e.to_string()))?;
     for (name, view) in st.tensors() {
         let data = view.data();
         let values: Vec<f32> = match view.dtype() {
-            StDtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            StDtype::F32 => {
+                data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+            }
             StDtype::F16 => data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            StDtype::BF16 => data.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect(),
-            d => return Err(HostError::Tensor(format!("{name}: dtype {d:?} is not supported (f32, f16, bf16)"))),
+            StDtype::BF16 => data
+                .chunks_exact(2)
+                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                .collect(),
+            d => {
+                return Err(HostError::Tensor(format!(
+                    "{name}: dtype {d:?} is not supported (f32, f16, bf16)"
+                )));
+            }
         };
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(HostError::Tensor(format!("{name}: element {i} is not finite")));
@@ -90,11 +100,12 @@ impl Checkpoint {
         let mut tensors = BTreeMap::new();
         let index = dir.join("model.safetensors.index.json");
         if index.exists() {
-            let v: Value =
-                serde_json::from_slice(&read(&index)?).map_err(|e| HostError::Parse(index.clone(), e.to_string()))?;
-            let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| {
-                HostError::Parse(index.clone(), "no \"weight_map\" object".into())
-            })?;
+            let v: Value = serde_json::from_slice(&read(&index)?)
+                .map_err(|e| HostError::Parse(index.clone(), e.to_string()))?;
+            let map = v
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| HostError::Parse(index.clone(), "no \"weight_map\" object".into()))?;
             let mut files: Vec<&str> = map.values().filter_map(Value::as_str).collect();
             files.sort();
             files.dedup();
@@ -138,8 +149,8 @@ impl Checkpoint {
 pub fn read_inputs(path: &Path, width: usize) -> Result<Vec<f32>, HostError> {
     let is_json = path.extension().is_some_and(|e| e == "json");
     let values = if is_json {
-        let v: Value =
-            serde_json::from_slice(&read(path)?).map_err(|e| HostError::Parse(path.to_path_buf(), e.to_string()))?;
+        let v: Value = serde_json::from_slice(&read(path)?)
+            .map_err(|e| HostError::Parse(path.to_path_buf(), e.to_string()))?;
         let rows: Vec<&Value> = match v.as_array() {
             Some(a) if a.iter().all(Value::is_array) => a.iter().collect(),
             Some(_) => vec![&v],
@@ -149,10 +160,16 @@ pub fn read_inputs(path: &Path, width: usize) -> Result<Vec<f32>, HostError> {
         for (r, row) in rows.iter().enumerate() {
             let row = row.as_array().map(Vec::as_slice).unwrap_or_default();
             if row.len() != width {
-                return Err(HostError::Input(format!("row {r} has {} values, the model takes {width}", row.len())));
+                return Err(HostError::Input(format!(
+                    "row {r} has {} values, the model takes {width}",
+                    row.len()
+                )));
             }
             for x in row {
-                out.push(x.as_f64().ok_or_else(|| HostError::Input(format!("row {r}: {x} is not a number")))? as f32);
+                out.push(
+                    x.as_f64().ok_or_else(|| HostError::Input(format!("row {r}: {x} is not a number")))?
+                        as f32,
+                );
             }
         }
         out

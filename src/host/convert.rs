@@ -63,12 +63,16 @@ impl Cfg<'_> {
     fn bool_or(&self, key: &str, default: bool) -> Result<bool, HostError> {
         match self.field(key) {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| HostError::Config(format!("{}{key}: expected true or false", self.at))),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| HostError::Config(format!("{}{key}: expected true or false", self.at))),
         }
     }
 
     fn str(&self, key: &str) -> Result<&str, HostError> {
-        self.field(key).and_then(Value::as_str).ok_or_else(|| HostError::Config(format!("{}{key}: expected a string", self.at)))
+        self.field(key)
+            .and_then(Value::as_str)
+            .ok_or_else(|| HostError::Config(format!("{}{key}: expected a string", self.at)))
     }
 }
 
@@ -78,17 +82,35 @@ fn activation(c: &Cfg<'_>) -> Result<Activation, HostError> {
         "gelu" => Activation::Gelu,
         "gelu_tanh" | "gelu_pytorch_tanh" => Activation::GeluTanh,
         "silu" | "swish" => Activation::Silu,
-        a => return Err(HostError::Config(format!("{}activation: unknown {a:?} (relu, gelu, gelu_tanh, silu)", c.at))),
+        a => {
+            return Err(HostError::Config(format!(
+                "{}activation: unknown {a:?} (relu, gelu, gelu_tanh, silu)",
+                c.at
+            )));
+        }
     })
 }
 
-fn linear(ck: &Checkpoint, name: &str, rows: usize, cols: usize, bias: bool) -> Result<LinearBuf<f32>, HostError> {
+fn linear(
+    ck: &Checkpoint,
+    name: &str,
+    rows: usize,
+    cols: usize,
+    bias: bool,
+) -> Result<LinearBuf<f32>, HostError> {
     let w = ck.tensor(&format!("{name}.weight"), &[rows, cols])?;
     let b = if bias { Some(ck.tensor(&format!("{name}.bias"), &[rows])?) } else { None };
     Ok(LinearBuf::new(w, b, rows, cols))
 }
 
-fn expert(ck: &Checkpoint, name: &str, dims: (usize, usize, usize), gated: bool, bias: bool, act: Activation) -> Result<ExpertBuf<f32>, HostError> {
+fn expert(
+    ck: &Checkpoint,
+    name: &str,
+    dims: (usize, usize, usize),
+    gated: bool,
+    bias: bool,
+    act: Activation,
+) -> Result<ExpertBuf<f32>, HostError> {
     let (inp, hidden, out) = dims;
     let up = linear(ck, &format!("{name}.up"), hidden, inp, bias)?;
     let down = linear(ck, &format!("{name}.down"), out, hidden, bias)?;
@@ -114,12 +136,19 @@ fn layer(ck: &Checkpoint, l: usize, v: &Value) -> Result<MoeBuf<f32>, HostError>
         "deepseek_v3" => {
             scaling = match c.field("routed_scaling_factor") {
                 None => 1.0,
-                Some(v) => v.as_f64().ok_or_else(|| HostError::Config(format!("{}routed_scaling_factor: expected a number", c.at)))? as f32,
+                Some(v) => v.as_f64().ok_or_else(|| {
+                    HostError::Config(format!("{}routed_scaling_factor: expected a number", c.at))
+                })? as f32,
             };
             let (groups, keep) = (c.usize_or("n_group", 1)?, c.usize_or("topk_group", 1)?);
             Rule::deepseek_v3(experts, k, groups, keep, c.bool_or("norm_topk_prob", true)?)
         }
-        r => return Err(HostError::Config(format!("{}router: unknown {r:?} (switch, mixtral, qwen2_moe, deepseek_v3)", c.at))),
+        r => {
+            return Err(HostError::Config(format!(
+                "{}router: unknown {r:?} (switch, mixtral, qwen2_moe, deepseek_v3)",
+                c.at
+            )));
+        }
     };
     rule.validate().map_err(|e| HostError::Config(format!("{}: {e}", c.at.trim_end_matches('.'))))?;
     let p = format!("layers.{l}");
@@ -130,10 +159,18 @@ fn layer(ck: &Checkpoint, l: usize, v: &Value) -> Result<MoeBuf<f32>, HostError>
     let mut m = MoeBuf::new(gate, experts_buf, rule);
     m.scaling = scaling;
     m.bias = ck.optional(&format!("{p}.gate.e_score_correction_bias"), &[experts])?;
-    let shared_hidden = if c.field("shared_hidden").is_some_and(|v| v.as_u64() == Some(0)) { 0 } else { c.usize_or("shared_hidden", 0)? };
+    let shared_hidden = if c.field("shared_hidden").is_some_and(|v| v.as_u64() == Some(0)) {
+        0
+    } else {
+        c.usize_or("shared_hidden", 0)?
+    };
     if shared_hidden > 0 {
         let s = expert(ck, &format!("{p}.shared_expert"), (inp, shared_hidden, out), gated, bias, act)?;
-        let g = if c.bool_or("shared_gate", false)? { Some(linear(ck, &format!("{p}.shared_expert_gate"), 1, inp, false)?) } else { None };
+        let g = if c.bool_or("shared_gate", false)? {
+            Some(linear(ck, &format!("{p}.shared_expert_gate"), 1, inp, false)?)
+        } else {
+            None
+        };
         m.shared = Some((s, g));
     }
     Ok(m)
@@ -143,7 +180,12 @@ fn layer(ck: &Checkpoint, l: usize, v: &Value) -> Result<MoeBuf<f32>, HostError>
 /// `gate_dtype` for float models, e.g. an f32 router over f16 experts).
 /// Integer types need `calibration`: representative inputs (see
 /// [`read_inputs`]), from which activation ranges are measured.
-pub fn convert(dir: &Path, dtype: Dtype, gate_dtype: Option<Dtype>, calibration: Option<&Path>) -> Result<Vec<u8>, HostError> {
+pub fn convert(
+    dir: &Path,
+    dtype: Dtype,
+    gate_dtype: Option<Dtype>,
+    calibration: Option<&Path>,
+) -> Result<Vec<u8>, HostError> {
     let ck = Checkpoint::open(dir)?;
     let root = Cfg { v: &ck.config, at: String::new() };
     match root.str("architecture")? {
@@ -158,7 +200,11 @@ pub fn convert(dir: &Path, dtype: Dtype, gate_dtype: Option<Dtype>, calibration:
         "regress" => Task::Regress,
         t => return Err(HostError::Config(format!("task: unknown {t:?} (classify, regress)"))),
     };
-    let layers_v = ck.config.get("layers").and_then(Value::as_array).filter(|a| !a.is_empty())
+    let layers_v = ck
+        .config
+        .get("layers")
+        .and_then(Value::as_array)
+        .filter(|a| !a.is_empty())
         .ok_or_else(|| HostError::Config("layers: expected a non-empty array".into()))?;
     let input_dim = root.usize("input_dim")?;
     let mut layers = Vec::new();
@@ -167,7 +213,9 @@ pub fn convert(dir: &Path, dtype: Dtype, gate_dtype: Option<Dtype>, calibration:
         let m = layer(&ck, l, v)?;
         let in_dim = m.gate.cols;
         if in_dim != width {
-            return Err(HostError::Config(format!("layers[{l}].in_dim: {in_dim}, but the input to this layer is {width} wide")));
+            return Err(HostError::Config(format!(
+                "layers[{l}].in_dim: {in_dim}, but the input to this layer is {width} wide"
+            )));
         }
         width = m.experts[0].down.rows;
         layers.push(m);
@@ -181,7 +229,9 @@ pub fn convert(dir: &Path, dtype: Dtype, gate_dtype: Option<Dtype>, calibration:
     let mut calib = match (dtype, calibration) {
         (Dtype::Int8 | Dtype::Q15, Some(p)) => Some(read_inputs(p, input_dim)?),
         (Dtype::Int8 | Dtype::Q15, None) => {
-            return Err(HostError::Input("int8 and q15 need --calibration FILE (representative inputs)".into()));
+            return Err(HostError::Input(
+                "int8 and q15 need --calibration FILE (representative inputs)".into(),
+            ));
         }
         _ => None,
     };
@@ -205,7 +255,11 @@ pub fn convert(dir: &Path, dtype: Dtype, gate_dtype: Option<Dtype>, calibration:
                 *x = next;
                 spec
             }
-            _ => LayerSpec::Float { layer: m, gate: float_dtype(gate_dtype.unwrap_or(dtype)), experts: float_dtype(dtype) },
+            _ => LayerSpec::Float {
+                layer: m,
+                gate: float_dtype(gate_dtype.unwrap_or(dtype)),
+                experts: float_dtype(dtype),
+            },
         };
         specs.push(spec);
     }

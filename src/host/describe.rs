@@ -78,22 +78,40 @@ pub fn summarize(model: &Model<'_>) -> crate::Result<ModelSummary> {
                 continue;
             }
             let is_param = matches!(t.key.part, part::WEIGHT | part::BIAS)
-                && matches!(t.key.role, role::GATE | role::UP | role::GATE_PROJ | role::DOWN | role::SHARED_GATE | role::SELECTION_BIAS);
+                && matches!(
+                    t.key.role,
+                    role::GATE
+                        | role::UP
+                        | role::GATE_PROJ
+                        | role::DOWN
+                        | role::SHARED_GATE
+                        | role::SELECTION_BIAS
+                );
             let n = if is_param { t.rows * t.cols } else { 0 };
             match t.key.expert {
                 LAYER_LEVEL => gate_params += n,
                 SHARED_EXPERT => shared_params += n,
                 e => {
-                    if let (Some(p), Some(b)) = (expert_params.get_mut(e as usize), expert_bytes.get_mut(e as usize)) {
+                    if let (Some(p), Some(b)) =
+                        (expert_params.get_mut(e as usize), expert_bytes.get_mut(e as usize))
+                    {
                         *p += n;
                         *b += t.data.len();
                     }
                 }
             }
         }
-        layers.push(LayerSummary { router: router(&info), info, expert_params, expert_bytes, gate_params, shared_params });
+        layers.push(LayerSummary {
+            router: router(&info),
+            info,
+            expert_params,
+            expert_bytes,
+            gate_params,
+            shared_params,
+        });
     }
-    let total_params = layers.iter().map(|s| s.gate_params + s.shared_params + s.expert_params.iter().sum::<usize>()).sum();
+    let total_params =
+        layers.iter().map(|s| s.gate_params + s.shared_params + s.expert_params.iter().sum::<usize>()).sum();
     let active_params = layers
         .iter()
         .map(|s| {
@@ -173,7 +191,11 @@ impl core::fmt::Display for ModelSummary {
                 i.expert_dtype.name()
             )?;
             writeln!(f, "  router: {}", s.router)?;
-            writeln!(f, "  gate: {} parameters; shared expert: {} parameters", s.gate_params, s.shared_params)?;
+            writeln!(
+                f,
+                "  gate: {} parameters; shared expert: {} parameters",
+                s.gate_params, s.shared_params
+            )?;
             for (e, (p, b)) in s.expert_params.iter().zip(&s.expert_bytes).enumerate() {
                 writeln!(f, "  expert {e}: {p} parameters, {b} bytes")?;
             }

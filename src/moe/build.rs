@@ -1,9 +1,9 @@
 //! Post-training quantization of a float layer to int8 or Q15 (`alloc`).
 //!
 //! Weights: symmetric int8 per output channel. Activations: ranges observed
-//! while running the float layer over calibration tokens (every expert sees
-//! every token, so rarely chosen experts are calibrated too); asymmetric int8
-//! or symmetric Q15. A table activation's output range is the function over
+//! while running the float layer over calibration tokens, each expert on the
+//! tokens the router sends it (an expert chosen for none sees them all);
+//! asymmetric int8 or symmetric Q15. A table activation's output range is the function over
 //! the table's whole input range, so the table never saturates. All expert outputs share one quantization (the
 //! combine needs a common scale). Router logits use the fixed
 //! `2^-LOGIT_FRAC_BITS` scale; the selection bias and scaling factor become Q15.
@@ -246,18 +246,29 @@ impl<A: IntKernel> QMoeBuf<A> {
         input.see(calibration);
         let input = input.params::<A>()?;
 
+        let n_experts = layer.router().rule().experts;
         let mut output = Range::EMPTY;
         let mut y = vec![0.0; d_out];
         let mut scratch = vec![0u8; layer.scratch_bytes()];
+        // Tokens each expert is chosen for: it is calibrated on those.
+        let mut tokens_of: Vec<Vec<f32>> = vec![Vec::new(); n_experts];
         for x in calibration.chunks_exact(d_in) {
-            layer.infer(x, &mut y, &mut scratch)?;
+            let sel = layer.infer(x, &mut y, &mut scratch)?;
             output.see(&y);
+            for c in &sel {
+                if let Some(t) = tokens_of.get_mut(c.expert as usize) {
+                    t.extend_from_slice(x);
+                }
+            }
         }
         let output = output.params::<A>()?;
 
-        let routed: Vec<Expert<'_, W>> =
-            (0..layer.router().rule().experts).filter_map(|i| layer.experts().expert(i)).collect();
-        let ranges: Vec<ExpertRanges> = routed.iter().map(|e| observe(e, calibration)).collect();
+        let routed: Vec<Expert<'_, W>> = (0..n_experts).filter_map(|i| layer.experts().expert(i)).collect();
+        let ranges: Vec<ExpertRanges> = routed
+            .iter()
+            .zip(&tokens_of)
+            .map(|(e, t)| observe(e, if t.is_empty() { calibration } else { t }))
+            .collect();
         let shared_ranges = layer.shared().map(|s| observe(&s.expert, calibration));
         let mut expert_out = Range::EMPTY;
         for r in ranges.iter().chain(shared_ranges.as_ref()) {
