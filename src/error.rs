@@ -58,6 +58,8 @@ pub enum Field {
     Dims,
     /// Layer count.
     Layers,
+    /// Task count (multi-gate MoE).
+    Tasks,
     /// Tensor count.
     Tensors,
     /// A section offset.

@@ -12,7 +12,7 @@ use micromoe::moe::build::QMoeBuf;
 fn float_spec(name: &str, gate: LayerDtype, experts: LayerDtype) -> (Fixture, ModelSpec) {
     let fx = Fixture::load(name);
     let layer = model(&fx);
-    (fx, ModelSpec { task: Task::Regress, layers: vec![LayerSpec::Float { layer, gate, experts }] })
+    (fx, ModelSpec::stack(Task::Regress, vec![LayerSpec::Float { layer, gate, experts }]))
 }
 
 fn int_spec(name: &str, q15: bool) -> (Fixture, ModelSpec) {
@@ -25,7 +25,7 @@ fn int_spec(name: &str, q15: bool) -> (Fixture, ModelSpec) {
     } else {
         LayerSpec::Int8(QMoeBuf::quantize(&layer, fx.f32("x")).unwrap())
     };
-    (fx, ModelSpec { task: Task::Regress, layers: vec![spec] })
+    (fx, ModelSpec::stack(Task::Regress, vec![spec]))
 }
 
 /// Runs every fixture token through the parsed model; returns outputs and experts.

@@ -56,6 +56,8 @@ pub(crate) fn float_expert<'a, W: FloatWeight + Elem>(
     expert: u16,
 ) -> Result<Expert<'a, W>> {
     let hidden = if expert == SHARED_EXPERT { info.shared_hidden } else { info.hidden };
+    // Routed experts may live in another layer (multi-gate MoE).
+    let layer = if expert == SHARED_EXPERT { layer } else { info.experts_from };
     let up = float_linear(t, layer, expert, role::UP, hidden, info.in_dim)?;
     let down = float_linear(t, layer, expert, role::DOWN, info.out_dim, hidden)?;
     if info.flags & flags::GATED != 0 {
@@ -77,6 +79,7 @@ where
     A::Bias: Elem,
 {
     let hidden = if expert == SHARED_EXPERT { info.shared_hidden } else { info.hidden };
+    let layer = if expert == SHARED_EXPERT { layer } else { info.experts_from };
     let up = int_linear::<A>(t, layer, expert, role::UP, hidden, info.in_dim)?;
     let down = int_linear::<A>(t, layer, expert, role::DOWN, info.out_dim, hidden)?;
     let act = if info.act == Activation::Relu {

@@ -32,7 +32,8 @@ pub(crate) mod header {
     pub const LAYERS_OFFSET: usize = 40;
     pub const TABLE_OFFSET: usize = 44;
     pub const DATA_OFFSET: usize = 48;
-    pub const RESERVED: usize = 52;
+    pub const TASKS: usize = 52;
+    pub const RESERVED: usize = 56;
 }
 
 /// Layer record word indices (each word is 4 bytes).
@@ -58,7 +59,8 @@ pub(crate) mod layer {
     pub const EXPERT_ZP: usize = 18;
     pub const COMBINE_MULT: usize = 19;
     pub const COMBINE_SHIFT: usize = 20;
-    pub const RESERVED: usize = 21;
+    pub const EXPERTS_FROM: usize = 21;
+    pub const RESERVED: usize = 22;
     pub const WORDS: usize = 24;
 }
 

@@ -13,7 +13,7 @@
 //! | 8 | 2 | version (1) |
 //! | 10 | 2 | header bytes (64) |
 //! | 12 | 4 | total length in bytes, CRC included |
-//! | 16 | 4 | architecture: 1 = stack of MoE layers (classifier / regressor) |
+//! | 16 | 4 | architecture: 1 = stack of MoE layers (classifier / regressor); 2 = multi-gate MoE (one chain of layers per task, see below) |
 //! | 20 | 4 | task: 0 = classify (argmax of the output), 1 = regress |
 //! | 24 | 4 | input width |
 //! | 28 | 4 | output width |
@@ -22,7 +22,8 @@
 //! | 40 | 4 | offset of the layer records (64) |
 //! | 44 | 4 | offset of the tensor table (64 + 96 L) |
 //! | 48 | 4 | offset of the data section (16-aligned, after the table) |
-//! | 52 | 12 | reserved, zero |
+//! | 52 | 4 | tasks T: 1 for a stack; for multi-gate MoE the layers form T chains of L / T layers, each taking the model input, and the output is the chains' outputs one after the other |
+//! | 56 | 8 | reserved, zero |
 //!
 //! **Layer record** (96 bytes, 24 little-endian words; layer i's input width
 //! is layer i-1's output width, the first takes the model input, the last
@@ -41,7 +42,8 @@
 //! | 14, 15 | input scale (f32 bits), input zero point (integer layers) |
 //! | 16, 17 | output scale, output zero point |
 //! | 18, 19, 20 | combine: expert output zero point, multiplier, shift |
-//! | 21..24 | reserved, zero |
+//! | 21 | the layer whose routed experts this layer uses: itself, or an earlier layer with the same expert shapes and type (multi-gate MoE: every task's gate routes over one expert pool) |
+//! | 22..24 | reserved, zero |
 //!
 //! **Tensor table**: T entries of 32 bytes, sorted strictly ascending by
 //! `(layer, expert, role, part)`:
@@ -76,7 +78,7 @@
 //!     ExpertBuf::mlp(lin(-0.5, 4, 2), lin(0.25, 3, 4), Activation::Relu),
 //! ];
 //! let layer = MoeBuf::new(LinearBuf::new(vec![1.0, 1.0, -1.0, -1.0], None, 2, 2), experts, Rule::switch(2));
-//! let spec = ModelSpec { task: Task::Classify, layers: vec![LayerSpec::Float { layer, gate: LayerDtype::F32, experts: LayerDtype::F16 }] };
+//! let spec = ModelSpec::stack(Task::Classify, vec![LayerSpec::Float { layer, gate: LayerDtype::F32, experts: LayerDtype::F16 }]);
 //! let bytes = micromoe::format::write::write(&spec).unwrap();
 //! let bytes = micromoe::format::write::AlignedBytes::from(&bytes[..]);
 //! let model = Model::parse(&bytes).unwrap();
@@ -114,6 +116,9 @@ pub const MAX_DIM: usize = 1 << 20;
 pub mod arch {
     /// A stack of MoE layers.
     pub const MOE_STACK: u32 = 1;
+    /// Multi-gate MoE (Ma et al., 2018): one gate and one tower per task over
+    /// a shared pool of experts, stored as one chain of layers per task.
+    pub const MULTI_GATE: u32 = 2;
 }
 
 /// Everything a layer record says, validated.
@@ -154,6 +159,8 @@ pub struct LayerInfo {
     pub output: QuantParams,
     /// Combine parameters (integer layers).
     pub combine: Combine,
+    /// The layer whose routed experts this one uses (usually itself).
+    pub experts_from: usize,
 }
 
 impl LayerInfo {
@@ -248,6 +255,7 @@ pub struct Model<'a> {
     bytes: &'a [u8],
     table: Table<'a>,
     n_layers: usize,
+    tasks: usize,
     input_dim: usize,
     output_dim: usize,
     task: u32,
@@ -303,7 +311,8 @@ impl<'a> Model<'a> {
         if layout::u16_at(bytes, header::HEADER_LEN) != Some(HEADER_LEN as u16) {
             return Err(Error::BadField { field: Field::HeaderLen, layer: 0 });
         }
-        if h(header::ARCH, Field::Arch)? != arch::MOE_STACK as usize {
+        let arch = h(header::ARCH, Field::Arch)? as u32;
+        if arch != arch::MOE_STACK && arch != arch::MULTI_GATE {
             return Err(Error::BadField { field: Field::Arch, layer: 0 });
         }
         let task = h(header::TASK, Field::Task)? as u32;
@@ -332,17 +341,39 @@ impl<'a> Model<'a> {
         let input_dim = h(header::INPUT_DIM, Field::Dims)?;
         let output_dim = h(header::OUTPUT_DIM, Field::Dims)?;
 
-        let mut prev_out = input_dim;
+        let tasks = h(header::TASKS, Field::Tasks)?;
+        let tasks_ok = match arch {
+            arch::MOE_STACK => tasks == 1,
+            _ => tasks >= 1 && n_layers.is_multiple_of(tasks),
+        };
+        if !tasks_ok {
+            return Err(Error::BadField { field: Field::Tasks, layer: 0 });
+        }
+        let per_task = n_layers / tasks;
         let mut infos = heapless::Vec::<LayerInfo, MAX_LAYERS>::new();
+        let mut total_out = 0usize;
+        let mut prev_out = input_dim;
         for l in 0..n_layers {
             let info = layer_info(bytes, l)?;
+            if l % per_task == 0 {
+                prev_out = input_dim;
+            }
             if info.in_dim != prev_out {
                 return Err(Error::BadField { field: Field::Dims, layer: l });
             }
+            if info.experts_from != l {
+                let src = infos.get(info.experts_from).filter(|s| s.experts_from == info.experts_from);
+                if !src.is_some_and(|s| same_experts(s, &info)) {
+                    return Err(Error::BadField { field: Field::Routing, layer: l });
+                }
+            }
             prev_out = info.out_dim;
+            if l % per_task == per_task - 1 {
+                total_out += prev_out;
+            }
             let _ = infos.push(info);
         }
-        if prev_out != output_dim {
+        if total_out != output_dim {
             return Err(Error::BadField { field: Field::Dims, layer: n_layers - 1 });
         }
         check_entries(bytes, table_offset, n_tensors, data_offset, payload, &infos)?;
@@ -350,6 +381,7 @@ impl<'a> Model<'a> {
             bytes,
             table: Table::new(bytes, table_offset, n_tensors),
             n_layers,
+            tasks,
             input_dim,
             output_dim,
             task,
@@ -373,6 +405,12 @@ impl<'a> Model<'a> {
     /// Number of MoE layers.
     pub fn layers(&self) -> usize {
         self.n_layers
+    }
+
+    /// Number of tasks: 1 for a stack of layers; for multi-gate MoE, the
+    /// number of chains (gate + tower) over the shared experts.
+    pub fn tasks(&self) -> usize {
+        self.tasks
     }
 
     /// Input width.
@@ -433,17 +471,29 @@ impl<'a> Model<'a> {
         let qa = carve.take::<u8>(bytes_for::<i16>(max_dim))?;
         let qb = carve.take::<u8>(bytes_for::<i16>(max_dim))?;
         let layer_scratch = carve.rest();
-        a[..x.len()].copy_from_slice(x);
-        let mut width = x.len();
-        for l in 0..self.n_layers {
-            let layer = self.layer(l)?;
-            let (x, y) = (&a[..width], &mut *b);
-            let (sel, out_w, macs) = run_layer(&layer, x, y, qa, qb, layer_scratch)?;
-            on_step(Step { layer: l, selection: &sel, macs: macs.0, macs_dense: macs.1 });
-            width = out_w;
-            core::mem::swap(&mut a, &mut b);
+        let per_task = self.n_layers / self.tasks.max(1);
+        let mut written = 0;
+        for task in 0..self.tasks {
+            a[..x.len()].copy_from_slice(x);
+            let mut width = x.len();
+            for l in task * per_task..(task + 1) * per_task {
+                let layer = self.layer(l)?;
+                let (x, y) = (&a[..width], &mut *b);
+                let (sel, out_w, macs) = run_layer(&layer, x, y, qa, qb, layer_scratch)?;
+                on_step(Step { layer: l, selection: &sel, macs: macs.0, macs_dense: macs.1 });
+                width = out_w;
+                core::mem::swap(&mut a, &mut b);
+            }
+            let Some(dst) = out.get_mut(written..written + width) else {
+                return Err(Error::Shape {
+                    what: What::Output,
+                    expected: written + width,
+                    actual: out.len(),
+                });
+            };
+            dst.copy_from_slice(&a[..width]);
+            written += width;
         }
-        out.copy_from_slice(&a[..width.min(out.len())]);
         Ok(())
     }
 }
@@ -534,6 +584,10 @@ fn layer_info(bytes: &[u8], l: usize) -> Result<LayerInfo> {
     if is_int && Multiplier::new(combine.multiplier.multiplier, combine.multiplier.shift).is_err() {
         return Err(bad(Field::Quant));
     }
+    let experts_from = w(lw::EXPERTS_FROM)? as usize;
+    if experts_from > l {
+        return Err(bad(Field::Routing));
+    }
     if (lw::RESERVED..lw::WORDS).any(|word| w(word).ok() != Some(0)) {
         return Err(bad(Field::Reserved));
     }
@@ -555,9 +609,23 @@ fn layer_info(bytes: &[u8], l: usize) -> Result<LayerInfo> {
         input: quant(lw::IN_SCALE, lw::IN_ZP)?,
         output: quant(lw::OUT_SCALE, lw::OUT_ZP)?,
         combine,
+        experts_from,
     };
     layers::rule(&info).validate().map_err(|_| bad(Field::Routing))?;
     Ok(info)
+}
+
+/// Layer `b` may route over layer `a`'s experts.
+fn same_experts(a: &LayerInfo, b: &LayerInfo) -> bool {
+    let shape = layout::flags::GATED | layout::flags::BIASES;
+    a.in_dim == b.in_dim
+        && a.out_dim == b.out_dim
+        && a.hidden == b.hidden
+        && a.experts == b.experts
+        && a.act == b.act
+        && a.expert_dtype == b.expert_dtype
+        && a.flags & shape == b.flags & shape
+        && (!a.is_int() || a.combine.expert_zp == b.combine.expert_zp)
 }
 
 fn check_entries(
@@ -576,7 +644,7 @@ fn check_entries(
         let key = table::key_at(bytes, at).ok_or(bad(TensorProblem::Bounds))?;
         let code = bytes[at + entry::DTYPE];
         let info = infos.get(key.layer as usize).ok_or(bad(TensorProblem::Code))?;
-        let expert_ok = (key.expert as usize) < info.experts
+        let expert_ok = ((key.expert as usize) < info.experts && info.experts_from == key.layer as usize)
             || key.expert == layout::LAYER_LEVEL
             || (key.expert == layout::SHARED_EXPERT && info.flags & layout::flags::SHARED != 0);
         if !expert_ok

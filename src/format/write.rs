@@ -50,8 +50,21 @@ pub enum LayerSpec {
 pub struct ModelSpec {
     /// Classifier or regressor.
     pub task: Task,
-    /// The layers, first to last; widths must chain.
+    /// The layers, first to last; widths must chain (within each task).
     pub layers: Vec<LayerSpec>,
+    /// Multi-gate MoE: the number of tasks; the layers form that many equal
+    /// chains, each from the model input. `None` for a plain stack.
+    pub multi_gate: Option<usize>,
+    /// Per layer, the layer whose routed experts it uses (its experts are
+    /// then not written); empty: every layer its own.
+    pub experts_from: Vec<usize>,
+}
+
+impl ModelSpec {
+    /// A plain stack of layers, each with its own experts.
+    pub fn stack(task: Task, layers: Vec<LayerSpec>) -> Self {
+        ModelSpec { task, layers, multi_gate: None, experts_from: Vec::new() }
+    }
 }
 
 struct Entry {
@@ -129,7 +142,7 @@ fn float_expert(out: &mut Vec<Entry>, l: usize, e: u16, x: &ExpertBuf<f32>, dtyp
 
 fn float_layer(
     out: &mut Vec<Entry>,
-    l: usize,
+    (l, from): (usize, usize),
     m: &MoeBuf<f32>,
     gate: LayerDtype,
     experts: LayerDtype,
@@ -163,7 +176,8 @@ fn float_layer(
         f |= flags::SELECTION_BIAS;
         out.push(entry(key(l, LAYER_LEVEL, role::SELECTION_BIAS, part::WEIGHT), b.len(), 1, b, (0, 0)));
     }
-    for (e, x) in m.experts.iter().enumerate() {
+    w[lw::EXPERTS_FROM] = from as u32;
+    for (e, x) in m.experts.iter().enumerate().filter(|_| from == l) {
         float_expert(out, l, e as u16, x, experts);
     }
     if let Some((s, g)) = &m.shared {
@@ -214,7 +228,7 @@ where
 
 fn int_layer<A: IntKernel + Elem>(
     out: &mut Vec<Entry>,
-    l: usize,
+    (l, from): (usize, usize),
     q: &QMoeBuf<A>,
     dtype: LayerDtype,
 ) -> Result<[u32; lw::WORDS]>
@@ -257,7 +271,8 @@ where
         f |= flags::SELECTION_BIAS;
         out.push(entry(key(l, LAYER_LEVEL, role::SELECTION_BIAS, part::WEIGHT), b.len(), 1, b, (0, 0)));
     }
-    for (e, x) in q.experts.iter().enumerate() {
+    w[lw::EXPERTS_FROM] = from as u32;
+    for (e, x) in q.experts.iter().enumerate().filter(|_| from == l) {
         int_expert(out, l, e as u16, x);
     }
     if let Some((s, g)) = &q.shared {
@@ -293,14 +308,21 @@ pub fn write(spec: &ModelSpec) -> Result<Vec<u8>> {
     let mut entries = Vec::new();
     let mut records = Vec::with_capacity(n_layers);
     for (l, layer) in spec.layers.iter().enumerate() {
+        let at = (l, spec.experts_from.get(l).copied().unwrap_or(l));
         records.push(match layer {
             LayerSpec::Float { layer, gate, experts } => {
-                float_layer(&mut entries, l, layer, *gate, *experts)?
+                float_layer(&mut entries, at, layer, *gate, *experts)?
             }
-            LayerSpec::Int8(q) => int_layer(&mut entries, l, q, LayerDtype::Int8)?,
-            LayerSpec::Q15(q) => int_layer(&mut entries, l, q, LayerDtype::Q15)?,
+            LayerSpec::Int8(q) => int_layer(&mut entries, at, q, LayerDtype::Int8)?,
+            LayerSpec::Q15(q) => int_layer(&mut entries, at, q, LayerDtype::Q15)?,
         });
     }
+    let tasks = spec.multi_gate.unwrap_or(1);
+    if tasks == 0 || !n_layers.is_multiple_of(tasks) {
+        return Err(Error::BadField { field: Field::Tasks, layer: 0 });
+    }
+    let per_task = n_layers / tasks;
+    let output_dim: u32 = (1..=tasks).map(|t| records[t * per_task - 1][lw::OUT_DIM]).sum();
     entries.sort_by_key(|e| e.key);
     let table_offset = HEADER_LEN + n_layers * LAYER_LEN;
     let data_offset = align(table_offset + entries.len() * ENTRY_LEN);
@@ -318,10 +340,11 @@ pub fn write(spec: &ModelSpec) -> Result<Vec<u8>> {
     b[header::VERSION..header::VERSION + 2].copy_from_slice(&VERSION.to_le_bytes());
     b[header::HEADER_LEN..header::HEADER_LEN + 2].copy_from_slice(&(HEADER_LEN as u16).to_le_bytes());
     put_u32(&mut b, header::TOTAL_LEN, total_u32);
-    put_u32(&mut b, header::ARCH, arch::MOE_STACK);
+    put_u32(&mut b, header::ARCH, if spec.multi_gate.is_some() { arch::MULTI_GATE } else { arch::MOE_STACK });
+    put_u32(&mut b, header::TASKS, tasks as u32);
     put_u32(&mut b, header::TASK, spec.task as u32);
     put_u32(&mut b, header::INPUT_DIM, records[0][lw::IN_DIM]);
-    put_u32(&mut b, header::OUTPUT_DIM, records[n_layers - 1][lw::OUT_DIM]);
+    put_u32(&mut b, header::OUTPUT_DIM, output_dim);
     put_u32(&mut b, header::N_LAYERS, n_layers as u32);
     put_u32(&mut b, header::N_TENSORS, entries.len() as u32);
     put_u32(&mut b, header::LAYERS_OFFSET, HEADER_LEN as u32);

@@ -263,5 +263,5 @@ pub fn convert(
         };
         specs.push(spec);
     }
-    Ok(write(&ModelSpec { task, layers: specs })?)
+    Ok(write(&ModelSpec::stack(task, specs))?)
 }
