@@ -13,6 +13,7 @@ DeepseekV3TopkRouter (router only), and Switch / GLaM-style layers of MLP expert
 biases written with PyTorch ops (nn.Linear, gelu, relu, softmax, topk). Weights are drawn with a larger spread than the
 default init so routing is decisive, not uniform.
 """
+import json
 import os
 
 import torch
@@ -156,6 +157,56 @@ def mlp_case(name, hidden, inter, experts, k, act, router, tokens, seed):
     save(name, t, meta)
 
 
+def mmoe_case(name, inputs, experts, hidden, width, tokens, seed):
+    """A multi-gate MoE (Ma et al. 2018) in micromoe's checkpoint naming scheme: task 0 with a
+    dense softmax gate and a 3-output tower, task 1 with a top-2 (renormalized) gate and a
+    1-output tower. Written with PyTorch ops; saved as a checkpoint directory plus references."""
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear
+    ups = [lin(inputs, hidden) for _ in range(experts)]
+    downs = [lin(hidden, width) for _ in range(experts)]
+    gates = [lin(inputs, experts, bias=False) for _ in range(2)]
+    towers = [(lin(width, 8), lin(8, 3)), (lin(width, 8), lin(8, 1))]
+    for g in gates:
+        init_(g.weight, 2.0 / inputs**0.5)
+    x = torch.randn(tokens, inputs)
+    relu = torch.nn.functional.relu
+    with torch.no_grad():
+        e = torch.stack([downs[i](relu(ups[i](x))) for i in range(experts)], dim=1)  # (tokens, experts, width)
+        p0 = torch.softmax(gates[0](x), dim=-1)
+        mixed0 = (p0[:, :, None] * e).sum(dim=1)
+        p1 = torch.softmax(gates[1](x), dim=-1)
+        w1, i1 = p1.topk(2, dim=-1)
+        w1 = w1 / w1.sum(dim=-1, keepdim=True)
+        mixed1 = (w1[:, :, None] * e.gather(1, i1[:, :, None].expand(-1, -1, width))).sum(dim=1)
+        y = torch.cat([towers[0][1](relu(towers[0][0](mixed0))), towers[1][1](relu(towers[1][0](mixed1)))], dim=-1)
+    t = {}
+    for i in range(experts):
+        t[f"experts.{i}.up.weight"], t[f"experts.{i}.up.bias"] = ups[i].weight, ups[i].bias
+        t[f"experts.{i}.down.weight"], t[f"experts.{i}.down.bias"] = downs[i].weight, downs[i].bias
+    for k in range(2):
+        t[f"tasks.{k}.gate.weight"] = gates[k].weight
+        t[f"tasks.{k}.tower.up.weight"], t[f"tasks.{k}.tower.up.bias"] = towers[k][0].weight, towers[k][0].bias
+        t[f"tasks.{k}.tower.down.weight"], t[f"tasks.{k}.tower.down.bias"] = towers[k][1].weight, towers[k][1].bias
+    d = os.path.join(OUT, name)
+    os.makedirs(d, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in t.items()}
+    if not unchanged(os.path.join(d, "model.safetensors"), tensors, None):
+        save_file(tensors, os.path.join(d, "model.safetensors"))
+    config = {
+        "architecture": "mmoe", "task": "regress", "input_dim": inputs,
+        "experts": {"count": experts, "hidden": hidden, "out_dim": width, "activation": "relu", "bias": True},
+        "tasks": [
+            {"tower": {"hidden": 8, "out_dim": 3, "activation": "relu", "bias": True}},
+            {"k": 2, "router": "mixtral", "tower": {"hidden": 8, "out_dim": 1, "activation": "relu", "bias": True}},
+        ],
+    }
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    save(f"{name}/reference", {"x": x, "y": y, "experts_task1": i1.to(torch.int64)}, {"tasks": 2})
+
+
 def deepseek_router_case(name, hidden, experts, k, n_group, topk_group, norm, scale, tokens, seed):
     torch.manual_seed(seed)
     cfg = DeepseekV3Config(hidden_size=hidden, n_routed_experts=experts, num_experts_per_tok=k,
@@ -186,7 +237,7 @@ def unchanged(path, tensors, meta):
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:
-        if f.metadata() != meta or set(f.keys()) != set(tensors):
+        if (meta is not None and f.metadata() != meta) or set(f.keys()) != set(tensors):
             return False
         return all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
 
@@ -215,6 +266,7 @@ def main():
     qwen_case("qwen2moe_h32_e6_k3", 32, 24, 32, 6, 3, False, 16, 8)
     mlp_case("switch_mlp_gelu_h16_e4", 16, 32, 4, 1, "gelu", "switch", 24, 11)
     mlp_case("glam_mlp_relu_h24_e8_k2", 24, 48, 8, 2, "relu", "mixtral", 24, 12)
+    mmoe_case("mmoe", 16, 4, 24, 8, 32, 13)
     deepseek_router_case("deepseek_router_e16_g4", 24, 16, 4, 4, 2, True, 2.5, 64, 9)
     deepseek_router_case("deepseek_router_e8_g1", 16, 8, 2, 1, 1, False, 1.0, 64, 10)
 

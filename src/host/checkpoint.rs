@@ -51,12 +51,16 @@ fn read(path: &Path) -> Result<Vec<u8>, HostError> {
     std::fs::read(path).map_err(|e| HostError::Io(path.to_path_buf(), e))
 }
 
-/// Tensors of one safetensors file as f32, with shapes.
-fn load_file(path: &Path, into: &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Result<(), HostError> {
+/// Tensors of one safetensors file (or only the one named `only`) as f32, with shapes.
+fn load_file(
+    path: &Path,
+    into: &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    only: Option<&str>,
+) -> Result<(), HostError> {
     let bytes = read(path)?;
     let st =
         SafeTensors::deserialize(&bytes).map_err(|e| HostError::Parse(path.to_path_buf(), e.to_string()))?;
-    for (name, view) in st.tensors() {
+    for (name, view) in st.tensors().into_iter().filter(|(n, _)| only.is_none_or(|o| o == n)) {
         let data = view.data();
         let values: Vec<f32> = match view.dtype() {
             StDtype::F32 => {
@@ -110,10 +114,10 @@ impl Checkpoint {
             files.sort();
             files.dedup();
             for f in files {
-                load_file(&dir.join(f), &mut tensors)?;
+                load_file(&dir.join(f), &mut tensors, None)?;
             }
         } else {
-            load_file(&dir.join("model.safetensors"), &mut tensors)?;
+            load_file(&dir.join("model.safetensors"), &mut tensors, None)?;
         }
         Ok(Checkpoint { config, tensors, used: Default::default() })
     }
@@ -175,7 +179,7 @@ pub fn read_inputs(path: &Path, width: usize) -> Result<Vec<f32>, HostError> {
         out
     } else {
         let mut t = BTreeMap::new();
-        load_file(path, &mut t)?;
+        load_file(path, &mut t, Some("x"))?;
         let (shape, v) = t.remove("x").ok_or_else(|| HostError::Input("no tensor \"x\"".into()))?;
         if shape.len() != 2 || shape[1] != width {
             return Err(HostError::Input(format!("\"x\" has shape {shape:?}, expected (samples, {width})")));

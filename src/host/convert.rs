@@ -176,6 +176,98 @@ fn layer(ck: &Checkpoint, l: usize, v: &Value) -> Result<MoeBuf<f32>, HostError>
     Ok(m)
 }
 
+/// The layers of a checkpoint: one chain for a stack, one per task for
+/// multi-gate MoE, and for every layer the layer whose experts it uses.
+struct Plan {
+    task: Task,
+    input_dim: usize,
+    chains: Vec<Vec<MoeBuf<f32>>>,
+    multi_gate: bool,
+}
+
+fn task_of(root: &Cfg<'_>) -> Result<Task, HostError> {
+    match root.str("task")? {
+        "classify" => Ok(Task::Classify),
+        "regress" => Ok(Task::Regress),
+        t => Err(HostError::Config(format!("task: unknown {t:?} (classify, regress)"))),
+    }
+}
+
+fn stack(ck: &Checkpoint, root: &Cfg<'_>) -> Result<Plan, HostError> {
+    let layers_v = ck
+        .config
+        .get("layers")
+        .and_then(Value::as_array)
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| HostError::Config("layers: expected a non-empty array".into()))?;
+    let input_dim = root.usize("input_dim")?;
+    let mut chain = Vec::new();
+    let mut width = input_dim;
+    for (l, v) in layers_v.iter().enumerate() {
+        let m = layer(ck, l, v)?;
+        if m.gate.cols != width {
+            return Err(HostError::Config(format!(
+                "layers[{l}].in_dim: {}, but the input to this layer is {width} wide",
+                m.gate.cols
+            )));
+        }
+        width = m.experts[0].down.rows;
+        chain.push(m);
+    }
+    Ok(Plan { task: task_of(root)?, input_dim, chains: vec![chain], multi_gate: false })
+}
+
+/// Multi-gate MoE: `experts` (the shared pool) and `tasks`, each with a
+/// gate over the pool and a tower; a tower becomes a one-expert layer.
+fn multi_gate(ck: &Checkpoint, root: &Cfg<'_>) -> Result<Plan, HostError> {
+    let input_dim = root.usize("input_dim")?;
+    let pool_v = ck.config.get("experts").ok_or_else(|| HostError::Config("experts: missing".into()))?;
+    let pool = Cfg { v: pool_v, at: "experts.".into() };
+    let (n, hidden, width) = (pool.usize("count")?, pool.usize("hidden")?, pool.usize("out_dim")?);
+    let (act, gated, bias) =
+        (activation(&pool)?, pool.bool_or("gated", false)?, pool.bool_or("bias", false)?);
+    let experts = (0..n)
+        .map(|e| expert(ck, &format!("experts.{e}"), (input_dim, hidden, width), gated, bias, act))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tasks_v = ck
+        .config
+        .get("tasks")
+        .and_then(Value::as_array)
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| HostError::Config("tasks: expected a non-empty array".into()))?;
+    let mut chains = Vec::new();
+    for (t, v) in tasks_v.iter().enumerate() {
+        let c = Cfg { v, at: format!("tasks[{t}].") };
+        let k = c.usize_or("k", n)?;
+        let rule = match c.field("router").and_then(Value::as_str).unwrap_or("qwen2_moe") {
+            "qwen2_moe" => Rule::qwen2_moe(n, k, c.bool_or("norm_topk_prob", false)?),
+            "mixtral" => Rule::mixtral(n, k),
+            "switch" if k == 1 => Rule::switch(n),
+            r => {
+                return Err(HostError::Config(format!("{}router: {r:?} (qwen2_moe, mixtral, switch)", c.at)));
+            }
+        };
+        rule.validate().map_err(|e| HostError::Config(format!("tasks[{t}]: {e}")))?;
+        let gate = linear(ck, &format!("tasks.{t}.gate"), n, input_dim, false)?;
+        let tower_v = v.get("tower").ok_or_else(|| HostError::Config(format!("{}tower: missing", c.at)))?;
+        let tc = Cfg { v: tower_v, at: format!("tasks[{t}].tower.") };
+        let (th, out) = (tc.usize("hidden")?, tc.usize("out_dim")?);
+        let tower = expert(
+            ck,
+            &format!("tasks.{t}.tower"),
+            (width, th, out),
+            false,
+            tc.bool_or("bias", false)?,
+            activation(&tc)?,
+        )?;
+        // A one-expert layer: softmax over one logit is exactly 1.
+        let tower_layer =
+            MoeBuf::new(LinearBuf::new(vec![0.0; width], None, 1, width), vec![tower], Rule::switch(1));
+        chains.push(vec![MoeBuf::new(gate, experts.clone(), rule), tower_layer]);
+    }
+    Ok(Plan { task: task_of(root)?, input_dim, chains, multi_gate: true })
+}
+
 /// Converts the checkpoint in `dir` to `.moe` bytes of `dtype` (the gate in
 /// `gate_dtype` for float models, e.g. an f32 router over f16 experts).
 /// Integer types need `calibration`: representative inputs (see
@@ -188,46 +280,22 @@ pub fn convert(
 ) -> Result<Vec<u8>, HostError> {
     let ck = Checkpoint::open(dir)?;
     let root = Cfg { v: &ck.config, at: String::new() };
-    match root.str("architecture")? {
-        "moe_mlp" => {}
+    let plan = match root.str("architecture")? {
+        "moe_mlp" => stack(&ck, &root)?,
+        "mmoe" => multi_gate(&ck, &root)?,
         a @ ("MixtralForCausalLM" | "Qwen2MoeForCausalLM") => {
             return Err(HostError::Config(format!("architecture: {a} (decoders) is not supported yet")));
         }
-        a => return Err(HostError::Config(format!("architecture: unknown {a:?} (moe_mlp)"))),
-    }
-    let task = match root.str("task")? {
-        "classify" => Task::Classify,
-        "regress" => Task::Regress,
-        t => return Err(HostError::Config(format!("task: unknown {t:?} (classify, regress)"))),
+        a => return Err(HostError::Config(format!("architecture: unknown {a:?} (moe_mlp, mmoe)"))),
     };
-    let layers_v = ck
-        .config
-        .get("layers")
-        .and_then(Value::as_array)
-        .filter(|a| !a.is_empty())
-        .ok_or_else(|| HostError::Config("layers: expected a non-empty array".into()))?;
-    let input_dim = root.usize("input_dim")?;
-    let mut layers = Vec::new();
-    let mut width = input_dim;
-    for (l, v) in layers_v.iter().enumerate() {
-        let m = layer(&ck, l, v)?;
-        let in_dim = m.gate.cols;
-        if in_dim != width {
-            return Err(HostError::Config(format!(
-                "layers[{l}].in_dim: {in_dim}, but the input to this layer is {width} wide"
-            )));
-        }
-        width = m.experts[0].down.rows;
-        layers.push(m);
-    }
     ck.check_all_used()?;
 
     let float_dtype = |d: Dtype| match d {
         Dtype::F16 => LayerDtype::F16,
         _ => LayerDtype::F32,
     };
-    let mut calib = match (dtype, calibration) {
-        (Dtype::Int8 | Dtype::Q15, Some(p)) => Some(read_inputs(p, input_dim)?),
+    let calibration = match (dtype, calibration) {
+        (Dtype::Int8 | Dtype::Q15, Some(p)) => Some(read_inputs(p, plan.input_dim)?),
         (Dtype::Int8 | Dtype::Q15, None) => {
             return Err(HostError::Input(
                 "int8 and q15 need --calibration FILE (representative inputs)".into(),
@@ -235,33 +303,55 @@ pub fn convert(
         }
         _ => None,
     };
-    let mut specs = Vec::new();
-    for m in layers {
-        let spec = match (dtype, &mut calib) {
-            (Dtype::Int8 | Dtype::Q15, Some(x)) => {
-                let views = m.expert_views()?;
-                let layer = m.layer(&views)?;
-                let spec = if dtype == Dtype::Int8 {
-                    LayerSpec::Int8(QMoeBuf::quantize(&layer, x)?)
-                } else {
-                    LayerSpec::Q15(QMoeBuf::quantize(&layer, x)?)
-                };
-                // The next layer is calibrated on this layer's float outputs.
-                let mut scratch = vec![0u8; layer.scratch_bytes()];
-                let mut next = vec![0.0; x.len() / layer.in_dim() * layer.out_dim()];
-                for (xi, yi) in x.chunks_exact(layer.in_dim()).zip(next.chunks_exact_mut(layer.out_dim())) {
-                    layer.infer(xi, yi, &mut scratch)?;
+    let mut specs: Vec<LayerSpec> = Vec::new();
+    let mut experts_from = Vec::new();
+    let tasks = plan.chains.len();
+    for chain in plan.chains {
+        // Every chain starts from the model input.
+        let mut x = calibration.clone();
+        for (i, m) in chain.into_iter().enumerate() {
+            // Multi-gate MoE: every task's first layer routes over task 0's experts.
+            let from = if plan.multi_gate && i == 0 { 0 } else { specs.len() };
+            let base = (from != specs.len()).then(|| &specs[from]);
+            let spec = match &mut x {
+                Some(x) => {
+                    let views = m.expert_views()?;
+                    let layer = m.layer(&views)?;
+                    let spec = match (dtype, base) {
+                        (Dtype::Int8, Some(LayerSpec::Int8(b))) => {
+                            LayerSpec::Int8(QMoeBuf::quantize_sharing(&layer, x, b)?)
+                        }
+                        (Dtype::Q15, Some(LayerSpec::Q15(b))) => {
+                            LayerSpec::Q15(QMoeBuf::quantize_sharing(&layer, x, b)?)
+                        }
+                        (Dtype::Int8, _) => LayerSpec::Int8(QMoeBuf::quantize(&layer, x)?),
+                        _ => LayerSpec::Q15(QMoeBuf::quantize(&layer, x)?),
+                    };
+                    // The next layer is calibrated on this layer's float outputs.
+                    let mut scratch = vec![0u8; layer.scratch_bytes()];
+                    let mut next = vec![0.0; x.len() / layer.in_dim() * layer.out_dim()];
+                    for (xi, yi) in x.chunks_exact(layer.in_dim()).zip(next.chunks_exact_mut(layer.out_dim()))
+                    {
+                        layer.infer(xi, yi, &mut scratch)?;
+                    }
+                    *x = next;
+                    spec
                 }
-                *x = next;
-                spec
-            }
-            _ => LayerSpec::Float {
-                layer: m,
-                gate: float_dtype(gate_dtype.unwrap_or(dtype)),
-                experts: float_dtype(dtype),
-            },
-        };
-        specs.push(spec);
+                None => LayerSpec::Float {
+                    layer: m,
+                    gate: float_dtype(gate_dtype.unwrap_or(dtype)),
+                    experts: float_dtype(dtype),
+                },
+            };
+            specs.push(spec);
+            experts_from.push(from);
+        }
     }
-    Ok(write(&ModelSpec::stack(task, specs))?)
+    let spec = ModelSpec {
+        task: plan.task,
+        multi_gate: plan.multi_gate.then_some(tasks),
+        layers: specs,
+        experts_from,
+    };
+    Ok(write(&spec)?)
 }

@@ -43,6 +43,32 @@
 //! | `layers.L.shared_expert_gate.weight` | `(1, in_dim)` |
 //!
 //! Any other tensor is an error (a misspelt name must not be ignored).
+//!
+//! # Multi-gate MoE (MMoE, Ma et al. 2018)
+//!
+//! One pool of experts, and per task a gate over the pool and a tower:
+//! `y_t = tower_t(sum_i g_t,i(x) expert_i(x))`; the model output is the
+//! towers' outputs one after the other.
+//!
+//! ```json
+//! {
+//!   "architecture": "mmoe",
+//!   "task": "regress",
+//!   "input_dim": 16,
+//!   "experts": { "count": 4, "hidden": 24, "out_dim": 8, "activation": "relu", "bias": true },
+//!   "tasks": [
+//!     { "tower": { "hidden": 8, "out_dim": 3, "activation": "relu", "bias": true } },
+//!     { "k": 2, "router": "mixtral", "tower": { "hidden": 8, "out_dim": 1, "activation": "relu", "bias": true } }
+//!   ]
+//! }
+//! ```
+//!
+//! A task's gate is dense (softmax over all experts, `k` = the expert count,
+//! at most 8) unless it sets `k` and `router` (`qwen2_moe`, `mixtral`,
+//! `switch`). Tensors: `experts.E.{up,gate_proj,down}.{weight,bias}` (the
+//! pool, `(hidden, input_dim)` and `(out_dim, hidden)`),
+//! `tasks.T.gate.weight` `(count, input_dim)`, and
+//! `tasks.T.tower.{up,down}.{weight,bias}` (an MLP from the experts' `out_dim`).
 
 mod checkpoint;
 mod convert;

@@ -237,6 +237,26 @@ impl<A: IntKernel> QMoeBuf<A> {
         layer: &MoeLayer<'a, G, W, S>,
         calibration: &[f32],
     ) -> Result<Self> {
+        Self::quantize_inner(layer, calibration, None)
+    }
+
+    /// Quantizes `layer`'s gate, router and combine, reusing the quantized
+    /// experts (and their input and output quantization) of `base`: for
+    /// gates that route over one expert pool (multi-gate MoE). `layer`'s
+    /// experts must be the ones `base` was made from.
+    pub fn quantize_sharing<'a, G: FloatWeight, W: FloatWeight, S: ExpertSource<Expert = Expert<'a, W>>>(
+        layer: &MoeLayer<'a, G, W, S>,
+        calibration: &[f32],
+        base: &QMoeBuf<A>,
+    ) -> Result<Self> {
+        Self::quantize_inner(layer, calibration, Some(base))
+    }
+
+    fn quantize_inner<'a, G: FloatWeight, W: FloatWeight, S: ExpertSource<Expert = Expert<'a, W>>>(
+        layer: &MoeLayer<'a, G, W, S>,
+        calibration: &[f32],
+        base: Option<&QMoeBuf<A>>,
+    ) -> Result<Self> {
         let (d_in, d_out) = (layer.in_dim(), layer.out_dim());
         if calibration.is_empty() || !calibration.len().is_multiple_of(d_in) {
             return Err(Error::Shape { what: What::Calibration, expected: d_in, actual: calibration.len() });
@@ -244,7 +264,10 @@ impl<A: IntKernel> QMoeBuf<A> {
         crate::error::check_finite(What::Calibration, calibration)?;
         let mut input = Range::EMPTY;
         input.see(calibration);
-        let input = input.params::<A>()?;
+        let input = match base {
+            Some(b) => b.input,
+            None => input.params::<A>()?,
+        };
 
         let n_experts = layer.router().rule().experts;
         let mut output = Range::EMPTY;
@@ -274,14 +297,27 @@ impl<A: IntKernel> QMoeBuf<A> {
         for r in ranges.iter().chain(shared_ranges.as_ref()) {
             expert_out.see(&[r.out.min, r.out.max]);
         }
-        let expert_out = expert_out.params::<A>()?;
+        let expert_out = match base {
+            Some(b) => b.expert_out,
+            None => expert_out.params::<A>()?,
+        };
 
         let logit = QuantParams::new(1.0 / (1u32 << LOGIT_FRAC_BITS) as f32, 0)?;
-        let experts = routed
-            .iter()
-            .zip(&ranges)
-            .map(|(e, r)| quantize_expert(e, r, input, expert_out))
-            .collect::<Result<Vec<_>>>()?;
+        let experts = match base {
+            Some(b) if b.experts.len() == routed.len() => b.experts.clone(),
+            Some(b) => {
+                return Err(Error::DimMismatch {
+                    what: What::Experts,
+                    expected: routed.len(),
+                    actual: b.experts.len(),
+                });
+            }
+            None => routed
+                .iter()
+                .zip(&ranges)
+                .map(|(e, r)| quantize_expert(e, r, input, expert_out))
+                .collect::<Result<Vec<_>>>()?,
+        };
         let shared = match (layer.shared(), &shared_ranges) {
             (Some(s), Some(r)) => Some((
                 quantize_expert(&s.expert, r, input, expert_out)?,
