@@ -301,3 +301,33 @@ fn random_edits_never_panic() {
     println!("random edits: {accepted} accepted, {refused} refused");
     assert!(refused > 1000);
 }
+
+/// An f16 gate routing int8 experts (mixed types in one layer): the file
+/// behaves exactly like the layer in memory, and routing follows the float
+/// gate, so it picks PyTorch's experts wherever the input's quantization
+/// does not cross a tie.
+#[test]
+fn float_gate_over_integer_experts_round_trips() {
+    let fx = Fixture::load("qwen2moe_h24_e6_k3_norm");
+    let m = model(&fx);
+    let views = m.expert_views().unwrap();
+    let float = m.layer(&views).unwrap();
+    let q = QMoeBuf::<i8>::quantize(&float, fx.f32("x")).unwrap().with_float_gate(&float, true);
+    let spec = ModelSpec::stack(Task::Regress, vec![LayerSpec::Int8(q.clone())]);
+    let bytes = write(&spec).unwrap();
+    let aligned = AlignedBytes::from(&bytes[..]);
+    let parsed = Model::parse(&aligned).unwrap();
+    let info = parsed.layer_info(0).unwrap();
+    assert_eq!((info.gate_dtype, info.expert_dtype), (LayerDtype::F16, LayerDtype::Int8));
+    let got = run(&bytes, &fx);
+    let mut same = 0;
+    for (t, (y, experts)) in got.iter().enumerate() {
+        let mut want = vec![0.0f32; y.len()];
+        let sel = infer_int(&q, fx.row("x", t), &mut want);
+        assert_eq!(y, &want, "token {t}");
+        assert_eq!(experts, &sel);
+        same += (experts == &fx.experts_row("experts", t)) as usize;
+    }
+    println!("f16 gate over int8 experts: {same}/{} tokens route as PyTorch", got.len());
+    assert!(same + 1 >= got.len(), "{same}");
+}

@@ -9,7 +9,7 @@ use super::table::{Elem, Key, Table};
 use crate::error::Result;
 use crate::expert::{Expert, QActivation, QExpert};
 use crate::kernels::{Activation, FloatWeight, IntKernel, Linear, MulParams, QLinear};
-use crate::moe::{Combine, ExpertSource, MoeLayer, QMoeLayer, QSharedExpert, SharedExpert};
+use crate::moe::{Combine, ExpertSource, FloatGate, MoeLayer, QMoeLayer, QSharedExpert, SharedExpert};
 use crate::quant::{Multiplier, QuantParams, f16};
 use crate::router::{IntRouter, Router, Rule, Scoring};
 
@@ -216,15 +216,6 @@ fn int_layer<'a, A: IntKernel + Elem>(
 where
     A::Bias: Elem,
 {
-    let gate = int_linear::<A>(t, layer, LAYER_LEVEL, role::GATE, info.experts, info.in_dim)?;
-    let bias = if info.flags & flags::SELECTION_BIAS != 0 {
-        Some(
-            t.need::<i32>(key(layer, LAYER_LEVEL, role::SELECTION_BIAS, part::WEIGHT), info.experts, 1)?.data,
-        )
-    } else {
-        None
-    };
-    let router = IntRouter::new(rule(info), bias, info.scaling_q15)?;
     let shared = if info.flags & flags::SHARED != 0 {
         let expert = int_expert::<A>(t, layer, info, SHARED_EXPERT)?;
         let gate = if info.flags & flags::SHARED_GATE != 0 {
@@ -240,7 +231,27 @@ where
         int_expert::<A>(t, layer, info, e as u16)?;
     }
     let experts = IntExperts { table: *t, layer, info: *info, _a: PhantomData };
-    QMoeLayer::new(gate, router, experts, shared, info.combine)
+    let selection_bias = key(layer, LAYER_LEVEL, role::SELECTION_BIAS, part::WEIGHT);
+    let has_bias = info.flags & flags::SELECTION_BIAS != 0;
+    let gate_key = (layer, LAYER_LEVEL, role::GATE, info.experts, info.in_dim);
+    // A float gate (f32 or f16) may route integer experts.
+    let float_gate = |g| -> Result<_> {
+        let bias = if has_bias { Some(t.need::<f32>(selection_bias, info.experts, 1)?.data) } else { None };
+        let router = Router::new(rule(info), bias, info.scaling)?;
+        QMoeLayer::with_float_gate(g, router, info.input, experts, shared, info.combine)
+    };
+    let (l, e, r, rows, cols) = gate_key;
+    match info.gate_dtype {
+        LayerDtype::F32 => float_gate(FloatGate::F32(float_linear(t, l, e, r, rows, cols)?)),
+        LayerDtype::F16 => float_gate(FloatGate::F16(float_linear(t, l, e, r, rows, cols)?)),
+        _ => {
+            let gate = int_linear::<A>(t, l, e, r, rows, cols)?;
+            let bias =
+                if has_bias { Some(t.need::<i32>(selection_bias, info.experts, 1)?.data) } else { None };
+            let router = IntRouter::new(rule(info), bias, info.scaling_q15)?;
+            QMoeLayer::new(gate, router, experts, shared, info.combine)
+        }
+    }
 }
 
 /// Builds layer `layer` (validating every tensor it uses).
@@ -251,8 +262,8 @@ pub(crate) fn build<'a>(t: &Table<'a>, layer: usize, info: &LayerInfo) -> Result
         (F16, F16) => Layer::F16(float_layer(t, layer, info)?),
         (F32, F16) => Layer::F32GateF16(float_layer(t, layer, info)?),
         (F16, F32) => Layer::F16GateF32(float_layer(t, layer, info)?),
-        (Int8, Int8) => Layer::Int8(int_layer(t, layer, info)?, info.input, info.output),
-        (Q15, Q15) => Layer::Q15(int_layer(t, layer, info)?, info.input, info.output),
+        (_, Int8) => Layer::Int8(int_layer(t, layer, info)?, info.input, info.output),
+        (_, Q15) => Layer::Q15(int_layer(t, layer, info)?, info.input, info.output),
         _ => return Err(crate::Error::BadField { field: crate::error::Field::Dtype, layer }),
     })
 }

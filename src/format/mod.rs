@@ -35,7 +35,7 @@
 //! | 3, 4 | experts, k |
 //! | 5 | flags: 1 normalize, 2 sigmoid scores, 4 gated experts, 8 shared expert, 16 shared expert gate, 32 expert biases, 64 selection bias |
 //! | 6 | activation: 0 ReLU, 1 GELU, 2 GELU (tanh), 3 SiLU |
-//! | 7, 8 | gate and expert numeric type: 0 f32, 1 f16, 2 int8, 3 Q15 (integer layers use one type for both) |
+//! | 7, 8 | gate and expert numeric type: 0 f32, 1 f16, 2 int8, 3 Q15 (an integer gate routes experts of its own type; a float gate routes any, integer experts over the dequantized input) |
 //! | 9 | shared expert hidden width |
 //! | 10, 11 | expert groups, groups kept (0 = no groups) |
 //! | 12 | routed scaling factor (f32 bits); 13: the same in Q15 (integer layers) |
@@ -205,6 +205,13 @@ pub const fn required_scratch(bytes: &[u8]) -> core::result::Result<usize, Error
     let mut layer_max = 0usize;
     let mut l = 0;
     while l < n_layers {
+        let (Some(inp), Some(gdt)) =
+            (layer_word(bytes, HEADER_LEN, l, lw::IN_DIM), layer_word(bytes, HEADER_LEN, l, lw::GATE_DTYPE))
+        else {
+            return Err(Error::Truncated { needed: HEADER_LEN + (l + 1) * LAYER_LEN, actual: bytes.len() });
+        };
+        // A float gate over integer experts dequantizes the input first.
+        let float_gate = matches!(LayerDtype::from_code(gdt), Some(LayerDtype::F32 | LayerDtype::F16));
         let (Some(out), Some(hidden), Some(e), Some(k), Some(fl), Some(dt), Some(sh)) = (
             layer_word(bytes, HEADER_LEN, l, lw::OUT_DIM),
             layer_word(bytes, HEADER_LEN, l, lw::HIDDEN),
@@ -225,10 +232,12 @@ pub const fn required_scratch(bytes: &[u8]) -> core::result::Result<usize, Error
         let need = match LayerDtype::from_code(dt) {
             Some(LayerDtype::Int8) => bytes_for::<i32>(e)
                 .saturating_add(bytes_for::<i8>(hidden_max))
-                .saturating_add(bytes_for::<i8>(slots)),
+                .saturating_add(bytes_for::<i8>(slots))
+                .saturating_add(if float_gate { bytes_for::<f32>(inp as usize) } else { 0 }),
             Some(LayerDtype::Q15) => bytes_for::<i32>(e)
                 .saturating_add(bytes_for::<i16>(hidden_max))
-                .saturating_add(bytes_for::<i16>(slots)),
+                .saturating_add(bytes_for::<i16>(slots))
+                .saturating_add(if float_gate { bytes_for::<f32>(inp as usize) } else { 0 }),
             Some(_) => bytes_for::<f32>(e)
                 .saturating_add(bytes_for::<f32>(hidden_max))
                 .saturating_add(bytes_for::<f32>(out)),
@@ -558,7 +567,8 @@ fn layer_info(bytes: &[u8], l: usize) -> Result<LayerInfo> {
     }
     let dtype = |word| LayerDtype::from_code(w(word).unwrap_or(u32::MAX)).ok_or(bad(Field::Dtype));
     let (gate_dtype, expert_dtype) = (dtype(lw::GATE_DTYPE)?, dtype(lw::EXPERT_DTYPE)?);
-    if (gate_dtype.is_int() || expert_dtype.is_int()) && gate_dtype != expert_dtype {
+    // An integer gate routes only its own type of experts; a float gate routes any.
+    if gate_dtype.is_int() && gate_dtype != expert_dtype {
         return Err(bad(Field::Dtype));
     }
     let experts = w(lw::EXPERTS)? as usize;

@@ -12,7 +12,7 @@ use super::table::{Elem, Key};
 use super::{MAX_LAYERS, arch};
 use crate::error::{Error, Field, Result};
 use crate::kernels::{Activation, IntKernel};
-use crate::moe::build::{QExpertBuf, QMoeBuf};
+use crate::moe::build::{FloatWeights, QExpertBuf, QMoeBuf};
 use crate::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
 use crate::quant::build::QLinearBuf;
 use crate::quant::f16;
@@ -249,7 +249,7 @@ where
     w[lw::OUT_DIM] = first.down.rows as u32;
     w[lw::HIDDEN] = first.up.rows as u32;
     w[lw::ACT] = act_code(first.act);
-    w[lw::GATE_DTYPE] = dtype as u32;
+    let mut w_gate = dtype;
     w[lw::EXPERT_DTYPE] = dtype as u32;
     w[lw::SCALING] = (q.scaling_q15 as f32 / 32768.0).to_bits();
     w[lw::SCALING_Q15] = q.scaling_q15 as u32;
@@ -266,11 +266,33 @@ where
     if first.gate.is_some() {
         f |= flags::GATED;
     }
-    int_linear(out, key(l, LAYER_LEVEL, role::GATE, part::WEIGHT), &q.gate);
-    if let Some(b) = &q.bias_q15 {
-        f |= flags::SELECTION_BIAS;
-        out.push(entry(key(l, LAYER_LEVEL, role::SELECTION_BIAS, part::WEIGHT), b.len(), 1, b, (0, 0)));
+    let bias_key = key(l, LAYER_LEVEL, role::SELECTION_BIAS, part::WEIGHT);
+    if let Some(g) = &q.float_gate {
+        // A float gate over the dequantized input routes the integer experts.
+        let gate_key = key(l, LAYER_LEVEL, role::GATE, part::WEIGHT);
+        match &g.weights {
+            FloatWeights::F32(w) => {
+                w_gate = LayerDtype::F32;
+                out.push(entry(gate_key, w.rows, w.cols, &w.weights, (0, 0)));
+            }
+            FloatWeights::F16(w) => {
+                w_gate = LayerDtype::F16;
+                out.push(entry(gate_key, w.rows, w.cols, &w.weights, (0, 0)));
+            }
+        }
+        w[lw::SCALING] = g.scaling.to_bits();
+        if let Some(b) = &g.bias {
+            f |= flags::SELECTION_BIAS;
+            out.push(entry(bias_key, b.len(), 1, b, (0, 0)));
+        }
+    } else {
+        int_linear(out, key(l, LAYER_LEVEL, role::GATE, part::WEIGHT), &q.gate);
+        if let Some(b) = &q.bias_q15 {
+            f |= flags::SELECTION_BIAS;
+            out.push(entry(bias_key, b.len(), 1, b, (0, 0)));
+        }
     }
+    w[lw::GATE_DTYPE] = w_gate as u32;
     w[lw::EXPERTS_FROM] = from as u32;
     for (e, x) in q.experts.iter().enumerate().filter(|_| from == l) {
         int_expert(out, l, e as u16, x);

@@ -7,7 +7,8 @@ use serde_json::Value;
 use super::checkpoint::{Checkpoint, HostError, read_inputs};
 use crate::format::LayerDtype;
 use crate::format::write::{LayerSpec, ModelSpec, Task, write};
-use crate::kernels::Activation;
+use crate::kernels::{Activation, IntKernel};
+use crate::moe::MoeLayer;
 use crate::moe::build::QMoeBuf;
 use crate::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
 use crate::router::Rule;
@@ -268,6 +269,20 @@ fn multi_gate(ck: &Checkpoint, root: &Cfg<'_>) -> Result<Plan, HostError> {
     Ok(Plan { task: task_of(root)?, input_dim, chains, multi_gate: true })
 }
 
+/// `--gate-dtype f32|f16` with an integer `--dtype`: a float router over
+/// integer experts.
+fn float_gate<A: IntKernel>(
+    q: QMoeBuf<A>,
+    layer: &MoeLayer<'_, f32, f32>,
+    gate: Option<Dtype>,
+) -> QMoeBuf<A> {
+    match gate {
+        Some(Dtype::F32) => q.with_float_gate(layer, false),
+        Some(Dtype::F16) => q.with_float_gate(layer, true),
+        _ => q,
+    }
+}
+
 /// Converts the checkpoint in `dir` to `.moe` bytes of `dtype` (the gate in
 /// `gate_dtype` for float models, e.g. an f32 router over f16 experts).
 /// Integer types need `calibration`: representative inputs (see
@@ -318,14 +333,20 @@ pub fn convert(
                     let views = m.expert_views()?;
                     let layer = m.layer(&views)?;
                     let spec = match (dtype, base) {
-                        (Dtype::Int8, Some(LayerSpec::Int8(b))) => {
-                            LayerSpec::Int8(QMoeBuf::quantize_sharing(&layer, x, b)?)
+                        (Dtype::Int8, Some(LayerSpec::Int8(b))) => LayerSpec::Int8(float_gate(
+                            QMoeBuf::quantize_sharing(&layer, x, b)?,
+                            &layer,
+                            gate_dtype,
+                        )),
+                        (Dtype::Q15, Some(LayerSpec::Q15(b))) => LayerSpec::Q15(float_gate(
+                            QMoeBuf::quantize_sharing(&layer, x, b)?,
+                            &layer,
+                            gate_dtype,
+                        )),
+                        (Dtype::Int8, _) => {
+                            LayerSpec::Int8(float_gate(QMoeBuf::quantize(&layer, x)?, &layer, gate_dtype))
                         }
-                        (Dtype::Q15, Some(LayerSpec::Q15(b))) => {
-                            LayerSpec::Q15(QMoeBuf::quantize_sharing(&layer, x, b)?)
-                        }
-                        (Dtype::Int8, _) => LayerSpec::Int8(QMoeBuf::quantize(&layer, x)?),
-                        _ => LayerSpec::Q15(QMoeBuf::quantize(&layer, x)?),
+                        _ => LayerSpec::Q15(float_gate(QMoeBuf::quantize(&layer, x)?, &layer, gate_dtype)),
                     };
                     // The next layer is calibrated on this layer's float outputs.
                     let mut scratch = vec![0u8; layer.scratch_bytes()];

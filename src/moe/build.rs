@@ -11,13 +11,14 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use super::{Combine, ExpertSource, MoeLayer, QMoeLayer, QSharedExpert};
+use super::owned::LinearBuf;
+use super::{Combine, ExpertSource, FloatGate, MoeLayer, QMoeLayer, QSharedExpert};
 use crate::error::{Error, Result, What};
 use crate::expert::{Expert, Ffn, QActivation, QExpert};
 use crate::kernels::{Activation, FloatWeight, IntKernel, Linear, MulParams};
 use crate::quant::build::{QLinearBuf, act_params, mul_params};
-use crate::quant::{Multiplier, QuantParams, build_lut};
-use crate::router::{IntRouter, LOGIT_FRAC_BITS, ONE_Q15, Rule};
+use crate::quant::{Multiplier, QuantParams, build_lut, f16};
+use crate::router::{IntRouter, LOGIT_FRAC_BITS, ONE_Q15, Router, Rule};
 
 /// Smallest and largest value seen.
 #[derive(Debug, Clone, Copy)]
@@ -228,9 +229,58 @@ pub struct QMoeBuf<A: IntKernel> {
     pub scaling_q15: i32,
     /// How outputs are summed.
     pub combine: Combine,
+    /// A float gate that replaces the integer one (see
+    /// [`QMoeBuf::with_float_gate`]).
+    pub float_gate: Option<FloatGateBuf>,
+}
+
+/// The float gate of a mixed layer: weights, selection bias, scaling factor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FloatGateBuf {
+    /// `(experts, in)` weights, kept in f32 or rounded to f16.
+    pub weights: FloatWeights,
+    /// Selection bias.
+    pub bias: Option<Vec<f32>>,
+    /// Routed scaling factor.
+    pub scaling: f32,
+}
+
+/// Gate weights in f32 or f16.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FloatWeights {
+    /// f32.
+    F32(LinearBuf<f32>),
+    /// f16.
+    F16(LinearBuf<f16>),
 }
 
 impl<A: IntKernel> QMoeBuf<A> {
+    /// Routes with `layer`'s float gate and router (f32, or f16 if `half`)
+    /// over the dequantized input instead of the integer gate: int8 experts
+    /// behind a float router, which does not flip near-ties the way an
+    /// 8-bit gate can.
+    pub fn with_float_gate<'a, G: FloatWeight, W: FloatWeight, S: ExpertSource<Expert = Expert<'a, W>>>(
+        mut self,
+        layer: &MoeLayer<'a, G, W, S>,
+        half: bool,
+    ) -> Self {
+        let g = layer.gate();
+        let w: Vec<f32> = g.weights().iter().map(|v| v.to_f32()).collect();
+        let (rows, cols) = (g.rows(), g.cols());
+        let weights = if half {
+            FloatWeights::F16(LinearBuf::new(w.iter().map(|&v| f16::from_f32(v)).collect(), None, rows, cols))
+        } else {
+            FloatWeights::F32(LinearBuf::new(w, None, rows, cols))
+        };
+        let router = layer.router();
+        self.float_gate = Some(FloatGateBuf {
+            weights,
+            bias: router.bias().map(<[f32]>::to_vec),
+            scaling: router.scaling(),
+        });
+        self
+    }
+
     /// Quantizes `layer` (any expert source), calibrating activations on `calibration`
     /// (`(tokens, in)` row-major, at least one token, finite).
     pub fn quantize<'a, G: FloatWeight, W: FloatWeight, S: ExpertSource<Expert = Expert<'a, W>>>(
@@ -345,6 +395,7 @@ impl<A: IntKernel> QMoeBuf<A> {
             bias_q15: router.bias().map(|b| b.iter().map(|&v| q15(v)).collect()),
             scaling_q15: q15(router.scaling()),
             combine,
+            float_gate: None,
         })
     }
 
@@ -355,13 +406,21 @@ impl<A: IntKernel> QMoeBuf<A> {
 
     /// The runnable layer over `experts` (from [`QMoeBuf::expert_views`]).
     pub fn layer<'a>(&'a self, experts: &'a [QExpert<'a, A>]) -> Result<QMoeLayer<'a, A>> {
-        let router = IntRouter::new(self.rule, self.bias_q15.as_deref(), self.scaling_q15)?;
         let shared = match &self.shared {
             Some((e, g)) => {
                 Some(QSharedExpert { expert: e.view()?, gate: g.as_ref().map(|g| g.view()).transpose()? })
             }
             None => None,
         };
+        if let Some(f) = &self.float_gate {
+            let router = Router::new(self.rule, f.bias.as_deref(), f.scaling)?;
+            let gate = match &f.weights {
+                FloatWeights::F32(w) => FloatGate::F32(w.view()?),
+                FloatWeights::F16(w) => FloatGate::F16(w.view()?),
+            };
+            return QMoeLayer::with_float_gate(gate, router, self.input, experts, shared, self.combine);
+        }
+        let router = IntRouter::new(self.rule, self.bias_q15.as_deref(), self.scaling_q15)?;
         QMoeLayer::new(self.gate.view()?, router, experts, shared, self.combine)
     }
 }

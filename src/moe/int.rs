@@ -1,10 +1,12 @@
-//! The integer MoE layer: int8 or Q15 from gate to combine, no float.
+//! The integer MoE layer: int8 or Q15 from gate to combine, no float; or
+//! with a float gate (f32 / f16 weights over the dequantized input) routing
+//! integer experts.
 
 use crate::error::{Error, Result, What, check_dim, check_len};
 use crate::expert::QExpert;
-use crate::kernels::{IntKernel, QLinear};
-use crate::quant::{Multiplier, WIDE_MAX_SHIFT, requantize_wide};
-use crate::router::{IntRouter, LOGIT_FRAC_BITS, ONE_Q15, Selection, sigmoid_q30};
+use crate::kernels::{IntKernel, Linear, QLinear};
+use crate::quant::{Multiplier, QuantParams, WIDE_MAX_SHIFT, f16, requantize_wide};
+use crate::router::{Choice, IntRouter, LOGIT_FRAC_BITS, ONE_Q15, Router, Rule, Selection, sigmoid_q30};
 use crate::scratch::{Carve, bytes_for};
 
 use super::{ExpertSource, Stats};
@@ -36,13 +38,83 @@ pub struct QSharedExpert<'a, A: IntKernel> {
     pub gate: Option<QLinear<'a, A>>,
 }
 
+/// Float gate weights of a mixed layer.
+#[derive(Debug, Clone, Copy)]
+pub enum FloatGate<'a> {
+    /// f32 weights.
+    F32(Linear<'a, f32>),
+    /// f16 weights.
+    F16(Linear<'a, f16>),
+}
+
+impl FloatGate<'_> {
+    fn rows(&self) -> usize {
+        match self {
+            FloatGate::F32(l) => l.rows(),
+            FloatGate::F16(l) => l.rows(),
+        }
+    }
+
+    fn cols(&self) -> usize {
+        match self {
+            FloatGate::F32(l) => l.cols(),
+            FloatGate::F16(l) => l.cols(),
+        }
+    }
+
+    fn forward(&self, x: &[f32], y: &mut [f32]) {
+        match self {
+            FloatGate::F32(l) => l.forward(x, y),
+            FloatGate::F16(l) => l.forward(x, y),
+        }
+    }
+}
+
+/// How an integer layer routes.
+#[derive(Debug, Clone, Copy)]
+enum Gate<'a, A: IntKernel> {
+    /// Integer gate and router: the same bits on every target.
+    Int(QLinear<'a, A>, IntRouter<'a>),
+    /// Float gate over the dequantized input, float router; weights then Q15.
+    Float(FloatGate<'a>, Router<'a>, QuantParams),
+}
+
+impl<A: IntKernel> Gate<'_, A> {
+    fn rule(&self) -> &Rule {
+        match self {
+            Gate::Int(_, r) => r.rule(),
+            Gate::Float(_, r, _) => r.rule(),
+        }
+    }
+
+    fn cols(&self) -> usize {
+        match self {
+            Gate::Int(g, _) => g.cols(),
+            Gate::Float(g, _, _) => g.cols(),
+        }
+    }
+
+    fn rows(&self) -> usize {
+        match self {
+            Gate::Int(g, _) => g.rows(),
+            Gate::Float(g, _, _) => g.rows(),
+        }
+    }
+
+    fn input_zp(&self) -> i32 {
+        match self {
+            Gate::Int(g, _) => g.input_zp(),
+            Gate::Float(_, _, p) => p.zero_point,
+        }
+    }
+}
+
 /// A sparse MoE layer on the integer path (`A = i8`: int8, `A = i16`: Q15).
 /// The gate emits fixed-point logits (zero point 0, scale
 /// `2^-LOGIT_FRAC_BITS`) for the [`IntRouter`].
 #[derive(Debug, Clone, Copy)]
 pub struct QMoeLayer<'a, A: IntKernel, S = &'a [QExpert<'a, A>]> {
-    gate: QLinear<'a, A>,
-    router: IntRouter<'a>,
+    gate: Gate<'a, A>,
     experts: S,
     shared: Option<QSharedExpert<'a, A>>,
     combine: Combine,
@@ -62,7 +134,34 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
         shared: Option<QSharedExpert<'a, A>>,
         combine: Combine,
     ) -> Result<Self> {
-        let n = router.rule().experts;
+        if gate.output_zp() != 0 {
+            return Err(Error::OutOfRange { what: What::ZeroPoint, index: 0 });
+        }
+        Self::with_gate(Gate::Int(gate, router), experts, shared, combine)
+    }
+
+    /// A layer whose gate is float (`gate` over the input dequantized with
+    /// `input`, then `router`) and whose experts are integer. Routing then
+    /// follows float arithmetic (IEEE, the same on every target with
+    /// micromoe's software `libm`), and the chosen weights become Q15.
+    pub fn with_float_gate(
+        gate: FloatGate<'a>,
+        router: Router<'a>,
+        input: QuantParams,
+        experts: S,
+        shared: Option<QSharedExpert<'a, A>>,
+        combine: Combine,
+    ) -> Result<Self> {
+        Self::with_gate(Gate::Float(gate, router, input), experts, shared, combine)
+    }
+
+    fn with_gate(
+        gate: Gate<'a, A>,
+        experts: S,
+        shared: Option<QSharedExpert<'a, A>>,
+        combine: Combine,
+    ) -> Result<Self> {
+        let n = gate.rule().experts;
         check_len(What::Experts, n, experts.count())?;
         check_dim(What::Experts, n, gate.rows())?;
         let zp_err = Error::OutOfRange { what: What::ZeroPoint, index: 0 };
@@ -87,14 +186,14 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
                 return Err(zp_err);
             }
         }
-        if gate.output_zp() != 0 || !(A::MIN..=A::MAX).contains(&combine.out_zp) {
+        if !(A::MIN..=A::MAX).contains(&combine.out_zp) {
             return Err(zp_err);
         }
         let m = combine.multiplier;
         if Multiplier::new(m.multiplier, m.shift).is_err() || m.shift > WIDE_MAX_SHIFT {
             return Err(Error::OutOfRange { what: What::Requant, index: 0 });
         }
-        Ok(QMoeLayer { gate, router, experts, shared, combine, out_dim, hidden_max, macs_experts })
+        Ok(QMoeLayer { gate, experts, shared, combine, out_dim, hidden_max, macs_experts })
     }
 
     /// Input width.
@@ -109,12 +208,17 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
 
     /// Expert outputs kept at once: the k routed plus the shared one.
     fn slots(&self) -> usize {
-        self.router.rule().k + 1
+        self.gate.rule().k + 1
     }
 
     /// Bytes of scratch [`QMoeLayer::infer`] needs.
     pub fn scratch_bytes(&self) -> usize {
-        bytes_for::<i32>(self.router.rule().experts)
+        let float_input = match self.gate {
+            Gate::Float(..) => bytes_for::<f32>(self.in_dim()),
+            Gate::Int(..) => 0,
+        };
+        float_input
+            + bytes_for::<i32>(self.gate.rule().experts)
             + bytes_for::<A>(self.hidden_max)
             + bytes_for::<A>(self.slots().saturating_mul(self.out_dim))
     }
@@ -134,14 +238,28 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
         check_len(What::Input, self.in_dim(), x.len())?;
         check_len(What::Output, self.out_dim, out.len())?;
         let mut carve = Carve::new(scratch);
-        let logits = carve.take::<i32>(self.router.rule().experts)?;
+        let n = self.gate.rule().experts;
+        let mut sel = Selection::new();
+        match &self.gate {
+            Gate::Int(gate, router) => {
+                // logits: (experts,) in Q.LOGIT_FRAC_BITS = gate (experts, in) @ x
+                let logits = carve.take::<i32>(n)?;
+                gate.forward_wide(x, logits);
+                router.route(logits, &mut sel)?;
+            }
+            Gate::Float(gate, router, input) => {
+                let xf = carve.take::<f32>(self.in_dim())?;
+                let logits = carve.take::<f32>(n)?;
+                input.dequantize_slice(x, xf)?;
+                gate.forward(xf, logits);
+                let mut fsel = Selection::new();
+                router.route(logits, &mut fsel)?;
+                let q15 = |w: f32| libm::roundf(w * ONE_Q15 as f32) as i32;
+                sel = fsel.iter().map(|c| Choice { expert: c.expert, weight: q15(c.weight) }).collect();
+            }
+        }
         let hidden = carve.take::<A>(self.hidden_max)?;
         let ys = carve.take::<A>(self.slots() * self.out_dim)?;
-
-        // logits: (experts,) in Q.LOGIT_FRAC_BITS = gate (experts, in) @ x
-        self.gate.forward_wide(x, logits);
-        let mut sel = Selection::new();
-        self.router.route(logits, &mut sel)?;
 
         // ys: (k + 1, out); weights: Q15, the shared expert's last.
         let mut weights = heapless::Vec::<i32, { crate::router::MAX_K + 1 }>::new();
@@ -184,7 +302,7 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
         scratch: &mut [u8],
         stats: &mut Stats<N>,
     ) -> Result<Selection<i32>> {
-        stats.check(self.router.rule().experts)?;
+        stats.check(self.gate.rule().experts)?;
         let sel = self.infer(x, out, scratch)?;
         let (macs, dense) = self.macs(&sel);
         stats.record(&sel, macs, dense);

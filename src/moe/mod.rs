@@ -42,7 +42,7 @@ pub mod build;
 pub mod owned;
 
 pub use float::{MoeLayer, SharedExpert};
-pub use int::{Combine, QMoeLayer, QSharedExpert};
+pub use int::{Combine, FloatGate, QMoeLayer, QSharedExpert};
 pub use source::ExpertSource;
 
 use crate::error::{Error, Result};
