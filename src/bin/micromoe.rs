@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use micromoe::format::Model;
 use micromoe::format::write::AlignedBytes;
-use micromoe::host::{Dtype, HostError, convert, read_inputs, summarize};
+use micromoe::host::{Dtype, HostError, convert_with_progress, read_inputs, summarize};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -79,7 +79,18 @@ fn run(cli: Cli) -> Result<(), HostError> {
     match cli.command {
         Command::Convert { dir, output, dtype: d, gate_dtype, calibration } => {
             let gate = gate_dtype.as_deref().map(dtype).transpose()?;
-            let bytes = convert(&dir, dtype(&d)?, gate, calibration.as_deref())?;
+            let bar = indicatif::ProgressBar::new(0).with_message("converting layers");
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}]")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let bytes =
+                convert_with_progress(&dir, dtype(&d)?, gate, calibration.as_deref(), |done, total| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                });
+            bar.finish_and_clear();
+            let bytes = bytes?;
             std::fs::write(&output, &bytes).map_err(|e| HostError::Io(output.clone(), e))?;
             let model_bytes = AlignedBytes::from(&bytes[..]);
             let model = Model::parse(&model_bytes)?;

@@ -284,14 +284,25 @@ fn float_gate<A: IntKernel>(
 }
 
 /// Converts the checkpoint in `dir` to `.moe` bytes of `dtype` (the gate in
-/// `gate_dtype` for float models, e.g. an f32 router over f16 experts).
-/// Integer types need `calibration`: representative inputs (see
-/// [`read_inputs`]), from which activation ranges are measured.
+/// `gate_dtype`, e.g. an f32 router over f16 or int8 experts). Integer types
+/// need `calibration`: representative inputs (see [`read_inputs`]), from
+/// which activation ranges are measured.
 pub fn convert(
     dir: &Path,
     dtype: Dtype,
     gate_dtype: Option<Dtype>,
     calibration: Option<&Path>,
+) -> Result<Vec<u8>, HostError> {
+    convert_with_progress(dir, dtype, gate_dtype, calibration, |_, _| {})
+}
+
+/// [`convert`], calling `progress(done, total)` as layers are converted.
+pub fn convert_with_progress(
+    dir: &Path,
+    dtype: Dtype,
+    gate_dtype: Option<Dtype>,
+    calibration: Option<&Path>,
+    mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<u8>, HostError> {
     let ck = Checkpoint::open(dir)?;
     let root = Cfg { v: &ck.config, at: String::new() };
@@ -321,6 +332,8 @@ pub fn convert(
     let mut specs: Vec<LayerSpec> = Vec::new();
     let mut experts_from = Vec::new();
     let tasks = plan.chains.len();
+    let total: usize = plan.chains.iter().map(Vec::len).sum();
+    progress(0, total);
     for chain in plan.chains {
         // Every chain starts from the model input.
         let mut x = calibration.clone();
@@ -366,6 +379,7 @@ pub fn convert(
             };
             specs.push(spec);
             experts_from.push(from);
+            progress(specs.len(), total);
         }
     }
     let spec = ModelSpec {

@@ -75,5 +75,5 @@ mod convert;
 mod describe;
 
 pub use checkpoint::{Checkpoint, HostError, read_inputs};
-pub use convert::{Dtype, convert};
+pub use convert::{Dtype, convert, convert_with_progress};
 pub use describe::{ModelSummary, summarize};
