@@ -1,8 +1,6 @@
 //! Runnable layers made from a parsed model: views built on demand from the
 //! tensor table, so nothing is copied and no RAM holds expert views.
 
-use core::marker::PhantomData;
-
 use super::LayerInfo;
 use super::layout::{LAYER_LEVEL, LayerDtype, SHARED_EXPERT, flags, part, role};
 use super::table::{Elem, Key, Table};
@@ -101,56 +99,34 @@ where
     QExpert::gated(gate, up, act, mul, down)
 }
 
-/// Routed float experts of one layer, made on demand.
+/// Routed experts of one layer, made on demand from the tensor table.
 #[derive(Debug, Clone, Copy)]
-pub struct FloatExperts<'a, W> {
+pub struct Experts<'a, E> {
     table: Table<'a>,
     layer: usize,
     info: LayerInfo,
-    _w: PhantomData<W>,
+    make: fn(&Table<'a>, usize, &LayerInfo, u16) -> Result<E>,
 }
 
-impl<'a, W: FloatWeight + Elem> ExpertSource for FloatExperts<'a, W> {
-    type Expert = Expert<'a, W>;
+impl<E: Copy> ExpertSource for Experts<'_, E> {
+    type Expert = E;
 
     fn count(&self) -> usize {
         self.info.experts
     }
 
-    fn expert(&self, i: usize) -> Option<Expert<'a, W>> {
+    fn expert(&self, i: usize) -> Option<E> {
         if i >= self.info.experts {
             return None;
         }
-        float_expert(&self.table, self.layer, &self.info, i as u16).ok()
+        (self.make)(&self.table, self.layer, &self.info, i as u16).ok()
     }
 }
 
-/// Routed integer experts of one layer, made on demand.
-#[derive(Debug, Clone, Copy)]
-pub struct IntExperts<'a, A> {
-    table: Table<'a>,
-    layer: usize,
-    info: LayerInfo,
-    _a: PhantomData<A>,
-}
-
-impl<'a, A: IntKernel + Elem> ExpertSource for IntExperts<'a, A>
-where
-    A::Bias: Elem,
-{
-    type Expert = QExpert<'a, A>;
-
-    fn count(&self) -> usize {
-        self.info.experts
-    }
-
-    fn expert(&self, i: usize) -> Option<QExpert<'a, A>> {
-        if i >= self.info.experts {
-            return None;
-        }
-        int_expert(&self.table, self.layer, &self.info, i as u16).ok()
-    }
-}
+/// Float experts (f32 or f16 weights) made on demand.
+pub type FloatExperts<'a, W> = Experts<'a, Expert<'a, W>>;
+/// Integer experts (int8 or Q15) made on demand.
+pub type IntExperts<'a, A> = Experts<'a, QExpert<'a, A>>;
 
 /// One MoE layer of a model, in its numeric type.
 #[derive(Debug, Clone, Copy)]
@@ -204,7 +180,7 @@ fn float_layer<'a, G: FloatWeight + Elem, W: FloatWeight + Elem>(
     for e in 0..info.experts {
         float_expert::<W>(t, layer, info, e as u16)?;
     }
-    let experts = FloatExperts { table: *t, layer, info: *info, _w: PhantomData };
+    let experts = Experts { table: *t, layer, info: *info, make: float_expert::<W> };
     MoeLayer::new(gate, router, experts, shared)
 }
 
@@ -230,7 +206,7 @@ where
     for e in 0..info.experts {
         int_expert::<A>(t, layer, info, e as u16)?;
     }
-    let experts = IntExperts { table: *t, layer, info: *info, _a: PhantomData };
+    let experts = Experts { table: *t, layer, info: *info, make: int_expert::<A> };
     let selection_bias = key(layer, LAYER_LEVEL, role::SELECTION_BIAS, part::WEIGHT);
     let has_bias = info.flags & flags::SELECTION_BIAS != 0;
     let gate_key = (layer, LAYER_LEVEL, role::GATE, info.experts, info.in_dim);

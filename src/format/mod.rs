@@ -94,7 +94,7 @@ mod table;
 #[cfg(feature = "alloc")]
 pub mod write;
 
-pub use layers::{FloatExperts, IntExperts, Layer};
+pub use layers::{Experts, FloatExperts, IntExperts, Layer};
 pub use layout::{ALIGN, LayerDtype, MAGIC, VERSION};
 pub use table::{Elem, Key, Table, Tensor, Typed};
 

@@ -102,12 +102,39 @@ fn act_code(a: Activation) -> u32 {
     }
 }
 
-fn routing_words(rule: &Rule, words: &mut [u32; lw::WORDS]) -> u32 {
-    words[lw::EXPERTS] = rule.experts as u32;
-    words[lw::K] = rule.k as u32;
+/// What a layer record says of its experts.
+#[derive(Clone, Copy, PartialEq)]
+struct Shape {
+    act: Activation,
+    gated: bool,
+    /// (in, hidden, out)
+    dims: (usize, usize, usize),
+}
+
+/// The record words and flags every layer shares: widths, activation,
+/// routing; checks that all routed experts have one shape and the shared
+/// expert the same kind.
+fn record(
+    l: usize,
+    rule: &Rule,
+    mut experts: impl Iterator<Item = Shape>,
+    shared: Option<Shape>,
+) -> Result<([u32; lw::WORDS], u32)> {
+    let bad = |field| Error::BadField { field, layer: l };
+    let first = experts.next().ok_or(bad(Field::Routing))?;
+    let kind = |s: &Shape| (s.act, s.gated, s.dims.0, s.dims.2);
+    if experts.any(|s| s != first) || shared.is_some_and(|s| kind(&s) != kind(&first)) {
+        return Err(bad(Field::Dims));
+    }
+    let mut w = [0u32; lw::WORDS];
+    (w[lw::IN_DIM], w[lw::HIDDEN], w[lw::OUT_DIM]) =
+        (first.dims.0 as u32, first.dims.1 as u32, first.dims.2 as u32);
+    w[lw::ACT] = act_code(first.act);
+    w[lw::EXPERTS] = rule.experts as u32;
+    w[lw::K] = rule.k as u32;
     if let Some(g) = rule.groups {
-        words[lw::N_GROUP] = g.count as u32;
-        words[lw::TOPK_GROUP] = g.keep as u32;
+        w[lw::N_GROUP] = g.count as u32;
+        w[lw::TOPK_GROUP] = g.keep as u32;
     }
     let mut f = 0;
     if rule.normalize {
@@ -116,7 +143,10 @@ fn routing_words(rule: &Rule, words: &mut [u32; lw::WORDS]) -> u32 {
     if rule.scoring == Scoring::Sigmoid {
         f |= flags::SIGMOID;
     }
-    f
+    if first.gated {
+        f |= flags::GATED;
+    }
+    Ok((w, f))
 }
 
 fn float_linear(out: &mut Vec<Entry>, k: Key, l: &LinearBuf<f32>, dtype: LayerDtype) {
@@ -151,26 +181,17 @@ fn float_layer(
     if gate.is_int() || experts.is_int() {
         return Err(bad(Field::Dtype));
     }
-    let first = m.experts.first().ok_or(bad(Field::Routing))?;
-    let same_shape = |x: &ExpertBuf<f32>| x.act == first.act && x.gate.is_some() == first.gate.is_some();
-    if !m.experts.iter().all(|x| same_shape(x) && x.up.rows == first.up.rows)
-        || m.shared.as_ref().is_some_and(|(s, _)| !same_shape(s))
-    {
-        return Err(bad(Field::Dims));
-    }
-    let mut w = [0u32; lw::WORDS];
-    let mut f = routing_words(&m.rule, &mut w);
-    w[lw::IN_DIM] = first.up.cols as u32;
-    w[lw::OUT_DIM] = first.down.rows as u32;
-    w[lw::HIDDEN] = first.up.rows as u32;
-    w[lw::ACT] = act_code(first.act);
+    let shape = |x: &ExpertBuf<f32>| Shape {
+        act: x.act,
+        gated: x.gate.is_some(),
+        dims: (x.up.cols, x.up.rows, x.down.rows),
+    };
+    let (mut w, mut f) =
+        record(l, &m.rule, m.experts.iter().map(shape), m.shared.as_ref().map(|(s, _)| shape(s)))?;
     w[lw::GATE_DTYPE] = gate as u32;
     w[lw::EXPERT_DTYPE] = experts as u32;
     w[lw::SCALING] = m.scaling.to_bits();
     w[lw::SCALING_Q15] = libm::roundf(m.scaling * 32768.0) as i32 as u32;
-    if first.gate.is_some() {
-        f |= flags::GATED;
-    }
     float_linear(out, key(l, LAYER_LEVEL, role::GATE, part::WEIGHT), &m.gate, gate);
     if let Some(b) = &m.bias {
         f |= flags::SELECTION_BIAS;
@@ -236,19 +257,13 @@ where
     A::Bias: Elem,
 {
     let bad = |field| Error::BadField { field, layer: l };
-    let first = q.experts.first().ok_or(bad(Field::Routing))?;
-    let same_shape = |x: &QExpertBuf<A>| x.act == first.act && x.gate.is_some() == first.gate.is_some();
-    if !q.experts.iter().all(|x| same_shape(x) && x.up.rows == first.up.rows)
-        || q.shared.as_ref().is_some_and(|(s, _)| !same_shape(s))
-    {
-        return Err(bad(Field::Dims));
-    }
-    let mut w = [0u32; lw::WORDS];
-    let mut f = routing_words(&q.rule, &mut w);
-    w[lw::IN_DIM] = first.up.cols as u32;
-    w[lw::OUT_DIM] = first.down.rows as u32;
-    w[lw::HIDDEN] = first.up.rows as u32;
-    w[lw::ACT] = act_code(first.act);
+    let shape = |x: &QExpertBuf<A>| Shape {
+        act: x.act,
+        gated: x.gate.is_some(),
+        dims: (x.up.cols, x.up.rows, x.down.rows),
+    };
+    let (mut w, mut f) =
+        record(l, &q.rule, q.experts.iter().map(shape), q.shared.as_ref().map(|(s, _)| shape(s)))?;
     let mut w_gate = dtype;
     w[lw::EXPERT_DTYPE] = dtype as u32;
     w[lw::SCALING] = (q.scaling_q15 as f32 / 32768.0).to_bits();
@@ -262,9 +277,6 @@ where
     w[lw::COMBINE_SHIFT] = q.combine.multiplier.shift as u32;
     if q.combine.out_zp != q.output.zero_point {
         return Err(bad(Field::Quant));
-    }
-    if first.gate.is_some() {
-        f |= flags::GATED;
     }
     let bias_key = key(l, LAYER_LEVEL, role::SELECTION_BIAS, part::WEIGHT);
     if let Some(g) = &q.float_gate {
