@@ -359,7 +359,8 @@ impl<'a> Model<'a> {
             return Err(Error::BadField { field: Field::Tasks, layer: 0 });
         }
         let per_task = n_layers / tasks;
-        let mut infos = heapless::Vec::<LayerInfo, MAX_LAYERS>::new();
+        // Layer records are re-read where needed rather than kept: parsing
+        // must not cost a microcontroller kilobytes of stack.
         let mut total_out = 0usize;
         let mut prev_out = input_dim;
         for l in 0..n_layers {
@@ -371,8 +372,9 @@ impl<'a> Model<'a> {
                 return Err(Error::BadField { field: Field::Dims, layer: l });
             }
             if info.experts_from != l {
-                let src = infos.get(info.experts_from).filter(|s| s.experts_from == info.experts_from);
-                if !src.is_some_and(|s| same_experts(s, &info)) {
+                let src =
+                    layer_info(bytes, info.experts_from).ok().filter(|s| s.experts_from == info.experts_from);
+                if !src.is_some_and(|s| same_experts(&s, &info)) {
                     return Err(Error::BadField { field: Field::Routing, layer: l });
                 }
             }
@@ -380,12 +382,11 @@ impl<'a> Model<'a> {
             if l % per_task == per_task - 1 {
                 total_out += prev_out;
             }
-            let _ = infos.push(info);
         }
         if total_out != output_dim {
             return Err(Error::BadField { field: Field::Dims, layer: n_layers - 1 });
         }
-        check_entries(bytes, table_offset, n_tensors, data_offset, payload, &infos)?;
+        check_entries(bytes, table_offset, n_tensors, data_offset, payload, n_layers)?;
         let model = Model {
             bytes,
             table: Table::new(bytes, table_offset, n_tensors),
@@ -395,8 +396,8 @@ impl<'a> Model<'a> {
             output_dim,
             task,
         };
-        for (l, info) in infos.iter().enumerate() {
-            layers::build(&model.table, l, info)?;
+        for l in 0..n_layers {
+            layers::build(&model.table, l, &layer_info(bytes, l)?)?;
         }
         Ok(model)
     }
@@ -644,7 +645,7 @@ fn check_entries(
     n: usize,
     data_offset: usize,
     payload: usize,
-    infos: &[LayerInfo],
+    n_layers: usize,
 ) -> Result<()> {
     use layout::{dtype, entry, part, role};
     let mut prev: Option<Key> = None;
@@ -653,7 +654,10 @@ fn check_entries(
         let at = table_offset + index * ENTRY_LEN;
         let key = table::key_at(bytes, at).ok_or(bad(TensorProblem::Bounds))?;
         let code = bytes[at + entry::DTYPE];
-        let info = infos.get(key.layer as usize).ok_or(bad(TensorProblem::Code))?;
+        if key.layer as usize >= n_layers {
+            return Err(bad(TensorProblem::Code));
+        }
+        let info = layer_info(bytes, key.layer as usize)?;
         let expert_ok = ((key.expert as usize) < info.experts && info.experts_from == key.layer as usize)
             || key.expert == layout::LAYER_LEVEL
             || (key.expert == layout::SHARED_EXPERT && info.flags & layout::flags::SHARED != 0);
