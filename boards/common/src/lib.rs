@@ -1,0 +1,143 @@
+//! The check every emulated board runs: each committed digits model (f32,
+//! f16, int8, Q15) over the first 32 test images, against the host's answers
+//! (`boards/vectors`, kept in step by `tests/board_vectors.rs`). Integer
+//! paths must match the host bit for bit; float paths within 1e-5 relative
+//! (and the number of bit-identical outputs is reported). Output goes over
+//! semihosting; `run` returns the exit code.
+#![no_std]
+
+use micromoe::{Model, include_model};
+use semihosting::println;
+
+struct Case {
+    dtype: &'static str,
+    model: &'static [u8],
+    vectors: &'static [u8],
+    exact: bool,
+}
+
+const CASES: [Case; 4] = [
+    Case {
+        dtype: "f32",
+        model: include_model!("../../../models/digits/digits_f32.moe"),
+        vectors: include_bytes!("../../vectors/digits_f32.bin"),
+        exact: false,
+    },
+    Case {
+        dtype: "f16",
+        model: include_model!("../../../models/digits/digits_f16.moe"),
+        vectors: include_bytes!("../../vectors/digits_f16.bin"),
+        exact: false,
+    },
+    Case {
+        dtype: "int8",
+        model: include_model!("../../../models/digits/digits_int8.moe"),
+        vectors: include_bytes!("../../vectors/digits_int8.bin"),
+        exact: true,
+    },
+    Case {
+        dtype: "q15",
+        model: include_model!("../../../models/digits/digits_q15.moe"),
+        vectors: include_bytes!("../../vectors/digits_q15.bin"),
+        exact: true,
+    },
+];
+
+/// Scratch for the largest model, fixed at compile time.
+const SCRATCH: usize = {
+    let mut max = 0;
+    let mut i = 0;
+    while i < CASES.len() {
+        let n = micromoe::scratch_len!(CASES[i].model);
+        if n > max {
+            max = n;
+        }
+        i += 1;
+    }
+    max
+};
+
+const MAX_WIDTH: usize = 64;
+
+fn word(b: &[u8], i: usize) -> u32 {
+    match b.get(4 * i..4 * i + 4) {
+        Some(w) => u32::from_le_bytes([w[0], w[1], w[2], w[3]]),
+        None => 0,
+    }
+}
+
+/// Runs one model over its vectors; true if every check passes.
+fn check(board: &str, case: &Case, scratch: &mut [u8]) -> bool {
+    let v = case.vectors;
+    if v.get(..8) != Some(b"MMVEC1\0\0".as_slice()) {
+        println!("{board} {}: bad vectors", case.dtype);
+        return false;
+    }
+    let (n, n_in, n_out) = (word(v, 2) as usize, word(v, 3) as usize, word(v, 4) as usize);
+    let model = match Model::parse(case.model) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("{board} {}: model refused: {}", case.dtype, e);
+            return false;
+        }
+    };
+    if n_in > MAX_WIDTH || n_out > MAX_WIDTH || model.input_dim() != n_in || model.output_dim() != n_out {
+        println!("{board} {}: vectors do not fit the model", case.dtype);
+        return false;
+    }
+    let (xs, ys, es) = (6, 6 + n * n_in, 6 + n * n_in + n * n_out);
+    let (mut ok, mut bit_identical, mut worst) = (0, 0, 0.0f32);
+    for s in 0..n {
+        let mut x = [0.0f32; MAX_WIDTH];
+        for (i, xi) in x[..n_in].iter_mut().enumerate() {
+            *xi = f32::from_bits(word(v, xs + s * n_in + i));
+        }
+        let mut y = [0.0f32; MAX_WIDTH];
+        let mut expert = u32::MAX;
+        if let Err(e) = model.infer(&x[..n_in], &mut y[..n_out], scratch, |st| {
+            expert = st.selection.first().map_or(u32::MAX, |c| c.expert as u32)
+        }) {
+            println!("{board} {} sample {s}: {}", case.dtype, e);
+            continue;
+        }
+        let mut same_bits = expert == word(v, es + s);
+        let mut close = same_bits;
+        for (j, &got) in y[..n_out].iter().enumerate() {
+            let want = f32::from_bits(word(v, ys + s * n_out + j));
+            let diff = libm_abs(got - want);
+            worst = if diff > worst { diff } else { worst };
+            same_bits &= got.to_bits() == want.to_bits();
+            close &= diff <= 1e-5 * if libm_abs(want) > 1.0 { libm_abs(want) } else { 1.0 };
+        }
+        bit_identical += same_bits as usize;
+        ok += if case.exact { same_bits } else { close } as usize;
+    }
+    let pass = ok == n;
+    println!(
+        "{board} {}: {}/{} samples {} the host, {}/{} bit-identical, max |diff| {:e}: {}",
+        case.dtype,
+        ok,
+        n,
+        if case.exact { "bit-identical to" } else { "within 1e-5 of" },
+        bit_identical,
+        n,
+        worst,
+        if pass { "ok" } else { "FAIL" }
+    );
+    pass
+}
+
+fn libm_abs(v: f32) -> f32 {
+    f32::from_bits(v.to_bits() & 0x7FFF_FFFF)
+}
+
+/// Checks every model; returns the exit code (0: all passed).
+pub fn run(board: &str) -> i32 {
+    let mut scratch = [0u8; SCRATCH];
+    let mut all = true;
+    for case in &CASES {
+        all &= check(board, case, &mut scratch);
+    }
+    println!("{board}: {}", if all { "PASS" } else { "FAIL" });
+    if all { 0 } else { 1 }
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Builds every emulated board, runs it under QEMU, prints one line per board,
+# and exits non-zero if any board fails (a board exits 0 only when every model
+# matches the host: integer paths bit for bit).
+# Needs: qemu-system-arm, qemu-system-riscv32 (Debian: qemu-system-arm, qemu-system-misc)
+# and the targets thumbv6m-none-eabi thumbv7em-none-eabihf thumbv8m.main-none-eabihf
+# riscv32imac-unknown-none-elf.
+set -uo pipefail
+cd "$(dirname "$0")"
+export CARGO_TARGET_DIR="$PWD/target"
+
+boards=(mps2-an386 mps2-an505 microbit riscv32-virt)
+failed=0
+for b in "${boards[@]}"; do
+  log="$CARGO_TARGET_DIR/$b.log"
+  mkdir -p "$CARGO_TARGET_DIR"
+  if ! (cd "$b" && cargo build --release --quiet) >"$log" 2>&1; then
+    echo "$b: BUILD FAILED (see $log)"; failed=1; continue
+  fi
+  if (cd "$b" && timeout 120 cargo run --release --quiet) >>"$log" 2>&1; then
+    summary=$(grep -E '^[a-z0-9-]+ (f32|f16|int8|q15):' "$log" | sed -E 's/^[^ ]+ ([a-z0-9]+): ([0-9]+\/[0-9]+).*/\1 \2/' | paste -sd, -)
+    echo "$b: PASS ($summary)"
+  else
+    echo "$b: FAIL"; sed 's/^/    /' "$log" | tail -8; failed=1
+  fi
+done
+exit $failed
