@@ -9,7 +9,7 @@ set -uo pipefail
 cd "$(dirname "$0")"
 export CARGO_TARGET_DIR="$PWD/target"
 
-boards=(mps2-an386 mps2-an505 microbit riscv32-virt)
+boards=(mps2-an386 mps2-an505 microbit riscv32-virt heap-model)
 failed=0
 for b in "${boards[@]}"; do
   log="$CARGO_TARGET_DIR/$b.log"
@@ -19,6 +19,7 @@ for b in "${boards[@]}"; do
   fi
   if (cd "$b" && timeout 120 cargo run --release --quiet) >>"$log" 2>&1; then
     summary=$(grep -E '^[a-z0-9-]+ (f32|f16|int8|q15):' "$log" | sed -E 's/^[^ ]+ ([a-z0-9]+): ([0-9]+\/[0-9]+).*/\1 \2/' | paste -sd, -)
+    grep -q 'corrupted copy refused' "$log" && summary="$summary, corrupted copy refused"
     echo "$b: PASS ($summary)"
   else
     echo "$b: FAIL"; sed 's/^/    /' "$log" | tail -8; failed=1

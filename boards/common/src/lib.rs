@@ -66,23 +66,31 @@ fn word(b: &[u8], i: usize) -> u32 {
     }
 }
 
-/// Runs one model over its vectors; true if every check passes.
-fn check(board: &str, case: &Case, scratch: &mut [u8]) -> bool {
-    let v = case.vectors;
+/// The int8 digits model and its vectors, for boards that load a model at
+/// run time.
+pub const INT8_MODEL: &[u8] = CASES[2].model;
+/// The host's answers for [`INT8_MODEL`].
+pub const INT8_VECTORS: &[u8] = CASES[2].vectors;
+/// Scratch bytes the largest model needs.
+pub const SCRATCH_BYTES: usize = SCRATCH;
+
+/// Runs `model` over `vectors`; true if every check passes (bit for bit if
+/// `exact`). Prints one line.
+pub fn check(board: &str, dtype: &str, model: &[u8], v: &[u8], exact: bool, scratch: &mut [u8]) -> bool {
     if v.get(..8) != Some(b"MMVEC1\0\0".as_slice()) {
-        println!("{board} {}: bad vectors", case.dtype);
+        println!("{board} {}: bad vectors", dtype);
         return false;
     }
     let (n, n_in, n_out) = (word(v, 2) as usize, word(v, 3) as usize, word(v, 4) as usize);
-    let model = match Model::parse(case.model) {
+    let model = match Model::parse(model) {
         Ok(m) => m,
         Err(e) => {
-            println!("{board} {}: model refused: {}", case.dtype, e);
+            println!("{board} {}: model refused: {}", dtype, e);
             return false;
         }
     };
     if n_in > MAX_WIDTH || n_out > MAX_WIDTH || model.input_dim() != n_in || model.output_dim() != n_out {
-        println!("{board} {}: vectors do not fit the model", case.dtype);
+        println!("{board} {}: vectors do not fit the model", dtype);
         return false;
     }
     let (xs, ys, es) = (6, 6 + n * n_in, 6 + n * n_in + n * n_out);
@@ -97,7 +105,7 @@ fn check(board: &str, case: &Case, scratch: &mut [u8]) -> bool {
         if let Err(e) = model.infer(&x[..n_in], &mut y[..n_out], scratch, |st| {
             expert = st.selection.first().map_or(u32::MAX, |c| c.expert as u32)
         }) {
-            println!("{board} {} sample {s}: {}", case.dtype, e);
+            println!("{board} {} sample {s}: {}", dtype, e);
             continue;
         }
         let mut same_bits = expert == word(v, es + s);
@@ -110,15 +118,15 @@ fn check(board: &str, case: &Case, scratch: &mut [u8]) -> bool {
             close &= diff <= 1e-5 * if libm_abs(want) > 1.0 { libm_abs(want) } else { 1.0 };
         }
         bit_identical += same_bits as usize;
-        ok += if case.exact { same_bits } else { close } as usize;
+        ok += if exact { same_bits } else { close } as usize;
     }
     let pass = ok == n;
     println!(
         "{board} {}: {}/{} samples {} the host, {}/{} bit-identical, max |diff| {:e}: {}",
-        case.dtype,
+        dtype,
         ok,
         n,
-        if case.exact { "bit-identical to" } else { "within 1e-5 of" },
+        if exact { "bit-identical to" } else { "within 1e-5 of" },
         bit_identical,
         n,
         worst,
@@ -136,7 +144,7 @@ pub fn run(board: &str) -> i32 {
     let mut scratch = [0u8; SCRATCH];
     let mut all = true;
     for case in &CASES {
-        all &= check(board, case, &mut scratch);
+        all &= check(board, case.dtype, case.model, case.vectors, case.exact, &mut scratch);
     }
     println!("{board}: {}", if all { "PASS" } else { "FAIL" });
     if all { 0 } else { 1 }
