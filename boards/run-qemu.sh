@@ -18,7 +18,7 @@ for b in "${boards[@]}"; do
     echo "$b: BUILD FAILED (see $log)"; failed=1; continue
   fi
   if (cd "$b" && timeout 120 cargo run --release --quiet) >>"$log" 2>&1; then
-    summary=$(grep -E '^[a-z0-9-]+ (f32|f16|int8|q15):' "$log" | sed -E 's/^[^ ]+ ([a-z0-9]+): ([0-9]+\/[0-9]+).*/\1 \2/' | paste -sd, -)
+    summary=$(grep -E '^[a-z0-9-]+ (f32|f16|int8|q15): [0-9]' "$log" | sed -E 's/^[^ ]+ ([a-z0-9]+): ([0-9]+\/[0-9]+).*/\1 \2/' | paste -sd, -)
     grep -q 'corrupted copy refused' "$log" && summary="$summary, corrupted copy refused"
     echo "$b: PASS ($summary)"
   else

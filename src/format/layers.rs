@@ -28,7 +28,9 @@ fn float_linear<'a, W: FloatWeight + Elem>(
     Linear::new(w.data, b, rows, cols)
 }
 
-fn int_linear<'a, A: IntKernel>(
+/// `CHECK`: validate every per-row multiplier (at parse); views rebuilt from
+/// a parsed model skip that O(rows) pass.
+fn int_linear<'a, A: IntKernel, const CHECK: bool>(
     t: &Table<'a>,
     layer: usize,
     expert: u16,
@@ -43,7 +45,11 @@ where
     let b = t.optional::<A::Bias>(key(layer, expert, role, part::BIAS), rows, 1)?;
     let m = t.need::<i32>(key(layer, expert, role, part::MULTIPLIER), rows, 1)?;
     let s = t.need::<i32>(key(layer, expert, role, part::SHIFT), rows, 1)?;
-    QLinear::new(w.data, b, m.data, s.data, rows, cols, w.in_zp, w.out_zp)
+    if CHECK {
+        QLinear::new(w.data, b, m.data, s.data, rows, cols, w.in_zp, w.out_zp)
+    } else {
+        QLinear::new_prevalidated(w.data, b, m.data, s.data, rows, cols, w.in_zp, w.out_zp)
+    }
 }
 
 /// The float expert `expert` (or the shared one) of layer `layer`.
@@ -67,7 +73,7 @@ pub(crate) fn float_expert<'a, W: FloatWeight + Elem>(
 }
 
 /// The integer expert `expert` (or the shared one) of layer `layer`.
-pub(crate) fn int_expert<'a, A: IntKernel + Elem>(
+pub(crate) fn int_expert<'a, A: IntKernel + Elem, const CHECK: bool>(
     t: &Table<'a>,
     layer: usize,
     info: &LayerInfo,
@@ -78,8 +84,8 @@ where
 {
     let hidden = if expert == SHARED_EXPERT { info.shared_hidden } else { info.hidden };
     let layer = if expert == SHARED_EXPERT { layer } else { info.experts_from };
-    let up = int_linear::<A>(t, layer, expert, role::UP, hidden, info.in_dim)?;
-    let down = int_linear::<A>(t, layer, expert, role::DOWN, info.out_dim, hidden)?;
+    let up = int_linear::<A, CHECK>(t, layer, expert, role::UP, hidden, info.in_dim)?;
+    let down = int_linear::<A, CHECK>(t, layer, expert, role::DOWN, info.out_dim, hidden)?;
     let act = if info.act == Activation::Relu {
         QActivation::Relu
     } else {
@@ -88,7 +94,7 @@ where
     if info.flags & flags::GATED == 0 {
         return QExpert::mlp(up, act, down);
     }
-    let gate = int_linear::<A>(t, layer, expert, role::GATE_PROJ, hidden, info.in_dim)?;
+    let gate = int_linear::<A, CHECK>(t, layer, expert, role::GATE_PROJ, hidden, info.in_dim)?;
     let p = t.need::<i32>(key(layer, expert, role::MUL, part::WEIGHT), 5, 1)?.data;
     let mul = MulParams {
         a_zp: p[0],
@@ -152,7 +158,7 @@ pub(crate) fn rule(info: &LayerInfo) -> Rule {
     Rule { experts: info.experts, k: info.k, scoring, normalize: info.flags & flags::NORMALIZE != 0, groups }
 }
 
-fn float_layer<'a, G: FloatWeight + Elem, W: FloatWeight + Elem>(
+fn float_layer<'a, G: FloatWeight + Elem, W: FloatWeight + Elem, const CHECK: bool>(
     t: &Table<'a>,
     layer: usize,
     info: &LayerInfo,
@@ -177,14 +183,16 @@ fn float_layer<'a, G: FloatWeight + Elem, W: FloatWeight + Elem>(
     } else {
         None
     };
-    for e in 0..info.experts {
+    // At parse, every expert is built once so a missing tensor is an error
+    // now, not a silently skipped expert later.
+    for e in (0..info.experts).filter(|_| CHECK) {
         float_expert::<W>(t, layer, info, e as u16)?;
     }
     let experts = Experts { table: *t, layer, info: *info, make: float_expert::<W> };
     MoeLayer::new(gate, router, experts, shared)
 }
 
-fn int_layer<'a, A: IntKernel + Elem>(
+fn int_layer<'a, A: IntKernel + Elem, const CHECK: bool>(
     t: &Table<'a>,
     layer: usize,
     info: &LayerInfo,
@@ -193,9 +201,9 @@ where
     A::Bias: Elem,
 {
     let shared = if info.flags & flags::SHARED != 0 {
-        let expert = int_expert::<A>(t, layer, info, SHARED_EXPERT)?;
+        let expert = int_expert::<A, CHECK>(t, layer, info, SHARED_EXPERT)?;
         let gate = if info.flags & flags::SHARED_GATE != 0 {
-            Some(int_linear::<A>(t, layer, SHARED_EXPERT, role::SHARED_GATE, 1, info.in_dim)?)
+            Some(int_linear::<A, CHECK>(t, layer, SHARED_EXPERT, role::SHARED_GATE, 1, info.in_dim)?)
         } else {
             None
         };
@@ -203,10 +211,10 @@ where
     } else {
         None
     };
-    for e in 0..info.experts {
-        int_expert::<A>(t, layer, info, e as u16)?;
+    for e in (0..info.experts).filter(|_| CHECK) {
+        int_expert::<A, true>(t, layer, info, e as u16)?;
     }
-    let experts = Experts { table: *t, layer, info: *info, make: int_expert::<A> };
+    let experts = Experts { table: *t, layer, info: *info, make: int_expert::<A, false> };
     let selection_bias = key(layer, LAYER_LEVEL, role::SELECTION_BIAS, part::WEIGHT);
     let has_bias = info.flags & flags::SELECTION_BIAS != 0;
     let gate_key = (layer, LAYER_LEVEL, role::GATE, info.experts, info.in_dim);
@@ -221,7 +229,7 @@ where
         LayerDtype::F32 => float_gate(FloatGate::F32(float_linear(t, l, e, r, rows, cols)?)),
         LayerDtype::F16 => float_gate(FloatGate::F16(float_linear(t, l, e, r, rows, cols)?)),
         _ => {
-            let gate = int_linear::<A>(t, l, e, r, rows, cols)?;
+            let gate = int_linear::<A, CHECK>(t, l, e, r, rows, cols)?;
             let bias =
                 if has_bias { Some(t.need::<i32>(selection_bias, info.experts, 1)?.data) } else { None };
             let router = IntRouter::new(rule(info), bias, info.scaling_q15)?;
@@ -231,15 +239,22 @@ where
 }
 
 /// Builds layer `layer` (validating every tensor it uses).
-pub(crate) fn build<'a>(t: &Table<'a>, layer: usize, info: &LayerInfo) -> Result<Layer<'a>> {
+/// Builds layer `layer`; with `CHECK` (at parse) every tensor of every expert
+/// is validated, without it (views rebuilt per inference) only what O(1)
+/// checks cover.
+pub(crate) fn build<'a, const CHECK: bool>(
+    t: &Table<'a>,
+    layer: usize,
+    info: &LayerInfo,
+) -> Result<Layer<'a>> {
     use LayerDtype::*;
     Ok(match (info.gate_dtype, info.expert_dtype) {
-        (F32, F32) => Layer::F32(float_layer(t, layer, info)?),
-        (F16, F16) => Layer::F16(float_layer(t, layer, info)?),
-        (F32, F16) => Layer::F32GateF16(float_layer(t, layer, info)?),
-        (F16, F32) => Layer::F16GateF32(float_layer(t, layer, info)?),
-        (_, Int8) => Layer::Int8(int_layer(t, layer, info)?, info.input, info.output),
-        (_, Q15) => Layer::Q15(int_layer(t, layer, info)?, info.input, info.output),
+        (F32, F32) => Layer::F32(float_layer::<_, _, CHECK>(t, layer, info)?),
+        (F16, F16) => Layer::F16(float_layer::<_, _, CHECK>(t, layer, info)?),
+        (F32, F16) => Layer::F32GateF16(float_layer::<_, _, CHECK>(t, layer, info)?),
+        (F16, F32) => Layer::F16GateF32(float_layer::<_, _, CHECK>(t, layer, info)?),
+        (_, Int8) => Layer::Int8(int_layer::<_, CHECK>(t, layer, info)?, info.input, info.output),
+        (_, Q15) => Layer::Q15(int_layer::<_, CHECK>(t, layer, info)?, info.input, info.output),
         _ => return Err(crate::Error::BadField { field: crate::error::Field::Dtype, layer }),
     })
 }

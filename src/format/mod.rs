@@ -397,7 +397,7 @@ impl<'a> Model<'a> {
             task,
         };
         for l in 0..n_layers {
-            layers::build(&model.table, l, &layer_info(bytes, l)?)?;
+            layers::build::<true>(&model.table, l, &layer_info(bytes, l)?)?;
         }
         Ok(model)
     }
@@ -446,7 +446,7 @@ impl<'a> Model<'a> {
     /// Layer `i`, runnable. Building it costs a few table look-ups; keep it
     /// for many tokens.
     pub fn layer(&self, i: usize) -> Result<Layer<'a>> {
-        layers::build(&self.table, i, &self.layer_info(i)?)
+        layers::build::<false>(&self.table, i, &self.layer_info(i)?)
     }
 
     /// Scratch bytes [`Model::infer`] needs (= [`required_scratch`]).

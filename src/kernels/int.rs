@@ -151,6 +151,30 @@ impl<'a, A: IntKernel> QLinear<'a, A> {
         input_zp: i32,
         output_zp: i32,
     ) -> Result<Self> {
+        let lin = Self::new_prevalidated(w, bias, multipliers, shifts, rows, cols, input_zp, output_zp)?;
+        for (index, (&m, &s)) in multipliers.iter().zip(shifts).enumerate() {
+            if Multiplier::new(m, s).is_err() || s > WIDE_MAX_SHIFT {
+                return Err(Error::OutOfRange { what: What::Requant, index });
+            }
+        }
+        Ok(lin)
+    }
+
+    /// [`QLinear::new`] without the per-row requantization check, for data
+    /// that passed it before (a parsed model rebuilding its views): the
+    /// lengths and zero points, O(1), are still checked. Out-of-range
+    /// multipliers could only give wrong numbers, never a panic.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new_prevalidated(
+        w: &'a [i8],
+        bias: Option<&'a [A::Bias]>,
+        multipliers: &'a [i32],
+        shifts: &'a [i32],
+        rows: usize,
+        cols: usize,
+        input_zp: i32,
+        output_zp: i32,
+    ) -> Result<Self> {
         if rows == 0 || cols == 0 {
             return Err(Error::Shape { what: What::Weight, expected: 1, actual: 0 });
         }
@@ -160,11 +184,6 @@ impl<'a, A: IntKernel> QLinear<'a, A> {
         }
         check_len(What::Requant, rows, multipliers.len())?;
         check_len(What::Requant, rows, shifts.len())?;
-        for (index, (&m, &s)) in multipliers.iter().zip(shifts).enumerate() {
-            if Multiplier::new(m, s).is_err() || s > WIDE_MAX_SHIFT {
-                return Err(Error::OutOfRange { what: What::Requant, index });
-            }
-        }
         let zp_ok = |zp: i32| {
             if A::LUT_LEN == 256 { (A::MIN..=A::MAX).contains(&zp) } else { zp == 0 }
         };

@@ -6,6 +6,8 @@
 //! semihosting; `run` returns the exit code.
 #![no_std]
 
+use core::sync::atomic::{AtomicUsize, Ordering};
+
 use micromoe::{Model, include_model};
 use semihosting::println;
 
@@ -16,25 +18,29 @@ struct Case {
     exact: bool,
 }
 
-const CASES: [Case; 4] = [
+const CASES: &[Case] = &[
+    #[cfg(feature = "f32")]
     Case {
         dtype: "f32",
         model: include_model!("../../../models/digits/digits_f32.moe"),
         vectors: include_bytes!("../../vectors/digits_f32.bin"),
         exact: false,
     },
+    #[cfg(feature = "f16")]
     Case {
         dtype: "f16",
         model: include_model!("../../../models/digits/digits_f16.moe"),
         vectors: include_bytes!("../../vectors/digits_f16.bin"),
         exact: false,
     },
+    #[cfg(feature = "int8")]
     Case {
         dtype: "int8",
         model: include_model!("../../../models/digits/digits_int8.moe"),
         vectors: include_bytes!("../../vectors/digits_int8.bin"),
         exact: true,
     },
+    #[cfg(feature = "q15")]
     Case {
         dtype: "q15",
         model: include_model!("../../../models/digits/digits_q15.moe"),
@@ -68,9 +74,9 @@ fn word(b: &[u8], i: usize) -> u32 {
 
 /// The int8 digits model and its vectors, for boards that load a model at
 /// run time.
-pub const INT8_MODEL: &[u8] = CASES[2].model;
+pub const INT8_MODEL: &[u8] = include_model!("../../../models/digits/digits_int8.moe");
 /// The host's answers for [`INT8_MODEL`].
-pub const INT8_VECTORS: &[u8] = CASES[2].vectors;
+pub const INT8_VECTORS: &[u8] = include_bytes!("../../vectors/digits_int8.bin");
 /// Scratch bytes the largest model needs.
 pub const SCRATCH_BYTES: usize = SCRATCH;
 
@@ -94,6 +100,10 @@ pub fn check(board: &str, dtype: &str, model: &[u8], v: &[u8], exact: bool, scra
         return false;
     }
     let (xs, ys, es) = (6, 6 + n * n_in, 6 + n * n_in + n * n_out);
+    let top = STACK_TOP.load(Ordering::Relaxed);
+    if top != 0 {
+        paint_stack();
+    }
     let (mut ok, mut bit_identical, mut worst) = (0, 0, 0.0f32);
     for s in 0..n {
         let mut x = [0.0f32; MAX_WIDTH];
@@ -102,9 +112,12 @@ pub fn check(board: &str, dtype: &str, model: &[u8], v: &[u8], exact: bool, scra
         }
         let mut y = [0.0f32; MAX_WIDTH];
         let mut expert = u32::MAX;
-        if let Err(e) = model.infer(&x[..n_in], &mut y[..n_out], scratch, |st| {
+        measure_start();
+        let result = model.infer(&x[..n_in], &mut y[..n_out], scratch, |st| {
             expert = st.selection.first().map_or(u32::MAX, |c| c.expert as u32)
-        }) {
+        });
+        measure_stop();
+        if let Err(e) = result {
             println!("{board} {} sample {s}: {}", dtype, e);
             continue;
         }
@@ -121,6 +134,12 @@ pub fn check(board: &str, dtype: &str, model: &[u8], v: &[u8], exact: bool, scra
         ok += if exact { same_bits } else { close } as usize;
     }
     let pass = ok == n;
+    // The stack the inferences used (with this caller's frames), before
+    // printing adds its own.
+    let stack = if top != 0 { stack_high_water(top) } else { 0 };
+    if top != 0 {
+        println!("{board} {dtype}: stack_bytes {stack}");
+    }
     println!(
         "{board} {}: {}/{} samples {} the host, {}/{} bit-identical, max |diff| {:e}: {}",
         dtype,
@@ -139,13 +158,83 @@ fn libm_abs(v: f32) -> f32 {
     f32::from_bits(v.to_bits() & 0x7FFF_FFFF)
 }
 
-/// Checks every model; returns the exit code (0: all passed).
-pub fn run(board: &str) -> i32 {
-    let mut scratch = [0u8; SCRATCH];
-    let mut all = true;
-    for case in &CASES {
-        all &= check(board, case.dtype, case.model, case.vectors, case.exact, &mut scratch);
+/// Marks the start of one inference for `boards/measure/insn_count.c`
+/// (the plugin counts instructions from here to [`measure_stop`]).
+#[inline(never)]
+#[unsafe(no_mangle)]
+pub extern "C" fn micromoe_measure_start() -> u32 {
+    core::hint::black_box(0x5354_4152)
+}
+
+/// Marks the end of one inference.
+#[inline(never)]
+#[unsafe(no_mangle)]
+pub extern "C" fn micromoe_measure_stop() -> u32 {
+    core::hint::black_box(0x5354_4f50)
+}
+
+fn measure_start() {
+    micromoe_measure_start();
+}
+
+fn measure_stop() {
+    micromoe_measure_stop();
+}
+
+unsafe extern "C" {
+    /// End of static data (cortex-m-rt and riscv-rt both define it).
+    static __sheap: u8;
+}
+
+const PAINT: u32 = 0xA5A5_A5A5;
+
+/// The initial stack pointer, once [`run`] knows it (0: do not measure).
+static STACK_TOP: AtomicUsize = AtomicUsize::new(0);
+
+/// Fills the unused RAM between the end of static data and (a margin below)
+/// the current stack frame with a pattern; [`stack_high_water`] finds how far
+/// the stack grew into it.
+#[inline(never)]
+fn paint_stack() {
+    let marker = 0u32;
+    let sp = core::ptr::addr_of!(marker) as usize;
+    let bottom = core::ptr::addr_of!(__sheap) as usize;
+    let mut p = (bottom + 3) & !3;
+    while p + 256 < sp {
+        // SAFETY: [bottom, sp - 256) lies between the statics and the live
+        // stack frames: unused RAM that nothing else reads or writes now.
+        unsafe { core::ptr::write_volatile(p as *mut u32, PAINT) };
+        p += 4;
     }
+}
+
+/// Bytes of stack used since [`paint_stack`], measured from `top`.
+fn stack_high_water(top: usize) -> usize {
+    let bottom = core::ptr::addr_of!(__sheap) as usize;
+    let mut p = (bottom + 3) & !3;
+    // SAFETY: reads of RAM that `paint_stack` wrote (or the stack used since).
+    while p < top && unsafe { core::ptr::read_volatile(p as *const u32) } == PAINT {
+        p += 4;
+    }
+    top - p
+}
+
+/// Checks every model the firmware carries; returns the exit code (0: all
+/// passed). `stack_top` is the initial stack pointer (`_stack_start`), for
+/// the stack high-water mark it prints.
+pub fn run(board: &str, stack_top: usize) -> i32 {
+    STACK_TOP.store(stack_top, Ordering::Relaxed);
+    let all = run_checks(board);
     println!("{board}: {}", if all { "PASS" } else { "FAIL" });
     if all { 0 } else { 1 }
+}
+
+#[inline(never)]
+fn run_checks(board: &str) -> bool {
+    let mut scratch = [0u8; SCRATCH];
+    let mut all = true;
+    for case in CASES {
+        all &= check(board, case.dtype, case.model, case.vectors, case.exact, &mut scratch);
+    }
+    all
 }

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One JSON object per line for each emulated board and model type:
+#   {"board", "dtype", "flash_bytes", "static_ram_bytes", "stack_bytes", "insns_per_inference"}
+# flash_bytes: code + read-only data + initialized data of a firmware that carries that one
+# model (and the check around it); static_ram_bytes: .data + .bss; stack_bytes: high-water
+# mark of the stack during the inferences, found by painting; insns_per_inference: guest
+# instructions executed inside Model::infer (input quantization to output), averaged over 32
+# images and counted deterministically by a QEMU TCG plugin (boards/measure/insn_count.c).
+# Instructions, not cycles.
+# Needs what run-qemu.sh needs, plus gcc and `rustup component add llvm-tools`.
+set -euo pipefail
+cd "$(dirname "$0")"
+export CARGO_TARGET_DIR="$PWD/target"
+mkdir -p "$CARGO_TARGET_DIR"
+bin="$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | sed -n 's/^host: //p')/bin"
+plugin="$CARGO_TARGET_DIR/insn_count.so"
+gcc -O2 -Wall -shared -fPIC -o "$plugin" measure/insn_count.c
+
+declare -A target=([mps2-an386]=thumbv7em-none-eabihf [mps2-an505]=thumbv8m.main-none-eabihf
+                   [microbit]=thumbv6m-none-eabi [riscv32-virt]=riscv32imac-unknown-none-elf)
+declare -A qemu=([mps2-an386]="qemu-system-arm -M mps2-an386" [mps2-an505]="qemu-system-arm -M mps2-an505"
+                 [microbit]="qemu-system-arm -M microbit" [riscv32-virt]="qemu-system-riscv32 -M virt -bios none")
+
+for board in mps2-an386 mps2-an505 microbit riscv32-virt; do
+  for dtype in f32 f16 int8 q15; do
+    (cd "$board" && cargo build --release --quiet --no-default-features --features "$dtype")
+    elf="$CARGO_TARGET_DIR/${target[$board]}/release/micromoe-$board"
+    cp "$elf" "$CARGO_TARGET_DIR/$board-$dtype.elf"
+    elf="$CARGO_TARGET_DIR/$board-$dtype.elf"
+    sizes=$("$bin/llvm-size" -A "$elf")
+    section() { echo "$sizes" | awk -v s="$1" '$1 == s { print $2 }' | head -1; }
+    sum() { local t=0 v; for s in "$@"; do v=$(section "$s"); t=$((t + ${v:-0})); done; echo $t; }
+    flash=$(sum .vector_table .init .trap .text .rodata .data .sdata .srodata)
+    ram=$(sum .data .bss .sdata .sbss .uninit)
+    addr() { "$bin/llvm-nm" "$elf" | awk -v s="$1" '$3 == s { print "0x" $1 }' | head -1; }
+    start=$(( $(addr micromoe_measure_start) & ~1 ))
+    stop=$(( $(addr micromoe_measure_stop) & ~1 ))
+    out=$(${qemu[$board]} -nographic -monitor none -serial none \
+      -semihosting-config enable=on,target=native -d plugin -plugin "$plugin,start=$start,stop=$stop" -kernel "$elf" 2>&1)
+    stack=$(echo "$out" | sed -n "s/^$board $dtype: stack_bytes \([0-9]*\)/\1/p")
+    windows=$(echo "$out" | sed -n 's/.*windows=\([0-9]*\).*/\1/p')
+    insns=$(echo "$out" | sed -n 's/.*insns=\([0-9]*\).*/\1/p')
+    echo "$out" | grep -q "^$board: PASS" || { echo "$board $dtype: check failed" >&2; echo "$out" >&2; exit 1; }
+    printf '{"board":"%s","dtype":"%s","flash_bytes":%d,"static_ram_bytes":%d,"stack_bytes":%d,"insns_per_inference":%d}\n' \
+      "$board" "$dtype" "$flash" "$ram" "$stack" $(( insns / windows ))
+  done
+done
