@@ -242,6 +242,9 @@ where
 /// Builds layer `layer`; with `CHECK` (at parse) every tensor of every expert
 /// is validated, without it (views rebuilt per inference) only what O(1)
 /// checks cover.
+// Kept out of line: inlined into `Model::infer`, every layer type's locals
+// would share one frame and multiply the stack a model needs.
+#[inline(never)]
 pub(crate) fn build<'a, const CHECK: bool>(
     t: &Table<'a>,
     layer: usize,

@@ -101,8 +101,9 @@ pub use table::{Elem, Key, Table, Tensor, Typed};
 use layout::{CRC_LEN, ENTRY_LEN, HEADER_LEN, LAYER_LEN, header, header_usize, layer as lw, layer_word};
 
 use crate::error::{Error, Field, Result, TensorProblem, What, check_len};
-use crate::kernels::Activation;
+use crate::kernels::{Activation, FloatWeight, IntKernel};
 use crate::moe::Combine;
+use crate::moe::{MoeLayer, QMoeLayer};
 use crate::quant::{Multiplier, QuantParams};
 use crate::router::{Choice, ONE_Q15, Selection};
 use crate::scratch::{Carve, bytes_for};
@@ -514,6 +515,9 @@ fn as_f32(sel: &Selection<i32>) -> Selection<f32> {
 
 type Ran = (Selection<f32>, usize, (u64, u64));
 
+/// One layer on f32 activations. Each layer type runs in a function of its
+/// own, kept out of line: inlined together, every type's locals would share
+/// one frame and multiply the stack a model needs.
 fn run_layer(
     layer: &Layer<'_>,
     x: &[f32],
@@ -522,34 +526,53 @@ fn run_layer(
     qb: &mut [u8],
     scratch: &mut [u8],
 ) -> Result<Ran> {
-    macro_rules! float {
-        ($l:expr) => {{
-            let out = $l.out_dim();
-            let sel = $l.infer(x, &mut y[..out], scratch)?;
-            let macs = $l.macs(&sel);
-            (sel, out, macs)
-        }};
+    match layer {
+        Layer::F32(l) => run_float(l, x, y, scratch),
+        Layer::F16(l) => run_float(l, x, y, scratch),
+        Layer::F32GateF16(l) => run_float(l, x, y, scratch),
+        Layer::F16GateF32(l) => run_float(l, x, y, scratch),
+        Layer::Int8(l, i, o) => run_int(l, (i, o), x, y, (qa, qb), scratch),
+        Layer::Q15(l, i, o) => run_int(l, (i, o), x, y, (qa, qb), scratch),
     }
-    macro_rules! int {
-        ($l:expr, $t:ty, $input:expr, $output:expr) => {{
-            let (n_in, n_out) = ($l.in_dim(), $l.out_dim());
-            let xq = Carve::new(qa).take::<$t>(n_in)?;
-            let yq = Carve::new(qb).take::<$t>(n_out)?;
-            $input.quantize_slice(x, xq)?;
-            let sel = $l.infer(xq, yq, scratch)?;
-            $output.dequantize_slice(yq, &mut y[..n_out])?;
-            let macs = $l.macs(&sel);
-            (as_f32(&sel), n_out, macs)
-        }};
-    }
-    Ok(match layer {
-        Layer::F32(l) => float!(l),
-        Layer::F16(l) => float!(l),
-        Layer::F32GateF16(l) => float!(l),
-        Layer::F16GateF32(l) => float!(l),
-        Layer::Int8(l, i, o) => int!(l, i8, i, o),
-        Layer::Q15(l, i, o) => int!(l, i16, i, o),
-    })
+}
+
+#[inline(never)]
+fn run_float<'a, G: FloatWeight, W: FloatWeight + Elem>(
+    l: &MoeLayer<'a, G, W, FloatExperts<'a, W>>,
+    x: &[f32],
+    y: &mut [f32],
+    scratch: &mut [u8],
+) -> Result<Ran> {
+    let out = l.out_dim();
+    let len = y.len();
+    let y = y.get_mut(..out).ok_or(Error::Shape { what: What::Output, expected: out, actual: len })?;
+    let sel = l.infer(x, y, scratch)?;
+    let macs = l.macs(&sel);
+    Ok((sel, out, macs))
+}
+
+#[inline(never)]
+fn run_int<'a, A: IntKernel + Elem>(
+    l: &QMoeLayer<'a, A, IntExperts<'a, A>>,
+    (input, output): (&QuantParams, &QuantParams),
+    x: &[f32],
+    y: &mut [f32],
+    (qa, qb): (&mut [u8], &mut [u8]),
+    scratch: &mut [u8],
+) -> Result<Ran>
+where
+    A::Bias: Elem,
+{
+    let (n_in, n_out) = (l.in_dim(), l.out_dim());
+    let xq = Carve::new(qa).take::<A>(n_in)?;
+    let yq = Carve::new(qb).take::<A>(n_out)?;
+    input.quantize_slice(x, xq)?;
+    let sel = l.infer(xq, yq, scratch)?;
+    let len = y.len();
+    let y = y.get_mut(..n_out).ok_or(Error::Shape { what: What::Output, expected: n_out, actual: len })?;
+    output.dequantize_slice(yq, y)?;
+    let macs = l.macs(&sel);
+    Ok((as_f32(&sel), n_out, macs))
 }
 
 fn layer_info(bytes: &[u8], l: usize) -> Result<LayerInfo> {
