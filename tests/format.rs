@@ -92,6 +92,16 @@ fn float_models_round_trip_bit_for_bit() {
                 assert_eq!(up.slice::<micromoe::quant::f16>().unwrap(), &w[..]);
             }
         }
+        // Views rebuilt from the file take their sizes from the records:
+        // the same scratch and work as the layer in memory.
+        if conv.is_none() {
+            let views = m.expert_views().unwrap();
+            let mem = m.layer(&views).unwrap();
+            let Ok(micromoe::format::Layer::F32(file)) = parsed.layer(0) else { panic!("an f32 layer") };
+            assert_eq!(file.scratch_bytes(), mem.scratch_bytes());
+            let sel = mem.infer(fx.row("x", 0), &mut vec![0.0; mem.out_dim()], &mut scratch).unwrap();
+            assert_eq!(file.macs(&sel), mem.macs(&sel));
+        }
         // Writing is deterministic.
         assert_eq!(write(&spec).unwrap(), bytes);
     }
@@ -114,6 +124,24 @@ fn integer_models_round_trip_bit_for_bit() {
             assert_eq!(experts, &sel);
         }
     }
+}
+
+#[test]
+fn integer_views_from_a_file_have_the_sizes_of_the_layer_in_memory() {
+    let (fx, spec) = int_spec("qwen2moe_h24_e6_k3_norm", true);
+    let bytes = write(&spec).unwrap();
+    let aligned = AlignedBytes::from(&bytes[..]);
+    let parsed = Model::parse(&aligned).unwrap();
+    let LayerSpec::Q15(q) = &spec.layers[0] else { unreachable!() };
+    let views = q.expert_views().unwrap();
+    let mem = q.layer(&views).unwrap();
+    let Ok(micromoe::format::Layer::Q15(file, input, _)) = parsed.layer(0) else { panic!("a Q15 layer") };
+    assert_eq!(file.scratch_bytes(), mem.scratch_bytes());
+    let mut x = vec![0i16; 24];
+    input.quantize_slice(fx.row("x", 0), &mut x).unwrap();
+    let mut scratch = vec![0u8; mem.scratch_bytes()];
+    let sel = mem.infer(&x, &mut [0; 24], &mut scratch).unwrap();
+    assert_eq!(file.macs(&sel), mem.macs(&sel));
 }
 
 fn infer_int<A: micromoe::kernels::IntKernel>(q: &QMoeBuf<A>, x: &[f32], y: &mut [f32]) -> Vec<u16> {

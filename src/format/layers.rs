@@ -7,7 +7,9 @@ use super::table::{Elem, Key, Table};
 use crate::error::Result;
 use crate::expert::{Expert, QActivation, QExpert};
 use crate::kernels::{Activation, FloatWeight, IntKernel, Linear, MulParams, QLinear};
-use crate::moe::{Combine, ExpertSource, FloatGate, MoeLayer, QMoeLayer, QSharedExpert, SharedExpert};
+use crate::moe::{
+    Combine, Dims, ExpertSource, FloatGate, Gate, MoeLayer, QMoeLayer, QSharedExpert, SharedExpert,
+};
 use crate::quant::{Multiplier, QuantParams, f16};
 use crate::router::{IntRouter, Router, Rule, Scoring};
 
@@ -151,6 +153,18 @@ pub enum Layer<'a> {
     Q15(QMoeLayer<'a, i16, IntExperts<'a, i16>>, QuantParams, QuantParams),
 }
 
+/// The sizes a layer's constructor would find by visiting every expert,
+/// from its record (the same formulas as `Ffn::macs` and `hidden_len`).
+fn dims(info: &LayerInfo) -> Dims {
+    let buffers = if info.flags & flags::GATED != 0 { 2 } else { 1 };
+    let (i, h, o) = (info.in_dim as u64, info.hidden as u64, info.out_dim as u64);
+    Dims {
+        out_dim: info.out_dim,
+        hidden_max: buffers * info.hidden.max(info.shared_hidden),
+        macs_experts: info.experts as u64 * (buffers as u64 * i * h + h * o),
+    }
+}
+
 pub(crate) fn rule(info: &LayerInfo) -> Rule {
     let scoring = if info.flags & flags::SIGMOID != 0 { Scoring::Sigmoid } else { Scoring::Softmax };
     let groups =
@@ -189,7 +203,11 @@ fn float_layer<'a, G: FloatWeight + Elem, W: FloatWeight + Elem, const CHECK: bo
         float_expert::<W>(t, layer, info, e as u16)?;
     }
     let experts = Experts { table: *t, layer, info: *info, make: float_expert::<W> };
-    MoeLayer::new(gate, router, experts, shared)
+    if CHECK {
+        MoeLayer::new(gate, router, experts, shared)
+    } else {
+        Ok(MoeLayer::from_dims(gate, router, experts, shared, dims(info)))
+    }
 }
 
 fn int_layer<'a, A: IntKernel + Elem, const CHECK: bool>(
@@ -222,7 +240,17 @@ where
     let float_gate = |g| -> Result<_> {
         let bias = if has_bias { Some(t.need::<f32>(selection_bias, info.experts, 1)?.data) } else { None };
         let router = Router::new(rule(info), bias, info.scaling)?;
-        QMoeLayer::with_float_gate(g, router, info.input, experts, shared, info.combine)
+        if CHECK {
+            QMoeLayer::with_float_gate(g, router, info.input, experts, shared, info.combine)
+        } else {
+            Ok(QMoeLayer::from_dims(
+                Gate::Float(g, router, info.input),
+                experts,
+                shared,
+                info.combine,
+                dims(info),
+            ))
+        }
     };
     let (l, e, r, rows, cols) = gate_key;
     match info.gate_dtype {
@@ -233,7 +261,11 @@ where
             let bias =
                 if has_bias { Some(t.need::<i32>(selection_bias, info.experts, 1)?.data) } else { None };
             let router = IntRouter::new(rule(info), bias, info.scaling_q15)?;
-            QMoeLayer::new(gate, router, experts, shared, info.combine)
+            if CHECK {
+                QMoeLayer::new(gate, router, experts, shared, info.combine)
+            } else {
+                Ok(QMoeLayer::from_dims(Gate::Int(gate, router), experts, shared, info.combine, dims(info)))
+            }
         }
     }
 }

@@ -264,6 +264,10 @@ pub const fn required_scratch(bytes: &[u8]) -> core::result::Result<usize, Error
 pub struct Model<'a> {
     bytes: &'a [u8],
     table: Table<'a>,
+    /// `required_scratch` of the bytes, computed once.
+    scratch: usize,
+    /// Widest activation between layers.
+    max_dim: usize,
     n_layers: usize,
     tasks: usize,
     input_dim: usize,
@@ -388,9 +392,14 @@ impl<'a> Model<'a> {
             return Err(Error::BadField { field: Field::Dims, layer: n_layers - 1 });
         }
         check_entries(bytes, table_offset, n_tensors, data_offset, payload, n_layers)?;
+        let max_dim = (0..n_layers)
+            .map(|l| layer_info(bytes, l).map(|i| i.out_dim))
+            .try_fold(input_dim, |m, d| d.map(|d| m.max(d)))?;
         let model = Model {
             bytes,
             table: Table::new(bytes, table_offset, n_tensors),
+            scratch: required_scratch(bytes)?,
+            max_dim,
             n_layers,
             tasks,
             input_dim,
@@ -452,7 +461,7 @@ impl<'a> Model<'a> {
 
     /// Scratch bytes [`Model::infer`] needs (= [`required_scratch`]).
     pub fn scratch_bytes(&self) -> usize {
-        required_scratch(self.bytes).unwrap_or(usize::MAX)
+        self.scratch
     }
 
     /// Runs one input through every layer: `x` (input width) to `out`
@@ -473,9 +482,7 @@ impl<'a> Model<'a> {
         if scratch.len() < need {
             return Err(Error::ScratchTooSmall { needed: need, actual: scratch.len() });
         }
-        let max_dim = (0..self.n_layers)
-            .filter_map(|l| self.layer_info(l).ok())
-            .fold(self.input_dim, |m, i| m.max(i.out_dim));
+        let max_dim = self.max_dim;
         let mut carve = Carve::new(scratch);
         let mut a = carve.take::<f32>(max_dim)?;
         let mut b = carve.take::<f32>(max_dim)?;

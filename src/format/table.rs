@@ -3,7 +3,7 @@
 
 use core::marker::PhantomData;
 
-use super::layout::{ENTRY_LEN, dtype, entry, u16_at, u32_at};
+use super::layout::{ENTRY_LEN, dtype, entry, u16_at};
 use crate::error::{Error, Result};
 use crate::quant::f16;
 
@@ -106,25 +106,27 @@ impl<'a> Table<'a> {
 
     /// Entry `i`; `None` past the end.
     pub fn get(&self, i: usize) -> Option<Tensor<'a>> {
+        let e = self.entry(i)?;
+        let word = |o: usize| u32::from_le_bytes([e[o], e[o + 1], e[o + 2], e[o + 3]]);
+        let (offset, len) = (word(entry::OFFSET) as usize, word(entry::BYTES) as usize);
+        Some(Tensor {
+            key: key_of(e),
+            dtype: e[entry::DTYPE],
+            rows: word(entry::ROWS) as usize,
+            cols: word(entry::COLS) as usize,
+            in_zp: word(entry::IN_ZP) as i32,
+            out_zp: word(entry::OUT_ZP) as i32,
+            data: self.bytes.get(offset..offset.checked_add(len)?)?,
+        })
+    }
+
+    /// The 32 bytes of entry `i`: one bounds check, then fixed offsets.
+    fn entry(&self, i: usize) -> Option<&'a [u8; ENTRY_LEN]> {
         if i >= self.n {
             return None;
         }
         let at = self.table_offset + i * ENTRY_LEN;
-        let b = self.bytes;
-        let key = key_at(b, at)?;
-        let rows = u32_at(b, at + entry::ROWS)? as usize;
-        let cols = u32_at(b, at + entry::COLS)? as usize;
-        let offset = u32_at(b, at + entry::OFFSET)? as usize;
-        let len = u32_at(b, at + entry::BYTES)? as usize;
-        Some(Tensor {
-            key,
-            dtype: *b.get(at + entry::DTYPE)?,
-            rows,
-            cols,
-            in_zp: u32_at(b, at + entry::IN_ZP)? as i32,
-            out_zp: u32_at(b, at + entry::OUT_ZP)? as i32,
-            data: b.get(offset..offset.checked_add(len)?)?,
-        })
+        self.bytes.get(at..at + ENTRY_LEN)?.try_into().ok()
     }
 
     /// The tensor at `key`, if present.
@@ -132,7 +134,7 @@ impl<'a> Table<'a> {
         let (mut lo, mut hi) = (0, self.n);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            match key_at(self.bytes, self.table_offset + mid * ENTRY_LEN)?.cmp(&key) {
+            match key_of(self.entry(mid)?).cmp(&key) {
                 core::cmp::Ordering::Less => lo = mid + 1,
                 core::cmp::Ordering::Greater => hi = mid,
                 core::cmp::Ordering::Equal => return self.get(mid),
@@ -172,6 +174,15 @@ pub struct Typed<'a, T> {
     /// Output zero point.
     pub out_zp: i32,
     _t: PhantomData<T>,
+}
+
+fn key_of(e: &[u8; ENTRY_LEN]) -> Key {
+    Key {
+        layer: u16::from_le_bytes([e[entry::LAYER], e[entry::LAYER + 1]]),
+        expert: u16::from_le_bytes([e[entry::EXPERT], e[entry::EXPERT + 1]]),
+        role: e[entry::ROLE],
+        part: e[entry::PART],
+    }
 }
 
 pub(crate) fn key_at(b: &[u8], at: usize) -> Option<Key> {

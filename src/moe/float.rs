@@ -6,7 +6,7 @@ use crate::kernels::{FloatWeight, Linear};
 use crate::router::{Router, Selection};
 use crate::scratch::{Carve, bytes_for};
 
-use super::{ExpertSource, Stats};
+use super::{Dims, ExpertSource, Stats};
 
 /// An always-on expert, optionally scaled by `sigmoid(gate x)` (`gate`: one
 /// row, Qwen2-MoE's `shared_expert_gate`).
@@ -61,7 +61,20 @@ impl<'a, G: FloatWeight, W: FloatWeight, S: ExpertSource<Expert = Expert<'a, W>>
             check_dim(What::Weight, 1, g.rows())?;
             check_dim(What::Input, in_dim, g.cols())?;
         }
-        Ok(MoeLayer { gate, router, experts, shared, in_dim, out_dim, hidden_max, macs_experts })
+        Ok(Self::from_dims(gate, router, experts, shared, Dims { out_dim, hidden_max, macs_experts }))
+    }
+
+    /// A layer over parts that were checked before (a parsed model), with
+    /// the sizes its records give: no walk over every expert.
+    pub(crate) fn from_dims(
+        gate: Linear<'a, G>,
+        router: Router<'a>,
+        experts: S,
+        shared: Option<SharedExpert<'a, W>>,
+        dims: Dims,
+    ) -> Self {
+        let Dims { out_dim, hidden_max, macs_experts } = dims;
+        MoeLayer { gate, router, experts, shared, in_dim: gate.cols(), out_dim, hidden_max, macs_experts }
     }
 
     /// Input width.

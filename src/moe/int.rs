@@ -9,7 +9,7 @@ use crate::quant::{Multiplier, QuantParams, WIDE_MAX_SHIFT, f16, requantize_wide
 use crate::router::{Choice, IntRouter, LOGIT_FRAC_BITS, ONE_Q15, Router, Rule, Selection, sigmoid_q30};
 use crate::scratch::{Carve, bytes_for};
 
-use super::{ExpertSource, Stats};
+use super::{Dims, ExpertSource, Stats};
 
 /// How expert outputs are summed: every expert (and the shared one) emits
 /// values with zero point `expert_zp` and one common scale `s_e`; the sum
@@ -72,7 +72,7 @@ impl FloatGate<'_> {
 
 /// How an integer layer routes.
 #[derive(Debug, Clone, Copy)]
-enum Gate<'a, A: IntKernel> {
+pub(crate) enum Gate<'a, A: IntKernel> {
     /// Integer gate and router: the same bits on every target.
     Int(QLinear<'a, A>, IntRouter<'a>),
     /// Float gate over the dequantized input, float router; weights then Q15.
@@ -193,7 +193,20 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
         if Multiplier::new(m.multiplier, m.shift).is_err() || m.shift > WIDE_MAX_SHIFT {
             return Err(Error::OutOfRange { what: What::Requant, index: 0 });
         }
-        Ok(QMoeLayer { gate, experts, shared, combine, out_dim, hidden_max, macs_experts })
+        Ok(Self::from_dims(gate, experts, shared, combine, Dims { out_dim, hidden_max, macs_experts }))
+    }
+
+    /// A layer over parts that were checked before (a parsed model), with
+    /// the sizes its records give: no walk over every expert.
+    pub(crate) fn from_dims(
+        gate: Gate<'a, A>,
+        experts: S,
+        shared: Option<QSharedExpert<'a, A>>,
+        combine: Combine,
+        dims: Dims,
+    ) -> Self {
+        let Dims { out_dim, hidden_max, macs_experts } = dims;
+        QMoeLayer { gate, experts, shared, combine, out_dim, hidden_max, macs_experts }
     }
 
     /// Input width.

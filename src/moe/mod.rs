@@ -42,11 +42,25 @@ pub mod build;
 pub mod owned;
 
 pub use float::{MoeLayer, SharedExpert};
+pub(crate) use int::Gate;
 pub use int::{Combine, FloatGate, QMoeLayer, QSharedExpert};
 pub use source::ExpertSource;
 
 use crate::error::{Error, Result};
 use crate::router::Choice;
+
+/// Sizes a layer derives from its experts. The public constructors compute
+/// them by visiting (and checking) every expert; a parsed model knows them
+/// from its layer records and skips that walk on every inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Dims {
+    /// Output width.
+    pub out_dim: usize,
+    /// Largest hidden buffer an expert needs (both halves of a gated one).
+    pub hidden_max: usize,
+    /// Multiply-accumulates of all routed experts together.
+    pub macs_experts: u64,
+}
 
 /// What a layer did: how often each expert was chosen and how much work was
 /// done against the dense equivalent (every expert on every token).
