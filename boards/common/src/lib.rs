@@ -184,6 +184,8 @@ fn measure_stop() {
 unsafe extern "C" {
     /// End of static data (cortex-m-rt and riscv-rt both define it).
     static __sheap: u8;
+    /// The initial stack pointer (both runtimes define it too).
+    static _stack_start: u8;
 }
 
 const PAINT: u32 = 0xA5A5_A5A5;
@@ -220,10 +222,9 @@ fn stack_high_water(top: usize) -> usize {
 }
 
 /// Checks every model the firmware carries; returns the exit code (0: all
-/// passed). `stack_top` is the initial stack pointer (`_stack_start`), for
-/// the stack high-water mark it prints.
-pub fn run(board: &str, stack_top: usize) -> i32 {
-    STACK_TOP.store(stack_top, Ordering::Relaxed);
+/// passed). Also prints each model's stack high-water mark.
+pub fn run(board: &str) -> i32 {
+    STACK_TOP.store(core::ptr::addr_of!(_stack_start) as usize, Ordering::Relaxed);
     let all = run_checks(board);
     println!("{board}: {}", if all { "PASS" } else { "FAIL" });
     if all { 0 } else { 1 }

@@ -7,11 +7,5 @@ use cortex_m_rt::entry;
 
 #[entry]
 fn main() -> ! {
-    unsafe extern "C" {
-        /// Initial stack pointer, from the runtime's linker script.
-        static _stack_start: u8;
-    }
-    // Only the address of the linker symbol is taken: no unsafe needed.
-    let top = core::ptr::addr_of!(_stack_start) as usize;
-    semihosting::process::exit(micromoe_board_common::run("microbit", top))
+    semihosting::process::exit(micromoe_board_common::run("microbit"))
 }
