@@ -153,21 +153,32 @@ impl<'a, G: FloatWeight, W: FloatWeight, S: ExpertSource<Expert = Expert<'a, W>>
                 *o += c.weight * v;
             }
         }
-        if let Some(shared) = &self.shared {
-            shared.expert.forward(x, y, hidden);
-            let g = match &shared.gate {
-                Some(gate) => {
-                    let mut l = [0.0f32];
-                    gate.forward(x, &mut l);
-                    1.0 / (1.0 + libm::expf(-l[0]))
-                }
-                None => 1.0,
-            };
-            for (o, &v) in out.iter_mut().zip(y.iter()) {
-                *o += g * v;
-            }
-        }
+        self.add_shared(x, out, y, hidden);
         Ok(sel)
+    }
+
+    /// `out += g * shared(x)`, `g = sigmoid(shared_gate x)` or 1; `y` and
+    /// `hidden` are work buffers.
+    pub(crate) fn add_shared(&self, x: &[f32], out: &mut [f32], y: &mut [f32], hidden: &mut [f32]) {
+        let Some(shared) = &self.shared else { return };
+        shared.expert.forward(x, y, hidden);
+        let g = match &shared.gate {
+            Some(gate) => {
+                let mut l = [0.0f32];
+                gate.forward(x, &mut l);
+                1.0 / (1.0 + libm::expf(-l[0]))
+            }
+            None => 1.0,
+        };
+        for (o, &v) in out.iter_mut().zip(y.iter()) {
+            *o += g * v;
+        }
+    }
+
+    /// f32 values of the largest expert's hidden buffers.
+    #[cfg(feature = "std")]
+    pub(crate) fn hidden_max(&self) -> usize {
+        self.hidden_max
     }
 
     /// [`MoeLayer::infer`], and records the choice and the work in `stats`.

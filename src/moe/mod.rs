@@ -36,6 +36,8 @@ mod float;
 mod int;
 mod source;
 
+#[cfg(feature = "std")]
+mod batch;
 #[cfg(feature = "alloc")]
 pub mod build;
 #[cfg(feature = "alloc")]

@@ -29,9 +29,13 @@
 //! assert!((sel[0].weight - 0.5).abs() < 1e-6);
 //! ```
 
+#[cfg(feature = "alloc")]
+mod dispatch;
 mod fixed;
 mod select;
 
+#[cfg(feature = "alloc")]
+pub use dispatch::{DispatchPlan, Group};
 pub use fixed::{ONE_Q30, exp_neg_q30, exp2_neg_q30, sigmoid_q30};
 pub use select::MAX_GROUPS;
 
