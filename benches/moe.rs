@@ -1,0 +1,119 @@
+//! Host benchmarks (criterion): `cargo bench`.
+//!
+//! - `moe_vs_dense`: one token through a Mixtral-style layer (8 SwiGLU
+//!   experts of 512, top-2, width 256) against a dense SwiGLU FFN with the
+//!   same total parameters (hidden 8 x 512); the ideal ratio is 4x.
+//! - `matvec`: f32 and int8 matrix-vector products (GFLOP/s = 2 x MACs / s).
+//! - `batched`: tokens/s of `infer_batch` at 1, 16 and 256 tokens.
+//!
+//! Benchmarks report; tests never assert times.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use micromoe::Rule;
+
+use micromoe::kernels::{Activation, matvec, matvec_i8};
+use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
+use std::hint::black_box;
+
+const D: usize = 256;
+const H: usize = 512;
+const E: usize = 8;
+
+struct Rng(u64);
+
+impl Rng {
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                self.0 =
+                    self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                ((self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+            })
+            .collect()
+    }
+}
+
+fn expert(rng: &mut Rng, hidden: usize) -> ExpertBuf<f32> {
+    ExpertBuf::gated(
+        LinearBuf::new(rng.vec(hidden * D), None, hidden, D),
+        LinearBuf::new(rng.vec(hidden * D), None, hidden, D),
+        LinearBuf::new(rng.vec(D * hidden), None, D, hidden),
+        Activation::Silu,
+    )
+}
+
+fn moe_vs_dense(c: &mut Criterion) {
+    let mut rng = Rng(7);
+    let moe = MoeBuf::new(
+        LinearBuf::new(rng.vec(E * D), None, E, D),
+        (0..E).map(|_| expert(&mut rng, H)).collect(),
+        Rule::mixtral(E, 2),
+    );
+    let views = moe.expert_views().unwrap();
+    let layer = moe.layer(&views).unwrap();
+    let dense = expert(&mut rng, E * H);
+    let dense_view = dense.view().unwrap();
+    let x = rng.vec(D);
+    let mut y = vec![0.0f32; D];
+    let mut scratch = vec![0u8; layer.scratch_bytes()];
+    let mut hidden = vec![0.0f32; 2 * E * H];
+    let mut g = c.benchmark_group("moe_vs_dense");
+    g.bench_function("moe_top2_of_8", |b| {
+        b.iter(|| layer.infer(black_box(&x), &mut y, &mut scratch).unwrap())
+    });
+    g.bench_function("dense_same_params", |b| {
+        b.iter(|| dense_view.forward(black_box(&x), &mut y, &mut hidden))
+    });
+    g.finish();
+}
+
+fn matvecs(c: &mut Criterion) {
+    let mut rng = Rng(9);
+    let mut g = c.benchmark_group("matvec");
+    for (rows, cols) in [(64, 64), (256, 512), (1024, 1024)] {
+        let w = rng.vec(rows * cols);
+        let x = rng.vec(cols);
+        let mut y = vec![0.0f32; rows];
+        g.throughput(Throughput::Elements(2 * (rows * cols) as u64));
+        g.bench_with_input(BenchmarkId::new("f32", format!("{rows}x{cols}")), &(), |b, _| {
+            b.iter(|| matvec(black_box(&w), None, black_box(&x), &mut y))
+        });
+        let wq: Vec<i8> = w.iter().map(|v| (v * 1000.0) as i8).collect();
+        let xq: Vec<i8> = x.iter().map(|v| (v * 1000.0) as i8).collect();
+        let (m, s) = (vec![1 << 30; rows], vec![-8; rows]);
+        let mut yq = vec![0i8; rows];
+        g.bench_with_input(BenchmarkId::new("int8", format!("{rows}x{cols}")), &(), |b, _| {
+            b.iter(|| matvec_i8(black_box(&wq), None, &m, &s, black_box(&xq), 3, -2, &mut yq))
+        });
+    }
+    g.finish();
+}
+
+fn batched(c: &mut Criterion) {
+    let mut rng = Rng(11);
+    let moe = MoeBuf::new(
+        LinearBuf::new(rng.vec(E * D), None, E, D),
+        (0..E).map(|_| expert(&mut rng, H)).collect(),
+        Rule::mixtral(E, 2),
+    );
+    let views = moe.expert_views().unwrap();
+    let layer = moe.layer(&views).unwrap();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut g = c.benchmark_group("batched");
+    for n in [1usize, 16, 256] {
+        let xs = rng.vec(n * D);
+        let mut out = vec![0.0f32; n * D];
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_with_input(BenchmarkId::new("tokens", n), &n, |b, _| {
+            b.iter(|| layer.infer_batch(black_box(&xs), &mut out, threads).unwrap())
+        });
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(2)).warm_up_time(std::time::Duration::from_millis(500));
+    targets = moe_vs_dense, matvecs, batched
+}
+criterion_main!(benches);
