@@ -69,3 +69,38 @@ fn bad_batches_are_refused() {
     bad.push(micromoe::Choice { expert: 9, weight: 1.0 }).unwrap();
     assert!(DispatchPlan::new(&[bad], 4).is_err());
 }
+
+fn check_int<A: micromoe::kernels::IntKernel + Send + Sync>(name: &str)
+where
+    A::Bias: Sync,
+{
+    let fx = Fixture::load(name);
+    with_layer(&fx, to_f32, |float| {
+        let q = micromoe::moe::build::QMoeBuf::<A>::quantize(float, fx.f32("x")).unwrap();
+        let views = q.expert_views().unwrap();
+        let layer = q.layer(&views).unwrap();
+        let mut xs = vec![A::default(); fx.f32("x").len()];
+        q.input.quantize_slice(fx.f32("x"), &mut xs).unwrap();
+        let n = fx.tokens();
+        let mut want = vec![A::default(); n * layer.out_dim()];
+        let mut scratch = vec![0u8; layer.scratch_bytes()];
+        let mut chosen = Vec::new();
+        for (x, y) in xs.chunks_exact(layer.in_dim()).zip(want.chunks_exact_mut(layer.out_dim())) {
+            chosen.push(layer.infer(x, y, &mut scratch).unwrap());
+        }
+        for threads in [1, 3] {
+            let mut got = vec![A::default(); want.len()];
+            let sel = layer.infer_batch(&xs, &mut got, threads).unwrap();
+            assert_eq!(sel, chosen, "{name}: choices with {threads} threads");
+            assert_eq!(got, want, "{name}: outputs with {threads} threads");
+        }
+    });
+}
+
+#[test]
+fn batched_integer_layers_equal_token_by_token() {
+    for name in MOE_CASES {
+        check_int::<i8>(name);
+        check_int::<i16>(name);
+    }
+}

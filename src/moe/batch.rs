@@ -1,4 +1,4 @@
-//! Many tokens at once on the CPU (`std`): route every token, group the
+//! Many tokens at once on the CPU (`std`), float or integer: route every token, group the
 //! tokens by expert ([`DispatchPlan`]), run each expert over its group with
 //! the experts spread across threads, then combine each token's outputs in
 //! router order, so the result is bit-identical to running token by token.
@@ -24,11 +24,12 @@
 use std::vec;
 use std::vec::Vec;
 
-use super::{ExpertSource, MoeLayer};
+use super::{ExpertSource, MoeLayer, QMoeLayer};
 use crate::error::{Error, Result, What, check_finite, check_len};
-use crate::expert::Expert;
-use crate::kernels::FloatWeight;
+use crate::expert::{Expert, QExpert};
+use crate::kernels::{FloatWeight, IntKernel};
 use crate::router::{DispatchPlan, Selection};
+use crate::scratch::Carve;
 
 impl<'a, G, W, S> MoeLayer<'a, G, W, S>
 where
@@ -62,50 +63,23 @@ where
         let plan = DispatchPlan::new(&selections, experts)?;
 
         // ys: (entries, out) in plan order; each expert's rows are contiguous.
-        let mut ys = vec![0.0f32; plan.tokens.len() * d_out];
-        let mut chunks: Vec<(usize, &mut [f32])> = Vec::with_capacity(experts);
-        let mut rest = ys.as_mut_slice();
-        for e in 0..experts {
-            let (mine, tail) = rest.split_at_mut(plan.group(e).tokens.len() * d_out);
-            chunks.push((e, mine));
-            rest = tail;
-        }
-        let threads = threads.clamp(1, experts.max(1));
-        let mut work: Vec<Vec<(usize, &mut [f32])>> = (0..threads).map(|_| Vec::new()).collect();
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            work[i % threads].push(chunk);
-        }
         let hidden_len = self.hidden_max();
-        std::thread::scope(|scope| {
-            for list in work {
-                let plan = &plan;
-                scope.spawn(move || {
-                    let mut hidden = vec![0.0f32; hidden_len];
-                    for (e, ys) in list {
-                        let Some(expert) = self.experts().expert(e) else { continue };
-                        for (&t, y) in plan.group(e).tokens.iter().zip(ys.chunks_exact_mut(d_out)) {
-                            let x = &xs[t as usize * d_in..(t as usize + 1) * d_in];
-                            expert.forward(x, y, &mut hidden);
-                        }
-                    }
-                });
+        let ys = run_groups(&plan, d_out, threads, 0.0f32, |e, group, ys| {
+            let mut hidden = vec![0.0f32; hidden_len];
+            let Some(expert) = self.experts().expert(e) else { return };
+            for (&t, y) in group.iter().zip(ys.chunks_exact_mut(d_out)) {
+                expert.forward(&xs[t as usize * d_in..(t as usize + 1) * d_in], y, &mut hidden);
             }
         });
-
-        // Where each (token, choice) landed in `ys`.
         let k = self.router().rule().k;
-        let mut entry = vec![usize::MAX; n * k];
-        for (i, (&t, &slot)) in plan.tokens.iter().zip(&plan.slots).enumerate() {
-            entry[t as usize * k + slot as usize] = i;
-        }
+        let entry = entries(&plan, n, k);
         let mut hidden = vec![0.0f32; hidden_len];
         let mut shared_y = vec![0.0f32; d_out];
         for (t, (o, sel)) in out.chunks_exact_mut(d_out).zip(&selections).enumerate() {
+            // Router order, as `infer` sums: the same bits.
             o.fill(0.0);
             for (slot, c) in sel.iter().enumerate() {
-                let Some(y) = ys.get(entry[t * k + slot] * d_out..).and_then(|y| y.get(..d_out)) else {
-                    continue;
-                };
+                let Some(y) = row(&ys, entry[t * k + slot], d_out) else { continue };
                 for (v, &yv) in o.iter_mut().zip(y) {
                     *v += c.weight * yv;
                 }
@@ -114,4 +88,105 @@ where
         }
         Ok(selections)
     }
+}
+
+impl<'a, A, S> QMoeLayer<'a, A, S>
+where
+    A: IntKernel + Send + Sync,
+    A::Bias: Sync,
+    S: ExpertSource<Expert = QExpert<'a, A>> + Sync,
+{
+    /// Runs a batch of quantized tokens: `xs` `(tokens, in)`, `out`
+    /// `(tokens, out)`; the same bits as [`QMoeLayer::infer`] token by token.
+    pub fn infer_batch(&self, xs: &[A], out: &mut [A], threads: usize) -> Result<Vec<Selection<i32>>> {
+        let (d_in, d_out) = (self.in_dim(), self.out_dim());
+        if xs.is_empty() || !xs.len().is_multiple_of(d_in) {
+            return Err(Error::Shape { what: What::Input, expected: d_in, actual: xs.len() });
+        }
+        let n = xs.len() / d_in;
+        check_len(What::Output, n * d_out, out.len())?;
+        let experts = self.rule().experts;
+        let mut route_scratch = vec![0u8; self.route_bytes()];
+        let selections = xs
+            .chunks_exact(d_in)
+            .map(|x| self.route(x, &mut Carve::new(&mut route_scratch)))
+            .collect::<Result<Vec<_>>>()?;
+        let plan = DispatchPlan::new(&selections, experts)?;
+        let hidden_len = self.hidden_max();
+        let ys = run_groups(&plan, d_out, threads, A::default(), |e, group, ys| {
+            let mut hidden = vec![A::default(); hidden_len];
+            let Some(expert) = self.experts().expert(e) else { return };
+            for (&t, y) in group.iter().zip(ys.chunks_exact_mut(d_out)) {
+                expert.forward(&xs[t as usize * d_in..(t as usize + 1) * d_in], y, &mut hidden);
+            }
+        });
+        let entry = entries(&plan, n, self.rule().k);
+        let mut hidden = vec![A::default(); hidden_len];
+        let mut shared_y = vec![A::default(); d_out];
+        for (t, (o, sel)) in out.chunks_exact_mut(d_out).zip(&selections).enumerate() {
+            let x = &xs[t * d_in..(t + 1) * d_in];
+            let mut rows: Vec<(&[A], i32)> = sel
+                .iter()
+                .enumerate()
+                .filter_map(|(slot, c)| {
+                    row(&ys, entry[t * self.rule().k + slot], d_out).map(|y| (y, c.weight))
+                })
+                .collect();
+            if let Some(shared) = self.shared() {
+                shared.expert.forward(x, &mut shared_y, &mut hidden);
+                rows.push((&shared_y, self.shared_weight(x)));
+            }
+            self.combine(&rows, o);
+        }
+        Ok(selections)
+    }
+}
+
+/// Runs `work(expert, tokens, rows)` for every expert's group of the plan,
+/// the experts spread over `threads` workers; returns the rows, `(entries,
+/// width)` in plan order.
+fn run_groups<T: Copy + Send>(
+    plan: &DispatchPlan<impl Copy + Default + Sync>,
+    width: usize,
+    threads: usize,
+    zero: T,
+    work: impl Fn(usize, &[u32], &mut [T]) + Sync,
+) -> Vec<T> {
+    let experts = plan.experts();
+    let mut ys = vec![zero; plan.tokens.len() * width];
+    let threads = threads.clamp(1, experts.max(1));
+    let mut lists: Vec<Vec<(usize, &mut [T])>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut rest = ys.as_mut_slice();
+    for e in 0..experts {
+        let (mine, tail) = rest.split_at_mut(plan.group(e).tokens.len() * width);
+        lists[e % threads].push((e, mine));
+        rest = tail;
+    }
+    std::thread::scope(|scope| {
+        for list in lists {
+            let work = &work;
+            scope.spawn(move || {
+                for (e, rows) in list {
+                    work(e, plan.group(e).tokens, rows);
+                }
+            });
+        }
+    });
+    ys
+}
+
+/// `entry[t * k + slot]`: where token `t`'s choice `slot` is in the plan.
+fn entries<W: Copy + Default>(plan: &DispatchPlan<W>, tokens: usize, k: usize) -> Vec<usize> {
+    let mut entry = vec![usize::MAX; tokens * k];
+    for (i, (&t, &slot)) in plan.tokens.iter().zip(&plan.slots).enumerate() {
+        if let Some(e) = entry.get_mut(t as usize * k + slot as usize) {
+            *e = i;
+        }
+    }
+    entry
+}
+
+/// Row `i` of a `(rows, width)` buffer.
+fn row<T>(ys: &[T], i: usize, width: usize) -> Option<&[T]> {
+    ys.get(i.checked_mul(width)?..)?.get(..width)
 }

@@ -251,6 +251,29 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
         check_len(What::Input, self.in_dim(), x.len())?;
         check_len(What::Output, self.out_dim, out.len())?;
         let mut carve = Carve::new(scratch);
+        let sel = self.route(x, &mut carve)?;
+        let hidden = carve.take::<A>(self.hidden_max)?;
+        let ys = carve.take::<A>(self.slots() * self.out_dim)?;
+
+        // ys: (k + 1, out); weights: Q15, the shared expert's last.
+        let mut rows = heapless::Vec::<(&[A], i32), { crate::router::MAX_K + 1 }>::new();
+        let mut slots = ys.chunks_exact_mut(self.out_dim.max(1));
+        for c in &sel {
+            if let (Some(expert), Some(y)) = (self.experts.expert(c.expert as usize), slots.next()) {
+                expert.forward(x, y, hidden);
+                let _ = rows.push((&*y, c.weight));
+            }
+        }
+        if let (Some(shared), Some(y)) = (&self.shared, slots.next()) {
+            shared.expert.forward(x, y, hidden);
+            let _ = rows.push((&*y, self.shared_weight(x)));
+        }
+        self.combine(&rows, out);
+        Ok(sel)
+    }
+
+    /// Chooses experts for one token, with Q15 weights; work buffers from `carve`.
+    pub(crate) fn route(&self, x: &[A], carve: &mut Carve<'_>) -> Result<Selection<i32>> {
         let n = self.gate.rule().experts;
         let mut sel = Selection::new();
         match &self.gate {
@@ -271,40 +294,59 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
                 sel = fsel.iter().map(|c| Choice { expert: c.expert, weight: q15(c.weight) }).collect();
             }
         }
-        let hidden = carve.take::<A>(self.hidden_max)?;
-        let ys = carve.take::<A>(self.slots() * self.out_dim)?;
+        Ok(sel)
+    }
 
-        // ys: (k + 1, out); weights: Q15, the shared expert's last.
-        let mut weights = heapless::Vec::<i32, { crate::router::MAX_K + 1 }>::new();
-        let mut slots = ys.chunks_exact_mut(self.out_dim.max(1));
-        for c in &sel {
-            if let (Some(expert), Some(y)) = (self.experts.expert(c.expert as usize), slots.next()) {
-                expert.forward(x, y, hidden);
-                let _ = weights.push(c.weight);
+    /// The shared expert's Q15 weight for `x`: `sigmoid(shared_gate x)` or 1.
+    pub(crate) fn shared_weight(&self, x: &[A]) -> i32 {
+        match self.shared.as_ref().and_then(|s| s.gate.as_ref()) {
+            Some(gate) => {
+                let mut l = [0i32];
+                gate.forward_wide(x, &mut l);
+                ((sigmoid_q30(l[0], LOGIT_FRAC_BITS) + (1 << 14)) >> 15) as i32
             }
+            None => ONE_Q15,
         }
-        if let (Some(shared), Some(y)) = (&self.shared, slots.next()) {
-            shared.expert.forward(x, y, hidden);
-            let w = match &shared.gate {
-                Some(gate) => {
-                    let mut l = [0i32];
-                    gate.forward_wide(x, &mut l);
-                    ((sigmoid_q30(l[0], LOGIT_FRAC_BITS) + (1 << 14)) >> 15) as i32
-                }
-                None => ONE_Q15,
-            };
-            let _ = weights.push(w);
-        }
+    }
+
+    /// `out = requant(sum_i w_i (y_i - expert_zp)) + out_zp` over the expert
+    /// outputs `rows` (integer sums: the order does not matter).
+    pub(crate) fn combine(&self, rows: &[(&[A], i32)], out: &mut [A]) {
         let Combine { expert_zp, multiplier, out_zp } = self.combine;
         for (j, o) in out.iter_mut().enumerate() {
-            let acc: i64 = ys
-                .chunks_exact(self.out_dim.max(1))
-                .zip(&weights)
-                .map(|(y, &w)| w as i64 * (y.get(j).map_or(expert_zp, |v| v.get()) - expert_zp) as i64)
+            let acc: i64 = rows
+                .iter()
+                .map(|&(y, w)| w as i64 * (y.get(j).map_or(expert_zp, |v| v.get()) - expert_zp) as i64)
                 .sum();
             *o = A::saturate(requantize_wide(acc, multiplier).saturating_add(out_zp));
         }
-        Ok(sel)
+    }
+
+    /// Scratch bytes [`QMoeLayer::route`] needs.
+    #[cfg(feature = "std")]
+    pub(crate) fn route_bytes(&self) -> usize {
+        bytes_for::<f32>(self.in_dim()) + bytes_for::<i32>(self.gate.rule().experts)
+    }
+
+    /// Values of `A` the largest expert's hidden buffers take.
+    #[cfg(feature = "std")]
+    pub(crate) fn hidden_max(&self) -> usize {
+        self.hidden_max
+    }
+
+    /// The experts.
+    pub fn experts(&self) -> &S {
+        &self.experts
+    }
+
+    /// The routing rule.
+    pub fn rule(&self) -> &Rule {
+        self.gate.rule()
+    }
+
+    /// The shared expert, if any.
+    pub fn shared(&self) -> Option<&QSharedExpert<'a, A>> {
+        self.shared.as_ref()
     }
 
     /// [`QMoeLayer::infer`], and records the choice and the work in `stats`.
