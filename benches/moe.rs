@@ -42,13 +42,15 @@ fn expert(rng: &mut Rng, hidden: usize) -> ExpertBuf<f32> {
     )
 }
 
+/// The Mixtral-style layer the benchmarks run.
+fn mixtral(rng: &mut Rng) -> MoeBuf<f32> {
+    let gate = LinearBuf::new(rng.vec(E * D), None, E, D);
+    MoeBuf::new(gate, (0..E).map(|_| expert(rng, H)).collect(), Rule::mixtral(E, 2))
+}
+
 fn moe_vs_dense(c: &mut Criterion) {
     let mut rng = Rng(7);
-    let moe = MoeBuf::new(
-        LinearBuf::new(rng.vec(E * D), None, E, D),
-        (0..E).map(|_| expert(&mut rng, H)).collect(),
-        Rule::mixtral(E, 2),
-    );
+    let moe = mixtral(&mut rng);
     let views = moe.expert_views().unwrap();
     let layer = moe.layer(&views).unwrap();
     let dense = expert(&mut rng, E * H);
@@ -91,11 +93,7 @@ fn matvecs(c: &mut Criterion) {
 
 fn batched(c: &mut Criterion) {
     let mut rng = Rng(11);
-    let moe = MoeBuf::new(
-        LinearBuf::new(rng.vec(E * D), None, E, D),
-        (0..E).map(|_| expert(&mut rng, H)).collect(),
-        Rule::mixtral(E, 2),
-    );
+    let moe = mixtral(&mut rng);
     let views = moe.expert_views().unwrap();
     let layer = moe.layer(&views).unwrap();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
