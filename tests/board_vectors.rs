@@ -12,6 +12,9 @@ use micromoe::format::Model;
 use micromoe::include_model;
 use safetensors::SafeTensors;
 
+mod tensors;
+use tensors::f32s;
+
 const SAMPLES: usize = 32;
 const MODELS: [(&str, &[u8]); 4] = [
     ("f32", include_model!("../models/digits/digits_f32.moe")),
@@ -45,13 +48,7 @@ fn vectors(model: &Model<'_>, x: &[f32]) -> Vec<u8> {
 fn board_vectors_match_the_host() {
     let test = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/models/digits/test.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&test).unwrap();
-    let x: Vec<f32> = st
-        .tensor("x")
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect();
+    let x = f32s(&st, "x");
     let bless = std::env::var_os("MICROMOE_BLESS").is_some();
     for (dtype, bytes) in MODELS {
         let want = vectors(&Model::parse(bytes).unwrap(), &x);

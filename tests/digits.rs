@@ -4,6 +4,9 @@ use micromoe::format::Model;
 use micromoe::{include_model, scratch_len};
 use safetensors::SafeTensors;
 
+mod tensors;
+use tensors::{f32s, i64s};
+
 const F32: &[u8] = include_model!("../models/digits/digits_f32.moe");
 const F16: &[u8] = include_model!("../models/digits/digits_f16.moe");
 const INT8: &[u8] = include_model!("../models/digits/digits_int8.moe");
@@ -25,23 +28,12 @@ struct TestSet {
 
 fn test_set() -> TestSet {
     let st = SafeTensors::deserialize(TEST).unwrap();
-    let f = |n: &str| {
-        st.tensor(n)
-            .unwrap()
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect()
-    };
-    let i = |n: &str| {
-        st.tensor(n)
-            .unwrap()
-            .data()
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as usize)
-            .collect()
-    };
-    TestSet { x: f("x"), labels: i("label"), logits: f("logits"), experts: i("experts") }
+    TestSet {
+        x: f32s(&st, "x"),
+        labels: i64s(&st, "label").into_iter().map(|v| v as usize).collect(),
+        logits: f32s(&st, "logits"),
+        experts: i64s(&st, "experts").into_iter().map(|v| v as usize).collect(),
+    }
 }
 
 fn argmax(y: &[f32]) -> usize {

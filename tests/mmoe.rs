@@ -7,6 +7,9 @@ use micromoe::format::{Model, layout};
 use micromoe::host::{Dtype, convert};
 use safetensors::SafeTensors;
 
+mod tensors;
+use tensors::{f32s, i64s};
+
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/mmoe");
 
 struct Reference {
@@ -18,22 +21,7 @@ struct Reference {
 fn reference() -> Reference {
     let bytes = std::fs::read(format!("{DIR}/reference.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let f = |n: &str| {
-        st.tensor(n)
-            .unwrap()
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect()
-    };
-    let i = st
-        .tensor("experts_task1")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-        .collect();
-    Reference { x: f("x"), y: f("y"), experts_task1: i }
+    Reference { x: f32s(&st, "x"), y: f32s(&st, "y"), experts_task1: i64s(&st, "experts_task1") }
 }
 
 /// Largest error relative to the largest reference output, and whether task 1 chose PyTorch's experts.
