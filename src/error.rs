@@ -41,6 +41,14 @@ pub enum What {
     Groups,
     /// Calibration data.
     Calibration,
+    /// A token id.
+    Token,
+    /// Sampling temperature.
+    Temperature,
+    /// Sampling top-p.
+    TopP,
+    /// A work or state buffer.
+    Scratch,
 }
 
 /// A field of a `.moe` header or layer record.
@@ -210,6 +218,17 @@ pub enum Error {
         /// Part code (see `format`).
         part: u8,
     },
+    /// The decoder's KV cache is full: it holds `context` positions.
+    ContextFull {
+        /// Positions the cache holds (fixed at conversion).
+        context: usize,
+    },
+    /// The model is not of the architecture this call runs (e.g.
+    /// [`Model::infer`](crate::Model::infer) on a decoder).
+    WrongArchitecture {
+        /// Architecture code of the model.
+        found: u32,
+    },
     /// The statistics buffer has room for fewer experts than the layer has.
     StatsTooSmall {
         /// Experts in the layer.
@@ -240,6 +259,10 @@ impl fmt::Display for What {
             What::TopK => "top-k",
             What::Groups => "expert groups",
             What::Calibration => "calibration data",
+            What::Token => "token id",
+            What::Temperature => "temperature",
+            What::TopP => "top-p",
+            What::Scratch => "work buffer",
         };
         f.write_str(s)
     }
@@ -288,6 +311,12 @@ impl fmt::Display for Error {
                 f,
                 "missing or malformed tensor: layer {layer}, expert {expert}, role {role}, part {part}"
             ),
+            Error::ContextFull { context } => {
+                write!(f, "context full: the KV cache holds {context} positions (set at conversion)")
+            }
+            Error::WrongArchitecture { found } => {
+                write!(f, "this call does not run models of architecture {found}")
+            }
             Error::StatsTooSmall { experts, capacity } => {
                 write!(f, "stats hold {capacity} experts, the layer has {experts}")
             }

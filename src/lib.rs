@@ -12,6 +12,7 @@ pub mod format;
 #[cfg(feature = "std")]
 pub mod host;
 pub mod kernels;
+pub mod model;
 pub mod moe;
 pub mod quant;
 pub mod router;

@@ -84,6 +84,103 @@ pub mod flags {
     pub const ALL: u32 = 127;
 }
 
+/// Decoder (architecture 3) record: 16 words right after the header;
+/// the layer records follow it.
+pub mod decoder {
+    /// Bytes of the decoder record.
+    pub const LEN: usize = 64;
+    /// Vocabulary size.
+    pub const VOCAB: usize = 0;
+    /// Hidden (residual stream) width.
+    pub const HIDDEN: usize = 1;
+    /// Attention heads.
+    pub const HEADS: usize = 2;
+    /// Key/value heads (grouped-query attention).
+    pub const KV_HEADS: usize = 3;
+    /// Width of one head.
+    pub const HEAD_DIM: usize = 4;
+    /// Positions the KV cache holds.
+    pub const CONTEXT: usize = 5;
+    /// Rotary embedding base, f32 bits.
+    pub const ROPE_THETA: usize = 6;
+    /// RMSNorm epsilon, f32 bits.
+    pub const RMS_EPS: usize = 7;
+    /// [`flags`](self::flags).
+    pub const FLAGS: usize = 8;
+    /// First reserved word.
+    pub const RESERVED: usize = 9;
+    /// Words in the record.
+    pub const WORDS: usize = 16;
+
+    /// Decoder flags.
+    pub mod flags {
+        /// The output projection is the token embedding (tied).
+        pub const TIED: u32 = 1;
+        /// q, k and v projections have biases.
+        pub const QKV_BIAS: u32 = 2;
+        /// The KV cache holds f16 (else f32).
+        pub const KV_F16: u32 = 4;
+        /// Every defined flag.
+        pub const ALL: u32 = 7;
+    }
+
+    /// Decoder layer record words (the rest of the 24 are reserved, zero).
+    pub mod layer {
+        /// Routed experts (0: a dense layer, its FFN is the shared expert).
+        pub const EXPERTS: usize = 0;
+        /// Experts chosen per token.
+        pub const K: usize = 1;
+        /// Hidden width of a routed expert.
+        pub const HIDDEN: usize = 2;
+        /// Hidden width of the shared expert (0: none).
+        pub const SHARED_HIDDEN: usize = 3;
+        /// [`flags`](self::flags).
+        pub const FLAGS: usize = 4;
+        /// First reserved word.
+        pub const RESERVED: usize = 5;
+
+        /// Decoder layer flags.
+        pub mod flags {
+            /// Renormalize the chosen experts' weights (Mixtral; Qwen2-MoE `norm_topk_prob`).
+            pub const NORMALIZE: u32 = 1;
+            /// The shared expert has a sigmoid gate (Qwen2-MoE).
+            pub const SHARED_GATE: u32 = 2;
+            /// Every defined flag.
+            pub const ALL: u32 = 3;
+        }
+    }
+
+    /// Layer index of model-level tensors (embedding, final norm, output).
+    pub const MODEL_LEVEL: u16 = 0xFFFF;
+
+    /// Tensor roles of decoders, beyond the MoE roles 0..=4.
+    pub mod role {
+        /// Attention query projection `(heads * head_dim, hidden)`.
+        pub const Q: u8 = 8;
+        /// Key projection `(kv_heads * head_dim, hidden)`.
+        pub const K: u8 = 9;
+        /// Value projection `(kv_heads * head_dim, hidden)`.
+        pub const V: u8 = 10;
+        /// Attention output projection `(hidden, heads * head_dim)`.
+        pub const O: u8 = 11;
+        /// RMSNorm weight before attention `(hidden, 1)`.
+        pub const ATTN_NORM: u8 = 12;
+        /// RMSNorm weight before the FFN `(hidden, 1)`.
+        pub const FFN_NORM: u8 = 13;
+        /// Token embedding `(vocab, hidden)` (model level).
+        pub const EMBED: u8 = 14;
+        /// Final RMSNorm weight `(hidden, 1)` (model level).
+        pub const FINAL_NORM: u8 = 15;
+        /// Output projection `(vocab, hidden)` (model level, untied models).
+        pub const LM_HEAD: u8 = 16;
+        /// Number of roles a decoder may use.
+        pub const COUNT: u8 = 17;
+    }
+
+    /// Per-row f32 scales of an int8 matrix (`(rows, 1)`): row `r` is `w[r] * scale[r]`.
+    pub const SCALE_PART: u8 = 4;
+}
+
 /// Tensor entry byte offsets.
 pub(crate) mod entry {
     pub const LAYER: usize = 0;

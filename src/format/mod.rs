@@ -120,6 +120,9 @@ pub mod arch {
     /// Multi-gate MoE (Ma et al., 2018): one gate and one tower per task over
     /// a shared pool of experts, stored as one chain of layers per task.
     pub const MULTI_GATE: u32 = 2;
+    /// A decoder language model (Mixtral / Qwen2-MoE style), run by
+    /// [`model::Decoder`](crate::model::Decoder).
+    pub const DECODER: u32 = 3;
 }
 
 /// Everything a layer record says, validated.
@@ -199,6 +202,9 @@ pub const fn required_scratch(bytes: &[u8]) -> core::result::Result<usize, Error
         Ok(_) => return Err(Error::BadField { field: Field::Layers, layer: 0 }),
         Err(e) => return Err(e),
     };
+    if let Ok(3) = header_usize(bytes, header::ARCH, Field::Arch) {
+        return decoder_state_bytes(bytes, n_layers);
+    }
     let mut max_dim = match header_usize(bytes, header::INPUT_DIM, Field::Dims) {
         Ok(n) => n,
         Err(e) => return Err(e),
@@ -258,6 +264,59 @@ pub const fn required_scratch(bytes: &[u8]) -> core::result::Result<usize, Error
     Ok(acts.saturating_add(layer_max))
 }
 
+/// [`required_scratch`] of a decoder: its [`State`](crate::model::State) bytes.
+const fn decoder_state_bytes(bytes: &[u8], n_layers: usize) -> core::result::Result<usize, Error> {
+    use layout::decoder as dl;
+    let truncated = Error::Truncated { needed: HEADER_LEN + dl::LEN, actual: bytes.len() };
+    const fn w(bytes: &[u8], i: usize) -> Option<u32> {
+        layout::u32_at(bytes, HEADER_LEN + 4 * i)
+    }
+    let (Some(vocab), Some(hidden), Some(heads), Some(kv_heads), Some(head_dim), Some(context), Some(flags)) = (
+        w(bytes, dl::VOCAB),
+        w(bytes, dl::HIDDEN),
+        w(bytes, dl::HEADS),
+        w(bytes, dl::KV_HEADS),
+        w(bytes, dl::HEAD_DIM),
+        w(bytes, dl::CONTEXT),
+        w(bytes, dl::FLAGS),
+    ) else {
+        return Err(truncated);
+    };
+    let (mut max_hidden, mut max_experts) = (0usize, 0usize);
+    let mut l = 0;
+    while l < n_layers {
+        let (Some(e), Some(h), Some(sh)) = (
+            layer_word(bytes, HEADER_LEN + dl::LEN, l, dl::layer::EXPERTS),
+            layer_word(bytes, HEADER_LEN + dl::LEN, l, dl::layer::HIDDEN),
+            layer_word(bytes, HEADER_LEN + dl::LEN, l, dl::layer::SHARED_HIDDEN),
+        ) else {
+            return Err(Error::Truncated {
+                needed: HEADER_LEN + dl::LEN + (l + 1) * LAYER_LEN,
+                actual: bytes.len(),
+            });
+        };
+        let (e, h, sh) = (e as usize, h as usize, sh as usize);
+        if h > max_hidden {
+            max_hidden = h;
+        }
+        if sh > max_hidden {
+            max_hidden = sh;
+        }
+        if e > max_experts {
+            max_experts = e;
+        }
+        l += 1;
+    }
+    Ok(crate::model::bytes_for_dims(
+        (vocab as usize, hidden as usize, heads as usize, kv_heads as usize, head_dim as usize),
+        context as usize,
+        n_layers,
+        flags & dl::flags::KV_F16 != 0,
+        max_hidden,
+        max_experts,
+    ))
+}
+
 /// A validated model: every offset, size, shape, code and the CRC checked.
 /// Nothing reachable from it panics.
 #[derive(Debug, Clone, Copy)]
@@ -273,6 +332,7 @@ pub struct Model<'a> {
     input_dim: usize,
     output_dim: usize,
     task: u32,
+    arch: u32,
 }
 
 /// What happened in one layer during [`Model::infer`].
@@ -326,7 +386,7 @@ impl<'a> Model<'a> {
             return Err(Error::BadField { field: Field::HeaderLen, layer: 0 });
         }
         let arch = h(header::ARCH, Field::Arch)? as u32;
-        if arch != arch::MOE_STACK && arch != arch::MULTI_GATE {
+        if !matches!(arch, arch::MOE_STACK | arch::MULTI_GATE | arch::DECODER) {
             return Err(Error::BadField { field: Field::Arch, layer: 0 });
         }
         let task = h(header::TASK, Field::Task)? as u32;
@@ -341,10 +401,12 @@ impl<'a> Model<'a> {
             return Err(Error::BadField { field: Field::Layers, layer: 0 });
         }
         let n_tensors = h(header::N_TENSORS, Field::Tensors)?;
-        let table_offset = HEADER_LEN + n_layers * LAYER_LEN;
+        let layers_offset =
+            if arch == arch::DECODER { HEADER_LEN + layout::decoder::LEN } else { HEADER_LEN };
+        let table_offset = layers_offset + n_layers * LAYER_LEN;
         let table_end = n_tensors.checked_mul(ENTRY_LEN).and_then(|t| t.checked_add(table_offset));
         let data_offset = h(header::DATA_OFFSET, Field::Offsets)?;
-        let offsets_ok = h(header::LAYERS_OFFSET, Field::Offsets)? == HEADER_LEN
+        let offsets_ok = h(header::LAYERS_OFFSET, Field::Offsets)? == layers_offset
             && h(header::TABLE_OFFSET, Field::Offsets)? == table_offset
             && table_end.is_some_and(|end| end <= data_offset)
             && data_offset % ALIGN == 0
@@ -357,11 +419,19 @@ impl<'a> Model<'a> {
 
         let tasks = h(header::TASKS, Field::Tasks)?;
         let tasks_ok = match arch {
-            arch::MOE_STACK => tasks == 1,
+            arch::MOE_STACK | arch::DECODER => tasks == 1,
             _ => tasks >= 1 && n_layers.is_multiple_of(tasks),
         };
         if !tasks_ok {
             return Err(Error::BadField { field: Field::Tasks, layer: 0 });
+        }
+        if arch == arch::DECODER {
+            return Self::parse_decoder(
+                bytes,
+                (table_offset, n_tensors, data_offset, payload),
+                n_layers,
+                task,
+            );
         }
         let per_task = n_layers / tasks;
         // Layer records are re-read where needed rather than kept: parsing
@@ -391,7 +461,16 @@ impl<'a> Model<'a> {
         if total_out != output_dim {
             return Err(Error::BadField { field: Field::Dims, layer: n_layers - 1 });
         }
-        check_entries(bytes, table_offset, n_tensors, data_offset, payload, n_layers)?;
+        check_entries(bytes, (table_offset, n_tensors, data_offset, payload), |key| {
+            if key.layer as usize >= n_layers {
+                return Ok(false);
+            }
+            let info = layer_info(bytes, key.layer as usize)?;
+            let expert_ok = ((key.expert as usize) < info.experts && info.experts_from == key.layer as usize)
+                || key.expert == layout::LAYER_LEVEL
+                || (key.expert == layout::SHARED_EXPERT && info.flags & layout::flags::SHARED != 0);
+            Ok(expert_ok && key.role < layout::role::COUNT && key.part < layout::part::COUNT)
+        })?;
         let max_dim = (0..n_layers)
             .map(|l| layer_info(bytes, l).map(|i| i.out_dim))
             .try_fold(input_dim, |m, d| d.map(|d| m.max(d)))?;
@@ -405,11 +484,53 @@ impl<'a> Model<'a> {
             input_dim,
             output_dim,
             task,
+            arch,
         };
         for l in 0..n_layers {
             layers::build::<true>(&model.table, l, &layer_info(bytes, l)?)?;
         }
         Ok(model)
+    }
+
+    /// The rest of [`Model::parse`] for a decoder: the decoder record, every
+    /// tensor entry, and every layer and expert built once.
+    fn parse_decoder(
+        bytes: &'a [u8],
+        (table_offset, n_tensors, data_offset, payload): (usize, usize, usize, usize),
+        n_layers: usize,
+        task: u32,
+    ) -> Result<Self> {
+        let cfg = crate::model::Config::read(bytes, n_layers)?;
+        for l in 0..n_layers {
+            crate::model::LayerConfig::read(bytes, l)?;
+        }
+        let input_dim = h_usize(bytes, header::INPUT_DIM)?;
+        let output_dim = h_usize(bytes, header::OUTPUT_DIM)?;
+        if input_dim != cfg.vocab || output_dim != cfg.vocab || task != 0 {
+            return Err(Error::BadField { field: Field::Dims, layer: 0 });
+        }
+        check_entries(bytes, (table_offset, n_tensors, data_offset, payload), |key| {
+            crate::model::key_allowed(bytes, &cfg, key)
+        })?;
+        let table = Table::new(bytes, table_offset, n_tensors);
+        crate::model::Decoder::build(bytes, table, cfg)?.validate()?;
+        Ok(Model {
+            bytes,
+            table,
+            scratch: required_scratch(bytes)?,
+            max_dim: cfg.hidden,
+            n_layers,
+            tasks: 1,
+            input_dim,
+            output_dim,
+            task,
+            arch: arch::DECODER,
+        })
+    }
+
+    /// Architecture code ([`arch`]).
+    pub fn arch(&self) -> u32 {
+        self.arch
     }
 
     /// The bytes the model was parsed from.
@@ -448,8 +569,12 @@ impl<'a> Model<'a> {
         self.task == 0
     }
 
-    /// Layer `i`'s record.
+    /// Layer `i`'s record (MoE stacks and multi-gate MoE; a decoder's
+    /// layers are described by [`model::Decoder`](crate::model::Decoder)).
     pub fn layer_info(&self, i: usize) -> Result<LayerInfo> {
+        if self.arch == arch::DECODER {
+            return Err(Error::WrongArchitecture { found: self.arch });
+        }
         layer_info(self.bytes, i)
     }
 
@@ -459,7 +584,8 @@ impl<'a> Model<'a> {
         layers::build::<false>(&self.table, i, &self.layer_info(i)?)
     }
 
-    /// Scratch bytes [`Model::infer`] needs (= [`required_scratch`]).
+    /// Scratch bytes [`Model::infer`] needs (= [`required_scratch`]; for a
+    /// decoder, its state bytes).
     pub fn scratch_bytes(&self) -> usize {
         self.scratch
     }
@@ -475,6 +601,9 @@ impl<'a> Model<'a> {
         scratch: &mut [u8],
         mut on_step: impl FnMut(Step<'_>),
     ) -> Result<()> {
+        if self.arch == arch::DECODER {
+            return Err(Error::WrongArchitecture { found: self.arch });
+        }
         check_len(What::Input, self.input_dim, x.len())?;
         check_len(What::Output, self.output_dim, out.len())?;
         crate::error::check_finite(What::Input, x)?;
@@ -669,34 +798,25 @@ fn same_experts(a: &LayerInfo, b: &LayerInfo) -> bool {
         && (!a.is_int() || a.combine.expert_zp == b.combine.expert_zp)
 }
 
+fn h_usize(bytes: &[u8], at: usize) -> Result<usize> {
+    header_usize(bytes, at, Field::Dims)
+}
+
+/// Checks every table entry: `allowed(key)` for its codes and indices, then
+/// order, alignment, bounds and size.
 fn check_entries(
     bytes: &[u8],
-    table_offset: usize,
-    n: usize,
-    data_offset: usize,
-    payload: usize,
-    n_layers: usize,
+    (table_offset, n, data_offset, payload): (usize, usize, usize, usize),
+    allowed: impl Fn(Key) -> Result<bool>,
 ) -> Result<()> {
-    use layout::{dtype, entry, part, role};
+    use layout::{dtype, entry};
     let mut prev: Option<Key> = None;
     for index in 0..n {
         let bad = |problem| Error::BadTensor { index, problem };
         let at = table_offset + index * ENTRY_LEN;
         let key = table::key_at(bytes, at).ok_or(bad(TensorProblem::Bounds))?;
         let code = bytes[at + entry::DTYPE];
-        if key.layer as usize >= n_layers {
-            return Err(bad(TensorProblem::Code));
-        }
-        let info = layer_info(bytes, key.layer as usize)?;
-        let expert_ok = ((key.expert as usize) < info.experts && info.experts_from == key.layer as usize)
-            || key.expert == layout::LAYER_LEVEL
-            || (key.expert == layout::SHARED_EXPERT && info.flags & layout::flags::SHARED != 0);
-        if !expert_ok
-            || key.role >= role::COUNT
-            || key.part >= part::COUNT
-            || dtype::size(code) == 0
-            || bytes[at + entry::RESERVED] != 0
-        {
+        if !allowed(key)? || dtype::size(code) == 0 || bytes[at + entry::RESERVED] != 0 {
             return Err(bad(TensorProblem::Code));
         }
         if prev.is_some_and(|p| p >= key) {

@@ -18,6 +18,9 @@ use crate::quant::build::QLinearBuf;
 use crate::quant::f16;
 use crate::router::{Rule, Scoring};
 
+mod decoder;
+pub use decoder::{DecoderLayerSpec, DecoderSpec, quantize_rows};
+
 /// What the model's output means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Task {
@@ -67,6 +70,7 @@ impl ModelSpec {
     }
 }
 
+#[derive(Debug, Clone)]
 struct Entry {
     key: Key,
     dtype: u8,
@@ -357,8 +361,32 @@ pub fn write(spec: &ModelSpec) -> Result<Vec<u8>> {
     }
     let per_task = n_layers / tasks;
     let output_dim: u32 = (1..=tasks).map(|t| records[t * per_task - 1][lw::OUT_DIM]).sum();
+    let arch = if spec.multi_gate.is_some() { arch::MULTI_GATE } else { arch::MOE_STACK };
+    let head = Head { arch, tasks, task: spec.task as u32, input_dim: records[0][lw::IN_DIM], output_dim };
+    assemble(&head, &[], &records, entries)
+}
+
+/// Header fields that differ between models.
+struct Head {
+    arch: u32,
+    tasks: usize,
+    task: u32,
+    input_dim: u32,
+    output_dim: u32,
+}
+
+/// Lays out header, `prelude` words (the decoder record), layer records,
+/// the sorted table and the data, appends the CRC, and parses the result.
+fn assemble(
+    head: &Head,
+    prelude: &[u32],
+    records: &[[u32; lw::WORDS]],
+    mut entries: Vec<Entry>,
+) -> Result<Vec<u8>> {
+    let n_layers = records.len();
     entries.sort_by_key(|e| e.key);
-    let table_offset = HEADER_LEN + n_layers * LAYER_LEN;
+    let layers_offset = HEADER_LEN + 4 * prelude.len();
+    let table_offset = layers_offset + n_layers * LAYER_LEN;
     let data_offset = align(table_offset + entries.len() * ENTRY_LEN);
     let mut offsets = Vec::with_capacity(entries.len());
     let mut end = data_offset;
@@ -374,19 +402,22 @@ pub fn write(spec: &ModelSpec) -> Result<Vec<u8>> {
     b[header::VERSION..header::VERSION + 2].copy_from_slice(&VERSION.to_le_bytes());
     b[header::HEADER_LEN..header::HEADER_LEN + 2].copy_from_slice(&(HEADER_LEN as u16).to_le_bytes());
     put_u32(&mut b, header::TOTAL_LEN, total_u32);
-    put_u32(&mut b, header::ARCH, if spec.multi_gate.is_some() { arch::MULTI_GATE } else { arch::MOE_STACK });
-    put_u32(&mut b, header::TASKS, tasks as u32);
-    put_u32(&mut b, header::TASK, spec.task as u32);
-    put_u32(&mut b, header::INPUT_DIM, records[0][lw::IN_DIM]);
-    put_u32(&mut b, header::OUTPUT_DIM, output_dim);
+    put_u32(&mut b, header::ARCH, head.arch);
+    put_u32(&mut b, header::TASKS, head.tasks as u32);
+    put_u32(&mut b, header::TASK, head.task);
+    put_u32(&mut b, header::INPUT_DIM, head.input_dim);
+    put_u32(&mut b, header::OUTPUT_DIM, head.output_dim);
     put_u32(&mut b, header::N_LAYERS, n_layers as u32);
     put_u32(&mut b, header::N_TENSORS, entries.len() as u32);
-    put_u32(&mut b, header::LAYERS_OFFSET, HEADER_LEN as u32);
+    put_u32(&mut b, header::LAYERS_OFFSET, layers_offset as u32);
     put_u32(&mut b, header::TABLE_OFFSET, table_offset as u32);
     put_u32(&mut b, header::DATA_OFFSET, data_offset as u32);
+    for (i, &v) in prelude.iter().enumerate() {
+        put_u32(&mut b, HEADER_LEN + 4 * i, v);
+    }
     for (l, words) in records.iter().enumerate() {
         for (i, &v) in words.iter().enumerate() {
-            put_u32(&mut b, HEADER_LEN + l * LAYER_LEN + 4 * i, v);
+            put_u32(&mut b, layers_offset + l * LAYER_LEN + 4 * i, v);
         }
     }
     for (i, (e, &offset)) in entries.iter().zip(&offsets).enumerate() {

@@ -5,6 +5,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::checkpoint::{Checkpoint, HostError, read_inputs};
+use super::decoder::DecoderOptions;
 use crate::format::LayerDtype;
 use crate::format::write::{LayerSpec, ModelSpec, Task, write};
 use crate::kernels::{Activation, IntKernel};
@@ -39,17 +40,17 @@ impl Dtype {
     }
 }
 
-struct Cfg<'a> {
-    v: &'a Value,
-    at: String,
+pub(super) struct Cfg<'a> {
+    pub(super) v: &'a Value,
+    pub(super) at: String,
 }
 
 impl Cfg<'_> {
-    fn field(&self, key: &str) -> Option<&Value> {
+    pub(super) fn field(&self, key: &str) -> Option<&Value> {
         self.v.get(key)
     }
 
-    fn usize(&self, key: &str) -> Result<usize, HostError> {
+    pub(super) fn usize(&self, key: &str) -> Result<usize, HostError> {
         self.field(key)
             .and_then(Value::as_u64)
             .filter(|&n| n > 0 && n <= u32::MAX as u64)
@@ -57,11 +58,11 @@ impl Cfg<'_> {
             .ok_or_else(|| HostError::Config(format!("{}{key}: expected a positive integer", self.at)))
     }
 
-    fn usize_or(&self, key: &str, default: usize) -> Result<usize, HostError> {
+    pub(super) fn usize_or(&self, key: &str, default: usize) -> Result<usize, HostError> {
         if self.field(key).is_none() { Ok(default) } else { self.usize(key) }
     }
 
-    fn bool_or(&self, key: &str, default: bool) -> Result<bool, HostError> {
+    pub(super) fn bool_or(&self, key: &str, default: bool) -> Result<bool, HostError> {
         match self.field(key) {
             None => Ok(default),
             Some(v) => v
@@ -70,7 +71,7 @@ impl Cfg<'_> {
         }
     }
 
-    fn str(&self, key: &str) -> Result<&str, HostError> {
+    pub(super) fn str(&self, key: &str) -> Result<&str, HostError> {
         self.field(key)
             .and_then(Value::as_str)
             .ok_or_else(|| HostError::Config(format!("{}{key}: expected a string", self.at)))
@@ -283,6 +284,20 @@ fn float_gate<A: IntKernel>(
     }
 }
 
+/// Converts a Hugging Face decoder checkpoint (`MixtralForCausalLM`,
+/// `Qwen2MoeForCausalLM`) in `dir` with `opts` (context length, KV cache type).
+pub fn convert_decoder(dir: &Path, opts: &DecoderOptions) -> Result<Vec<u8>, HostError> {
+    let ck = Checkpoint::open(dir)?;
+    let arch = ck
+        .config
+        .get("architectures")
+        .and_then(Value::as_array)
+        .filter(|a| a.len() == 1)
+        .and_then(|a| a[0].as_str())
+        .ok_or_else(|| HostError::Config("architectures: expected one architecture name".into()))?;
+    super::decoder::convert_decoder(&ck, arch, opts)
+}
+
 /// Converts the checkpoint in `dir` to `.moe` bytes of `dtype` (the gate in
 /// `gate_dtype`, e.g. an f32 router over f16 or int8 experts). Integer types
 /// need `calibration`: representative inputs (see [`read_inputs`]), from
@@ -305,13 +320,27 @@ pub fn convert_with_progress(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<u8>, HostError> {
     let ck = Checkpoint::open(dir)?;
+    if let Some(archs) = ck.config.get("architectures") {
+        let arch = archs
+            .as_array()
+            .filter(|a| a.len() == 1)
+            .and_then(|a| a[0].as_str())
+            .ok_or_else(|| HostError::Config("architectures: expected one architecture name".into()))?;
+        if calibration.is_some() {
+            return Err(HostError::Input(
+                "decoders need no --calibration (int8 quantizes activations per product)".into(),
+            ));
+        }
+        let opts = DecoderOptions { dtype, gate_dtype, ..DecoderOptions::new(dtype) };
+        progress(0, 1);
+        let bytes = super::decoder::convert_decoder(&ck, arch, &opts)?;
+        progress(1, 1);
+        return Ok(bytes);
+    }
     let root = Cfg { v: &ck.config, at: String::new() };
     let plan = match root.str("architecture")? {
         "moe_mlp" => stack(&ck, &root)?,
         "mmoe" => multi_gate(&ck, &root)?,
-        a @ ("MixtralForCausalLM" | "Qwen2MoeForCausalLM") => {
-            return Err(HostError::Config(format!("architecture: {a} (decoders) is not supported yet")));
-        }
         a => return Err(HostError::Config(format!("architecture: unknown {a:?} (moe_mlp, mmoe)"))),
     };
     ck.check_all_used()?;

@@ -72,8 +72,10 @@
 
 mod checkpoint;
 mod convert;
+mod decoder;
 mod describe;
 
 pub use checkpoint::{Checkpoint, HostError, read_inputs};
-pub use convert::{Dtype, convert, convert_with_progress};
+pub use convert::{Dtype, convert, convert_decoder, convert_with_progress};
+pub use decoder::DecoderOptions;
 pub use describe::{ModelSummary, summarize};

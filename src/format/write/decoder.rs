@@ -1,0 +1,137 @@
+//! Writing decoder models (architecture 3).
+
+use alloc::vec::Vec;
+
+use super::{Entry, Head, assemble, entry};
+use crate::error::{Error, Field, Result};
+use crate::format::arch;
+use crate::format::layout::decoder::{self as dl, SCALE_PART};
+use crate::format::layout::{LayerDtype, layer as lw, part};
+use crate::format::table::Key;
+use crate::quant::f16;
+
+/// One decoder layer's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DecoderLayerSpec {
+    /// Routed experts (0: dense layer).
+    pub experts: usize,
+    /// Experts per token.
+    pub k: usize,
+    /// Routed expert hidden width.
+    pub hidden: usize,
+    /// Shared (or dense) expert hidden width, 0 for none.
+    pub shared_hidden: usize,
+    /// Renormalize the chosen weights.
+    pub normalize: bool,
+    /// Sigmoid gate on the shared expert.
+    pub shared_gate: bool,
+}
+
+/// A whole decoder to write: hyper-parameters, layer records, tensors.
+#[derive(Debug, Clone, Default)]
+pub struct DecoderSpec {
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Residual width.
+    pub hidden: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Positions of the KV cache.
+    pub context: usize,
+    /// RoPE base.
+    pub rope_theta: f32,
+    /// RMSNorm epsilon.
+    pub rms_eps: f32,
+    /// Output projection = embedding.
+    pub tied: bool,
+    /// q/k/v biases.
+    pub qkv_bias: bool,
+    /// f16 KV cache.
+    pub kv_f16: bool,
+    /// Layer records.
+    pub layers: Vec<DecoderLayerSpec>,
+    entries: Vec<Entry>,
+}
+
+impl DecoderSpec {
+    /// Adds a `(rows, cols)` tensor at `key` from f32 `values`, stored as
+    /// `dtype`: f32, f16, or int8 (symmetric per row, with a scale tensor;
+    /// `Q15` is not a decoder storage type and stores int8).
+    pub fn put(&mut self, key: Key, rows: usize, cols: usize, values: &[f32], dtype: LayerDtype) {
+        match dtype {
+            LayerDtype::F32 => self.entries.push(entry(key, rows, cols, values, (0, 0))),
+            LayerDtype::F16 => {
+                let h: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
+                self.entries.push(entry(key, rows, cols, &h, (0, 0)));
+            }
+            LayerDtype::Int8 | LayerDtype::Q15 => {
+                let (q, scales) = quantize_rows(values, cols.max(1));
+                self.entries.push(entry(key, rows, cols, &q, (0, 0)));
+                self.entries.push(entry(Key { part: SCALE_PART, ..key }, rows, 1, &scales, (0, 0)));
+            }
+        }
+    }
+
+    /// Adds an f32 bias `(rows, 1)` for the matrix at `key`.
+    pub fn put_bias(&mut self, key: Key, values: &[f32]) {
+        self.entries.push(entry(Key { part: part::BIAS, ..key }, values.len(), 1, values, (0, 0)));
+    }
+
+    /// Serializes the decoder (validated by parsing the result).
+    pub fn write(self) -> Result<Vec<u8>> {
+        let bad = |field| Error::BadField { field, layer: 0 };
+        if self.layers.is_empty() || self.layers.len() > crate::format::MAX_LAYERS {
+            return Err(bad(Field::Layers));
+        }
+        let u = |v: usize| u32::try_from(v).map_err(|_| bad(Field::Dims));
+        let mut d = [0u32; dl::WORDS];
+        d[dl::VOCAB] = u(self.vocab)?;
+        d[dl::HIDDEN] = u(self.hidden)?;
+        d[dl::HEADS] = u(self.heads)?;
+        d[dl::KV_HEADS] = u(self.kv_heads)?;
+        d[dl::HEAD_DIM] = u(self.head_dim)?;
+        d[dl::CONTEXT] = u(self.context)?;
+        d[dl::ROPE_THETA] = self.rope_theta.to_bits();
+        d[dl::RMS_EPS] = self.rms_eps.to_bits();
+        d[dl::FLAGS] = [
+            (self.tied, dl::flags::TIED),
+            (self.qkv_bias, dl::flags::QKV_BIAS),
+            (self.kv_f16, dl::flags::KV_F16),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .fold(0, |f, (_, bit)| f | bit);
+        let mut records = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let mut w = [0u32; lw::WORDS];
+            w[dl::layer::EXPERTS] = u(l.experts)?;
+            w[dl::layer::K] = u(l.k)?;
+            w[dl::layer::HIDDEN] = u(l.hidden)?;
+            w[dl::layer::SHARED_HIDDEN] = u(l.shared_hidden)?;
+            w[dl::layer::FLAGS] = if l.normalize { dl::layer::flags::NORMALIZE } else { 0 }
+                | if l.shared_gate { dl::layer::flags::SHARED_GATE } else { 0 };
+            records.push(w);
+        }
+        let vocab = u(self.vocab)?;
+        let head = Head { arch: arch::DECODER, tasks: 1, task: 0, input_dim: vocab, output_dim: vocab };
+        assemble(&head, &d, &records, self.entries)
+    }
+}
+
+/// Symmetric int8 per row: `scale = max |row| / 127` (1 for an all-zero
+/// row), `q = round(w / scale)`, half away from zero.
+pub fn quantize_rows(values: &[f32], cols: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut q = Vec::with_capacity(values.len());
+    let mut scales = Vec::with_capacity(values.len() / cols);
+    for row in values.chunks(cols) {
+        let amax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+        q.extend(row.iter().map(|&v| libm::roundf(v / scale).clamp(-127.0, 127.0) as i8));
+        scales.push(scale);
+    }
+    (q, scales)
+}

@@ -1,0 +1,576 @@
+//! A Mixtral / Qwen2-MoE style decoder over a parsed `.moe` (architecture 3).
+//!
+//! One token at a time, read top to bottom as llama2.c does:
+//! embed -> per layer [RMSNorm -> q,k,v -> RoPE -> cache -> attention -> o
+//! -> residual -> RMSNorm -> MoE FFN -> residual] -> RMSNorm -> output.
+
+use super::matrix::{Matrix, Weights};
+use super::state::{Kv, State, Work};
+use crate::error::{Error, Field, Result, What, check_len};
+use crate::format::layout::decoder::{self as dl, MODEL_LEVEL, SCALE_PART, role as drole};
+use crate::format::layout::{self, LAYER_LEN, LAYER_LEVEL, SHARED_EXPERT, dtype, part, role};
+use crate::format::{Key, Model, Table};
+use crate::kernels::Activation;
+use crate::quant::f16;
+use crate::router::{MAX_K, Router, Rule, Selection};
+
+/// Largest width (hidden, heads x head_dim, expert hidden, vocabulary) a
+/// decoder may have; keeps int8 sums inside `i32`.
+pub const MAX_WIDTH: usize = super::matrix::MAX_INT8_COLS;
+/// Most experts per decoder layer.
+pub const MAX_EXPERTS: usize = 256;
+
+/// The decoder record, validated.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Config {
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Residual stream width.
+    pub hidden: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (`heads` is a multiple of it).
+    pub kv_heads: usize,
+    /// Width of one head (even).
+    pub head_dim: usize,
+    /// Positions the KV cache holds.
+    pub context: usize,
+    /// RoPE base.
+    pub rope_theta: f32,
+    /// RMSNorm epsilon.
+    pub rms_eps: f32,
+    /// Output projection = token embedding.
+    pub tied: bool,
+    /// q, k, v have biases.
+    pub qkv_bias: bool,
+    /// The KV cache holds f16.
+    pub kv_f16: bool,
+    /// Decoder layers.
+    pub layers: usize,
+}
+
+/// One decoder layer record, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct LayerConfig {
+    /// Routed experts (0: a dense layer).
+    pub experts: usize,
+    /// Experts chosen per token.
+    pub k: usize,
+    /// Hidden width of a routed expert.
+    pub hidden: usize,
+    /// Hidden width of the shared expert (0: none).
+    pub shared_hidden: usize,
+    /// Renormalize the chosen weights.
+    pub normalize: bool,
+    /// The shared expert has a sigmoid gate.
+    pub shared_gate: bool,
+}
+
+fn word(bytes: &[u8], at: usize, field: Field, layer: usize) -> Result<u32> {
+    layout::u32_at(bytes, at).ok_or(Error::BadField { field, layer })
+}
+
+impl Config {
+    /// Reads and checks the decoder record of `bytes` (`n_layers` from the header).
+    pub(crate) fn read(bytes: &[u8], n_layers: usize) -> Result<Config> {
+        let base = layout::HEADER_LEN;
+        let w = |i: usize| word(bytes, base + 4 * i, Field::Dims, 0);
+        let bad = |field| Error::BadField { field, layer: 0 };
+        let dim = |i| -> Result<usize> {
+            let v = w(i)? as usize;
+            if (1..=MAX_WIDTH).contains(&v) { Ok(v) } else { Err(bad(Field::Dims)) }
+        };
+        let flags = w(dl::FLAGS)?;
+        if flags & !dl::flags::ALL != 0 {
+            return Err(bad(Field::Routing));
+        }
+        if (dl::RESERVED..dl::WORDS).any(|i| w(i).ok() != Some(0)) {
+            return Err(bad(Field::Reserved));
+        }
+        let c = Config {
+            vocab: dim(dl::VOCAB)?,
+            hidden: dim(dl::HIDDEN)?,
+            heads: dim(dl::HEADS)?,
+            kv_heads: dim(dl::KV_HEADS)?,
+            head_dim: dim(dl::HEAD_DIM)?,
+            context: dim(dl::CONTEXT)?,
+            rope_theta: f32::from_bits(w(dl::ROPE_THETA)?),
+            rms_eps: f32::from_bits(w(dl::RMS_EPS)?),
+            tied: flags & dl::flags::TIED != 0,
+            qkv_bias: flags & dl::flags::QKV_BIAS != 0,
+            kv_f16: flags & dl::flags::KV_F16 != 0,
+            layers: n_layers,
+        };
+        let heads_ok = c.heads.is_multiple_of(c.kv_heads)
+            && c.head_dim.is_multiple_of(2)
+            && c.heads.checked_mul(c.head_dim).is_some_and(|d| d <= MAX_WIDTH);
+        if !heads_ok {
+            return Err(bad(Field::Dims));
+        }
+        if !(c.rope_theta.is_finite() && c.rope_theta > 1.0 && c.rms_eps.is_finite() && c.rms_eps >= 0.0) {
+            return Err(bad(Field::Quant));
+        }
+        Ok(c)
+    }
+
+    /// Width of the attention output (`heads * head_dim`).
+    pub fn q_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Width of one position's keys (or values) in the cache.
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+impl LayerConfig {
+    /// Reads and checks decoder layer record `l`.
+    pub(crate) fn read(bytes: &[u8], l: usize) -> Result<LayerConfig> {
+        let base = layout::HEADER_LEN + dl::LEN + l * LAYER_LEN;
+        let w = |i: usize| word(bytes, base + 4 * i, Field::Dims, l);
+        let bad = |field| Error::BadField { field, layer: l };
+        let flags = w(dl::layer::FLAGS)?;
+        if flags & !dl::layer::flags::ALL != 0 {
+            return Err(bad(Field::Routing));
+        }
+        if (dl::layer::RESERVED..layout::layer::WORDS).any(|i| w(i).ok() != Some(0)) {
+            return Err(bad(Field::Reserved));
+        }
+        let (experts, k) = (w(dl::layer::EXPERTS)? as usize, w(dl::layer::K)? as usize);
+        let (hidden, shared_hidden) = (w(dl::layer::HIDDEN)? as usize, w(dl::layer::SHARED_HIDDEN)? as usize);
+        let c = LayerConfig {
+            experts,
+            k,
+            hidden,
+            shared_hidden,
+            normalize: flags & dl::layer::flags::NORMALIZE != 0,
+            shared_gate: flags & dl::layer::flags::SHARED_GATE != 0,
+        };
+        let routed_ok = if experts == 0 {
+            k == 0 && hidden == 0 && !c.normalize
+        } else {
+            experts <= MAX_EXPERTS
+                && (1..=MAX_K.min(experts)).contains(&k)
+                && (1..=MAX_WIDTH).contains(&hidden)
+        };
+        let shared_ok =
+            if shared_hidden == 0 { !c.shared_gate && experts > 0 } else { shared_hidden <= MAX_WIDTH };
+        if !(routed_ok && shared_ok) {
+            return Err(bad(Field::Routing));
+        }
+        Ok(c)
+    }
+
+    fn rule(&self) -> Rule {
+        if self.normalize {
+            Rule::mixtral(self.experts, self.k)
+        } else {
+            Rule::qwen2_moe(self.experts, self.k, false)
+        }
+    }
+}
+
+/// Whether a tensor key may appear in a decoder with `cfg` (codes and
+/// indices only; shapes are checked when layers are built).
+pub(crate) fn key_allowed(bytes: &[u8], cfg: &Config, key: Key) -> Result<bool> {
+    let part_ok = key.part == part::WEIGHT || key.part == part::BIAS || key.part == SCALE_PART;
+    if !part_ok || key.role >= drole::COUNT {
+        return Ok(false);
+    }
+    if key.layer == MODEL_LEVEL {
+        return Ok(key.expert == LAYER_LEVEL
+            && matches!(key.role, drole::EMBED | drole::FINAL_NORM | drole::LM_HEAD));
+    }
+    if key.layer as usize >= cfg.layers {
+        return Ok(false);
+    }
+    let lc = LayerConfig::read(bytes, key.layer as usize)?;
+    let expert_role = matches!(key.role, role::UP | role::GATE_PROJ | role::DOWN);
+    Ok(match key.expert {
+        LAYER_LEVEL => !expert_role && key.role != drole::EMBED && key.role < drole::FINAL_NORM,
+        SHARED_EXPERT => expert_role && lc.shared_hidden > 0,
+        e => expert_role && (e as usize) < lc.experts,
+    })
+}
+
+/// A gated SwiGLU FFN: `down(silu(gate_proj x) * up x)`.
+#[derive(Debug, Clone, Copy)]
+struct SwiGlu<'a> {
+    gate: Matrix<'a>,
+    up: Matrix<'a>,
+    down: Matrix<'a>,
+}
+
+impl SwiGlu<'_> {
+    // x: (hidden,) -> y: (hidden,), via g, u: (inner,)
+    fn forward(&self, x: &[f32], y: &mut [f32], g: &mut [f32], u: &mut [f32], xq: &mut [i8]) {
+        let inner = self.up.rows();
+        let (g, u) = (&mut g[..inner], &mut u[..inner]);
+        self.gate.forward(x, g, xq);
+        self.up.forward(x, u, xq);
+        for (gv, &uv) in g.iter_mut().zip(u.iter()) {
+            *gv = Activation::Silu.eval(*gv) * uv;
+        }
+        self.down.forward(g, y, xq);
+    }
+}
+
+/// One decoder layer's views.
+#[derive(Debug, Clone, Copy)]
+struct Layer<'a> {
+    attn_norm: &'a [f32],
+    ffn_norm: &'a [f32],
+    q: Matrix<'a>,
+    k: Matrix<'a>,
+    v: Matrix<'a>,
+    o: Matrix<'a>,
+    /// The router gate and router (MoE layers).
+    gate: Option<(Matrix<'a>, Router<'a>)>,
+    shared: Option<(SwiGlu<'a>, Option<Matrix<'a>>)>,
+    cfg: LayerConfig,
+}
+
+/// A decoder over a parsed model's bytes. Cheap to make and `Copy`: layer
+/// and expert views are made from the tensor table as each token needs them.
+#[derive(Debug, Clone, Copy)]
+pub struct Decoder<'a> {
+    bytes: &'a [u8],
+    table: Table<'a>,
+    cfg: Config,
+    embed: Matrix<'a>,
+    final_norm: &'a [f32],
+    lm_head: Matrix<'a>,
+}
+
+/// The matrix at `key`, any stored type, `(rows, cols)`; a bias (f32) if
+/// `bias`.
+fn matrix<'a>(t: &Table<'a>, key: Key, rows: usize, cols: usize, bias: bool) -> Result<Matrix<'a>> {
+    let missing =
+        Error::MissingTensor { layer: key.layer, expert: key.expert, role: key.role, part: key.part };
+    let found = t.find(key).ok_or(missing)?;
+    let w = match found.dtype {
+        dtype::F32 => Weights::F32(t.need::<f32>(key, rows, cols)?.data),
+        dtype::F16 => Weights::F16(t.need::<f16>(key, rows, cols)?.data),
+        dtype::I8 => Weights::I8 {
+            w: t.need::<i8>(key, rows, cols)?.data,
+            scales: t.need::<f32>(Key { part: SCALE_PART, ..key }, rows, 1)?.data,
+        },
+        _ => return Err(missing),
+    };
+    let b = if bias { Some(t.need::<f32>(Key { part: part::BIAS, ..key }, rows, 1)?.data) } else { None };
+    Matrix::new(w, b, rows, cols).map_err(|_| missing)
+}
+
+fn key(layer: u16, expert: u16, role: u8) -> Key {
+    Key { layer, expert, role, part: part::WEIGHT }
+}
+
+fn vector<'a>(t: &Table<'a>, key: Key, n: usize) -> Result<&'a [f32]> {
+    Ok(t.need::<f32>(key, n, 1)?.data)
+}
+
+impl<'a> Decoder<'a> {
+    /// The decoder in `model` (architecture 3); validates every layer and
+    /// expert the first time (also done by [`Model::parse`]).
+    pub fn new(model: &Model<'a>) -> Result<Self> {
+        if model.arch() != crate::format::arch::DECODER {
+            return Err(Error::BadField { field: Field::Arch, layer: 0 });
+        }
+        let bytes = model.bytes();
+        let cfg = Config::read(bytes, model.layers())?;
+        Self::build(bytes, *model.table(), cfg)
+    }
+
+    pub(crate) fn build(bytes: &'a [u8], table: Table<'a>, cfg: Config) -> Result<Self> {
+        let embed =
+            matrix(&table, key(MODEL_LEVEL, LAYER_LEVEL, drole::EMBED), cfg.vocab, cfg.hidden, false)?;
+        let lm_head = if cfg.tied {
+            embed
+        } else {
+            matrix(&table, key(MODEL_LEVEL, LAYER_LEVEL, drole::LM_HEAD), cfg.vocab, cfg.hidden, false)?
+        };
+        let final_norm = vector(&table, key(MODEL_LEVEL, LAYER_LEVEL, drole::FINAL_NORM), cfg.hidden)?;
+        Ok(Decoder { bytes, table, cfg, embed, final_norm, lm_head })
+    }
+
+    /// Builds every layer and expert view once: each tensor present with
+    /// its shape and type.
+    pub(crate) fn validate(&self) -> Result<()> {
+        for l in 0..self.cfg.layers {
+            let layer = self.layer(l)?;
+            for e in 0..layer.cfg.experts {
+                self.expert(l, e, layer.cfg.hidden)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The decoder record.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Layer `l`'s record.
+    pub fn layer_config(&self, l: usize) -> Result<LayerConfig> {
+        if l >= self.cfg.layers {
+            return Err(Error::BadField { field: Field::Layers, layer: l });
+        }
+        LayerConfig::read(self.bytes, l)
+    }
+
+    fn layer(&self, l: usize) -> Result<Layer<'a>> {
+        let lc = self.layer_config(l)?;
+        let (t, c) = (&self.table, &self.cfg);
+        let at = |role| key(l as u16, LAYER_LEVEL, role);
+        let gate = if lc.experts > 0 {
+            let router = Router::new(lc.rule(), None, 1.0)?;
+            Some((matrix(t, at(role::GATE), lc.experts, c.hidden, false)?, router))
+        } else {
+            None
+        };
+        let shared = if lc.shared_hidden > 0 {
+            let g = if lc.shared_gate {
+                Some(matrix(t, at(role::SHARED_GATE), 1, c.hidden, false)?)
+            } else {
+                None
+            };
+            Some((self.swiglu(l, SHARED_EXPERT, lc.shared_hidden)?, g))
+        } else {
+            None
+        };
+        Ok(Layer {
+            attn_norm: vector(t, at(drole::ATTN_NORM), c.hidden)?,
+            ffn_norm: vector(t, at(drole::FFN_NORM), c.hidden)?,
+            q: matrix(t, at(drole::Q), c.q_dim(), c.hidden, c.qkv_bias)?,
+            k: matrix(t, at(drole::K), c.kv_dim(), c.hidden, c.qkv_bias)?,
+            v: matrix(t, at(drole::V), c.kv_dim(), c.hidden, c.qkv_bias)?,
+            o: matrix(t, at(drole::O), c.hidden, c.q_dim(), false)?,
+            gate,
+            shared,
+            cfg: lc,
+        })
+    }
+
+    fn swiglu(&self, l: usize, e: u16, inner: usize) -> Result<SwiGlu<'a>> {
+        let (t, h) = (&self.table, self.cfg.hidden);
+        let at = |role| key(l as u16, e, role);
+        Ok(SwiGlu {
+            gate: matrix(t, at(role::GATE_PROJ), inner, h, false)?,
+            up: matrix(t, at(role::UP), inner, h, false)?,
+            down: matrix(t, at(role::DOWN), h, inner, false)?,
+        })
+    }
+
+    fn expert(&self, l: usize, e: usize, inner: usize) -> Result<SwiGlu<'a>> {
+        self.swiglu(l, e as u16, inner)
+    }
+
+    /// Bytes of the [`State`] this decoder needs (KV cache + work buffers).
+    pub fn state_bytes(&self) -> usize {
+        let (max_hidden, max_experts) = self.ffn_widths();
+        super::state::bytes(&self.cfg, max_hidden, max_experts)
+    }
+
+    /// The widest FFN and the most routed experts of any layer.
+    fn ffn_widths(&self) -> (usize, usize) {
+        (0..self.cfg.layers)
+            .filter_map(|l| LayerConfig::read(self.bytes, l).ok())
+            .fold((0, 0), |(h, e), lc| (h.max(lc.hidden).max(lc.shared_hidden), e.max(lc.experts)))
+    }
+
+    /// A fresh state (position 0) in `buf`, which must hold
+    /// [`Decoder::state_bytes`].
+    pub fn state<'s>(&self, buf: &'s mut [u8]) -> Result<State<'s>> {
+        let need = self.state_bytes();
+        if buf.len() < need {
+            return Err(Error::ScratchTooSmall { needed: need, actual: buf.len() });
+        }
+        State::new(&self.cfg, self.ffn_widths(), buf)
+    }
+
+    /// Feeds `token` at the state's position: writes the next-token logits
+    /// (`vocab` wide) to `logits`, stores the position's keys and values,
+    /// and advances the state. `on_layer(layer, selection)` sees the experts
+    /// each layer chose, in router order (empty for dense layers).
+    pub fn step(
+        &self,
+        state: &mut State<'_>,
+        token: u32,
+        logits: &mut [f32],
+        mut on_layer: impl FnMut(usize, &Selection<f32>),
+    ) -> Result<()> {
+        let c = &self.cfg;
+        check_len(What::Output, c.vocab, logits.len())?;
+        if token as usize >= c.vocab {
+            return Err(Error::OutOfRange { what: What::Token, index: token as usize });
+        }
+        let pos = state.pos();
+        if pos >= c.context {
+            return Err(Error::ContextFull { context: c.context });
+        }
+        let (kv, mut w) = state.split(c)?;
+        self.embed.row(token as usize, w.x);
+        rope_table(c, pos, w.cos, w.sin);
+        for l in 0..c.layers {
+            let layer = self.layer(l)?;
+            rms_norm(w.x, layer.attn_norm, c.rms_eps, w.xb);
+            self.attention(&layer, l, pos, kv, &mut w)?;
+            rms_norm(w.x, layer.ffn_norm, c.rms_eps, w.xb);
+            let sel = self.ffn(&layer, l, &mut w)?;
+            on_layer(l, &sel);
+        }
+        rms_norm(w.x, self.final_norm, c.rms_eps, w.xb);
+        self.lm_head.forward(w.xb, logits, w.xq);
+        state.advance();
+        Ok(())
+    }
+
+    /// `x += o(attention(q, cache))` for layer `l` at `pos`; `xb` holds the
+    /// normalized input.
+    fn attention(
+        &self,
+        layer: &Layer<'_>,
+        l: usize,
+        pos: usize,
+        kv: &mut Kv<'_>,
+        w: &mut Work<'_>,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let hd = c.head_dim;
+        layer.q.forward(w.xb, w.q, w.xq);
+        layer.k.forward(w.xb, w.k, w.xq);
+        layer.v.forward(w.xb, w.v, w.xq);
+        for head in w.q.chunks_exact_mut(hd).chain(w.k.chunks_exact_mut(hd)) {
+            rope(head, w.cos, w.sin);
+        }
+        kv.store(c, l, pos, w.k, w.v);
+        let group = c.heads / c.kv_heads;
+        let scale = 1.0 / libm::sqrtf(hd as f32);
+        let scores = &mut w.scores[..=pos];
+        for (h, (qh, out)) in w.q.chunks_exact(hd).zip(w.att.chunks_exact_mut(hd)).enumerate() {
+            let kvh = h / group;
+            for (t, s) in scores.iter_mut().enumerate() {
+                kv.key(c, l, t, kvh, w.kt);
+                *s = qh.iter().zip(w.kt.iter()).map(|(a, b)| a * b).sum::<f32>() * scale;
+            }
+            softmax(scores);
+            out.fill(0.0);
+            for (t, &p) in scores.iter().enumerate() {
+                kv.value(c, l, t, kvh, w.kt);
+                out.iter_mut().zip(w.kt.iter()).for_each(|(o, &v)| *o += p * v);
+            }
+        }
+        layer.o.forward(w.att, w.xb, w.xq);
+        w.x.iter_mut().zip(w.xb.iter()).for_each(|(x, &d)| *x += d);
+        Ok(())
+    }
+
+    /// `x += moe(xb)`: routed experts, then the shared expert.
+    fn ffn(&self, layer: &Layer<'_>, l: usize, w: &mut Work<'_>) -> Result<Selection<f32>> {
+        let mut sel = Selection::new();
+        w.acc.fill(0.0);
+        if let Some((gate, router)) = &layer.gate {
+            let logits = &mut w.router[..layer.cfg.experts];
+            gate.forward(w.xb, logits, w.xq);
+            router.route(logits, &mut sel)?;
+            for ch in &sel {
+                let expert = self.expert(l, ch.expert as usize, layer.cfg.hidden)?;
+                expert.forward(w.xb, w.y, w.g, w.u, w.xq);
+                w.acc.iter_mut().zip(w.y.iter()).for_each(|(a, &v)| *a += ch.weight * v);
+            }
+        }
+        if let Some((shared, gate)) = &layer.shared {
+            shared.forward(w.xb, w.y, w.g, w.u, w.xq);
+            let g = match gate {
+                Some(gate) => {
+                    let mut s = [0.0f32];
+                    gate.forward(w.xb, &mut s, w.xq);
+                    1.0 / (1.0 + libm::expf(-s[0]))
+                }
+                None => 1.0,
+            };
+            w.acc.iter_mut().zip(w.y.iter()).for_each(|(a, &v)| *a += g * v);
+        }
+        w.x.iter_mut().zip(w.acc.iter()).for_each(|(x, &d)| *x += d);
+        Ok(sel)
+    }
+}
+
+/// `out = x / sqrt(mean(x^2) + eps) * weight` (Hugging Face `*RMSNorm`).
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len().max(1) as f32;
+    let r = 1.0 / libm::sqrtf(ms + eps);
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(weight) {
+        *o = g * (v * r);
+    }
+}
+
+/// In-place softmax; an all-`-inf` or empty row stays as it is.
+fn softmax(s: &mut [f32]) {
+    let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    if !max.is_finite() {
+        return;
+    }
+    let mut sum = 0.0;
+    for v in s.iter_mut() {
+        *v = libm::expf(*v - max);
+        sum += *v;
+    }
+    s.iter_mut().for_each(|v| *v /= sum);
+}
+
+/// `cos`/`sin` of `pos * theta^(-2i/d)` for `i < d/2` (the default rotary
+/// embedding of Hugging Face models, computed in f32 as they do).
+fn rope_table(c: &Config, pos: usize, cos: &mut [f32], sin: &mut [f32]) {
+    let d = c.head_dim as f32;
+    for (i, (co, si)) in cos.iter_mut().zip(sin.iter_mut()).enumerate() {
+        let inv_freq = 1.0 / libm::powf(c.rope_theta, (2 * i) as f32 / d);
+        let angle = pos as f32 * inv_freq;
+        *co = libm::cosf(angle);
+        *si = libm::sinf(angle);
+    }
+}
+
+/// Rotates one head: pairs `(i, i + d/2)` (`rotate_half`).
+fn rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let (a, b) = head.split_at_mut(head.len() / 2);
+    for (((x1, x2), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
+        let (v1, v2) = (*x1, *x2);
+        *x1 = v1 * c - v2 * s;
+        *x2 = v2 * c + v1 * s;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_at_position_zero_is_identity() {
+        let mut h = [1.0, 2.0, 3.0, 4.0];
+        rope(&mut h, &[1.0, 1.0], &[0.0, 0.0]);
+        assert_eq!(h, [1.0, 2.0, 3.0, 4.0]);
+        // A quarter turn maps (x1, x2) to (-x2, x1).
+        rope(&mut h, &[0.0, 0.0], &[1.0, 1.0]);
+        assert_eq!(h, [-3.0, -4.0, 1.0, 2.0]);
+    }
+
+    #[test]
+    fn softmax_sums_to_one() {
+        let mut s = [1.0, 2.0, 3.0];
+        softmax(&mut s);
+        assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(s[2] > s[1] && s[1] > s[0]);
+    }
+
+    #[test]
+    fn rms_norm_unit_weights() {
+        let mut out = [0.0; 2];
+        rms_norm(&[3.0, 4.0], &[1.0, 2.0], 0.0, &mut out);
+        let r = (12.5f32).sqrt();
+        assert!((out[0] - 3.0 / r).abs() < 1e-6 && (out[1] - 8.0 / r).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,174 @@
+//! A weight matrix of any stored type, multiplied by f32 vectors.
+
+use crate::error::{Error, Result, What, check_len, mul};
+use crate::kernels::matvec;
+use crate::quant::f16;
+
+/// Widest input of an int8 matrix: `cols * 127 * 127` must fit an `i32`.
+pub const MAX_INT8_COLS: usize = 1 << 17;
+
+/// How a matrix's elements are stored.
+#[derive(Debug, Clone, Copy)]
+pub enum Weights<'a> {
+    /// f32.
+    F32(&'a [f32]),
+    /// f16, widened to f32.
+    F16(&'a [f16]),
+    /// int8, symmetric per row: element `(r, c)` is `w[r, c] * scales[r]`.
+    /// The input vector is quantized to int8 per call (one scale for the
+    /// vector, `max |x| / 127`) and rows are summed in `i32`, as llama.cpp's
+    /// `Q8_0` dot products do with one scale per row instead of per block.
+    I8 {
+        /// `(rows, cols)` row-major.
+        w: &'a [i8],
+        /// `rows` scales, finite and non-negative.
+        scales: &'a [f32],
+    },
+}
+
+/// A borrowed `(rows, cols)` matrix with an optional f32 bias.
+#[derive(Debug, Clone, Copy)]
+pub struct Matrix<'a> {
+    w: Weights<'a>,
+    bias: Option<&'a [f32]>,
+    rows: usize,
+    cols: usize,
+}
+
+impl<'a> Matrix<'a> {
+    /// Checks every length (and, for int8, that scales are finite and
+    /// non-negative and `cols <= MAX_INT8_COLS`).
+    pub fn new(w: Weights<'a>, bias: Option<&'a [f32]>, rows: usize, cols: usize) -> Result<Self> {
+        let n = mul(rows, cols)?;
+        if rows == 0 || cols == 0 {
+            return Err(Error::Shape { what: What::Weight, expected: 1, actual: 0 });
+        }
+        match w {
+            Weights::F32(w) => check_len(What::Weight, n, w.len())?,
+            Weights::F16(w) => check_len(What::Weight, n, w.len())?,
+            Weights::I8 { w, scales } => {
+                check_len(What::Weight, n, w.len())?;
+                check_len(What::Scale, rows, scales.len())?;
+                if cols > MAX_INT8_COLS {
+                    return Err(Error::OutOfRange { what: What::Weight, index: 0 });
+                }
+                if let Some(index) = scales.iter().position(|s| !(s.is_finite() && *s >= 0.0)) {
+                    return Err(Error::OutOfRange { what: What::Scale, index });
+                }
+            }
+        }
+        if let Some(b) = bias {
+            check_len(What::Bias, rows, b.len())?;
+        }
+        Ok(Matrix { w, bias, rows, cols })
+    }
+
+    /// Output width.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input width.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The stored weights.
+    pub fn weights(&self) -> Weights<'a> {
+        self.w
+    }
+
+    /// Row `r` as f32 into `out` (`cols` wide): an embedding look-up.
+    /// Rows past the end leave `out` untouched.
+    pub fn row(&self, r: usize, out: &mut [f32]) {
+        let c = self.cols;
+        let range = r * c..(r + 1) * c;
+        match self.w {
+            Weights::F32(w) => {
+                if let Some(row) = w.get(range) {
+                    out.iter_mut().zip(row).for_each(|(o, &v)| *o = v);
+                }
+            }
+            Weights::F16(w) => {
+                if let Some(row) = w.get(range) {
+                    out.iter_mut().zip(row).for_each(|(o, v)| *o = v.to_f32());
+                }
+            }
+            Weights::I8 { w, scales } => {
+                if let (Some(row), Some(&s)) = (w.get(range), scales.get(r)) {
+                    out.iter_mut().zip(row).for_each(|(o, &v)| *o = v as f32 * s);
+                }
+            }
+        }
+    }
+
+    /// `y = W x + b`. `x` has `cols` and `y` `rows` elements (callers check
+    /// once; a mismatch computes garbage, never panics). `xq` is work space
+    /// of at least `cols` bytes for int8 matrices (unused otherwise).
+    // w: (rows, cols) @ x: (cols,) -> y: (rows,)
+    pub fn forward(&self, x: &[f32], y: &mut [f32], xq: &mut [i8]) {
+        match self.w {
+            Weights::F32(w) => matvec(w, self.bias, x, y),
+            Weights::F16(w) => matvec(w, self.bias, x, y),
+            Weights::I8 { w, scales } => {
+                let sx = quantize_vector(x, xq);
+                let xq = &xq[..x.len().min(xq.len())];
+                for ((yo, row), &s) in y.iter_mut().zip(w.chunks_exact(self.cols)).zip(scales) {
+                    let acc: i32 = row.iter().zip(xq).map(|(&a, &b)| a as i32 * b as i32).sum();
+                    *yo = acc as f32 * (s * sx);
+                }
+                if let Some(b) = self.bias {
+                    y.iter_mut().zip(b).for_each(|(yo, &bo)| *yo += bo);
+                }
+            }
+        }
+    }
+}
+
+/// Quantizes `x` to int8 with one symmetric scale, `max |x| / 127`, into
+/// `q`; returns the scale (0 for an all-zero or empty `x`). Round half away
+/// from zero.
+pub fn quantize_vector(x: &[f32], q: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    if amax == 0.0 || !amax.is_finite() {
+        q.iter_mut().for_each(|v| *v = 0);
+        return 0.0;
+    }
+    let inv = 127.0 / amax;
+    for (qv, &v) in q.iter_mut().zip(x) {
+        *qv = libm::roundf(v * inv).clamp(-127.0, 127.0) as i8;
+    }
+    amax / 127.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn int8_matches_exact_integer_model() {
+        // Inputs that quantize exactly: max |x| = 127 gives scale 1.
+        let w: [i8; 6] = [1, -2, 3, 127, -127, 0];
+        let m = Matrix::new(Weights::I8 { w: &w, scales: &[0.5, 0.25] }, Some(&[1.0, -1.0]), 2, 3).unwrap();
+        let x = [127.0, 2.0, -5.0];
+        let mut y = [0.0; 2];
+        m.forward(&x, &mut y, &mut [0; 3]);
+        assert_eq!(y, [(127 - 4 - 15) as f32 * 0.5 + 1.0, (127 * 127 - 254) as f32 * 0.25 - 1.0]);
+    }
+
+    #[test]
+    fn rows_and_scales_are_checked() {
+        assert!(Matrix::new(Weights::I8 { w: &[0; 6], scales: &[1.0] }, None, 2, 3).is_err());
+        assert!(Matrix::new(Weights::I8 { w: &[0; 6], scales: &[1.0, f32::NAN] }, None, 2, 3).is_err());
+        assert!(Matrix::new(Weights::F32(&[0.0; 6]), Some(&[0.0]), 2, 3).is_err());
+    }
+
+    #[test]
+    fn zero_vector_quantizes_to_zero() {
+        let mut q = [5i8; 3];
+        assert_eq!(quantize_vector(&[0.0; 3], &mut q), 0.0);
+        assert_eq!(q, [0; 3]);
+        assert_eq!(quantize_vector(&[-2.0, 1.0, 0.01], &mut q), 2.0 / 127.0);
+        assert_eq!(q, [-127, 64, 1]);
+    }
+}
