@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use micromoe::format::Model;
 use micromoe::format::write::AlignedBytes;
-use micromoe::host::{Dtype, HostError, convert_with_progress, read_inputs, summarize};
+use micromoe::host::{
+    DecoderOptions, Dtype, HostError, convert_decoder, convert_with_progress, read_inputs, summarize,
+    summarize_decoder,
+};
+use micromoe::model::Decoder;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -34,6 +38,12 @@ enum Command {
         /// Representative inputs for int8 / q15: safetensors with "x" (samples, input width), or JSON.
         #[arg(long)]
         calibration: Option<PathBuf>,
+        /// Decoders: positions the KV cache holds (default: max_position_embeddings).
+        #[arg(long)]
+        context: Option<usize>,
+        /// Decoders: KV cache type, f32 or f16.
+        #[arg(long, default_value = "f32")]
+        kv_dtype: String,
     },
     /// Describe a .moe model: parameters, bytes per expert, router, flash and scratch bytes.
     Info {
@@ -51,6 +61,18 @@ enum Command {
         #[arg(long)]
         input: PathBuf,
         /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Feed tokens one at a time through a decoder (KV cache) and print the
+    /// logits at every position and the experts every MoE layer chose.
+    Eval {
+        /// The decoder model.
+        model: PathBuf,
+        /// Token ids, comma-separated: 5,17,3.
+        #[arg(long, value_delimiter = ',', required = true)]
+        tokens: Vec<u32>,
+        /// Print one JSON object: {"logits": [[vocab] per position], "experts": [[[ids] per position] per MoE layer]}.
         #[arg(long)]
         json: bool,
     },
@@ -77,23 +99,53 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), HostError> {
     match cli.command {
-        Command::Convert { dir, output, dtype: d, gate_dtype, calibration } => {
+        Command::Convert { dir, output, dtype: d, gate_dtype, calibration, context, kv_dtype } => {
             let gate = gate_dtype.as_deref().map(dtype).transpose()?;
+            let kv_f16 = match kv_dtype.as_str() {
+                "f32" => false,
+                "f16" => true,
+                k => return Err(HostError::Input(format!("--kv-dtype {k:?}: f32 or f16"))),
+            };
             let bar = indicatif::ProgressBar::new(0).with_message("converting layers");
             bar.set_style(
                 indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}]")
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
-            let bytes =
+            let is_decoder = micromoe::host::is_decoder_checkpoint(&dir)?;
+            if !is_decoder && (context.is_some() || kv_f16) {
+                return Err(HostError::Input("--context and --kv-dtype apply to decoders only".into()));
+            }
+            let bytes = if is_decoder {
+                if calibration.is_some() {
+                    return Err(HostError::Input(
+                        "decoders need no --calibration (int8 quantizes activations per product)".into(),
+                    ));
+                }
+                let opts = DecoderOptions { dtype: dtype(&d)?, gate_dtype: gate, context, kv_f16 };
+                convert_decoder(&dir, &opts)
+            } else {
                 convert_with_progress(&dir, dtype(&d)?, gate, calibration.as_deref(), |done, total| {
                     bar.set_length(total as u64);
                     bar.set_position(done as u64);
-                });
+                })
+            };
             bar.finish_and_clear();
             let bytes = bytes?;
             std::fs::write(&output, &bytes).map_err(|e| HostError::Io(output.clone(), e))?;
             let model_bytes = AlignedBytes::from(&bytes[..]);
             let model = Model::parse(&model_bytes)?;
+            if model.arch() == micromoe::format::arch::DECODER {
+                let s = summarize_decoder(&model)?;
+                eprintln!(
+                    "wrote {} ({} bytes, {} parameters, {} active per token, state {} bytes)",
+                    output.display(),
+                    s.flash_bytes,
+                    s.total_params,
+                    s.active_params,
+                    s.state_bytes
+                );
+                return Ok(());
+            }
             let s = summarize(&model)?;
             eprintln!(
                 "wrote {} ({} bytes, {} parameters, {} active, scratch {} bytes)",
@@ -104,9 +156,19 @@ fn run(cli: Cli) -> Result<(), HostError> {
                 s.scratch_bytes
             );
         }
+        Command::Eval { model, tokens, json } => eval(&model, &tokens, json)?,
         Command::Info { model, json } => {
             let bytes = load(&model)?;
             let m = Model::parse(&bytes)?;
+            if m.arch() == micromoe::format::arch::DECODER {
+                let s = summarize_decoder(&m)?;
+                if json {
+                    println!("{}", s.to_json());
+                } else {
+                    print!("{s}");
+                }
+                return Ok(());
+            }
             let s = summarize(&m)?;
             if json {
                 println!("{}", s.to_json());
@@ -144,6 +206,42 @@ fn run(cli: Cli) -> Result<(), HostError> {
                     println!("    output {y:?}");
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// `eval`: logits per position and experts per MoE layer and position.
+fn eval(path: &PathBuf, tokens: &[u32], as_json: bool) -> Result<(), HostError> {
+    let bytes = load(path)?;
+    let m = Model::parse(&bytes)?;
+    let dec = Decoder::new(&m)?;
+    let mut buf = vec![0u8; dec.state_bytes()];
+    let mut state = dec.state(&mut buf)?;
+    let moe: Vec<usize> = (0..dec.config().layers)
+        .filter(|&l| dec.layer_config(l).map(|c| c.experts > 0).unwrap_or(false))
+        .collect();
+    let mut experts: Vec<Vec<Vec<u16>>> = vec![Vec::new(); moe.len()];
+    let mut logits = Vec::with_capacity(tokens.len());
+    for &t in tokens {
+        let mut out = vec![0.0f32; dec.config().vocab];
+        dec.step(&mut state, t, &mut out, |l, sel| {
+            if let Some(i) = moe.iter().position(|&x| x == l) {
+                experts[i].push(sel.iter().map(|c| c.expert).collect());
+            }
+        })?;
+        logits.push(out);
+    }
+    if as_json {
+        println!("{}", json!({ "logits": logits, "experts": experts }));
+    } else {
+        for (p, (&t, l)) in tokens.iter().zip(&logits).enumerate() {
+            let routed: Vec<&Vec<u16>> = experts.iter().map(|e| &e[p]).collect();
+            println!(
+                "pos {p}: token {t} -> next {} (logit {:.4}), experts {routed:?}",
+                argmax(l),
+                l[argmax(l)]
+            );
         }
     }
     Ok(())

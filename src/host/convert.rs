@@ -284,6 +284,15 @@ fn float_gate<A: IntKernel>(
     }
 }
 
+/// True when `dir/config.json` names a Hugging Face architecture
+/// (`"architectures": [...]`), i.e. a decoder checkpoint.
+pub fn is_decoder_checkpoint(dir: &Path) -> Result<bool, HostError> {
+    let path = dir.join("config.json");
+    let bytes = std::fs::read(&path).map_err(|e| HostError::Io(path.clone(), e))?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|e| HostError::Parse(path, e.to_string()))?;
+    Ok(v.get("architectures").is_some())
+}
+
 /// Converts a Hugging Face decoder checkpoint (`MixtralForCausalLM`,
 /// `Qwen2MoeForCausalLM`) in `dir` with `opts` (context length, KV cache type).
 pub fn convert_decoder(dir: &Path, opts: &DecoderOptions) -> Result<Vec<u8>, HostError> {

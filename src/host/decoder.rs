@@ -124,6 +124,9 @@ fn layers_of(c: &Cfg<'_>, family: Family, n: usize) -> Result<Vec<DecoderLayerSp
     }
 }
 
+/// Reads a named tensor of a shape and stores it at a key as a type.
+type Put<'p> = dyn FnMut(Key, &str, usize, usize, LayerDtype) -> Result<(), HostError> + 'p;
+
 fn key(layer: u16, expert: u16, role: u8) -> Key {
     Key { layer, expert, role, part: part::WEIGHT }
 }
@@ -211,37 +214,21 @@ pub(super) fn convert_decoder(
             Family::Mixtral => format!("{p}.block_sparse_moe"),
             Family::Qwen2Moe => format!("{p}.mlp"),
         };
-        let swiglu =
-            |e: u16,
-             prefix: &str,
-             inner: usize,
-             put: &mut dyn FnMut(Key, &str, usize, usize, LayerDtype) -> Result<(), HostError>| {
-                let names = match family {
-                    Family::Mixtral => ["w1", "w3", "w2"],
-                    Family::Qwen2Moe => ["gate_proj", "up_proj", "down_proj"],
-                };
-                put(
-                    key(l as u16, e, role::GATE_PROJ),
-                    &format!("{prefix}.{}.weight", names[0]),
-                    inner,
-                    hidden,
-                    dtype,
-                )?;
-                put(
-                    key(l as u16, e, role::UP),
-                    &format!("{prefix}.{}.weight", names[1]),
-                    inner,
-                    hidden,
-                    dtype,
-                )?;
-                put(
-                    key(l as u16, e, role::DOWN),
-                    &format!("{prefix}.{}.weight", names[2]),
-                    hidden,
-                    inner,
-                    dtype,
-                )
+        let swiglu = |e: u16, prefix: &str, inner: usize, put: &mut Put<'_>| {
+            let names = match family {
+                Family::Mixtral => ["w1", "w3", "w2"],
+                Family::Qwen2Moe => ["gate_proj", "up_proj", "down_proj"],
             };
+            put(
+                key(l as u16, e, role::GATE_PROJ),
+                &format!("{prefix}.{}.weight", names[0]),
+                inner,
+                hidden,
+                dtype,
+            )?;
+            put(key(l as u16, e, role::UP), &format!("{prefix}.{}.weight", names[1]), inner, hidden, dtype)?;
+            put(key(l as u16, e, role::DOWN), &format!("{prefix}.{}.weight", names[2]), hidden, inner, dtype)
+        };
         if ls.experts > 0 {
             put(at(role::GATE), &format!("{moe}.gate.weight"), ls.experts, hidden, gate_dtype)?;
             for e in 0..ls.experts {

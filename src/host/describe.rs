@@ -203,3 +203,147 @@ impl core::fmt::Display for ModelSummary {
         Ok(())
     }
 }
+
+/// A decoder, described.
+#[derive(Debug, Clone)]
+pub struct DecoderSummary {
+    /// The decoder record.
+    pub config: crate::model::Config,
+    /// Per layer record.
+    pub layers: Vec<crate::model::LayerConfig>,
+    /// All parameters (weights and biases; int8 scales not counted).
+    pub total_params: usize,
+    /// Parameters one token uses (k experts per MoE layer).
+    pub active_params: usize,
+    /// Bytes of the `.moe` file.
+    pub flash_bytes: usize,
+    /// State RAM bytes: KV cache and work buffers.
+    pub state_bytes: usize,
+    /// Of which the KV cache.
+    pub kv_cache_bytes: usize,
+    /// Storage type of each role's matrices, e.g. `[("experts", "int8")]`.
+    pub dtypes: Vec<(&'static str, &'static str)>,
+}
+
+fn dtype_name(code: u8) -> &'static str {
+    match code {
+        crate::format::layout::dtype::F32 => "f32",
+        crate::format::layout::dtype::F16 => "f16",
+        crate::format::layout::dtype::I8 => "int8",
+        _ => "other",
+    }
+}
+
+/// Counts what a decoder `model` holds.
+pub fn summarize_decoder(model: &Model<'_>) -> crate::Result<DecoderSummary> {
+    use crate::format::layout::decoder::role as drole;
+    let dec = crate::model::Decoder::new(model)?;
+    let config = *dec.config();
+    let layers = (0..config.layers).map(|l| dec.layer_config(l)).collect::<crate::Result<Vec<_>>>()?;
+    let (mut total_params, mut inactive) = (0, 0);
+    let mut dtypes: Vec<(&'static str, &'static str)> = Vec::new();
+    for t in (0..model.table().len()).filter_map(|i| model.table().get(i)) {
+        if !matches!(t.key.part, part::WEIGHT | part::BIAS) {
+            continue;
+        }
+        let n = t.rows * t.cols;
+        total_params += n;
+        let routed = t.key.expert != LAYER_LEVEL && t.key.expert != SHARED_EXPERT;
+        if let Some(lc) = layers.get(t.key.layer as usize).filter(|_| routed) {
+            // Each expert's share of what k of them use.
+            inactive += n - n * lc.k / lc.experts.max(1);
+        }
+        let what = match (t.key.role, routed) {
+            (drole::EMBED | drole::LM_HEAD, _) => "embedding/output",
+            (drole::Q | drole::K | drole::V | drole::O, _) => "attention",
+            (role::GATE | role::SHARED_GATE, _) => "router",
+            (_, true) => "experts",
+            (role::UP | role::GATE_PROJ | role::DOWN, false) => "shared/dense FFN",
+            _ => "norms",
+        };
+        if t.key.part == part::WEIGHT && !dtypes.iter().any(|(w, _)| *w == what) {
+            dtypes.push((what, dtype_name(t.dtype)));
+        }
+    }
+    let kv = 2 * config.layers * config.context * config.kv_dim() * if config.kv_f16 { 2 } else { 4 };
+    Ok(DecoderSummary {
+        config,
+        layers,
+        total_params,
+        active_params: total_params - inactive,
+        flash_bytes: model.bytes().len(),
+        state_bytes: dec.state_bytes(),
+        kv_cache_bytes: kv,
+        dtypes,
+    })
+}
+
+impl DecoderSummary {
+    /// As one JSON object.
+    pub fn to_json(&self) -> Value {
+        let c = &self.config;
+        let layers: Vec<Value> = self
+            .layers
+            .iter()
+            .map(|l| {
+                json!({"experts": l.experts, "k": l.k, "hidden": l.hidden, "shared_hidden": l.shared_hidden,
+                       "normalize": l.normalize, "shared_gate": l.shared_gate})
+            })
+            .collect();
+        let dtypes: serde_json::Map<String, Value> =
+            self.dtypes.iter().map(|(w, d)| (w.to_string(), json!(d))).collect();
+        json!({
+            "architecture": "decoder",
+            "vocab": c.vocab, "hidden": c.hidden, "heads": c.heads, "kv_heads": c.kv_heads,
+            "head_dim": c.head_dim, "context": c.context, "rope_theta": c.rope_theta, "rms_eps": c.rms_eps,
+            "tied": c.tied, "qkv_bias": c.qkv_bias, "kv_dtype": if c.kv_f16 { "f16" } else { "f32" },
+            "total_params": self.total_params, "active_params": self.active_params,
+            "flash_bytes": self.flash_bytes, "state_bytes": self.state_bytes, "kv_cache_bytes": self.kv_cache_bytes,
+            "dtypes": dtypes, "layers": layers,
+        })
+    }
+}
+
+impl core::fmt::Display for DecoderSummary {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let c = &self.config;
+        writeln!(
+            f,
+            "decoder: vocab {}, hidden {}, {} layers, {} heads over {} KV heads of {}, context {}, rope theta {}",
+            c.vocab, c.hidden, c.layers, c.heads, c.kv_heads, c.head_dim, c.context, c.rope_theta
+        )?;
+        writeln!(f, "parameters: {} total, {} active per token", self.total_params, self.active_params)?;
+        writeln!(
+            f,
+            "flash: {} bytes; state RAM: {} bytes (KV cache {} bytes, {})",
+            self.flash_bytes,
+            self.state_bytes,
+            self.kv_cache_bytes,
+            if c.kv_f16 { "f16" } else { "f32" }
+        )?;
+        let types: Vec<String> = self.dtypes.iter().map(|(w, d)| format!("{w} {d}")).collect();
+        writeln!(f, "storage: {}", types.join(", "))?;
+        for (l, lc) in self.layers.iter().enumerate() {
+            if lc.experts == 0 {
+                writeln!(f, "layer {l}: dense SwiGLU FFN, hidden {}", lc.shared_hidden)?;
+            } else {
+                let rule = if lc.normalize { "softmax over the k chosen" } else { "softmax over all" };
+                write!(
+                    f,
+                    "layer {l}: top-{} of {} SwiGLU experts (hidden {}), {rule}",
+                    lc.k, lc.experts, lc.hidden
+                )?;
+                if lc.shared_hidden > 0 {
+                    write!(
+                        f,
+                        ", shared expert (hidden {}{})",
+                        lc.shared_hidden,
+                        if lc.shared_gate { ", gated" } else { "" }
+                    )?;
+                }
+                writeln!(f)?;
+            }
+        }
+        Ok(())
+    }
+}

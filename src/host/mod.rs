@@ -76,6 +76,6 @@ mod decoder;
 mod describe;
 
 pub use checkpoint::{Checkpoint, HostError, read_inputs};
-pub use convert::{Dtype, convert, convert_decoder, convert_with_progress};
+pub use convert::{Dtype, convert, convert_decoder, convert_with_progress, is_decoder_checkpoint};
 pub use decoder::DecoderOptions;
-pub use describe::{ModelSummary, summarize};
+pub use describe::{DecoderSummary, ModelSummary, summarize, summarize_decoder};

@@ -1,0 +1,90 @@
+//! The tiny MoE language model (models/tinylm, trained by
+//! tools/train_tinylm.py): greedy continuations against transformers'
+//! `generate`, and the committed int8 model against the converter.
+
+use std::path::{Path, PathBuf};
+
+use micromoe::format::write::AlignedBytes;
+use micromoe::host::{DecoderOptions, Dtype, convert_decoder};
+use micromoe::model::{Decoder, Sampler};
+use serde_json::Value;
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tinylm")
+}
+
+/// The committed int8 model's conversion options.
+fn int8_options() -> DecoderOptions {
+    DecoderOptions { context: Some(128), kv_f16: true, ..DecoderOptions::new(Dtype::Int8) }
+}
+
+/// Prompts and transformers' greedy continuations.
+fn reference() -> Vec<(String, Vec<u32>)> {
+    let v: Value = serde_json::from_slice(&std::fs::read(dir().join("reference.json")).unwrap()).unwrap();
+    v["greedy"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(p, c)| (p.clone(), c.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()))
+        .collect()
+}
+
+fn greedy(bytes: &[u8], prompt: &str, n: usize) -> Vec<u32> {
+    let bytes = AlignedBytes::from(bytes);
+    let model = micromoe::Model::parse(&bytes).unwrap();
+    let dec = Decoder::new(&model).unwrap();
+    let mut buf = vec![0u8; dec.state_bytes()];
+    let mut state = dec.state(&mut buf).unwrap();
+    let mut logits = vec![0.0; dec.config().vocab];
+    let mut sampler = Sampler::greedy();
+    for b in prompt.bytes() {
+        dec.step(&mut state, b as u32, &mut logits, |_, _| {}).unwrap();
+    }
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let t = state.sample(&mut sampler, &mut logits).unwrap();
+        out.push(t);
+        dec.step(&mut state, t, &mut logits, |_, _| {}).unwrap();
+    }
+    out
+}
+
+fn text(t: &[u32]) -> String {
+    t.iter().map(|&b| char::from(b as u8)).collect()
+}
+
+#[test]
+fn f32_greedy_matches_transformers_generate() {
+    let bytes = convert_decoder(&dir(), &DecoderOptions::new(Dtype::F32)).unwrap();
+    for (prompt, theirs) in reference() {
+        let ours = greedy(&bytes, &prompt, theirs.len());
+        assert_eq!(text(&ours), text(&theirs), "prompt {prompt:?}");
+    }
+}
+
+#[test]
+fn int8_greedy_follows_transformers() {
+    let bytes = std::fs::read(dir().join("tinylm_int8.moe")).unwrap();
+    let (mut same, mut total) = (0, 0);
+    for (prompt, theirs) in reference() {
+        let ours = greedy(&bytes, &prompt, theirs.len());
+        let lead = ours.iter().zip(&theirs).take_while(|(a, b)| a == b).count();
+        println!("{prompt:?}: first {lead} of {} tokens as transformers: {:?}", theirs.len(), text(&ours));
+        // int8 rounding moves logits by a few percent: near-equal choices may
+        // flip later on, but every continuation starts as transformers' does.
+        assert!(lead >= 8, "{prompt:?}: int8 diverges after {lead} tokens");
+        same += lead;
+        total += theirs.len();
+    }
+    println!("int8: {same} of {total} greedy tokens before the first divergence");
+}
+
+#[test]
+fn committed_int8_model_is_the_conversion() {
+    let committed = std::fs::read(dir().join("tinylm_int8.moe")).unwrap();
+    let fresh = convert_decoder(&dir(), &int8_options()).unwrap();
+    assert!(
+        committed == fresh,
+        "models/tinylm/tinylm_int8.moe is stale: re-run micromoe convert (see README)"
+    );
+}
