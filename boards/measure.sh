@@ -6,7 +6,7 @@
 # mark of the stack during the inferences, found by painting; insns_per_inference: guest
 # instructions executed inside Model::infer (input quantization to output), averaged over 32
 # images and counted deterministically by a QEMU TCG plugin (boards/measure/insn_count.c).
-# Instructions, not cycles.
+# Instructions, not cycles. The last line is the tiny language model (instructions per token).
 # Needs what run-qemu.sh needs, plus gcc and `rustup component add llvm-tools`.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -45,3 +45,26 @@ for board in mps2-an386 mps2-an505 microbit riscv32-virt; do
       "$board" "$dtype" "$flash" "$ram" "$stack" $(( insns / windows ))
   done
 done
+
+# The tiny language model (int8 weights, f16 KV cache) on the Cortex-M4F: instructions per
+# token (each decoder step, prompt and generated tokens alike, averaged over 63 steps), the
+# firmware's flash and static RAM, and the decoder state (KV cache + work buffers, on the stack).
+board=mps2-an386
+(cd "$board" && cargo build --release --quiet --bin generate)
+elf="$CARGO_TARGET_DIR/${target[$board]}/release/generate"
+sizes=$("$bin/llvm-size" -A "$elf")
+section() { echo "$sizes" | awk -v s="$1" '$1 == s { print $2 }' | head -1; }
+sum() { local t=0 v; for s in "$@"; do v=$(section "$s"); t=$((t + ${v:-0})); done; echo $t; }
+flash=$(sum .vector_table .text .rodata .data)
+ram=$(sum .data .bss .uninit)
+addr() { "$bin/llvm-nm" "$elf" | awk -v s="$1" '$3 == s { print "0x" $1 }' | head -1; }
+start=$(( $(addr micromoe_measure_start) & ~1 ))
+stop=$(( $(addr micromoe_measure_stop) & ~1 ))
+out=$(${qemu[$board]} -nographic -monitor none -serial none \
+  -semihosting-config enable=on,target=native -d plugin -plugin "$plugin,start=$start,stop=$stop" -kernel "$elf" 2>&1)
+echo "$out" | grep -q "tinylm: .*: ok" || { echo "$board tinylm: check failed" >&2; echo "$out" >&2; exit 1; }
+windows=$(echo "$out" | sed -n 's/.*windows=\([0-9]*\).*/\1/p')
+insns=$(echo "$out" | sed -n 's/.*insns=\([0-9]*\).*/\1/p')
+state=$(cd .. && cargo run --release --quiet --bin micromoe -- info models/tinylm/tinylm_int8.moe --json | sed -n 's/.*"state_bytes":\([0-9]*\).*/\1/p')
+printf '{"board":"%s","model":"tinylm-int8","flash_bytes":%d,"static_ram_bytes":%d,"state_bytes":%d,"insns_per_token":%d}\n' \
+  "$board" "$flash" "$ram" "$state" $(( insns / windows ))

@@ -25,4 +25,11 @@ for b in "${boards[@]}"; do
     echo "$b: FAIL"; sed 's/^/    /' "$log" | tail -8; failed=1
   fi
 done
+# The tiny language model on the M4F: the same tokens and logit bits as the host.
+log="$CARGO_TARGET_DIR/mps2-an386-tinylm.log"
+if (cd mps2-an386 && timeout 120 cargo run --release --quiet --bin generate) >"$log" 2>&1; then
+  echo "mps2-an386 tinylm: PASS ($(sed -n 's/.*tinylm: \([0-9]*\/[0-9]*\) generated tokens.*/\1 tokens/p' "$log"), logits bit-identical)"
+else
+  echo "mps2-an386 tinylm: FAIL"; sed 's/^/    /' "$log" | tail -8; failed=1
+fi
 exit $failed

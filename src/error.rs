@@ -223,6 +223,8 @@ pub enum Error {
         /// Positions the cache holds (fixed at conversion).
         context: usize,
     },
+    /// A decoder state used with another decoder than the one that made it.
+    WrongState,
     /// The model is not of the architecture this call runs (e.g.
     /// [`Model::infer`](crate::Model::infer) on a decoder).
     WrongArchitecture {
@@ -314,6 +316,7 @@ impl fmt::Display for Error {
             Error::ContextFull { context } => {
                 write!(f, "context full: the KV cache holds {context} positions (set at conversion)")
             }
+            Error::WrongState => f.write_str("this decoder state was made for another decoder"),
             Error::WrongArchitecture { found } => {
                 write!(f, "this call does not run models of architecture {found}")
             }

@@ -60,3 +60,50 @@ fn board_vectors_match_the_host() {
         assert!(have == want, "{path} is stale: run MICROMOE_BLESS=1 cargo test --test board_vectors");
     }
 }
+
+/// The tiny language model's check: prompt and greedy tokens, then the
+/// FNV-1a hash of the bits of every logit of every step.
+/// Layout: magic `MMTOK1\0\0`, u32 prompt length, u32 generated, the tokens
+/// (u32), the hash (u64).
+const TINYLM: &[u8] = include_model!("../models/tinylm/tinylm_int8.moe");
+const PROMPT: &str = "The ";
+const GENERATED: usize = 60;
+
+fn tinylm_vectors() -> Vec<u8> {
+    use micromoe::model::{Decoder, Sampler};
+    let model = Model::parse(TINYLM).unwrap();
+    let dec = Decoder::new(&model).unwrap();
+    let mut buf = vec![0u8; dec.state_bytes()];
+    let mut state = dec.state(&mut buf).unwrap();
+    let mut logits = vec![0.0f32; dec.config().vocab];
+    let mut sampler = Sampler::greedy();
+    let mut tokens: Vec<u32> = PROMPT.bytes().map(u32::from).collect();
+    let mut hash = 0xCBF2_9CE4_8422_2325u64;
+    for i in 0..PROMPT.len() + GENERATED - 1 {
+        dec.step(&mut state, tokens[i], &mut logits, |_, _| {}).unwrap();
+        for b in logits.iter().flat_map(|v| v.to_bits().to_le_bytes()) {
+            hash = (hash ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3);
+        }
+        if i + 1 >= PROMPT.len() {
+            tokens.push(state.sample(&mut sampler, &mut logits).unwrap());
+        }
+    }
+    let mut out = b"MMTOK1\0\0".to_vec();
+    for v in [PROMPT.len(), GENERATED] {
+        out.extend((v as u32).to_le_bytes());
+    }
+    out.extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
+    out.extend(hash.to_le_bytes());
+    out
+}
+
+#[test]
+fn tinylm_vectors_match_the_host() {
+    let want = tinylm_vectors();
+    let path = format!("{}/boards/vectors/tinylm.bin", env!("CARGO_MANIFEST_DIR"));
+    if std::env::var_os("MICROMOE_BLESS").is_some() {
+        std::fs::write(&path, &want).unwrap();
+    }
+    let have = std::fs::read(&path).unwrap_or_default();
+    assert!(have == want, "{path} is stale: run MICROMOE_BLESS=1 cargo test --test board_vectors");
+}

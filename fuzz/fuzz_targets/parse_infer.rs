@@ -1,4 +1,5 @@
-//! Any bytes: parse as a `.moe` model; if accepted, run one inference.
+//! Any bytes: parse as a `.moe` model; if accepted, run one inference (a
+//! decoder: three tokens).
 //! Nothing may panic. The CRC is recomputed when the input is long enough
 //! so that mutations reach the checks behind it.
 #![no_main]
@@ -20,6 +21,16 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(model) = Model::parse(&aligned) {
         let need = model.scratch_bytes();
         if need > 1 << 22 || model.input_dim() > 1 << 16 || model.output_dim() > 1 << 16 {
+            return;
+        }
+        if let Ok(dec) = micromoe::model::Decoder::new(&model) {
+            // A decoder: a few tokens through the KV cache.
+            let mut buf = vec![0u8; dec.state_bytes()];
+            let Ok(mut state) = dec.state(&mut buf) else { return };
+            let mut logits = vec![0.0f32; dec.config().vocab];
+            for t in 0..3u32 {
+                let _ = dec.step(&mut state, t % dec.config().vocab as u32, &mut logits, |_, _| {});
+            }
             return;
         }
         let mut scratch = vec![0u8; need];

@@ -514,10 +514,15 @@ impl<'a> Model<'a> {
         })?;
         let table = Table::new(bytes, table_offset, n_tensors);
         crate::model::Decoder::build(bytes, table, cfg)?.validate()?;
+        let scratch = required_scratch(bytes)?;
+        // Saturated arithmetic means a state no machine could hold.
+        if scratch > isize::MAX as usize / 2 {
+            return Err(Error::Overflow);
+        }
         Ok(Model {
             bytes,
             table,
-            scratch: required_scratch(bytes)?,
+            scratch,
             max_dim: cfg.hidden,
             n_layers,
             tasks: 1,

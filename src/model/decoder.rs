@@ -411,7 +411,7 @@ impl<'a> Decoder<'a> {
         if pos >= c.context {
             return Err(Error::ContextFull { context: c.context });
         }
-        let (kv, mut w) = state.split(c)?;
+        let (kv, mut w) = state.split(c, self.ffn_widths())?;
         self.embed.row(token as usize, w.x);
         rope_table(c, pos, w.cos, w.sin);
         for l in 0..c.layers {
@@ -425,7 +425,8 @@ impl<'a> Decoder<'a> {
         rms_norm(w.x, self.final_norm, c.rms_eps, w.xb);
         self.lm_head.forward(w.xb, logits, w.xq);
         state.advance();
-        Ok(())
+        // Weights are not scanned at parse; overflowing ones show here.
+        crate::error::check_finite(What::Output, logits)
     }
 
     /// `x += o(attention(q, cache))` for layer `l` at `pos`; `xb` holds the

@@ -2,7 +2,7 @@
 //! buffers of one step, all carved from one caller-provided byte buffer.
 
 use super::decoder::Config;
-use crate::error::{Error, Result, What};
+use crate::error::{Error, Result};
 use crate::quant::f16;
 use crate::scratch::{Carve, bytes_for};
 
@@ -62,6 +62,12 @@ pub(crate) fn bytes(c: &Config, max_hidden: usize, max_experts: usize) -> usize 
         max_hidden,
         max_experts,
     )
+}
+
+/// Elements of the KV cache, or [`Error::Overflow`].
+fn cache_len(c: &Config) -> Result<usize> {
+    let n = c.layers.checked_mul(2).and_then(|n| n.checked_mul(c.context));
+    n.and_then(|n| n.checked_mul(c.kv_dim())).ok_or(Error::Overflow)
 }
 
 /// The KV cache: per layer, keys then values, `(context, kv_heads * head_dim)` each.
@@ -166,7 +172,7 @@ pub struct State<'s> {
 impl<'s> State<'s> {
     pub(crate) fn new(c: &Config, ffn: (usize, usize), buf: &'s mut [u8]) -> Result<Self> {
         let mut carve = Carve::new(buf);
-        let n = 2 * c.layers * c.context * c.kv_dim();
+        let n = cache_len(c)?;
         let kv = if c.kv_f16 { Kv::F16(carve.take::<f16>(n)?) } else { Kv::F32(carve.take::<f32>(n)?) };
         Ok(State { kv, work: carve.rest(), pos: 0, cfg: *c, ffn })
     }
@@ -184,8 +190,8 @@ impl<'s> State<'s> {
     /// The next token from `logits` by `sampler`, using the state's work
     /// space for the ordering top-p needs.
     pub fn sample(&mut self, sampler: &mut super::Sampler, logits: &mut [f32]) -> Result<u32> {
-        let cfg = self.cfg;
-        let (_, w) = self.split(&cfg)?;
+        let (cfg, ffn) = (self.cfg, self.ffn);
+        let (_, w) = self.split(&cfg, ffn)?;
         sampler.sample(logits, w.order)
     }
 
@@ -195,9 +201,9 @@ impl<'s> State<'s> {
 
     /// The cache and this step's buffers; an error if the state was made
     /// for another decoder.
-    pub(crate) fn split(&mut self, c: &Config) -> Result<(&mut Kv<'s>, Work<'_>)> {
-        if *c != self.cfg || self.kv.len() != 2 * c.layers * c.context * c.kv_dim() {
-            return Err(Error::Shape { what: What::Scratch, expected: self.kv.len(), actual: 0 });
+    pub(crate) fn split(&mut self, c: &Config, ffn: (usize, usize)) -> Result<(&mut Kv<'s>, Work<'_>)> {
+        if *c != self.cfg || ffn != self.ffn || Some(self.kv.len()) != cache_len(c).ok() {
+            return Err(Error::WrongState);
         }
         let mut w = Carve::new(&mut *self.work);
         let (h, q, kvd, hd) = (c.hidden, c.q_dim(), c.kv_dim(), c.head_dim);

@@ -9,6 +9,9 @@
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use micromoe::{Model, include_model};
+
+#[cfg(feature = "tinylm")]
+pub mod tinylm;
 use semihosting::println;
 
 struct Case {
@@ -158,7 +161,7 @@ fn libm_abs(v: f32) -> f32 {
     f32::from_bits(v.to_bits() & 0x7FFF_FFFF)
 }
 
-/// Marks the start of one inference for `boards/measure/insn_count.c`
+/// Marks the start of one inference (or one decoder token) for `boards/measure/insn_count.c`
 /// (the plugin counts instructions from here to [`measure_stop`]).
 #[inline(never)]
 #[unsafe(no_mangle)]

@@ -1,0 +1,92 @@
+//! The tiny MoE language model on the chip: greedy generation from a
+//! prompt, checked against the host's tokens and the bits of every logit
+//! (`boards/vectors/tinylm.bin`, kept in step by `tests/board_vectors.rs`).
+
+use micromoe::model::{Decoder, Sampler};
+use micromoe::{Model, include_model};
+use semihosting::{print, println};
+
+/// int8 weights, f16 KV cache of 128 positions.
+const MODEL: &[u8] = include_model!("../../../models/tinylm/tinylm_int8.moe");
+const VECTORS: &[u8] = include_bytes!("../../vectors/tinylm.bin");
+/// KV cache and work buffers, sized at compile time from the model bytes.
+const STATE: usize = micromoe::scratch_len!(MODEL);
+const MAX_TOKENS: usize = 128;
+
+fn word(b: &[u8], i: usize) -> u32 {
+    match b.get(4 * i..4 * i + 4) {
+        Some(w) => u32::from_le_bytes([w[0], w[1], w[2], w[3]]),
+        None => u32::MAX,
+    }
+}
+
+/// FNV-1a over the bits of every logit of every step.
+fn fnv(hash: &mut u64, logits: &[f32]) {
+    for v in logits {
+        for b in v.to_bits().to_le_bytes() {
+            *hash = (*hash ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3);
+        }
+    }
+}
+
+/// Feeds the prompt, generates greedily, prints the text; true if tokens
+/// and logits match the host bit for bit.
+#[inline(never)]
+pub fn generate(board: &str) -> bool {
+    let v = VECTORS;
+    let (prompt_len, n_gen) = (word(v, 2) as usize, word(v, 3) as usize);
+    if v.get(..8) != Some(b"MMTOK1\0\0".as_slice()) || prompt_len + n_gen > MAX_TOKENS {
+        println!("{board} tinylm: bad vectors");
+        return false;
+    }
+    let want = |i: usize| word(v, 4 + i);
+    let want_hash = word(v, 4 + prompt_len + n_gen) as u64 | (word(v, 5 + prompt_len + n_gen) as u64) << 32;
+    let model = match Model::parse(MODEL).and_then(|m| Decoder::new(&m).map(|d| (m, d))) {
+        Ok((_, d)) => d,
+        Err(e) => {
+            println!("{board} tinylm: model refused: {}", e);
+            return false;
+        }
+    };
+    let mut buf = [0u8; STATE];
+    let mut state = match model.state(&mut buf) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("{board} tinylm: {}", e);
+            return false;
+        }
+    };
+    let mut logits = [0.0f32; 128];
+    let mut sampler = Sampler::greedy();
+    let (mut hash, mut same) = (0xCBF2_9CE4_8422_2325u64, 0);
+    print!("{board} tinylm: \"");
+    let mut token = want(0);
+    for i in 0..prompt_len + n_gen - 1 {
+        if i < prompt_len {
+            token = want(i);
+        }
+        print!("{}", char::from(token as u8).escape_debug());
+        crate::micromoe_measure_start();
+        let stepped = model.step(&mut state, token, &mut logits, |_, _| {});
+        crate::micromoe_measure_stop();
+        if let Err(e) = stepped {
+            println!("\" step {}: {}", i, e);
+            return false;
+        }
+        fnv(&mut hash, &logits);
+        if i + 1 >= prompt_len {
+            token = state.sample(&mut sampler, &mut logits).unwrap_or(u32::MAX);
+            same += (token == want(i + 1)) as usize;
+        }
+    }
+    let pass = same == n_gen && hash == want_hash;
+    println!("\"");
+    println!(
+        "{board} tinylm: {}/{} generated tokens as the host, logits {}: {}",
+        same,
+        n_gen,
+        if hash == want_hash { "bit-identical" } else { "DIFFER" },
+        if pass { "ok" } else { "FAIL" }
+    );
+    pass
+}

@@ -1,0 +1,152 @@
+//! The decoder side of the `micromoe` command line: `eval --json` against
+//! transformers, `info`, and Hugging Face checkpoints refused by the field
+//! or tensor at fault.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use safetensors::SafeTensors;
+use safetensors::tensor::TensorView;
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/decoders").join(name)
+}
+
+fn micromoe(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_micromoe")).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn eval_json_matches_transformers() {
+    let dir = tmp("eval");
+    for name in ["qwen2_moe_dense_layers", "mixtral_8x2_untied"] {
+        let model = dir.join(format!("{name}.moe"));
+        let (ok, _, err) =
+            micromoe(&["convert", fixture(name).to_str().unwrap(), "-o", model.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        let r: Value =
+            serde_json::from_slice(&std::fs::read(fixture(name).join("reference.json")).unwrap()).unwrap();
+        let tokens: Vec<String> = r["tokens"].as_array().unwrap().iter().map(|t| t.to_string()).collect();
+        let (ok, out, err) =
+            micromoe(&["eval", model.to_str().unwrap(), "--tokens", &tokens.join(","), "--json"]);
+        assert!(ok, "{err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["experts"], r["experts"], "{name}: experts");
+        let ours = v["logits"].as_array().unwrap();
+        assert_eq!(ours.len(), tokens.len());
+        for (a, b) in ours.iter().zip(r["logits"].as_array().unwrap()) {
+            for (x, y) in a.as_array().unwrap().iter().zip(b.as_array().unwrap()) {
+                let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+                assert!((x - y).abs() <= 1e-4, "{name}: logit {x} vs {y}");
+            }
+        }
+        let (ok, out, _) = micromoe(&["info", model.to_str().unwrap(), "--json"]);
+        assert!(ok);
+        let info: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(info["architecture"], "decoder");
+        assert_eq!(info["flash_bytes"].as_u64().unwrap(), std::fs::metadata(&model).unwrap().len());
+    }
+}
+
+#[test]
+fn eval_refuses_bad_tokens_and_other_models() {
+    let dir = tmp("eval_bad");
+    let model = dir.join("m.moe");
+    let (ok, _, err) = micromoe(&[
+        "convert",
+        fixture("mixtral_tied").to_str().unwrap(),
+        "-o",
+        model.to_str().unwrap(),
+        "--context",
+        "4",
+    ]);
+    assert!(ok, "{err}");
+    let m = model.to_str().unwrap();
+    let (ok, _, err) = micromoe(&["eval", m, "--tokens", "1,96"]);
+    assert!(!ok && err.contains("token id"), "{err}");
+    let (ok, _, err) = micromoe(&["eval", m, "--tokens", "1,2,3,4,5"]);
+    assert!(!ok && err.contains("context full"), "{err}");
+    let digits = concat!(env!("CARGO_MANIFEST_DIR"), "/models/digits/digits_f32.moe");
+    let (ok, _, err) = micromoe(&["eval", digits, "--tokens", "1"]);
+    assert!(!ok && err.contains("Arch"), "{err}");
+}
+
+/// Copies a fixture, edits config.json with `edit` and keeps the tensors
+/// for which `keep(name)` holds; returns the refusal message.
+fn refusal(edit: impl Fn(&mut Value), keep: impl Fn(&str) -> bool, extra: &[&str]) -> String {
+    let src = fixture("qwen2_moe_shared");
+    let dir = tmp(&format!("refuse_{}", std::process::id() as u64 ^ rand_suffix()));
+    let mut cfg: Value = serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut views: Vec<(String, TensorView<'_>)> =
+        st.tensors().into_iter().filter(|(n, _)| keep(n)).collect();
+    for name in extra {
+        let (_, v) = st.tensors().into_iter().next().unwrap();
+        views.push((name.to_string(), v));
+    }
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    let out = dir.join("m.moe");
+    let mut args = vec!["convert", dir.to_str().unwrap(), "-o", out.to_str().unwrap()];
+    let dtype = cfg.get("__dtype").and_then(Value::as_str).map(String::from);
+    if let Some(d) = &dtype {
+        args.extend(["--dtype", d.as_str()]);
+    }
+    let (ok, _, err) = micromoe(&args);
+    assert!(!ok, "accepted");
+    err
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(1);
+    N.fetch_add(1, Ordering::Relaxed) << 20
+}
+
+#[test]
+fn unsupported_checkpoints_are_refused_by_name() {
+    let all = |_: &str| true;
+    let set = |k: &'static str, v: Value| move |c: &mut Value| c[k] = v.clone();
+    let cases: Vec<(String, &str)> = vec![
+        (refusal(set("use_sliding_window", Value::Bool(true)), all, &[]), "use_sliding_window"),
+        (
+            refusal(set("architectures", serde_json::json!(["LlamaForCausalLM"])), all, &[]),
+            "LlamaForCausalLM",
+        ),
+        (refusal(set("hidden_act", Value::from("gelu")), all, &[]), "hidden_act"),
+        (
+            refusal(
+                set("rope_parameters", serde_json::json!({"rope_type": "yarn", "rope_theta": 1e4})),
+                all,
+                &[],
+            ),
+            "rope_type",
+        ),
+        (refusal(set("num_attention_heads", Value::from(5)), all, &[]), "num_attention_heads"),
+        (
+            refusal(|_| {}, |n| !n.ends_with("layers.1.mlp.experts.2.up_proj.weight"), &[]),
+            "experts.2.up_proj",
+        ),
+        (refusal(|_| {}, |n| !n.contains("layers.0.self_attn.k_proj.bias"), &[]), "k_proj.bias"),
+        (refusal(|_| {}, all, &["model.layers.0.mlp.experts.9.w1.weight"]), "experts.9.w1"),
+        (refusal(set("__dtype", Value::from("q15")), all, &[]), "q15"),
+    ];
+    for (err, needle) in cases {
+        assert!(err.contains(needle), "expected {needle:?} in: {err}");
+    }
+}
