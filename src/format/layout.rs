@@ -105,7 +105,7 @@ pub mod decoder {
     pub const ROPE_THETA: usize = 6;
     /// RMSNorm epsilon, f32 bits.
     pub const RMS_EPS: usize = 7;
-    /// [`flags`](self::flags).
+    /// [`flags`].
     pub const FLAGS: usize = 8;
     /// First reserved word.
     pub const RESERVED: usize = 9;
@@ -134,7 +134,7 @@ pub mod decoder {
         pub const HIDDEN: usize = 2;
         /// Hidden width of the shared expert (0: none).
         pub const SHARED_HIDDEN: usize = 3;
-        /// [`flags`](self::flags).
+        /// [`flags`].
         pub const FLAGS: usize = 4;
         /// First reserved word.
         pub const RESERVED: usize = 5;

@@ -13,7 +13,7 @@
 //! | 8 | 2 | version (1) |
 //! | 10 | 2 | header bytes (64) |
 //! | 12 | 4 | total length in bytes, CRC included |
-//! | 16 | 4 | architecture: 1 = stack of MoE layers (classifier / regressor); 2 = multi-gate MoE (one chain of layers per task, see below) |
+//! | 16 | 4 | architecture: 1 = stack of MoE layers (classifier / regressor); 2 = multi-gate MoE (one chain of layers per task, see below); 3 = decoder language model (see the end) |
 //! | 20 | 4 | task: 0 = classify (argmax of the output), 1 = regress |
 //! | 24 | 4 | input width |
 //! | 28 | 4 | output width |
@@ -64,6 +64,34 @@
 //! for int8, `i64` for Q15), and per-row multipliers and shifts (`i32`).
 //!
 //! **Trailer**: CRC-32 (IEEE) of every byte before it.
+//!
+//! # Decoders (architecture 3)
+//!
+//! Run by [`model::Decoder`](crate::model::Decoder). Header: task 0,
+//! input and output width = vocabulary, tasks 1, layer records at offset
+//! 128: a **decoder record** of 16 words sits between header and records:
+//!
+//! | word | field |
+//! |---|---|
+//! | 0, 1 | vocabulary, hidden width |
+//! | 2, 3, 4 | attention heads, key/value heads (divides heads), head width (even) |
+//! | 5 | context: positions the KV cache holds |
+//! | 6, 7 | RoPE base, RMSNorm epsilon (f32 bits) |
+//! | 8 | flags: 1 tied output projection, 2 q/k/v biases, 4 f16 KV cache |
+//! | 9..16 | reserved, zero |
+//!
+//! **Decoder layer record** (96 bytes): word 0 routed experts (0: a dense
+//! layer), 1 k, 2 expert hidden width, 3 shared expert hidden width (0:
+//! none; a dense layer's FFN is its shared expert), 4 flags (1 renormalize
+//! the chosen weights, 2 sigmoid gate on the shared expert); the rest zero.
+//!
+//! **Tensors**: layer-level roles 8..=13 (q, k, v, o projections; the two
+//! RMSNorm weights), the router gate (role 0) and shared expert gate (4);
+//! experts and the shared expert use roles 1..=3 (up, gate_proj, down) as
+//! above; model-level tensors (layer `0xFFFF`) are the embedding (14), the
+//! final norm (15) and, untied, the output projection (16). Matrices are
+//! f32, f16 or int8; int8 ones have part 4, an f32 scale per row. Norms
+//! and biases are f32.
 //!
 //! ```
 //! # #[cfg(feature = "alloc")] {
