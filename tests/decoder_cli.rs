@@ -84,6 +84,38 @@ fn eval_refuses_bad_tokens_and_other_models() {
     assert!(!ok && err.contains("Arch"), "{err}");
 }
 
+/// A checkpoint split into two shards with an index, as `save_pretrained`
+/// writes large models, converts to the same bytes as the single file.
+#[test]
+fn sharded_checkpoints_convert_the_same() {
+    let src = fixture("qwen2_moe_dense_layers");
+    let dir = tmp("sharded");
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors = st.tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let half = tensors.len() / 2;
+    let mut map = serde_json::Map::new();
+    for (i, part) in [&tensors[..half], &tensors[half..]].into_iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        for (name, _) in part {
+            map.insert(name.clone(), Value::from(file.clone()));
+        }
+        safetensors::serialize_to_file(part.iter().cloned(), None, &dir.join(&file)).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let (a, b) = (dir.join("a.moe"), tmp("single").join("b.moe"));
+    let (ok, _, err) =
+        micromoe(&["convert", dir.to_str().unwrap(), "-o", a.to_str().unwrap(), "--dtype", "f16"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) =
+        micromoe(&["convert", src.to_str().unwrap(), "-o", b.to_str().unwrap(), "--dtype", "f16"]);
+    assert!(ok, "{err}");
+    assert!(std::fs::read(a).unwrap() == std::fs::read(b).unwrap());
+}
+
 /// Copies a fixture, edits config.json with `edit` and keeps the tensors
 /// for which `keep(name)` holds; returns the refusal message.
 fn refusal(edit: impl Fn(&mut Value), keep: impl Fn(&str) -> bool, extra: &[&str]) -> String {
@@ -129,6 +161,10 @@ fn unsupported_checkpoints_are_refused_by_name() {
             "LlamaForCausalLM",
         ),
         (refusal(set("hidden_act", Value::from("gelu")), all, &[]), "hidden_act"),
+        (
+            refusal(set("layer_types", serde_json::json!(["full_attention", "sliding_attention"])), all, &[]),
+            "layer_types",
+        ),
         (
             refusal(
                 set("rope_parameters", serde_json::json!({"rope_type": "yarn", "rope_theta": 1e4})),

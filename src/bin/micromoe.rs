@@ -179,6 +179,11 @@ fn run(cli: Cli) -> Result<(), HostError> {
         Command::Run { model, input, json } => {
             let bytes = load(&model)?;
             let m = Model::parse(&bytes)?;
+            if m.arch() == micromoe::format::arch::DECODER {
+                return Err(HostError::Input(
+                    "a decoder takes tokens: use `micromoe eval MODEL --tokens 1,2,3`".into(),
+                ));
+            }
             let xs = read_inputs(&input, m.input_dim())?;
             let mut scratch = vec![0u8; m.scratch_bytes()];
             let mut results = Vec::new();
