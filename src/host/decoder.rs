@@ -160,12 +160,11 @@ pub(super) fn convert_decoder(
         }
         _ => {}
     }
-    if let Some(types) = c.field("layer_types").and_then(Value::as_array) {
-        if let Some(t) = types.iter().find(|t| t.as_str() != Some("full_attention")) {
-            return Err(HostError::Config(format!(
-                "layer_types: {t} attention is not supported (full_attention)"
-            )));
-        }
+    let layer_types = c.field("layer_types").and_then(Value::as_array);
+    if let Some(t) = layer_types.and_then(|a| a.iter().find(|t| t.as_str() != Some("full_attention"))) {
+        return Err(HostError::Config(format!(
+            "layer_types: {t} attention is not supported (full_attention)"
+        )));
     }
     let (vocab, hidden, n_layers) =
         (c.usize("vocab_size")?, c.usize("hidden_size")?, c.usize("num_hidden_layers")?);
