@@ -46,6 +46,36 @@ for board in mps2-an386 mps2-an505 microbit riscv32-virt; do
   done
 done
 
+# The int8 and Q15 matrix-vector kernels on the Cortex-M4F, one product per shape (outputs x
+# inputs), Arm DSP path then portable path: one line each,
+#   {"kernel", "dtype", "shape", "insns_per_mac", "est_cycles_per_mac"}
+# from the same plugin with each=1 (per-window counts); cycles are the plugin's Cortex-M4 timing
+# model (boards/measure/insn_count.c), instructions are exact. One call each: requantization,
+# bias and the input expansion are included.
+board=mps2-an386
+(cd "$board" && cargo build --release --quiet --bin kernels)
+elf="$CARGO_TARGET_DIR/${target[$board]}/release/kernels"
+addr() { "$bin/llvm-nm" "$elf" | awk -v s="$1" '$3 == s { print "0x" $1 }' | head -1; }
+start=$(( $(addr micromoe_measure_start) & ~1 ))
+stop=$(( $(addr micromoe_measure_stop) & ~1 ))
+out=$(${qemu[$board]} -nographic -monitor none -serial none \
+  -semihosting-config enable=on,target=native -d plugin -plugin "$plugin,start=$start,stop=$stop,each=1" -kernel "$elf" 2>&1)
+echo "$out" | grep -q "kernels: \([0-9]*\)/\1 random cases bit-identical" || { echo "$board kernels: check failed" >&2; echo "$out" >&2; exit 1; }
+w=0
+for kernel in matvec_dsp matvec_portable; do
+  for dtype in int8 q15; do
+    for shape in 64x64 128x256 256x512; do
+      line=$(echo "$out" | grep "window=$w ")
+      insns=$(echo "$line" | sed -n 's/.*insns=\([0-9]*\).*/\1/p')
+      cycles=$(echo "$line" | sed -n 's/.*cycles=\([0-9]*\).*/\1/p')
+      macs=$(( ${shape%x*} * ${shape#*x} ))
+      awk -v k="$kernel" -v d="$dtype" -v s="$shape" -v i="$insns" -v c="$cycles" -v m="$macs" \
+        'BEGIN { printf "{\"kernel\":\"%s\",\"dtype\":\"%s\",\"shape\":\"%s\",\"insns_per_mac\":%.3f,\"est_cycles_per_mac\":%.3f}\n", k, d, s, i / m, c / m }'
+      w=$((w + 1))
+    done
+  done
+done
+
 # The tiny language model (int8 weights, f16 KV cache) on the Cortex-M4F: instructions per
 # token (each decoder step, prompt and generated tokens alike, averaged over 63 steps), the
 # firmware's flash and static RAM, and the decoder state (KV cache + work buffers, on the stack).

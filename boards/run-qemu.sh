@@ -25,6 +25,14 @@ for b in "${boards[@]}"; do
     echo "$b: FAIL"; sed 's/^/    /' "$log" | tail -8; failed=1
   fi
 done
+# The Arm DSP kernels against the portable ones, bit for bit (random shapes and values).
+log="$CARGO_TARGET_DIR/mps2-an386-kernels.log"
+if (cd mps2-an386 && timeout 120 cargo run --release --quiet --bin kernels) >"$log" 2>&1; then
+  echo "mps2-an386 kernels: PASS ($(sed -n 's/.*kernels: \([0-9]*\/[0-9]*\) random.*/\1 random cases/p' "$log") DSP == portable)"
+else
+  echo "mps2-an386 kernels: FAIL"; sed 's/^/    /' "$log" | tail -8; failed=1
+fi
+
 # The tiny language model on the M4F: the same tokens and logit bits as the host.
 log="$CARGO_TARGET_DIR/mps2-an386-tinylm.log"
 if (cd mps2-an386 && timeout 120 cargo run --release --quiet --bin generate) >"$log" 2>&1; then

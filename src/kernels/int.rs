@@ -8,6 +8,8 @@ use crate::quant::{IntAct, Multiplier, WIDE_MAX_SHIFT, requantize, requantize_wi
 /// per-row `(multipliers[o], shifts[o])` applied with [`requantize`], result
 /// clamped to `[-128, 127]`. `input_offset` is `-zx`. Missing bias entries
 /// count as 0; it never panics. Accumulation wraps like CMSIS-NN on Arm.
+/// The Arm DSP path on `thumbv7em`, else [`reference::matvec_i8`]; the
+/// same bits either way.
 // w: (out, in) @ x: (in,) -> y: (out,)
 #[allow(clippy::too_many_arguments)]
 pub fn matvec_i8(
@@ -20,30 +22,23 @@ pub fn matvec_i8(
     output_zp: i32,
     y: &mut [i8],
 ) {
-    let bias = bias.unwrap_or(&[]);
-    let requant = multipliers.iter().zip(shifts);
-    for (o, ((yo, row), (&m, &s))) in
-        y.iter_mut().zip(w.chunks_exact(x.len().max(1))).zip(requant).enumerate()
-    {
-        let acc = dot_i8(row, x, input_offset).wrapping_add(bias.get(o).copied().unwrap_or(0));
-        let v = requantize(acc, Multiplier { multiplier: m, shift: s });
-        *yo = i8::saturate(v.saturating_add(output_zp));
+    #[cfg(micromoe_dsp)]
+    if super::arm::matvec_i8(w, bias, multipliers, shifts, x, input_offset, output_zp, y).is_some() {
+        return;
     }
-}
-
-#[inline(always)]
-fn dot_i8(row: &[i8], x: &[i8], input_offset: i32) -> i32 {
-    row.iter().zip(x).fold(0i32, |acc, (&wi, &xi)| acc.wrapping_add((xi as i32 + input_offset) * wi as i32))
-}
-
-#[inline(always)]
-fn dot_q15(row: &[i8], x: &[i16]) -> i64 {
-    row.iter().zip(x).fold(0i64, |acc, (&wi, &xi)| acc + (xi as i32 * wi as i32) as i64)
+    let mut bias = bias.unwrap_or(&[]).iter();
+    let mut out = y.iter_mut().zip(multipliers.iter().zip(shifts));
+    each_dot_i8(w, x, input_offset, |dot| {
+        let Some((yo, (&multiplier, &shift))) = out.next() else { return };
+        let acc = dot.wrapping_add(bias.next().copied().unwrap_or(0));
+        *yo = i8::saturate(requantize(acc, Multiplier { multiplier, shift }).saturating_add(output_zp));
+    });
 }
 
 /// `y = requant(W x + b)`, Q15 (16x8): `i16` activations with zero point 0,
 /// int8 weights, `i64` accumulator and bias, per-row scaling with
-/// [`requantize_wide`], result clamped to `i16`. Never panics.
+/// [`requantize_wide`], result clamped to `i16`. Never panics. The Arm DSP
+/// path on `thumbv7em`, else [`reference::matvec_q15`]; the same bits.
 // w: (out, in) @ x: (in,) -> y: (out,)
 pub fn matvec_q15(
     w: &[i8],
@@ -53,14 +48,109 @@ pub fn matvec_q15(
     x: &[i16],
     y: &mut [i16],
 ) {
-    let bias = bias.unwrap_or(&[]);
-    let requant = multipliers.iter().zip(shifts);
-    for (o, ((yo, row), (&m, &s))) in
-        y.iter_mut().zip(w.chunks_exact(x.len().max(1))).zip(requant).enumerate()
-    {
-        let acc = dot_q15(row, x).wrapping_add(bias.get(o).copied().unwrap_or(0));
-        *yo = i16::saturate(requantize_wide(acc, Multiplier { multiplier: m, shift: s }));
+    #[cfg(micromoe_dsp)]
+    if super::arm::matvec_q15(w, bias, multipliers, shifts, x, y).is_some() {
+        return;
     }
+    let mut bias = bias.unwrap_or(&[]).iter();
+    let mut out = y.iter_mut().zip(multipliers.iter().zip(shifts));
+    each_dot_q15(w, x, |dot| {
+        let Some((yo, (&multiplier, &shift))) = out.next() else { return };
+        let acc = dot.wrapping_add(bias.next().copied().unwrap_or(0));
+        *yo = i16::saturate(requantize_wide(acc, Multiplier { multiplier, shift }));
+    });
+}
+
+/// Calls `f(sum (x + offset) * w_row)` (wrapping `i32`) for every row of
+/// `w` (`(rows, x.len())` row-major) in order: the raw int8 dot products,
+/// for kernels with their own scaling (e.g. the decoder's int8 matrices).
+/// Four rows per pass on the DSP path; the same sums everywhere.
+pub fn for_each_dot_i8(w: &[i8], x: &[i8], offset: i32, f: impl FnMut(i32)) {
+    each_dot_i8(w, x, offset, f)
+}
+
+#[inline(always)]
+#[cfg_attr(micromoe_dsp, allow(unused_mut))]
+fn each_dot_i8(w: &[i8], x: &[i8], offset: i32, mut f: impl FnMut(i32)) {
+    #[cfg(micromoe_dsp)]
+    super::arm::each_dot_i8(w, x, offset, f);
+    #[cfg(not(micromoe_dsp))]
+    for row in w.chunks_exact(x.len().max(1)) {
+        f(dot_i8(row, x, offset));
+    }
+}
+
+/// Calls `f(sum x * w_row)` (exact `i64`) for every row of `w` in order.
+#[inline(always)]
+#[cfg_attr(micromoe_dsp, allow(unused_mut))]
+fn each_dot_q15(w: &[i8], x: &[i16], mut f: impl FnMut(i64)) {
+    #[cfg(micromoe_dsp)]
+    super::arm::each_dot_q15(w, x, f);
+    #[cfg(not(micromoe_dsp))]
+    for row in w.chunks_exact(x.len().max(1)) {
+        f(dot_q15(row, x));
+    }
+}
+
+/// The portable kernels, one multiply-accumulate at a time: the reference
+/// every fast path is checked against (on every target).
+pub mod reference {
+    use super::{dot_i8, dot_q15};
+    use crate::quant::{IntAct, Multiplier, requantize, requantize_wide};
+
+    /// [`matvec_i8`](super::matvec_i8), portable.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matvec_i8(
+        w: &[i8],
+        bias: Option<&[i32]>,
+        multipliers: &[i32],
+        shifts: &[i32],
+        x: &[i8],
+        input_offset: i32,
+        output_zp: i32,
+        y: &mut [i8],
+    ) {
+        let bias = bias.unwrap_or(&[]);
+        let requant = multipliers.iter().zip(shifts);
+        for (o, ((yo, row), (&m, &s))) in
+            y.iter_mut().zip(w.chunks_exact(x.len().max(1))).zip(requant).enumerate()
+        {
+            let acc = dot_i8(row, x, input_offset).wrapping_add(bias.get(o).copied().unwrap_or(0));
+            let v = requantize(acc, Multiplier { multiplier: m, shift: s });
+            *yo = i8::saturate(v.saturating_add(output_zp));
+        }
+    }
+
+    /// [`matvec_q15`](super::matvec_q15), portable.
+    pub fn matvec_q15(
+        w: &[i8],
+        bias: Option<&[i64]>,
+        multipliers: &[i32],
+        shifts: &[i32],
+        x: &[i16],
+        y: &mut [i16],
+    ) {
+        let bias = bias.unwrap_or(&[]);
+        let requant = multipliers.iter().zip(shifts);
+        for (o, ((yo, row), (&m, &s))) in
+            y.iter_mut().zip(w.chunks_exact(x.len().max(1))).zip(requant).enumerate()
+        {
+            let acc = dot_q15(row, x).wrapping_add(bias.get(o).copied().unwrap_or(0));
+            *yo = i16::saturate(requantize_wide(acc, Multiplier { multiplier: m, shift: s }));
+        }
+    }
+}
+
+#[cfg_attr(micromoe_dsp, allow(dead_code))]
+#[inline(always)]
+fn dot_i8(row: &[i8], x: &[i8], input_offset: i32) -> i32 {
+    row.iter().zip(x).fold(0i32, |acc, (&wi, &xi)| acc.wrapping_add((xi as i32 + input_offset) * wi as i32))
+}
+
+#[cfg_attr(micromoe_dsp, allow(dead_code))]
+#[inline(always)]
+fn dot_q15(row: &[i8], x: &[i16]) -> i64 {
+    row.iter().zip(x).fold(0i64, |acc, (&wi, &xi)| acc + (xi as i32 * wi as i32) as i64)
 }
 
 /// The integer kernels for an activation type: int8 (`i8`) or Q15 (`i16`).
@@ -92,12 +182,14 @@ impl IntKernel for i8 {
     }
 
     fn matvec_wide(lin: &QLinear<'_, i8>, x: &[i8], y: &mut [i32]) {
-        let bias = lin.bias.unwrap_or(&[]);
-        let rows = y.iter_mut().zip(lin.w.chunks_exact(lin.cols)).zip(lin.requant());
-        for (o, ((yo, row), m)) in rows.enumerate() {
-            let acc = dot_i8(row, x, -lin.input_zp).wrapping_add(bias.get(o).copied().unwrap_or(0));
-            *yo = requantize_wide(acc as i64, m).saturating_add(lin.output_zp);
-        }
+        let mut bias = lin.bias.unwrap_or(&[]).iter();
+        let x = x.get(..lin.cols).unwrap_or(x);
+        let mut out = y.iter_mut().zip(lin.multipliers.iter().zip(lin.shifts));
+        each_dot_i8(lin.w, x, -lin.input_zp, |dot| {
+            let Some((yo, (&multiplier, &shift))) = out.next() else { return };
+            let acc = dot.wrapping_add(bias.next().copied().unwrap_or(0));
+            *yo = requantize_wide(acc as i64, Multiplier { multiplier, shift }).saturating_add(lin.output_zp);
+        });
     }
 }
 
@@ -113,12 +205,14 @@ impl IntKernel for i16 {
     }
 
     fn matvec_wide(lin: &QLinear<'_, i16>, x: &[i16], y: &mut [i32]) {
-        let bias = lin.bias.unwrap_or(&[]);
-        let rows = y.iter_mut().zip(lin.w.chunks_exact(lin.cols)).zip(lin.requant());
-        for (o, ((yo, row), m)) in rows.enumerate() {
-            let acc = dot_q15(row, x).wrapping_add(bias.get(o).copied().unwrap_or(0));
-            *yo = requantize_wide(acc, m).saturating_add(lin.output_zp);
-        }
+        let mut bias = lin.bias.unwrap_or(&[]).iter();
+        let x = x.get(..lin.cols).unwrap_or(x);
+        let mut out = y.iter_mut().zip(lin.multipliers.iter().zip(lin.shifts));
+        each_dot_q15(lin.w, x, |dot| {
+            let Some((yo, (&multiplier, &shift))) = out.next() else { return };
+            let acc = dot.wrapping_add(bias.next().copied().unwrap_or(0));
+            *yo = requantize_wide(acc, Multiplier { multiplier, shift }).saturating_add(lin.output_zp);
+        });
     }
 }
 

@@ -1,9 +1,12 @@
 //! Matrix-vector kernels, one per numeric type: `y = W x + b`, with `W`
 //! row-major `(out, in)` as PyTorch's `nn.Linear` stores it.
 //!
-//! These are the portable reference kernels: safe, allocation-free, and
-//! written so that the compiler removes bounds checks (`chunks_exact`, `zip`).
-//! Fast paths (Arm DSP, host SIMD) come later and are tested against these.
+//! The portable kernels are safe, allocation-free, and written so that the
+//! compiler removes bounds checks (`chunks_exact`, `zip`); they stay
+//! available as [`reference`]. On Cortex-M4/M7 (`thumbv7em`) the int8 and
+//! Q15 kernels take the Arm DSP path (`SMLAD`, four rows per pass; module
+//! `arm`, compiled only there), which the firmware under `boards/` checks
+//! bit for bit against [`reference`] under QEMU.
 //!
 //! A layer's weights are borrowed ([`Linear`] for f32/f16, [`QLinear`] for
 //! int8/Q15); constructors check every length once, so `forward` cannot fail.
@@ -18,8 +21,10 @@
 //! assert_eq!(y, [7.5, -1.0]);
 //! ```
 
+#[cfg(micromoe_dsp)]
+mod arm;
 mod float;
 mod int;
 
 pub use float::{Activation, FloatWeight, Linear, matvec};
-pub use int::{IntKernel, MulParams, QLinear, matvec_i8, matvec_q15};
+pub use int::{IntKernel, MulParams, QLinear, for_each_dot_i8, matvec_i8, matvec_q15, reference};

@@ -1,7 +1,7 @@
 //! A weight matrix of any stored type, multiplied by f32 vectors.
 
 use crate::error::{Error, Result, What, check_len, mul};
-use crate::kernels::matvec;
+use crate::kernels::{for_each_dot_i8, matvec};
 use crate::quant::f16;
 
 /// Widest input of an int8 matrix: `cols * 127 * 127` must fit an `i32`.
@@ -113,10 +113,15 @@ impl<'a> Matrix<'a> {
             Weights::I8 { w, scales } => {
                 let sx = quantize_vector(x, xq);
                 let xq = &xq[..x.len().min(xq.len())];
-                for ((yo, row), &s) in y.iter_mut().zip(w.chunks_exact(self.cols)).zip(scales) {
-                    let acc: i32 = row.iter().zip(xq).map(|(&a, &b)| a as i32 * b as i32).sum();
-                    *yo = acc as f32 * (s * sx);
+                if xq.len() != self.cols {
+                    return;
                 }
+                let mut out = y.iter_mut().zip(scales);
+                for_each_dot_i8(w, xq, 0, |acc| {
+                    if let Some((yo, &s)) = out.next() {
+                        *yo = acc as f32 * (s * sx);
+                    }
+                });
                 if let Some(b) = self.bias {
                     y.iter_mut().zip(b).for_each(|(yo, &bo)| *yo += bo);
                 }

@@ -12,6 +12,9 @@ use micromoe::{Model, include_model};
 
 #[cfg(feature = "tinylm")]
 pub mod tinylm;
+
+/// The library, for firmware binaries that call it directly.
+pub use micromoe;
 use semihosting::println;
 
 struct Case {

@@ -1,0 +1,653 @@
+//! Arm DSP fast paths for Cortex-M4/M7 (`thumbv7em`): the int8 and Q15
+//! matrix-vector products with `SMLAD` (two 16 x 16 multiply-accumulates
+//! per instruction), bit-exact with the portable kernels in
+//! [`reference`](super::reference).
+//!
+//! Four output rows per pass share each input word. One 32-bit load brings
+//! four int8 weights; `SXTB16` and `SXTB16 ROR #8` split them into the pairs
+//! `(w0, w2)` and `(w1, w3)`, so the input is arranged the same way: int8
+//! inputs by the same two instructions (plus the input offset, `SADD16`),
+//! Q15 inputs by `PKHBT` / `PKHTB` from two loads. No weight layout change
+//! is needed. Sums wrap in `i32` as the portable int8 kernel's do; Q15 sums
+//! are moved into `i64` every 256 products, before an `i32` could overflow
+//! (`|x w| <= 2^15 * 2^7`), so they are exact as the portable `i64` sums.
+//!
+//! Compiled only for `thumbv7em` targets (see `build.rs`): stable Rust has
+//! no DSP intrinsics, so each instruction is a one-line `asm!` on registers.
+#![allow(unsafe_code)]
+
+use core::arch::asm;
+
+use crate::quant::{IntAct, Multiplier, requantize, requantize_wide};
+
+#[inline(always)]
+fn sxtb16(x: u32) -> u32 {
+    let r;
+    // SAFETY: register-only arithmetic; no memory, stack or flags touched.
+    unsafe {
+        asm!("sxtb16 {r}, {x}", r = lateout(reg) r, x = in(reg) x, options(pure, nomem, nostack, preserves_flags))
+    };
+    r
+}
+
+#[inline(always)]
+fn sxtb16_ror8(x: u32) -> u32 {
+    let r;
+    // SAFETY: as `sxtb16`.
+    unsafe {
+        asm!("sxtb16 {r}, {x}, ror #8", r = lateout(reg) r, x = in(reg) x, options(pure, nomem, nostack, preserves_flags))
+    };
+    r
+}
+
+/// `acc + a.lo * b.lo + a.hi * b.hi` (signed halves), wrapping.
+#[inline(always)]
+fn smlad(a: u32, b: u32, acc: i32) -> i32 {
+    let r;
+    // SAFETY: register-only arithmetic; may set the sticky Q flag, which
+    // nothing reads (so no `preserves_flags`).
+    unsafe {
+        asm!("smlad {r}, {a}, {b}, {c}", r = lateout(reg) r, a = in(reg) a, b = in(reg) b, c = in(reg) acc, options(pure, nomem, nostack))
+    };
+    r
+}
+
+/// Two 16-bit additions.
+#[inline(always)]
+fn sadd16(a: u32, b: u32) -> u32 {
+    let r;
+    // SAFETY: register-only arithmetic; sets only the GE flags, which nothing reads.
+    unsafe {
+        asm!("sadd16 {r}, {a}, {b}", r = lateout(reg) r, a = in(reg) a, b = in(reg) b, options(pure, nomem, nostack))
+    };
+    r
+}
+
+/// `(a.lo, b.lo)`.
+#[inline(always)]
+fn pkhbt(a: u32, b: u32) -> u32 {
+    let r;
+    // SAFETY: register-only arithmetic.
+    unsafe {
+        asm!("pkhbt {r}, {a}, {b}, lsl #16", r = lateout(reg) r, a = in(reg) a, b = in(reg) b, options(pure, nomem, nostack, preserves_flags))
+    };
+    r
+}
+
+/// `(a.hi, b.hi)`.
+#[inline(always)]
+fn pkhtb(b: u32, a: u32) -> u32 {
+    let r;
+    // SAFETY: register-only arithmetic.
+    unsafe {
+        asm!("pkhtb {r}, {b}, {a}, asr #16", r = lateout(reg) r, b = in(reg) b, a = in(reg) a, options(pure, nomem, nostack, preserves_flags))
+    };
+    r
+}
+
+#[inline(always)]
+fn word(b: &[i8; 4]) -> u32 {
+    u32::from_le_bytes(b.map(|v| v as u8))
+}
+
+/// The 16-bit pair `(v, v)`.
+fn pair(v: i32) -> u32 {
+    (v as u16 as u32) * 0x0001_0001
+}
+
+/// Inputs the fast loop takes at once: their pairs live on the stack
+/// (`2 * MAX_EXPANDED` bytes); wider inputs take the register-only path.
+pub(super) const MAX_EXPANDED: usize = 1024;
+
+/// Adds to four rows' sums the products of `n` groups of four inputs with
+/// four weight rows. `xp` holds, per group, the pairs `(x0, x2)`, `(x1, x3)`
+/// as 16-bit halves; row `r` starts at `w + r * stride`. One pass per group:
+/// one `LDRD` for the inputs, then per row one `LDR`, two `SXTB16` and two
+/// `SMLAD`, two groups per loop iteration: 44 instructions per 32
+/// multiply-accumulates.
+///
+/// # Safety
+/// `xp` must be valid for reading `2 * n` words, and `w + r * stride` for
+/// reading `4 * n` bytes for each `r` in `0..4`.
+#[inline(always)]
+unsafe fn quad_loop(xp: *const u32, n: usize, w: *const i8, stride: usize, acc: &mut [i32; 4]) {
+    let (mut xp, mut w0, mut w2) = (xp, w, w.wrapping_add(2 * stride));
+    let [mut a0, mut a1, mut a2, mut a3] = *acc;
+    let pairs = n / 2;
+    if pairs > 0 {
+        let n = pairs;
+        // Two groups per iteration: the loop branch costs half as much.
+        // SAFETY: the caller guarantees the reads; the loop writes only its
+        // operand registers (and the flags, by `subs`).
+        unsafe {
+            asm!(
+                "2:",
+                "ldrd {x02}, {x13}, [{xp}], #8",
+                "ldr {t0}, [{w0}, {s}]",
+                "sxtb16 {t1}, {t0}",
+                "sxtb16 {t0}, {t0}, ror #8",
+                "smlad {a1}, {t1}, {x02}, {a1}",
+                "smlad {a1}, {t0}, {x13}, {a1}",
+                "ldr {t0}, [{w0}], #4",
+                "sxtb16 {t1}, {t0}",
+                "sxtb16 {t0}, {t0}, ror #8",
+                "smlad {a0}, {t1}, {x02}, {a0}",
+                "smlad {a0}, {t0}, {x13}, {a0}",
+                "ldr {t0}, [{w2}, {s}]",
+                "sxtb16 {t1}, {t0}",
+                "sxtb16 {t0}, {t0}, ror #8",
+                "smlad {a3}, {t1}, {x02}, {a3}",
+                "smlad {a3}, {t0}, {x13}, {a3}",
+                "ldr {t0}, [{w2}], #4",
+                "sxtb16 {t1}, {t0}",
+                "sxtb16 {t0}, {t0}, ror #8",
+                "smlad {a2}, {t1}, {x02}, {a2}",
+                "smlad {a2}, {t0}, {x13}, {a2}",
+                "ldrd {x02}, {x13}, [{xp}], #8",
+                "ldr {t0}, [{w0}, {s}]",
+                "sxtb16 {t1}, {t0}",
+                "sxtb16 {t0}, {t0}, ror #8",
+                "smlad {a1}, {t1}, {x02}, {a1}",
+                "smlad {a1}, {t0}, {x13}, {a1}",
+                "ldr {t0}, [{w0}], #4",
+                "sxtb16 {t1}, {t0}",
+                "sxtb16 {t0}, {t0}, ror #8",
+                "smlad {a0}, {t1}, {x02}, {a0}",
+                "smlad {a0}, {t0}, {x13}, {a0}",
+                "ldr {t0}, [{w2}, {s}]",
+                "sxtb16 {t1}, {t0}",
+                "sxtb16 {t0}, {t0}, ror #8",
+                "smlad {a3}, {t1}, {x02}, {a3}",
+                "smlad {a3}, {t0}, {x13}, {a3}",
+                "ldr {t0}, [{w2}], #4",
+                "sxtb16 {t1}, {t0}",
+                "sxtb16 {t0}, {t0}, ror #8",
+                "smlad {a2}, {t1}, {x02}, {a2}",
+                "smlad {a2}, {t0}, {x13}, {a2}",
+                "subs {n}, {n}, #1",
+                "bne 2b",
+                xp = inout(reg) xp,
+                n = inout(reg) n => _,
+                w0 = inout(reg) w0,
+                w2 = inout(reg) w2,
+                s = in(reg) stride,
+                a0 = inout(reg) a0,
+                a1 = inout(reg) a1,
+                a2 = inout(reg) a2,
+                a3 = inout(reg) a3,
+                x02 = out(reg) _,
+                x13 = out(reg) _,
+                t0 = out(reg) _,
+                t1 = out(reg) _,
+                options(nostack, readonly),
+            );
+        }
+    }
+    if n % 2 == 1 {
+        // SAFETY: as above, one group.
+        unsafe {
+            asm!(
+                "ldrd {x02}, {x13}, [{xp}], #8",
+                "ldr {t0}, [{w0}, {s}]",
+                "sxtb16 {t1}, {t0}",
+                "sxtb16 {t0}, {t0}, ror #8",
+                "smlad {a1}, {t1}, {x02}, {a1}",
+                "smlad {a1}, {t0}, {x13}, {a1}",
+                "ldr {t0}, [{w0}], #4",
+                "sxtb16 {t1}, {t0}",
+                "sxtb16 {t0}, {t0}, ror #8",
+                "smlad {a0}, {t1}, {x02}, {a0}",
+                "smlad {a0}, {t0}, {x13}, {a0}",
+                "ldr {t0}, [{w2}, {s}]",
+                "sxtb16 {t1}, {t0}",
+                "sxtb16 {t0}, {t0}, ror #8",
+                "smlad {a3}, {t1}, {x02}, {a3}",
+                "smlad {a3}, {t0}, {x13}, {a3}",
+                "ldr {t0}, [{w2}], #4",
+                "sxtb16 {t1}, {t0}",
+                "sxtb16 {t0}, {t0}, ror #8",
+                "smlad {a2}, {t1}, {x02}, {a2}",
+                "smlad {a2}, {t0}, {x13}, {a2}",
+                xp = inout(reg) xp => _,
+                w0 = inout(reg) w0 => _,
+                w2 = inout(reg) w2 => _,
+                s = in(reg) stride,
+                a0 = inout(reg) a0,
+                a1 = inout(reg) a1,
+                a2 = inout(reg) a2,
+                a3 = inout(reg) a3,
+                x02 = out(reg) _,
+                x13 = out(reg) _,
+                t0 = out(reg) _,
+                t1 = out(reg) _,
+                options(nostack, readonly),
+            );
+        }
+    }
+    *acc = [a0, a1, a2, a3];
+}
+
+/// `x + offset` as the pairs `quad_loop` reads; returns the groups written.
+fn expand_i8(x: &[i8], offset: i32, out: &mut [u32]) -> usize {
+    let off = pair(offset);
+    let (xs, _) = x.as_chunks::<4>();
+    let mut n = 0;
+    for (xw, o) in xs.iter().zip(out.as_chunks_mut::<2>().0) {
+        let xv = word(xw);
+        *o = [sadd16(sxtb16(xv), off), sadd16(sxtb16_ror8(xv), off)];
+        n += 1;
+    }
+    n
+}
+
+/// Q15 `x` as the pairs `quad_loop` reads; returns the groups written.
+fn expand_q15(x: &[i16], out: &mut [u32]) -> usize {
+    let (xs, _) = x.as_chunks::<4>();
+    let mut n = 0;
+    for (xw, o) in xs.iter().zip(out.as_chunks_mut::<2>().0) {
+        let (a, b) = q15_pairs(xw);
+        *o = [a, b];
+        n += 1;
+    }
+    n
+}
+
+/// [`matvec_i8`](super::matvec_i8) on the DSP path: four rows per pass, the
+/// requantization of each four done on arrays, so no bounds checks. `None`
+/// when the lengths disagree (the caller then takes the general path).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn matvec_i8(
+    w: &[i8],
+    bias: Option<&[i32]>,
+    multipliers: &[i32],
+    shifts: &[i32],
+    x: &[i8],
+    offset: i32,
+    output_zp: i32,
+    y: &mut [i8],
+) -> Option<()> {
+    let cols = x.len();
+    let rows = y.len();
+    let fits = cols > 0
+        && cols <= MAX_EXPANDED
+        && w.len() == rows * cols
+        && multipliers.len() == rows
+        && shifts.len() == rows
+        && bias.is_none_or(|b| b.len() == rows);
+    if !fits {
+        return None;
+    }
+    let requant = |acc: i32, m: i32, s: i32| {
+        let v = requantize(acc, Multiplier { multiplier: m, shift: s });
+        i8::saturate(v.saturating_add(output_zp))
+    };
+    if cols <= 128 {
+        quads_i8::<64>(w, x, offset, |o, acc: [i32; 4]| {
+            let (Some(yv), Some(m), Some(s)) = (
+                y.get_mut(o..o + 4).and_then(|v| v.as_chunks_mut::<4>().0.first_mut()),
+                multipliers.get(o..o + 4).and_then(|v| v.as_chunks::<4>().0.first()),
+                shifts.get(o..o + 4).and_then(|v| v.as_chunks::<4>().0.first()),
+            ) else {
+                return;
+            };
+            let b = bias
+                .and_then(|b| b.get(o..o + 4))
+                .and_then(|v| v.as_chunks::<4>().0.first())
+                .unwrap_or(&[0; 4]);
+            for r in 0..4 {
+                yv[r] = requant(acc[r].wrapping_add(b[r]), m[r], s[r]);
+            }
+        })
+    } else {
+        quads_i8::<{ MAX_EXPANDED / 2 }>(w, x, offset, |o, acc: [i32; 4]| {
+            let (Some(yv), Some(m), Some(s)) = (
+                y.get_mut(o..o + 4).and_then(|v| v.as_chunks_mut::<4>().0.first_mut()),
+                multipliers.get(o..o + 4).and_then(|v| v.as_chunks::<4>().0.first()),
+                shifts.get(o..o + 4).and_then(|v| v.as_chunks::<4>().0.first()),
+            ) else {
+                return;
+            };
+            let b = bias
+                .and_then(|b| b.get(o..o + 4))
+                .and_then(|v| v.as_chunks::<4>().0.first())
+                .unwrap_or(&[0; 4]);
+            for r in 0..4 {
+                yv[r] = requant(acc[r].wrapping_add(b[r]), m[r], s[r]);
+            }
+        })
+    }
+    let done = rows / 4 * 4;
+    for (o, row) in w.chunks_exact(cols).enumerate().skip(done) {
+        let acc = dot_i8(row, x, offset).wrapping_add(bias.map_or(0, |b| b[o]));
+        y[o] = requant(acc, multipliers[o], shifts[o]);
+    }
+    Some(())
+}
+
+/// [`matvec_q15`](super::matvec_q15) on the DSP path, as [`matvec_i8`].
+pub(super) fn matvec_q15(
+    w: &[i8],
+    bias: Option<&[i64]>,
+    multipliers: &[i32],
+    shifts: &[i32],
+    x: &[i16],
+    y: &mut [i16],
+) -> Option<()> {
+    let cols = x.len();
+    let rows = y.len();
+    let fits = cols > 0
+        && cols <= MAX_EXPANDED
+        && w.len() == rows * cols
+        && multipliers.len() == rows
+        && shifts.len() == rows
+        && bias.is_none_or(|b| b.len() == rows);
+    if !fits {
+        return None;
+    }
+    let requant = |acc: i64, m: i32, s: i32| {
+        i16::saturate(requantize_wide(acc, Multiplier { multiplier: m, shift: s }))
+    };
+    let epilogue = |y: &mut [i16], o: usize, acc: [i64; 4]| {
+        let (Some(yv), Some(m), Some(s)) = (
+            y.get_mut(o..o + 4).and_then(|v| v.as_chunks_mut::<4>().0.first_mut()),
+            multipliers.get(o..o + 4).and_then(|v| v.as_chunks::<4>().0.first()),
+            shifts.get(o..o + 4).and_then(|v| v.as_chunks::<4>().0.first()),
+        ) else {
+            return;
+        };
+        let b =
+            bias.and_then(|b| b.get(o..o + 4)).and_then(|v| v.as_chunks::<4>().0.first()).unwrap_or(&[0; 4]);
+        for r in 0..4 {
+            yv[r] = requant(acc[r].wrapping_add(b[r]), m[r], s[r]);
+        }
+    };
+    if cols <= 128 {
+        quads_q15::<64>(w, x, |o, acc| epilogue(y, o, acc));
+    } else {
+        quads_q15::<{ MAX_EXPANDED / 2 }>(w, x, |o, acc| epilogue(y, o, acc));
+    }
+    let done = rows / 4 * 4;
+    for (o, row) in w.chunks_exact(cols).enumerate().skip(done) {
+        let acc = dot_q15(row, x).wrapping_add(bias.map_or(0, |b| b[o]));
+        y[o] = requant(acc, multipliers[o], shifts[o]);
+    }
+    Some(())
+}
+
+/// Four rows' Q15 sums at a time (exact `i64`), as [`quads_i8`].
+#[inline(always)]
+fn quads_q15<const WORDS: usize>(w: &[i8], x: &[i16], mut f: impl FnMut(usize, [i64; 4])) {
+    let cols = x.len().max(1);
+    let mut pairs = [0u32; WORDS];
+    let groups = expand_q15(x, &mut pairs);
+    let done = groups * 4;
+    for (i, q) in w.chunks_exact(4 * cols).enumerate() {
+        let (mut t0, mut t1, mut t2, mut t3) = (0i64, 0i64, 0i64, 0i64);
+        let mut g = 0;
+        while g < groups {
+            let n = (groups - g).min(Q15_BLOCK / 4);
+            let mut acc = [0i32; 4];
+            // SAFETY: words `2g..2(g+n)` of `pairs` were written; each of the
+            // four rows has `cols >= 4 (g + n)` bytes from byte `4g`.
+            unsafe {
+                quad_loop(
+                    pairs.as_ptr().wrapping_add(2 * g),
+                    n,
+                    q.as_ptr().wrapping_add(4 * g),
+                    cols,
+                    &mut acc,
+                )
+            };
+            (t0, t1, t2, t3) =
+                (t0 + acc[0] as i64, t1 + acc[1] as i64, t2 + acc[2] as i64, t3 + acc[3] as i64);
+            g += n;
+        }
+        let mut total = [t0, t1, t2, t3];
+        if done < x.len() {
+            for (t, row) in total.iter_mut().zip(q.chunks_exact(cols)) {
+                let tail = row.get(done..).unwrap_or(&[]).iter().zip(x.get(done..).unwrap_or(&[]));
+                *t = tail.fold(*t, |s, (&w, &xv)| s + (xv as i32 * w as i32) as i64);
+            }
+        }
+        f(4 * i, total);
+    }
+}
+
+/// Four rows' sums at a time: `f(first_row, sums)`; rows past the last
+/// multiple of four are left to the caller.
+#[inline(always)]
+fn quads_i8<const WORDS: usize>(w: &[i8], x: &[i8], offset: i32, mut f: impl FnMut(usize, [i32; 4])) {
+    let cols = x.len().max(1);
+    let mut pairs = [0u32; WORDS];
+    let groups = expand_i8(x, offset, &mut pairs);
+    let done = groups * 4;
+    for (i, q) in w.chunks_exact(4 * cols).enumerate() {
+        let mut acc = [0i32; 4];
+        // SAFETY: `pairs` holds `2 * groups` words; `q` holds four rows of
+        // `cols >= 4 * groups` bytes, `cols` apart.
+        unsafe { quad_loop(pairs.as_ptr(), groups, q.as_ptr(), cols, &mut acc) };
+        if done < x.len() {
+            for (a, row) in acc.iter_mut().zip(q.chunks_exact(cols)) {
+                let tail = row.get(done..).unwrap_or(&[]).iter().zip(x.get(done..).unwrap_or(&[]));
+                *a = tail.fold(*a, |s, (&w, &xv)| s.wrapping_add((xv as i32 + offset) * w as i32));
+            }
+        }
+        f(4 * i, acc);
+    }
+}
+
+/// Calls `f(sum (x + offset) * w_row)` (wrapping `i32`) for every row of
+/// `w` in order (`x.len()` columns), four rows per pass.
+#[inline(always)]
+pub(super) fn each_dot_i8(w: &[i8], x: &[i8], offset: i32, f: impl FnMut(i32)) {
+    // The expanded input lives on the stack: a small buffer for small layers
+    // (zeroing 2 KB would cost more than a 64 x 64 product's tails).
+    if x.len() <= 128 {
+        dots_i8::<64>(w, x, offset, f)
+    } else {
+        dots_i8::<{ MAX_EXPANDED / 2 }>(w, x, offset, f)
+    }
+}
+
+#[inline(always)]
+fn dots_i8<const WORDS: usize>(w: &[i8], x: &[i8], offset: i32, mut f: impl FnMut(i32)) {
+    let cols = x.len().max(1);
+    let mut quads = w.chunks_exact(4 * cols);
+    if x.len() <= 2 * WORDS {
+        let mut pairs = [0u32; WORDS];
+        let groups = expand_i8(x, offset, &mut pairs);
+        let done = groups * 4;
+        for q in &mut quads {
+            let mut acc = [0i32; 4];
+            // SAFETY: `pairs` holds `2 * groups` words; `q` holds four rows of
+            // `cols >= 4 * groups` bytes, `cols` apart.
+            unsafe { quad_loop(pairs.as_ptr(), groups, q.as_ptr(), cols, &mut acc) };
+            if done < x.len() {
+                for (a, row) in acc.iter_mut().zip(q.chunks_exact(cols)) {
+                    let tail = row.get(done..).unwrap_or(&[]).iter().zip(x.get(done..).unwrap_or(&[]));
+                    *a = tail.fold(*a, |s, (&w, &xv)| s.wrapping_add((xv as i32 + offset) * w as i32));
+                }
+            }
+            f(acc[0]);
+            f(acc[1]);
+            f(acc[2]);
+            f(acc[3]);
+        }
+    } else {
+        for q in &mut quads {
+            let (a, q) = q.split_at(cols);
+            let (b, q) = q.split_at(cols);
+            let (c, d) = q.split_at(cols);
+            dots4_i8([a, b, c, d], x, offset).into_iter().for_each(&mut f);
+        }
+    }
+    for row in quads.remainder().chunks_exact(cols) {
+        f(dot_i8(row, x, offset));
+    }
+}
+
+/// Calls `f(sum x * w_row)` (exact `i64`) for every row of `w` in order,
+/// four rows per pass, the `i32` sums widened every 256 products.
+#[inline(always)]
+pub(super) fn each_dot_q15(w: &[i8], x: &[i16], f: impl FnMut(i64)) {
+    if x.len() <= 128 { dots_q15::<64>(w, x, f) } else { dots_q15::<{ MAX_EXPANDED / 2 }>(w, x, f) }
+}
+
+#[inline(always)]
+fn dots_q15<const WORDS: usize>(w: &[i8], x: &[i16], mut f: impl FnMut(i64)) {
+    let cols = x.len().max(1);
+    let mut quads = w.chunks_exact(4 * cols);
+    if x.len() <= 2 * WORDS {
+        let mut pairs = [0u32; WORDS];
+        let groups = expand_q15(x, &mut pairs);
+        let done = groups * 4;
+        for q in &mut quads {
+            let mut total = [0i64; 4];
+            let mut g = 0;
+            while g < groups {
+                let n = (groups - g).min(Q15_BLOCK / 4);
+                let mut acc = [0i32; 4];
+                // SAFETY: words `2g..2(g+n)` of `pairs` were written; each of
+                // the four rows has `cols >= 4 (g + n)` bytes from `4g`.
+                unsafe {
+                    quad_loop(
+                        pairs.as_ptr().wrapping_add(2 * g),
+                        n,
+                        q.as_ptr().wrapping_add(4 * g),
+                        cols,
+                        &mut acc,
+                    )
+                };
+                for (t, a) in total.iter_mut().zip(acc) {
+                    *t += a as i64;
+                }
+                g += n;
+            }
+            if done < x.len() {
+                for (t, row) in total.iter_mut().zip(q.chunks_exact(cols)) {
+                    let tail = row.get(done..).unwrap_or(&[]).iter().zip(x.get(done..).unwrap_or(&[]));
+                    *t = tail.fold(*t, |s, (&w, &xv)| s + (xv as i32 * w as i32) as i64);
+                }
+            }
+            f(total[0]);
+            f(total[1]);
+            f(total[2]);
+            f(total[3]);
+        }
+    } else {
+        for q in &mut quads {
+            let (a, q) = q.split_at(cols);
+            let (b, q) = q.split_at(cols);
+            let (c, d) = q.split_at(cols);
+            dots4_q15([a, b, c, d], x).into_iter().for_each(&mut f);
+        }
+    }
+    for row in quads.remainder().chunks_exact(cols) {
+        f(dot_q15(row, x));
+    }
+}
+
+/// Dot products of four int8 rows with `x + offset`, wrapping `i32`.
+#[inline(never)]
+fn dots4_i8(rows: [&[i8]; 4], x: &[i8], offset: i32) -> [i32; 4] {
+    let off = pair(offset);
+    let (xs, x_tail) = x.as_chunks::<4>();
+    let [r0, r1, r2, r3] = rows.map(|r| r.as_chunks::<4>().0);
+    // Written out, not looped: at opt-level "s" a loop over the four rows
+    // stays a loop, with the sums in memory.
+    let (mut s0, mut s1, mut s2, mut s3) = (0i32, 0i32, 0i32, 0i32);
+    for ((((xw, a), b), c), d) in xs.iter().zip(r0).zip(r1).zip(r2).zip(r3) {
+        let xv = word(xw);
+        let (x02, x13) = (sadd16(sxtb16(xv), off), sadd16(sxtb16_ror8(xv), off));
+        let (a, b, c, d) = (word(a), word(b), word(c), word(d));
+        s0 = smlad(sxtb16_ror8(a), x13, smlad(sxtb16(a), x02, s0));
+        s1 = smlad(sxtb16_ror8(b), x13, smlad(sxtb16(b), x02, s1));
+        s2 = smlad(sxtb16_ror8(c), x13, smlad(sxtb16(c), x02, s2));
+        s3 = smlad(sxtb16_ror8(d), x13, smlad(sxtb16(d), x02, s3));
+    }
+    let mut acc = [s0, s1, s2, s3];
+    let done = xs.len() * 4;
+    for (acc, row) in acc.iter_mut().zip(rows) {
+        let tail = row.get(done..).unwrap_or(&[]);
+        for (&w, &xv) in tail.iter().zip(x_tail) {
+            *acc = acc.wrapping_add((xv as i32 + offset) * w as i32);
+        }
+    }
+    acc
+}
+
+/// One int8 row with `x + offset`, wrapping `i32`.
+fn dot_i8(row: &[i8], x: &[i8], offset: i32) -> i32 {
+    let off = pair(offset);
+    let (xs, x_tail) = x.as_chunks::<4>();
+    let (ws, w_tail) = row.as_chunks::<4>();
+    let mut acc = 0i32;
+    for (xw, w) in xs.iter().zip(ws) {
+        let (xv, wv) = (word(xw), word(w));
+        acc = smlad(sxtb16(wv), sadd16(sxtb16(xv), off), acc);
+        acc = smlad(sxtb16_ror8(wv), sadd16(sxtb16_ror8(xv), off), acc);
+    }
+    for (&w, &xv) in w_tail.iter().zip(x_tail) {
+        acc = acc.wrapping_add((xv as i32 + offset) * w as i32);
+    }
+    acc
+}
+
+/// Products per `i32` block of the Q15 sums: `256 * 2^15 * 2^7 = 2^30`.
+const Q15_BLOCK: usize = 256;
+
+/// Q15 inputs `(x0..x3)` as the pairs `(x0, x2)` and `(x1, x3)`.
+#[inline(always)]
+fn q15_pairs(x: &[i16; 4]) -> (u32, u32) {
+    let lo = (x[0] as u16 as u32) | (x[1] as u16 as u32) << 16;
+    let hi = (x[2] as u16 as u32) | (x[3] as u16 as u32) << 16;
+    (pkhbt(lo, hi), pkhtb(hi, lo))
+}
+
+/// Dot products of four int8 rows with Q15 `x`, exact in `i64`.
+#[inline(never)]
+fn dots4_q15(rows: [&[i8]; 4], x: &[i16]) -> [i64; 4] {
+    let mut total = [0i64; 4];
+    let mut start = 0;
+    while start < x.len() {
+        let end = (start + Q15_BLOCK).min(x.len());
+        let (xs, x_tail) = x[start..end].as_chunks::<4>();
+        let [r0, r1, r2, r3] = rows.map(|r| r.get(start..end).unwrap_or(&[]).as_chunks::<4>().0);
+        let (mut s0, mut s1, mut s2, mut s3) = (0i32, 0i32, 0i32, 0i32);
+        for ((((xw, a), b), c), d) in xs.iter().zip(r0).zip(r1).zip(r2).zip(r3) {
+            let (x02, x13) = q15_pairs(xw);
+            let (a, b, c, d) = (word(a), word(b), word(c), word(d));
+            s0 = smlad(sxtb16_ror8(a), x13, smlad(sxtb16(a), x02, s0));
+            s1 = smlad(sxtb16_ror8(b), x13, smlad(sxtb16(b), x02, s1));
+            s2 = smlad(sxtb16_ror8(c), x13, smlad(sxtb16(c), x02, s2));
+            s3 = smlad(sxtb16_ror8(d), x13, smlad(sxtb16(d), x02, s3));
+        }
+        let acc = [s0, s1, s2, s3];
+        let done = start + xs.len() * 4;
+        for ((t, acc), row) in total.iter_mut().zip(acc).zip(rows) {
+            let tail = row.get(done..end).unwrap_or(&[]);
+            let rest: i32 = tail.iter().zip(x_tail).map(|(&w, &xv)| xv as i32 * w as i32).sum();
+            *t += acc as i64 + rest as i64;
+        }
+        start = end;
+    }
+    total
+}
+
+/// One int8 row with Q15 `x`, exact in `i64`.
+fn dot_q15(row: &[i8], x: &[i16]) -> i64 {
+    let mut total = 0i64;
+    for (xb, wb) in x.chunks(Q15_BLOCK).zip(row.chunks(Q15_BLOCK)) {
+        let (xs, x_tail) = xb.as_chunks::<4>();
+        let (ws, w_tail) = wb.as_chunks::<4>();
+        let mut acc = 0i32;
+        for (xw, w) in xs.iter().zip(ws) {
+            let (x02, x13) = q15_pairs(xw);
+            let wv = word(w);
+            acc = smlad(sxtb16_ror8(wv), x13, smlad(sxtb16(wv), x02, acc));
+        }
+        let rest: i32 = w_tail.iter().zip(x_tail).map(|(&w, &xv)| xv as i32 * w as i32).sum();
+        total += acc as i64 + rest as i64;
+    }
+    total
+}
