@@ -3,8 +3,13 @@
 //! - `moe_vs_dense`: one token through a Mixtral-style layer (8 SwiGLU
 //!   experts of 512, top-2, width 256) against a dense SwiGLU FFN with the
 //!   same total parameters (hidden 8 x 512); the ideal ratio is 4x.
-//! - `matvec`: f32 and int8 matrix-vector products (GFLOP/s = 2 x MACs / s).
+//! - `matvec`: f32 and int8 matrix-vector products (GFLOP/s = 2 x MACs / s),
+//!   beside `f32_sequential`, a plain one-sum-per-row loop (what the kernel
+//!   was before it kept eight lanes), at sizes from L1-resident to 64 MB.
 //! - `batched`: tokens/s of `infer_batch` at 1, 16 and 256 tokens.
+//! - `peak`: this machine's limits for comparison: f32 multiply + add
+//!   throughput on registers (separate, as the kernels do; and fused, with
+//!   FMA) and read bandwidth over 256 MB.
 //!
 //! Benchmarks report; tests never assert times.
 
@@ -72,13 +77,20 @@ fn moe_vs_dense(c: &mut Criterion) {
 fn matvecs(c: &mut Criterion) {
     let mut rng = Rng(9);
     let mut g = c.benchmark_group("matvec");
-    for (rows, cols) in [(64, 64), (256, 512), (1024, 1024)] {
+    for (rows, cols) in [(64, 64), (256, 512), (1024, 1024), (4096, 4096)] {
         let w = rng.vec(rows * cols);
         let x = rng.vec(cols);
         let mut y = vec![0.0f32; rows];
         g.throughput(Throughput::Elements(2 * (rows * cols) as u64));
         g.bench_with_input(BenchmarkId::new("f32", format!("{rows}x{cols}")), &(), |b, _| {
             b.iter(|| matvec(black_box(&w), None, black_box(&x), &mut y))
+        });
+        g.bench_with_input(BenchmarkId::new("f32_sequential", format!("{rows}x{cols}")), &(), |b, _| {
+            b.iter(|| {
+                for (yo, row) in y.iter_mut().zip(black_box(&w).chunks_exact(cols)) {
+                    *yo = row.iter().zip(black_box(&x)).map(|(a, b)| a * b).sum();
+                }
+            })
         });
         let wq: Vec<i8> = w.iter().map(|v| (v * 1000.0) as i8).collect();
         let xq: Vec<i8> = x.iter().map(|v| (v * 1000.0) as i8).collect();
@@ -109,9 +121,58 @@ fn batched(c: &mut Criterion) {
     g.finish();
 }
 
+/// Eight independent 8-wide chains of multiply then add on registers.
+#[inline(always)]
+fn mul_add_chains(a: &mut [[f32; 8]; 8], m: f32, c: f32, fused: bool) {
+    for _ in 0..1024 {
+        for lane in a.iter_mut() {
+            for v in lane.iter_mut() {
+                *v = if fused { v.mul_add(m, c) } else { *v * m + c };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn mul_add_chains_avx2(a: &mut [[f32; 8]; 8], m: f32, c: f32, fused: bool) {
+    mul_add_chains(a, m, c, fused)
+}
+
+fn peak(c: &mut Criterion) {
+    let mut g = c.benchmark_group("peak");
+    // 1024 x 64 multiply-adds per call, 2 flops each.
+    g.throughput(Throughput::Elements(2 * 1024 * 64));
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        for (name, fused) in [("mul_then_add_avx2", false), ("fma_avx2", true)] {
+            g.bench_function(name, |b| {
+                let mut a = [[1.0f32; 8]; 8];
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                b.iter(|| unsafe { mul_add_chains_avx2(&mut a, black_box(0.999), black_box(1e-3), fused) });
+                black_box(a);
+            });
+        }
+    }
+    let big = vec![1.0f32; 64 << 20];
+    g.throughput(Throughput::Bytes((big.len() * 4) as u64));
+    g.bench_function("read_256MB", |b| {
+        b.iter(|| {
+            let mut l = [0.0f32; 16];
+            for c in black_box(&big).chunks_exact(16) {
+                for i in 0..16 {
+                    l[i] += c[i];
+                }
+            }
+            black_box(l)
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(2)).warm_up_time(std::time::Duration::from_millis(500));
-    targets = moe_vs_dense, matvecs, batched
+    targets = moe_vs_dense, matvecs, batched, peak
 }
 criterion_main!(benches);

@@ -177,6 +177,31 @@ impl<'a, W: FloatWeight> Expert<'a, W> {
             }
         }
     }
+
+    /// [`Expert::forward`] for several tokens at once (host batches): `xs`
+    /// `(tokens, in)`, `ys` `(tokens, out)`, `hidden` `tokens *`
+    /// [`Expert::hidden_len`] values; each weight row serves several tokens
+    /// while cached. The same bits as token by token.
+    pub fn forward_batch(&self, xs: &[f32], ys: &mut [f32], hidden: &mut [f32]) {
+        let tokens = xs.len() / self.ffn.in_dim().max(1);
+        let inner = self.ffn.hidden_dim();
+        let (h1, h2) = hidden.split_at_mut((tokens * inner).min(hidden.len()));
+        match &self.ffn {
+            Ffn::Mlp { up, act, down } => {
+                up.forward_batch(xs, h1);
+                act.apply(h1);
+                down.forward_batch(h1, ys);
+            }
+            Ffn::Gated { gate, up, act, down } => {
+                gate.forward_batch(xs, h1);
+                up.forward_batch(xs, h2);
+                for (g, &u) in h1.iter_mut().zip(h2.iter()) {
+                    *g = act.eval(*g) * u;
+                }
+                down.forward_batch(h1, ys);
+            }
+        }
+    }
 }
 
 /// An integer-path non-linearity.

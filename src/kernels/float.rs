@@ -23,22 +23,152 @@ impl FloatWeight for f16 {
     }
 }
 
+/// Partial sums kept per dot product: element `i` goes to lane `i % LANES`.
+pub const LANES: usize = 8;
+
+/// The dot product of `w` and `x` (equal lengths) in micromoe's fixed float
+/// order: eight lane sums over the elements in blocks of eight, added as
+/// `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))`, then the remaining
+/// elements one by one. Multiplies and adds are separate IEEE operations
+/// (never fused), so every target computes the same bits, and the eight
+/// independent lanes let the compiler use SIMD registers (SSE, AVX, NEON).
+#[inline(always)]
+pub fn dot<W: FloatWeight>(w: &[W], x: &[f32]) -> f32 {
+    let (wc, wt) = w.as_chunks::<LANES>();
+    let (xc, xt) = x.as_chunks::<LANES>();
+    let mut l = [0.0f32; LANES];
+    for (a, b) in wc.iter().zip(xc) {
+        for i in 0..LANES {
+            l[i] += a[i].to_f32() * b[i];
+        }
+    }
+    finish(l, wt, xt)
+}
+
+/// The lanes added in the fixed tree, then the tail.
+#[inline(always)]
+fn finish<W: FloatWeight>(l: [f32; LANES], wt: &[W], xt: &[f32]) -> f32 {
+    let mut s = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+    for (a, b) in wt.iter().zip(xt) {
+        s += a.to_f32() * b;
+    }
+    s
+}
+
 /// `y = W x + b`: `w` is `(y.len(), x.len())` row-major, `b` (if any) has
 /// `y.len()` elements. Rows beyond `w` (or bias beyond `b`) are not written
-/// (or not added); it never panics.
+/// (or not added); it never panics. Each row is a [`dot`]; on x86-64 hosts
+/// with AVX2 (detected at run time, `std`) the same code runs compiled for
+/// AVX2, with the same results.
 // w: (out, in) @ x: (in,) -> y: (out,)
 pub fn matvec<W: FloatWeight>(w: &[W], b: Option<&[f32]>, x: &[f32], y: &mut [f32]) {
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if avx2::matvec(w, b, x, y) {
+        return;
+    }
+    matvec_portable(w, b, x, y)
+}
+
+#[inline(always)]
+fn matvec_portable<W: FloatWeight>(w: &[W], b: Option<&[f32]>, x: &[f32], y: &mut [f32]) {
     if x.is_empty() {
         y.iter_mut().for_each(|v| *v = 0.0);
     } else {
         for (yo, row) in y.iter_mut().zip(w.chunks_exact(x.len())) {
-            *yo = row.iter().zip(x).map(|(&wi, &xi)| wi.to_f32() * xi).sum();
+            *yo = dot(row, x);
         }
     }
     if let Some(b) = b {
         for (yo, &bo) in y.iter_mut().zip(b) {
             *yo += bo;
         }
+    }
+}
+
+/// `ys = W xs + b` for several tokens: `xs` is `(tokens, in)`, `ys`
+/// `(tokens, out)`, both row-major. Each weight row is used for four
+/// tokens while it is in cache; every value equals [`matvec`]'s for that
+/// token, bit for bit.
+// w: (out, in) @ xs: (tokens, in) -> ys: (tokens, out)
+pub fn matmul<W: FloatWeight>(w: &[W], b: Option<&[f32]>, xs: &[f32], cols: usize, ys: &mut [f32]) {
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if avx2::matmul(w, b, xs, cols, ys) {
+        return;
+    }
+    matmul_portable(w, b, xs, cols, ys)
+}
+
+#[inline(always)]
+fn matmul_portable<W: FloatWeight>(w: &[W], b: Option<&[f32]>, xs: &[f32], cols: usize, ys: &mut [f32]) {
+    if cols == 0 {
+        return;
+    }
+    let rows = w.len() / cols;
+    if rows == 0 {
+        return;
+    }
+    let tokens = (xs.len() / cols).min(ys.len() / rows);
+    let bias = |o: usize| b.and_then(|b| b.get(o)).copied();
+    let mut t = 0;
+    while t + 4 <= tokens {
+        let x: [&[f32]; 4] = core::array::from_fn(|k| &xs[(t + k) * cols..(t + k + 1) * cols]);
+        for (o, row) in w.chunks_exact(cols).enumerate() {
+            for (k, xk) in x.iter().enumerate() {
+                let v = dot(row, xk);
+                ys[(t + k) * rows + o] = match bias(o) {
+                    Some(bo) => v + bo,
+                    None => v,
+                };
+            }
+        }
+        t += 4;
+    }
+    for t in t..tokens {
+        matvec_portable(w, b, &xs[t * cols..(t + 1) * cols], &mut ys[t * rows..(t + 1) * rows]);
+    }
+}
+
+/// The same kernels compiled for AVX2 (x86-64 hosts, chosen at run time).
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[allow(unsafe_code)]
+mod avx2 {
+    use super::FloatWeight;
+
+    /// [`matvec`](super::matvec) compiled for AVX2; false (nothing done)
+    /// on a CPU without it.
+    pub(super) fn matvec<W: FloatWeight>(w: &[W], b: Option<&[f32]>, x: &[f32], y: &mut [f32]) -> bool {
+        if !std::is_x86_feature_detected!("avx2") {
+            return false;
+        }
+        // SAFETY: the CPU has AVX2, the only feature the function enables.
+        unsafe { matvec_avx2(w, b, x, y) };
+        true
+    }
+
+    /// [`matmul`](super::matmul) compiled for AVX2, as [`matvec`].
+    pub(super) fn matmul<W: FloatWeight>(
+        w: &[W],
+        b: Option<&[f32]>,
+        xs: &[f32],
+        cols: usize,
+        ys: &mut [f32],
+    ) -> bool {
+        if !std::is_x86_feature_detected!("avx2") {
+            return false;
+        }
+        // SAFETY: as in `matvec`.
+        unsafe { matmul_avx2(w, b, xs, cols, ys) };
+        true
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn matvec_avx2<W: FloatWeight>(w: &[W], b: Option<&[f32]>, x: &[f32], y: &mut [f32]) {
+        super::matvec_portable(w, b, x, y)
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn matmul_avx2<W: FloatWeight>(w: &[W], b: Option<&[f32]>, xs: &[f32], cols: usize, ys: &mut [f32]) {
+        super::matmul_portable(w, b, xs, cols, ys)
     }
 }
 
@@ -89,6 +219,13 @@ impl<'a, W: FloatWeight> Linear<'a, W> {
     #[inline]
     pub fn forward(&self, x: &[f32], y: &mut [f32]) {
         matvec(self.w, self.bias, x, y)
+    }
+
+    /// [`Linear::forward`] for several tokens: `xs` `(tokens, cols)`, `ys`
+    /// `(tokens, rows)`; the same values, weights reused across tokens.
+    #[inline]
+    pub fn forward_batch(&self, xs: &[f32], ys: &mut [f32]) {
+        matmul(self.w, self.bias, xs, self.cols, ys)
     }
 }
 
@@ -149,6 +286,49 @@ mod tests {
         let mut y = [0.0];
         lin.forward(&[4.0, 1.0], &mut y);
         assert_eq!(y, [0.0]);
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 8) as f32 / (1 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dot_is_the_documented_order() {
+        for n in [0, 1, 7, 8, 9, 16, 37, 64] {
+            let (w, x) = (values(n, 1), values(n, 2));
+            let mut l = [0.0f32; LANES];
+            for i in 0..n / LANES * LANES {
+                l[i % LANES] += w[i] * x[i];
+            }
+            let mut want = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+            for i in n / LANES * LANES..n {
+                want += w[i] * x[i];
+            }
+            assert_eq!(dot(&w, &x).to_bits(), want.to_bits(), "n = {n}");
+        }
+    }
+
+    #[test]
+    fn matmul_and_simd_paths_equal_the_portable_matvec() {
+        let (rows, cols, tokens) = (13, 37, 7);
+        let w = values(rows * cols, 3);
+        let b = values(rows, 4);
+        let xs = values(tokens * cols, 5);
+        let mut ys = vec![0.0; tokens * rows];
+        matmul(&w, Some(&b), &xs, cols, &mut ys);
+        for (x, y) in xs.chunks_exact(cols).zip(ys.chunks_exact(rows)) {
+            let (mut fast, mut portable) = (vec![0.0; rows], vec![0.0; rows]);
+            matvec(&w, Some(&b), x, &mut fast);
+            matvec_portable(&w, Some(&b), x, &mut portable);
+            assert_eq!(fast, portable);
+            assert_eq!(y, &portable[..]);
+        }
     }
 
     #[test]

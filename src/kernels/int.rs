@@ -26,6 +26,25 @@ pub fn matvec_i8(
     if super::arm::matvec_i8(w, bias, multipliers, shifts, x, input_offset, output_zp, y).is_some() {
         return;
     }
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if avx2::matvec_i8(w, bias, multipliers, shifts, x, input_offset, output_zp, y) {
+        return;
+    }
+    matvec_i8_portable(w, bias, multipliers, shifts, x, input_offset, output_zp, y)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn matvec_i8_portable(
+    w: &[i8],
+    bias: Option<&[i32]>,
+    multipliers: &[i32],
+    shifts: &[i32],
+    x: &[i8],
+    input_offset: i32,
+    output_zp: i32,
+    y: &mut [i8],
+) {
     let mut bias = bias.unwrap_or(&[]).iter();
     let mut out = y.iter_mut().zip(multipliers.iter().zip(shifts));
     each_dot_i8(w, x, input_offset, |dot| {
@@ -52,6 +71,22 @@ pub fn matvec_q15(
     if super::arm::matvec_q15(w, bias, multipliers, shifts, x, y).is_some() {
         return;
     }
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if avx2::matvec_q15(w, bias, multipliers, shifts, x, y) {
+        return;
+    }
+    matvec_q15_portable(w, bias, multipliers, shifts, x, y)
+}
+
+#[inline(always)]
+fn matvec_q15_portable(
+    w: &[i8],
+    bias: Option<&[i64]>,
+    multipliers: &[i32],
+    shifts: &[i32],
+    x: &[i16],
+    y: &mut [i16],
+) {
     let mut bias = bias.unwrap_or(&[]).iter();
     let mut out = y.iter_mut().zip(multipliers.iter().zip(shifts));
     each_dot_q15(w, x, |dot| {
@@ -89,6 +124,69 @@ fn each_dot_q15(w: &[i8], x: &[i16], mut f: impl FnMut(i64)) {
     #[cfg(not(micromoe_dsp))]
     for row in w.chunks_exact(x.len().max(1)) {
         f(dot_q15(row, x));
+    }
+}
+
+/// The integer kernels compiled for AVX2 (x86-64 hosts, chosen at run
+/// time); integer sums are exact in any order, so the results are the same.
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[allow(unsafe_code)]
+mod avx2 {
+    /// [`matvec_i8`](super::matvec_i8) for AVX2; false on a CPU without it.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn matvec_i8(
+        w: &[i8],
+        bias: Option<&[i32]>,
+        m: &[i32],
+        s: &[i32],
+        x: &[i8],
+        off: i32,
+        zp: i32,
+        y: &mut [i8],
+    ) -> bool {
+        if !std::is_x86_feature_detected!("avx2") {
+            return false;
+        }
+        // SAFETY: the CPU has AVX2, the only feature the function enables.
+        unsafe { matvec_i8_avx2(w, bias, m, s, x, off, zp, y) };
+        true
+    }
+
+    /// [`matvec_q15`](super::matvec_q15) for AVX2, as [`matvec_i8`].
+    pub(super) fn matvec_q15(
+        w: &[i8],
+        bias: Option<&[i64]>,
+        m: &[i32],
+        s: &[i32],
+        x: &[i16],
+        y: &mut [i16],
+    ) -> bool {
+        if !std::is_x86_feature_detected!("avx2") {
+            return false;
+        }
+        // SAFETY: as in `matvec_i8`.
+        unsafe { matvec_q15_avx2(w, bias, m, s, x, y) };
+        true
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2")]
+    fn matvec_i8_avx2(
+        w: &[i8],
+        bias: Option<&[i32]>,
+        m: &[i32],
+        s: &[i32],
+        x: &[i8],
+        off: i32,
+        zp: i32,
+        y: &mut [i8],
+    ) {
+        super::matvec_i8_portable(w, bias, m, s, x, off, zp, y)
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn matvec_q15_avx2(w: &[i8], bias: Option<&[i64]>, m: &[i32], s: &[i32], x: &[i16], y: &mut [i16]) {
+        super::matvec_q15_portable(w, bias, m, s, x, y)
     }
 }
 

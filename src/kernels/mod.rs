@@ -26,5 +26,5 @@ mod arm;
 mod float;
 mod int;
 
-pub use float::{Activation, FloatWeight, Linear, matvec};
+pub use float::{Activation, FloatWeight, LANES, Linear, dot, matmul, matvec};
 pub use int::{IntKernel, MulParams, QLinear, for_each_dot_i8, matvec_i8, matvec_q15, reference};

@@ -65,11 +65,14 @@ where
         // ys: (entries, out) in plan order; each expert's rows are contiguous.
         let hidden_len = self.hidden_max();
         let ys = run_groups(&plan, d_out, threads, 0.0f32, |e, group, ys| {
-            let mut hidden = vec![0.0f32; hidden_len];
             let Some(expert) = self.experts().expert(e) else { return };
-            for (&t, y) in group.iter().zip(ys.chunks_exact_mut(d_out)) {
-                expert.forward(&xs[t as usize * d_in..(t as usize + 1) * d_in], y, &mut hidden);
+            // The group's tokens gathered, then one matrix product per weight.
+            let mut gathered = Vec::with_capacity(group.len() * d_in);
+            for &t in group {
+                gathered.extend_from_slice(&xs[t as usize * d_in..(t as usize + 1) * d_in]);
             }
+            let mut hidden = vec![0.0f32; hidden_len * group.len()];
+            expert.forward_batch(&gathered, ys, &mut hidden);
         });
         let k = self.router().rule().k;
         let entry = entries(&plan, n, k);
