@@ -1,7 +1,8 @@
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
-// `unsafe` only in `kernels::arm` (DSP instructions through `asm!`).
+// `unsafe` only in the kernels' fast paths: `kernels::arm` (DSP instructions
+// through `asm!`) and the AVX2 multiversions (calls after run-time detection).
 #![deny(unsafe_code)]
 
 #[cfg(feature = "alloc")]

@@ -55,6 +55,46 @@ fn finish<W: FloatWeight>(l: [f32; LANES], wt: &[W], xt: &[f32]) -> f32 {
     s
 }
 
+/// Matrices up to this size take the four-rows-per-pass path.
+const CACHED_BYTES: usize = 8 << 20;
+
+/// Four rows' [`dot`]s with one `x` in one pass: four independent lane
+/// chains keep the pipeline busy; each result is `dot(row, x)` bit for bit.
+#[inline(always)]
+fn dot4_rows<W: FloatWeight>(r: [&[W]; 4], x: &[f32]) -> [f32; 4] {
+    let (xc, xt) = x.as_chunks::<LANES>();
+    let [(c0, t0), (c1, t1), (c2, t2), (c3, t3)] = r.map(|r| r.as_chunks::<LANES>());
+    let (mut l0, mut l1, mut l2, mut l3) =
+        ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
+    for ((((b, a0), a1), a2), a3) in xc.iter().zip(c0).zip(c1).zip(c2).zip(c3) {
+        for i in 0..LANES {
+            l0[i] += a0[i].to_f32() * b[i];
+            l1[i] += a1[i].to_f32() * b[i];
+            l2[i] += a2[i].to_f32() * b[i];
+            l3[i] += a3[i].to_f32() * b[i];
+        }
+    }
+    [finish(l0, t0, xt), finish(l1, t1, xt), finish(l2, t2, xt), finish(l3, t3, xt)]
+}
+
+/// Every row's [`dot`] with `x` (non-empty), four rows per pass.
+#[inline(always)]
+fn rows4<W: FloatWeight>(w: &[W], x: &[f32], y: &mut [f32]) {
+    let cols = x.len();
+    let mut done = 0;
+    for (q, yq) in w.chunks_exact(4 * cols).zip(y.chunks_exact_mut(4)) {
+        let (r0, q) = q.split_at(cols);
+        let (r1, q) = q.split_at(cols);
+        let (r2, r3) = q.split_at(cols);
+        yq.copy_from_slice(&dot4_rows([r0, r1, r2, r3], x));
+        done += 4;
+    }
+    let rows = w.get(done * cols..).unwrap_or(&[]).chunks_exact(cols);
+    for (yo, row) in y.iter_mut().skip(done).zip(rows) {
+        *yo = dot(row, x);
+    }
+}
+
 /// `y = W x + b`: `w` is `(y.len(), x.len())` row-major, `b` (if any) has
 /// `y.len()` elements. Rows beyond `w` (or bias beyond `b`) are not written
 /// (or not added); it never panics. Each row is a [`dot`]; on x86-64 hosts
@@ -74,8 +114,15 @@ fn matvec_portable<W: FloatWeight>(w: &[W], b: Option<&[f32]>, x: &[f32], y: &mu
     if x.is_empty() {
         y.iter_mut().for_each(|v| *v = 0.0);
     } else {
-        for (yo, row) in y.iter_mut().zip(w.chunks_exact(x.len())) {
-            *yo = dot(row, x);
+        // Four rows at a time while the matrix stays in cache; streamed from
+        // memory, one row at a time is faster (measured: 4096 x 4096, 64 MB, drops
+        // from 14 to 8 GFLOP/s with four rows 16 KB apart). Same bits.
+        if core::mem::size_of_val(w) <= CACHED_BYTES {
+            rows4(w, x, y);
+        } else {
+            for (yo, row) in y.iter_mut().zip(w.chunks_exact(x.len())) {
+                *yo = dot(row, x);
+            }
         }
     }
     if let Some(b) = b {

@@ -6,7 +6,10 @@
 //! available as [`reference`]. On Cortex-M4/M7 (`thumbv7em`) the int8 and
 //! Q15 kernels take the Arm DSP path (`SMLAD`, four rows per pass; module
 //! `arm`, compiled only there), which the firmware under `boards/` checks
-//! bit for bit against [`reference`] under QEMU.
+//! bit for bit against [`reference`] under QEMU. On x86-64 hosts (`std`)
+//! the same portable code also runs compiled for AVX2 when the CPU has it
+//! (detected at run time). Float dot products have one fixed order
+//! ([`dot`]), so SIMD never changes a result.
 //!
 //! A layer's weights are borrowed ([`Linear`] for f32/f16, [`QLinear`] for
 //! int8/Q15); constructors check every length once, so `forward` cannot fail.
