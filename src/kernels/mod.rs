@@ -3,10 +3,10 @@
 //!
 //! The portable kernels are safe, allocation-free, and written so that the
 //! compiler removes bounds checks (`chunks_exact`, `zip`); they stay
-//! available as [`reference`]. On Cortex-M4/M7 (`thumbv7em`) the int8 and
+//! available as [`reference`](mod@reference). On Cortex-M4/M7 (`thumbv7em`) the int8 and
 //! Q15 kernels take the Arm DSP path (`SMLAD`, four rows per pass; module
 //! `arm`, compiled only there), which the firmware under `boards/` checks
-//! bit for bit against [`reference`] under QEMU. On x86-64 hosts (`std`)
+//! bit for bit against [`reference`](mod@reference) under QEMU. On x86-64 hosts (`std`)
 //! the same portable code also runs compiled for AVX2 when the CPU has it
 //! (detected at run time). Float dot products have one fixed order
 //! ([`dot`]), so SIMD never changes a result.
