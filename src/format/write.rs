@@ -19,7 +19,7 @@ use crate::quant::f16;
 use crate::router::{Rule, Scoring};
 
 mod decoder;
-pub use decoder::{DecoderLayerSpec, DecoderSpec, quantize_rows};
+pub use decoder::{DecoderSpec, quantize_rows};
 
 /// What the model's output means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,7 +9,8 @@ use crate::format::Key;
 use crate::format::LayerDtype;
 use crate::format::layout::decoder::{MODEL_LEVEL, role as drole};
 use crate::format::layout::{LAYER_LEVEL, SHARED_EXPERT, part, role};
-use crate::format::write::{DecoderLayerSpec, DecoderSpec};
+use crate::format::write::DecoderSpec;
+use crate::model::{Config, LayerConfig};
 
 /// Options of a decoder conversion.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -72,10 +73,10 @@ fn rope_theta(c: &Cfg<'_>) -> Result<f64, HostError> {
     if c.field("rope_theta").is_none() { Ok(10000.0) } else { number(c, "rope_theta") }
 }
 
-fn layers_of(c: &Cfg<'_>, family: Family, n: usize) -> Result<Vec<DecoderLayerSpec>, HostError> {
+fn layers_of(c: &Cfg<'_>, family: Family, n: usize) -> Result<Vec<LayerConfig>, HostError> {
     match family {
         Family::Mixtral => {
-            let spec = DecoderLayerSpec {
+            let spec = LayerConfig {
                 experts: c.usize("num_local_experts")?,
                 k: c.usize("num_experts_per_tok")?,
                 hidden: c.usize("intermediate_size")?,
@@ -104,7 +105,7 @@ fn layers_of(c: &Cfg<'_>, family: Family, n: usize) -> Result<Vec<DecoderLayerSp
                 .map(|l| {
                     let sparse = !dense_only.contains(&(l as u64)) && experts > 0 && (l + 1) % step == 0;
                     Ok(if sparse {
-                        DecoderLayerSpec {
+                        LayerConfig {
                             experts,
                             k: c.usize("num_experts_per_tok")?,
                             hidden: c.usize("moe_intermediate_size")?,
@@ -113,9 +114,13 @@ fn layers_of(c: &Cfg<'_>, family: Family, n: usize) -> Result<Vec<DecoderLayerSp
                             shared_gate: true,
                         }
                     } else {
-                        DecoderLayerSpec {
+                        LayerConfig {
+                            experts: 0,
+                            k: 0,
+                            hidden: 0,
                             shared_hidden: c.usize("intermediate_size")?,
-                            ..Default::default()
+                            normalize: false,
+                            shared_gate: false,
                         }
                     })
                 })
@@ -186,13 +191,21 @@ pub(super) fn convert_decoder(
     let qkv_bias = family == Family::Qwen2Moe && c.bool_or("qkv_bias", true)?;
     let tied = c.bool_or("tie_word_embeddings", false)?;
     let layers = layers_of(&c, family, n_layers)?;
-    let mut spec = DecoderSpec::default();
-    (spec.vocab, spec.hidden, spec.heads, spec.kv_heads, spec.head_dim) =
-        (vocab, hidden, heads, kv_heads, head_dim);
-    (spec.context, spec.rope_theta, spec.rms_eps) =
-        (context, rope_theta(&c)? as f32, number(&c, "rms_norm_eps")? as f32);
-    (spec.tied, spec.qkv_bias, spec.kv_f16) = (tied, qkv_bias, opts.kv_f16);
-    spec.layers = layers.clone();
+    let config = Config {
+        vocab,
+        hidden,
+        heads,
+        kv_heads,
+        head_dim,
+        context,
+        rope_theta: rope_theta(&c)? as f32,
+        rms_eps: number(&c, "rms_norm_eps")? as f32,
+        tied,
+        qkv_bias,
+        kv_f16: opts.kv_f16,
+        layers: n_layers,
+    };
+    let mut spec = DecoderSpec::new(config, layers.clone());
     let dtype = storage(opts.dtype)?;
     let gate_dtype = storage(opts.gate_dtype.unwrap_or(opts.dtype))?;
     let mut put = |k: Key, name: &str, rows: usize, cols: usize, d: LayerDtype| -> Result<(), HostError> {

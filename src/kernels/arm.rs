@@ -99,6 +99,37 @@ fn pair(v: i32) -> u32 {
 /// (`2 * MAX_EXPANDED` bytes); wider inputs take the register-only path.
 pub(super) const MAX_EXPANDED: usize = 1024;
 
+/// One group of four inputs for four rows: `LDRD` the input pairs, then per
+/// row `LDR`, `SXTB16` x 2, `SMLAD` x 2 (rows 1 and 0 from `w0`, 3 and 2
+/// from `w2`; the second of each pair post-increments its pointer).
+macro_rules! group {
+    () => {
+        concat!(
+            "ldrd {x02}, {x13}, [{xp}], #8\n",
+            "ldr {t0}, [{w0}, {s}]\n",
+            "sxtb16 {t1}, {t0}\n",
+            "sxtb16 {t0}, {t0}, ror #8\n",
+            "smlad {a1}, {t1}, {x02}, {a1}\n",
+            "smlad {a1}, {t0}, {x13}, {a1}\n",
+            "ldr {t0}, [{w0}], #4\n",
+            "sxtb16 {t1}, {t0}\n",
+            "sxtb16 {t0}, {t0}, ror #8\n",
+            "smlad {a0}, {t1}, {x02}, {a0}\n",
+            "smlad {a0}, {t0}, {x13}, {a0}\n",
+            "ldr {t0}, [{w2}, {s}]\n",
+            "sxtb16 {t1}, {t0}\n",
+            "sxtb16 {t0}, {t0}, ror #8\n",
+            "smlad {a3}, {t1}, {x02}, {a3}\n",
+            "smlad {a3}, {t0}, {x13}, {a3}\n",
+            "ldr {t0}, [{w2}], #4\n",
+            "sxtb16 {t1}, {t0}\n",
+            "sxtb16 {t0}, {t0}, ror #8\n",
+            "smlad {a2}, {t1}, {x02}, {a2}\n",
+            "smlad {a2}, {t0}, {x13}, {a2}\n",
+        )
+    };
+}
+
 /// Adds to four rows' sums the products of `n` groups of four inputs with
 /// four weight rows. `xp` holds, per group, the pairs `(x0, x2)`, `(x1, x3)`
 /// as 16-bit halves; row `r` starts at `w + r * stride`. One pass per group:
@@ -122,48 +153,8 @@ unsafe fn quad_loop(xp: *const u32, n: usize, w: *const i8, stride: usize, acc: 
         unsafe {
             asm!(
                 "2:",
-                "ldrd {x02}, {x13}, [{xp}], #8",
-                "ldr {t0}, [{w0}, {s}]",
-                "sxtb16 {t1}, {t0}",
-                "sxtb16 {t0}, {t0}, ror #8",
-                "smlad {a1}, {t1}, {x02}, {a1}",
-                "smlad {a1}, {t0}, {x13}, {a1}",
-                "ldr {t0}, [{w0}], #4",
-                "sxtb16 {t1}, {t0}",
-                "sxtb16 {t0}, {t0}, ror #8",
-                "smlad {a0}, {t1}, {x02}, {a0}",
-                "smlad {a0}, {t0}, {x13}, {a0}",
-                "ldr {t0}, [{w2}, {s}]",
-                "sxtb16 {t1}, {t0}",
-                "sxtb16 {t0}, {t0}, ror #8",
-                "smlad {a3}, {t1}, {x02}, {a3}",
-                "smlad {a3}, {t0}, {x13}, {a3}",
-                "ldr {t0}, [{w2}], #4",
-                "sxtb16 {t1}, {t0}",
-                "sxtb16 {t0}, {t0}, ror #8",
-                "smlad {a2}, {t1}, {x02}, {a2}",
-                "smlad {a2}, {t0}, {x13}, {a2}",
-                "ldrd {x02}, {x13}, [{xp}], #8",
-                "ldr {t0}, [{w0}, {s}]",
-                "sxtb16 {t1}, {t0}",
-                "sxtb16 {t0}, {t0}, ror #8",
-                "smlad {a1}, {t1}, {x02}, {a1}",
-                "smlad {a1}, {t0}, {x13}, {a1}",
-                "ldr {t0}, [{w0}], #4",
-                "sxtb16 {t1}, {t0}",
-                "sxtb16 {t0}, {t0}, ror #8",
-                "smlad {a0}, {t1}, {x02}, {a0}",
-                "smlad {a0}, {t0}, {x13}, {a0}",
-                "ldr {t0}, [{w2}, {s}]",
-                "sxtb16 {t1}, {t0}",
-                "sxtb16 {t0}, {t0}, ror #8",
-                "smlad {a3}, {t1}, {x02}, {a3}",
-                "smlad {a3}, {t0}, {x13}, {a3}",
-                "ldr {t0}, [{w2}], #4",
-                "sxtb16 {t1}, {t0}",
-                "sxtb16 {t0}, {t0}, ror #8",
-                "smlad {a2}, {t1}, {x02}, {a2}",
-                "smlad {a2}, {t0}, {x13}, {a2}",
+                group!(),
+                group!(),
                 "subs {n}, {n}, #1",
                 "bne 2b",
                 xp = inout(reg) xp,
@@ -187,27 +178,7 @@ unsafe fn quad_loop(xp: *const u32, n: usize, w: *const i8, stride: usize, acc: 
         // SAFETY: as above, one group.
         unsafe {
             asm!(
-                "ldrd {x02}, {x13}, [{xp}], #8",
-                "ldr {t0}, [{w0}, {s}]",
-                "sxtb16 {t1}, {t0}",
-                "sxtb16 {t0}, {t0}, ror #8",
-                "smlad {a1}, {t1}, {x02}, {a1}",
-                "smlad {a1}, {t0}, {x13}, {a1}",
-                "ldr {t0}, [{w0}], #4",
-                "sxtb16 {t1}, {t0}",
-                "sxtb16 {t0}, {t0}, ror #8",
-                "smlad {a0}, {t1}, {x02}, {a0}",
-                "smlad {a0}, {t0}, {x13}, {a0}",
-                "ldr {t0}, [{w2}, {s}]",
-                "sxtb16 {t1}, {t0}",
-                "sxtb16 {t0}, {t0}, ror #8",
-                "smlad {a3}, {t1}, {x02}, {a3}",
-                "smlad {a3}, {t0}, {x13}, {a3}",
-                "ldr {t0}, [{w2}], #4",
-                "sxtb16 {t1}, {t0}",
-                "sxtb16 {t0}, {t0}, ror #8",
-                "smlad {a2}, {t1}, {x02}, {a2}",
-                "smlad {a2}, {t0}, {x13}, {a2}",
+                group!(),
                 xp = inout(reg) xp => _,
                 w0 = inout(reg) w0 => _,
                 w2 = inout(reg) w2 => _,

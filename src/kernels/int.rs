@@ -30,28 +30,7 @@ pub fn matvec_i8(
     if avx2::matvec_i8(w, bias, multipliers, shifts, x, input_offset, output_zp, y) {
         return;
     }
-    matvec_i8_portable(w, bias, multipliers, shifts, x, input_offset, output_zp, y)
-}
-
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn matvec_i8_portable(
-    w: &[i8],
-    bias: Option<&[i32]>,
-    multipliers: &[i32],
-    shifts: &[i32],
-    x: &[i8],
-    input_offset: i32,
-    output_zp: i32,
-    y: &mut [i8],
-) {
-    let mut bias = bias.unwrap_or(&[]).iter();
-    let mut out = y.iter_mut().zip(multipliers.iter().zip(shifts));
-    each_dot_i8(w, x, input_offset, |dot| {
-        let Some((yo, (&multiplier, &shift))) = out.next() else { return };
-        let acc = dot.wrapping_add(bias.next().copied().unwrap_or(0));
-        *yo = i8::saturate(requantize(acc, Multiplier { multiplier, shift }).saturating_add(output_zp));
-    });
+    reference::matvec_i8(w, bias, multipliers, shifts, x, input_offset, output_zp, y)
 }
 
 /// `y = requant(W x + b)`, Q15 (16x8): `i16` activations with zero point 0,
@@ -75,25 +54,7 @@ pub fn matvec_q15(
     if avx2::matvec_q15(w, bias, multipliers, shifts, x, y) {
         return;
     }
-    matvec_q15_portable(w, bias, multipliers, shifts, x, y)
-}
-
-#[inline(always)]
-fn matvec_q15_portable(
-    w: &[i8],
-    bias: Option<&[i64]>,
-    multipliers: &[i32],
-    shifts: &[i32],
-    x: &[i16],
-    y: &mut [i16],
-) {
-    let mut bias = bias.unwrap_or(&[]).iter();
-    let mut out = y.iter_mut().zip(multipliers.iter().zip(shifts));
-    each_dot_q15(w, x, |dot| {
-        let Some((yo, (&multiplier, &shift))) = out.next() else { return };
-        let acc = dot.wrapping_add(bias.next().copied().unwrap_or(0));
-        *yo = i16::saturate(requantize_wide(acc, Multiplier { multiplier, shift }));
-    });
+    reference::matvec_q15(w, bias, multipliers, shifts, x, y)
 }
 
 /// Calls `f(sum (x + offset) * w_row)` (wrapping `i32`) for every row of
@@ -127,8 +88,8 @@ fn each_dot_q15(w: &[i8], x: &[i16], mut f: impl FnMut(i64)) {
     }
 }
 
-/// The integer kernels compiled for AVX2 (x86-64 hosts, chosen at run
-/// time); integer sums are exact in any order, so the results are the same.
+/// The portable integer kernels compiled for AVX2 (x86-64 hosts, chosen at
+/// run time); integer sums are exact in any order, so the results are the same.
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
 #[allow(unsafe_code)]
 mod avx2 {
@@ -181,12 +142,12 @@ mod avx2 {
         zp: i32,
         y: &mut [i8],
     ) {
-        super::matvec_i8_portable(w, bias, m, s, x, off, zp, y)
+        super::reference::matvec_i8(w, bias, m, s, x, off, zp, y)
     }
 
     #[target_feature(enable = "avx2")]
     fn matvec_q15_avx2(w: &[i8], bias: Option<&[i64]>, m: &[i32], s: &[i32], x: &[i16], y: &mut [i16]) {
-        super::matvec_q15_portable(w, bias, m, s, x, y)
+        super::reference::matvec_q15(w, bias, m, s, x, y)
     }
 }
 

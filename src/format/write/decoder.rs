@@ -8,56 +8,26 @@ use crate::format::arch;
 use crate::format::layout::decoder::{self as dl, SCALE_PART};
 use crate::format::layout::{LayerDtype, layer as lw, part};
 use crate::format::table::Key;
+use crate::model::{Config, LayerConfig};
 use crate::quant::f16;
 
-/// One decoder layer's record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct DecoderLayerSpec {
-    /// Routed experts (0: dense layer).
-    pub experts: usize,
-    /// Experts per token.
-    pub k: usize,
-    /// Routed expert hidden width.
-    pub hidden: usize,
-    /// Shared (or dense) expert hidden width, 0 for none.
-    pub shared_hidden: usize,
-    /// Renormalize the chosen weights.
-    pub normalize: bool,
-    /// Sigmoid gate on the shared expert.
-    pub shared_gate: bool,
-}
-
-/// A whole decoder to write: hyper-parameters, layer records, tensors.
-#[derive(Debug, Clone, Default)]
+/// A whole decoder to write: the decoder record, the layer records (the
+/// very types [`Model::parse`](crate::Model::parse) reads back), tensors.
+#[derive(Debug, Clone)]
 pub struct DecoderSpec {
-    /// Vocabulary size.
-    pub vocab: usize,
-    /// Residual width.
-    pub hidden: usize,
-    /// Query heads.
-    pub heads: usize,
-    /// Key/value heads.
-    pub kv_heads: usize,
-    /// Width of one head.
-    pub head_dim: usize,
-    /// Positions of the KV cache.
-    pub context: usize,
-    /// RoPE base.
-    pub rope_theta: f32,
-    /// RMSNorm epsilon.
-    pub rms_eps: f32,
-    /// Output projection = embedding.
-    pub tied: bool,
-    /// q/k/v biases.
-    pub qkv_bias: bool,
-    /// f16 KV cache.
-    pub kv_f16: bool,
-    /// Layer records.
-    pub layers: Vec<DecoderLayerSpec>,
+    /// Hyper-parameters (`config.layers` must equal `layers.len()`).
+    pub config: Config,
+    /// One record per layer.
+    pub layers: Vec<LayerConfig>,
     entries: Vec<Entry>,
 }
 
 impl DecoderSpec {
+    /// A decoder with no tensors yet.
+    pub fn new(config: Config, layers: Vec<LayerConfig>) -> Self {
+        DecoderSpec { config, layers, entries: Vec::new() }
+    }
+
     /// Adds a `(rows, cols)` tensor at `key` from f32 `values`, stored as
     /// `dtype`: f32, f16, or int8 (symmetric per row, with a scale tensor;
     /// `Q15` is not a decoder storage type and stores int8).
@@ -84,27 +54,26 @@ impl DecoderSpec {
     /// Serializes the decoder (validated by parsing the result).
     pub fn write(self) -> Result<Vec<u8>> {
         let bad = |field| Error::BadField { field, layer: 0 };
-        if self.layers.is_empty() || self.layers.len() > crate::format::MAX_LAYERS {
+        let n = self.layers.len();
+        if n == 0 || n > crate::format::MAX_LAYERS || n != self.config.layers {
             return Err(bad(Field::Layers));
         }
+        let c = &self.config;
         let u = |v: usize| u32::try_from(v).map_err(|_| bad(Field::Dims));
         let mut d = [0u32; dl::WORDS];
-        d[dl::VOCAB] = u(self.vocab)?;
-        d[dl::HIDDEN] = u(self.hidden)?;
-        d[dl::HEADS] = u(self.heads)?;
-        d[dl::KV_HEADS] = u(self.kv_heads)?;
-        d[dl::HEAD_DIM] = u(self.head_dim)?;
-        d[dl::CONTEXT] = u(self.context)?;
-        d[dl::ROPE_THETA] = self.rope_theta.to_bits();
-        d[dl::RMS_EPS] = self.rms_eps.to_bits();
-        d[dl::FLAGS] = [
-            (self.tied, dl::flags::TIED),
-            (self.qkv_bias, dl::flags::QKV_BIAS),
-            (self.kv_f16, dl::flags::KV_F16),
-        ]
-        .iter()
-        .filter(|(on, _)| *on)
-        .fold(0, |f, (_, bit)| f | bit);
+        d[dl::VOCAB] = u(c.vocab)?;
+        d[dl::HIDDEN] = u(c.hidden)?;
+        d[dl::HEADS] = u(c.heads)?;
+        d[dl::KV_HEADS] = u(c.kv_heads)?;
+        d[dl::HEAD_DIM] = u(c.head_dim)?;
+        d[dl::CONTEXT] = u(c.context)?;
+        d[dl::ROPE_THETA] = c.rope_theta.to_bits();
+        d[dl::RMS_EPS] = c.rms_eps.to_bits();
+        d[dl::FLAGS] =
+            [(c.tied, dl::flags::TIED), (c.qkv_bias, dl::flags::QKV_BIAS), (c.kv_f16, dl::flags::KV_F16)]
+                .iter()
+                .filter(|(on, _)| *on)
+                .fold(0, |f, (_, bit)| f | bit);
         let mut records = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
             let mut w = [0u32; lw::WORDS];
@@ -116,7 +85,7 @@ impl DecoderSpec {
                 | if l.shared_gate { dl::layer::flags::SHARED_GATE } else { 0 };
             records.push(w);
         }
-        let vocab = u(self.vocab)?;
+        let vocab = u(c.vocab)?;
         let head = Head { arch: arch::DECODER, tasks: 1, task: 0, input_dim: vocab, output_dim: vocab };
         assemble(&head, &d, &records, self.entries)
     }
