@@ -8,6 +8,8 @@
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod expert;
 pub mod format;
@@ -21,6 +23,7 @@ pub mod router;
 pub mod scratch;
 
 pub use error::{Error, Result, What};
+pub use expert::Expert;
 pub use format::Model;
 pub use moe::{MoeLayer, QMoeLayer, Stats};
 pub use router::{Choice, Router, Rule, Selection};
