@@ -72,6 +72,38 @@ fn f16_matches_the_cpu() {
     }
 }
 
+/// A model read from `.moe` bytes runs on the GPU as the CPU runs it.
+#[test]
+fn layers_of_a_moe_file_run_on_the_gpu() {
+    if !gpu() {
+        return;
+    }
+    use micromoe::format::write::{AlignedBytes, LayerSpec, ModelSpec, Task, write};
+    use micromoe::format::{Layer, LayerDtype};
+    for dtype in [LayerDtype::F32, LayerDtype::F16] {
+        let fx = Fixture::load("mixtral_h32_e8_k2");
+        let spec = ModelSpec::stack(
+            Task::Regress,
+            vec![LayerSpec::Float { layer: common::model(&fx), gate: dtype, experts: dtype }],
+        );
+        let bytes = AlignedBytes::from(&write(&spec).unwrap()[..]);
+        let model = micromoe::Model::parse(&bytes).unwrap();
+        let dev = CudaMoe::from_model(&model, 0).unwrap();
+        let xs: Vec<f32> = (0..fx.tokens()).flat_map(|t| fx.row("x", t).to_vec()).collect();
+        let (mut cpu, mut gpu) = (vec![0.0; xs.len()], vec![0.0; xs.len()]);
+        let gpu_sel = dev.infer_batch(&xs, &mut gpu).unwrap();
+        let cpu_sel = match model.layer(0).unwrap() {
+            Layer::F32(l) => l.infer_batch(&xs, &mut cpu, 1).unwrap(),
+            Layer::F16(l) => l.infer_batch(&xs, &mut cpu, 1).unwrap(),
+            _ => unreachable!(),
+        };
+        assert_eq!(experts(&gpu_sel), experts(&cpu_sel));
+        let err = rel_err(&gpu, &cpu);
+        println!("from_model {dtype:?}: max relative error vs CPU {err:.2e}");
+        assert!(err <= if dtype == LayerDtype::F32 { 1e-5 } else { 1e-3 });
+    }
+}
+
 #[test]
 fn without_a_gpu_the_errors_are_clear() {
     match available() {

@@ -198,6 +198,22 @@ impl CudaMoe {
         })
     }
 
+    /// Uploads layer `index` of a parsed `.moe` model: its f32 or f16
+    /// weights as they are stored (f32 and f16 gates and experts in any
+    /// mix; the device holds one type, f16 if the experts are f16).
+    pub fn from_model(model: &crate::Model<'_>, index: usize) -> Result<Self, CudaError> {
+        use crate::format::Layer;
+        match model.layer(index)? {
+            Layer::F32(l) => Self::new(&l, Precision::F32),
+            Layer::F16(l) => Self::new(&l, Precision::F16),
+            Layer::F32GateF16(l) => Self::new(&l, Precision::F16),
+            Layer::F16GateF32(l) => Self::new(&l, Precision::F32),
+            Layer::Int8(..) | Layer::Q15(..) => {
+                Err(CudaError::Unsupported("integer layers (convert to f32 or f16)"))
+            }
+        }
+    }
+
     /// Runs `xs` (`(tokens, width)` row-major) through the layer into `out`
     /// (same shape); returns each token's experts and weights. Same routing
     /// code, and so the same choices, as the CPU's `infer_batch`.
