@@ -445,11 +445,9 @@ fn dots_i8<const WORDS: usize>(w: &[i8], x: &[i8], offset: i32, mut f: impl FnMu
             f(acc[3]);
         }
     } else {
+        // Wider than the expansion buffer: one row at a time.
         for q in &mut quads {
-            let (a, q) = q.split_at(cols);
-            let (b, q) = q.split_at(cols);
-            let (c, d) = q.split_at(cols);
-            dots4_i8([a, b, c, d], x, offset).into_iter().for_each(&mut f);
+            q.chunks_exact(cols).for_each(|row| f(dot_i8(row, x, offset)));
         }
     }
     for row in quads.remainder().chunks_exact(cols) {
@@ -507,44 +505,12 @@ fn dots_q15<const WORDS: usize>(w: &[i8], x: &[i16], mut f: impl FnMut(i64)) {
         }
     } else {
         for q in &mut quads {
-            let (a, q) = q.split_at(cols);
-            let (b, q) = q.split_at(cols);
-            let (c, d) = q.split_at(cols);
-            dots4_q15([a, b, c, d], x).into_iter().for_each(&mut f);
+            q.chunks_exact(cols).for_each(|row| f(dot_q15(row, x)));
         }
     }
     for row in quads.remainder().chunks_exact(cols) {
         f(dot_q15(row, x));
     }
-}
-
-/// Dot products of four int8 rows with `x + offset`, wrapping `i32`.
-#[inline(never)]
-fn dots4_i8(rows: [&[i8]; 4], x: &[i8], offset: i32) -> [i32; 4] {
-    let off = pair(offset);
-    let (xs, x_tail) = x.as_chunks::<4>();
-    let [r0, r1, r2, r3] = rows.map(|r| r.as_chunks::<4>().0);
-    // Written out, not looped: at opt-level "s" a loop over the four rows
-    // stays a loop, with the sums in memory.
-    let (mut s0, mut s1, mut s2, mut s3) = (0i32, 0i32, 0i32, 0i32);
-    for ((((xw, a), b), c), d) in xs.iter().zip(r0).zip(r1).zip(r2).zip(r3) {
-        let xv = word(xw);
-        let (x02, x13) = (sadd16(sxtb16(xv), off), sadd16(sxtb16_ror8(xv), off));
-        let (a, b, c, d) = (word(a), word(b), word(c), word(d));
-        s0 = smlad(sxtb16_ror8(a), x13, smlad(sxtb16(a), x02, s0));
-        s1 = smlad(sxtb16_ror8(b), x13, smlad(sxtb16(b), x02, s1));
-        s2 = smlad(sxtb16_ror8(c), x13, smlad(sxtb16(c), x02, s2));
-        s3 = smlad(sxtb16_ror8(d), x13, smlad(sxtb16(d), x02, s3));
-    }
-    let mut acc = [s0, s1, s2, s3];
-    let done = xs.len() * 4;
-    for (acc, row) in acc.iter_mut().zip(rows) {
-        let tail = row.get(done..).unwrap_or(&[]);
-        for (&w, &xv) in tail.iter().zip(x_tail) {
-            *acc = acc.wrapping_add((xv as i32 + offset) * w as i32);
-        }
-    }
-    acc
 }
 
 /// One int8 row with `x + offset`, wrapping `i32`.
@@ -573,36 +539,6 @@ fn q15_pairs(x: &[i16; 4]) -> (u32, u32) {
     let lo = (x[0] as u16 as u32) | (x[1] as u16 as u32) << 16;
     let hi = (x[2] as u16 as u32) | (x[3] as u16 as u32) << 16;
     (pkhbt(lo, hi), pkhtb(hi, lo))
-}
-
-/// Dot products of four int8 rows with Q15 `x`, exact in `i64`.
-#[inline(never)]
-fn dots4_q15(rows: [&[i8]; 4], x: &[i16]) -> [i64; 4] {
-    let mut total = [0i64; 4];
-    let mut start = 0;
-    while start < x.len() {
-        let end = (start + Q15_BLOCK).min(x.len());
-        let (xs, x_tail) = x[start..end].as_chunks::<4>();
-        let [r0, r1, r2, r3] = rows.map(|r| r.get(start..end).unwrap_or(&[]).as_chunks::<4>().0);
-        let (mut s0, mut s1, mut s2, mut s3) = (0i32, 0i32, 0i32, 0i32);
-        for ((((xw, a), b), c), d) in xs.iter().zip(r0).zip(r1).zip(r2).zip(r3) {
-            let (x02, x13) = q15_pairs(xw);
-            let (a, b, c, d) = (word(a), word(b), word(c), word(d));
-            s0 = smlad(sxtb16_ror8(a), x13, smlad(sxtb16(a), x02, s0));
-            s1 = smlad(sxtb16_ror8(b), x13, smlad(sxtb16(b), x02, s1));
-            s2 = smlad(sxtb16_ror8(c), x13, smlad(sxtb16(c), x02, s2));
-            s3 = smlad(sxtb16_ror8(d), x13, smlad(sxtb16(d), x02, s3));
-        }
-        let acc = [s0, s1, s2, s3];
-        let done = start + xs.len() * 4;
-        for ((t, acc), row) in total.iter_mut().zip(acc).zip(rows) {
-            let tail = row.get(done..end).unwrap_or(&[]);
-            let rest: i32 = tail.iter().zip(x_tail).map(|(&w, &xv)| xv as i32 * w as i32).sum();
-            *t += acc as i64 + rest as i64;
-        }
-        start = end;
-    }
-    total
 }
 
 /// One int8 row with Q15 `x`, exact in `i64`.
