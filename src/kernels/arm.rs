@@ -223,6 +223,23 @@ fn expand_q15(x: &[i16], out: &mut [u32]) -> usize {
     n
 }
 
+/// The fast paths take `(rows, cols)` products whose every length agrees
+/// and whose input fits the expansion buffer.
+fn fits(
+    w: usize,
+    (rows, cols): (usize, usize),
+    multipliers: usize,
+    shifts: usize,
+    bias: Option<usize>,
+) -> bool {
+    cols > 0
+        && cols <= MAX_EXPANDED
+        && rows.checked_mul(cols) == Some(w)
+        && multipliers == rows
+        && shifts == rows
+        && bias.is_none_or(|b| b == rows)
+}
+
 /// [`matvec_i8`](super::matvec_i8) on the DSP path: four rows per pass, the
 /// requantization of each four done on arrays, so no bounds checks. `None`
 /// when the lengths disagree (the caller then takes the general path).
@@ -237,55 +254,32 @@ pub(super) fn matvec_i8(
     output_zp: i32,
     y: &mut [i8],
 ) -> Option<()> {
-    let cols = x.len();
-    let rows = y.len();
-    let fits = cols > 0
-        && cols <= MAX_EXPANDED
-        && w.len() == rows * cols
-        && multipliers.len() == rows
-        && shifts.len() == rows
-        && bias.is_none_or(|b| b.len() == rows);
-    if !fits {
+    let (cols, rows) = (x.len(), y.len());
+    if !fits(w.len(), (rows, cols), multipliers.len(), shifts.len(), bias.map(<[_]>::len)) {
         return None;
     }
     let requant = |acc: i32, m: i32, s: i32| {
         let v = requantize(acc, Multiplier { multiplier: m, shift: s });
         i8::saturate(v.saturating_add(output_zp))
     };
+    let epilogue = |y: &mut [i8], o: usize, acc: [i32; 4]| {
+        let (Some(yv), Some(m), Some(s)) = (
+            y.get_mut(o..o + 4).and_then(|v| v.as_chunks_mut::<4>().0.first_mut()),
+            multipliers.get(o..o + 4).and_then(|v| v.as_chunks::<4>().0.first()),
+            shifts.get(o..o + 4).and_then(|v| v.as_chunks::<4>().0.first()),
+        ) else {
+            return;
+        };
+        let b =
+            bias.and_then(|b| b.get(o..o + 4)).and_then(|v| v.as_chunks::<4>().0.first()).unwrap_or(&[0; 4]);
+        for r in 0..4 {
+            yv[r] = requant(acc[r].wrapping_add(b[r]), m[r], s[r]);
+        }
+    };
     if cols <= 128 {
-        quads_i8::<64>(w, x, offset, |o, acc: [i32; 4]| {
-            let (Some(yv), Some(m), Some(s)) = (
-                y.get_mut(o..o + 4).and_then(|v| v.as_chunks_mut::<4>().0.first_mut()),
-                multipliers.get(o..o + 4).and_then(|v| v.as_chunks::<4>().0.first()),
-                shifts.get(o..o + 4).and_then(|v| v.as_chunks::<4>().0.first()),
-            ) else {
-                return;
-            };
-            let b = bias
-                .and_then(|b| b.get(o..o + 4))
-                .and_then(|v| v.as_chunks::<4>().0.first())
-                .unwrap_or(&[0; 4]);
-            for r in 0..4 {
-                yv[r] = requant(acc[r].wrapping_add(b[r]), m[r], s[r]);
-            }
-        })
+        quads_i8::<64>(w, x, offset, |o, acc| epilogue(y, o, acc));
     } else {
-        quads_i8::<{ MAX_EXPANDED / 2 }>(w, x, offset, |o, acc: [i32; 4]| {
-            let (Some(yv), Some(m), Some(s)) = (
-                y.get_mut(o..o + 4).and_then(|v| v.as_chunks_mut::<4>().0.first_mut()),
-                multipliers.get(o..o + 4).and_then(|v| v.as_chunks::<4>().0.first()),
-                shifts.get(o..o + 4).and_then(|v| v.as_chunks::<4>().0.first()),
-            ) else {
-                return;
-            };
-            let b = bias
-                .and_then(|b| b.get(o..o + 4))
-                .and_then(|v| v.as_chunks::<4>().0.first())
-                .unwrap_or(&[0; 4]);
-            for r in 0..4 {
-                yv[r] = requant(acc[r].wrapping_add(b[r]), m[r], s[r]);
-            }
-        })
+        quads_i8::<{ MAX_EXPANDED / 2 }>(w, x, offset, |o, acc| epilogue(y, o, acc));
     }
     let done = rows / 4 * 4;
     for (o, row) in w.chunks_exact(cols).enumerate().skip(done) {
@@ -304,15 +298,8 @@ pub(super) fn matvec_q15(
     x: &[i16],
     y: &mut [i16],
 ) -> Option<()> {
-    let cols = x.len();
-    let rows = y.len();
-    let fits = cols > 0
-        && cols <= MAX_EXPANDED
-        && w.len() == rows * cols
-        && multipliers.len() == rows
-        && shifts.len() == rows
-        && bias.is_none_or(|b| b.len() == rows);
-    if !fits {
+    let (cols, rows) = (x.len(), y.len());
+    if !fits(w.len(), (rows, cols), multipliers.len(), shifts.len(), bias.map(<[_]>::len)) {
         return None;
     }
     let requant = |acc: i64, m: i32, s: i32| {
