@@ -3,33 +3,43 @@
 //! (in the CPU kernel's float order, so they are the CPU's bit for bit),
 //! the host routes every token and builds the
 //! [`DispatchPlan`] — the very code the MCU
-//! runs — and the GPU runs the experts over each expert's gathered tokens
-//! (SwiGLU fused) and combines them in router order, one thread per output
-//! value: deterministic and independent of the batch.
+//! runs — and the GPU runs the experts as a grouped GEMM over each expert's
+//! gathered tokens (64 x 64 output tiles staged through shared memory,
+//! SwiGLU fused) and combines them in router order. Every output value is
+//! summed by one thread in an order that depends only on the shapes:
+//! deterministic and independent of the batch.
 //!
 //! `cudarc` loads the driver and NVRTC dynamically, so the crate builds and
 //! its tests run on machines without CUDA; [`CudaMoe::new`] then returns
 //! [`CudaError::NoDriver`] or [`CudaError::NoDevice`] instead of panicking.
 //! Kernels (`src/cuda/kernels.cu`) are compiled by NVRTC at run time.
 //!
+//! [`Emulator`] runs the same kernels on the CPU, compiled by the host C++
+//! compiler: [`Target::Emulator`] drives them with the same launch code, so
+//! machines without a GPU test the kernels and the launches (slowly).
+//!
 //! Supported now: float layers (f32 or f16 weights, f32 arithmetic) of
 //! gated SiLU experts (Mixtral, Qwen2-MoE without a shared expert), no
 //! biases, no selection bias.
-// Kernel launches are `unsafe` in cudarc (the argument list is not checked
-// against the kernel); each launch states why its arguments fit.
-#![allow(unsafe_code)]
-
-use std::sync::Arc;
-
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+mod device;
+mod emu;
 
 use crate::expert::Ffn;
 use crate::kernels::{Activation, FloatWeight};
 use crate::moe::{ExpertSource, MoeLayer};
 use crate::router::{DispatchPlan, Router, Selection};
 use crate::{Error, Expert};
+use device::{Arg, Buf, Cuda, Device, Host, Kernel, Shape};
+pub use emu::Emulator;
 
 const SOURCE: &str = include_str!("kernels.cu");
+
+/// Entries per tile of the grouped GEMM (`TILE_M` in kernels.cu).
+const TILE_M: usize = 64;
+/// Outputs per tile (`TILE_N`).
+const TILE_N: usize = 64;
+/// Threads per tile (`TILE_THREADS`).
+const TILE_THREADS: u32 = 256;
 
 /// What can go wrong on the GPU side.
 #[derive(Debug)]
@@ -69,10 +79,6 @@ impl From<Error> for CudaError {
     }
 }
 
-fn driver<E: std::fmt::Debug>(e: E) -> CudaError {
-    CudaError::Driver(format!("{e:?}"))
-}
-
 /// The weight type on the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
@@ -82,22 +88,32 @@ pub enum Precision {
     F16,
 }
 
-enum Weights {
-    F32(CudaSlice<f32>),
-    F16(CudaSlice<u16>),
+impl Precision {
+    /// The kernels' weight type.
+    fn define(self) -> &'static str {
+        match self {
+            Precision::F32 => "#define WTYPE float\n",
+            Precision::F16 => "#define WTYPE unsigned short\n",
+        }
+    }
 }
 
-/// A MoE layer resident on a GPU.
+/// Where a [`CudaMoe`] runs.
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'e> {
+    /// GPU 0, through the CUDA driver.
+    Gpu,
+    /// The kernels on the CPU, in an [`Emulator`] process.
+    Emulator(&'e Emulator),
+}
+
+/// A MoE layer resident on a GPU (or in the [`Emulator`]).
 pub struct CudaMoe {
-    stream: Arc<CudaStream>,
-    gate_logits: CudaFunction,
-    expert_hidden: CudaFunction,
-    expert_out: CudaFunction,
-    combine: CudaFunction,
-    gate: Weights,
-    w1: Weights,
-    w3: Weights,
-    w2: Weights,
+    device: Box<dyn Device>,
+    gate: Buf,
+    w1: Buf,
+    w3: Buf,
+    w2: Buf,
     router: Router<'static>,
     d: usize,
     hidden: usize,
@@ -106,40 +122,85 @@ pub struct CudaMoe {
 
 /// Checks for a driver and a device without creating anything.
 pub fn available() -> Result<(), CudaError> {
+    #[allow(unsafe_code)]
     // SAFETY: only tries to load the driver library and reports whether it could.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(CudaError::NoDriver);
     }
-    match CudaContext::device_count() {
+    match cudarc::driver::CudaContext::device_count() {
         Ok(n) if n > 0 => Ok(()),
         _ => Err(CudaError::NoDevice),
     }
 }
 
-fn upload(stream: &Arc<CudaStream>, values: &[f32], p: Precision) -> Result<Weights, CudaError> {
-    Ok(match p {
-        Precision::F32 => Weights::F32(stream.clone_htod(values).map_err(driver)?),
+fn upload(device: &dyn Device, values: &[f32], p: Precision) -> Result<Buf, CudaError> {
+    match p {
+        Precision::F32 => device.upload(Host::F32(values)),
         Precision::F16 => {
             let bits: Vec<u16> = values.iter().map(|&v| crate::quant::f16::from_f32(v).to_bits()).collect();
-            Weights::F16(stream.clone_htod(&bits).map_err(driver)?)
+            device.upload(Host::U16(&bits))
         }
-    })
+    }
 }
 
-fn grid(n: usize) -> LaunchConfig {
-    LaunchConfig::for_num_elems(n as u32)
+/// Each expert's entries cut into tiles of at most [`TILE_M`]:
+/// (expert, first entry, entries) for the grouped GEMM.
+fn tiles(offsets: &[usize]) -> Vec<i32> {
+    let mut t = Vec::new();
+    for (e, w) in offsets.windows(2).enumerate() {
+        for first in (w[0]..w[1]).step_by(TILE_M) {
+            t.extend([e as i32, first as i32, (w[1] - first).min(TILE_M) as i32]);
+        }
+    }
+    t
+}
+
+fn int(n: usize) -> Result<i32, CudaError> {
+    i32::try_from(n).map_err(|_| CudaError::Unsupported("sizes beyond i32"))
 }
 
 impl CudaMoe {
-    /// Uploads `layer` (weights converted to `precision`) to device 0 and
-    /// compiles the kernels.
+    /// Uploads `layer` to GPU 0 (expert weights converted to `precision`,
+    /// the gate as f32) and compiles the kernels.
     pub fn new<'a, G, W, S>(layer: &MoeLayer<'a, G, W, S>, precision: Precision) -> Result<Self, CudaError>
     where
         G: FloatWeight,
         W: FloatWeight,
         S: ExpertSource<Expert = Expert<'a, W>>,
     {
-        available()?;
+        Self::on(Target::Gpu, layer, precision)
+    }
+
+    /// Like [`new`](Self::new), on `target`.
+    pub fn on<'a, G, W, S>(
+        target: Target<'_>,
+        layer: &MoeLayer<'a, G, W, S>,
+        precision: Precision,
+    ) -> Result<Self, CudaError>
+    where
+        G: FloatWeight,
+        W: FloatWeight,
+        S: ExpertSource<Expert = Expert<'a, W>>,
+    {
+        match target {
+            Target::Gpu => {
+                available()?;
+                Self::upload(layer, precision, || Ok(Box::new(Cuda::new(precision)?)))
+            }
+            Target::Emulator(emu) => Self::upload(layer, precision, || Ok(Box::new(emu.start(precision)?))),
+        }
+    }
+
+    fn upload<'a, G, W, S>(
+        layer: &MoeLayer<'a, G, W, S>,
+        precision: Precision,
+        device: impl FnOnce() -> Result<Box<dyn Device>, CudaError>,
+    ) -> Result<Self, CudaError>
+    where
+        G: FloatWeight,
+        W: FloatWeight,
+        S: ExpertSource<Expert = Expert<'a, W>>,
+    {
         if layer.shared().is_some() {
             return Err(CudaError::Unsupported("shared experts"));
         }
@@ -171,26 +232,14 @@ impl CudaMoe {
         }
         let gate: Vec<f32> = layer.gate().weights().iter().map(|w| w.to_f32()).collect();
 
-        let ctx = CudaContext::new(0).map_err(driver)?;
-        let stream = ctx.default_stream();
-        let define = match precision {
-            Precision::F32 => "#define WTYPE float\n",
-            Precision::F16 => "#define WTYPE unsigned short\n",
-        };
-        let ptx = cudarc::nvrtc::compile_ptx(format!("{define}{SOURCE}"))
-            .map_err(|e| CudaError::Compile(format!("{e:?}")))?;
-        let module = ctx.load_module(ptx).map_err(driver)?;
-        let f = |name| module.load_function(name).map_err(driver);
+        int(experts * hidden * d)?;
+        let device = device()?;
         Ok(CudaMoe {
-            gate_logits: f("gate_logits")?,
-            expert_hidden: f("expert_hidden")?,
-            expert_out: f("expert_out")?,
-            combine: f("combine")?,
-            gate: upload(&stream, &gate, precision)?,
-            w1: upload(&stream, &w1, precision)?,
-            w3: upload(&stream, &w3, precision)?,
-            w2: upload(&stream, &w2, precision)?,
-            stream,
+            gate: device.upload(Host::F32(&gate))?,
+            w1: upload(&*device, &w1, precision)?,
+            w3: upload(&*device, &w3, precision)?,
+            w2: upload(&*device, &w2, precision)?,
+            device,
             router,
             d,
             hidden,
@@ -200,14 +249,23 @@ impl CudaMoe {
 
     /// Uploads layer `index` of a parsed `.moe` model: its f32 or f16
     /// weights as they are stored (f32 and f16 gates and experts in any
-    /// mix; the device holds one type, f16 if the experts are f16).
+    /// mix; the gate is widened to f32 on the device, exactly).
     pub fn from_model(model: &crate::Model<'_>, index: usize) -> Result<Self, CudaError> {
+        Self::from_model_on(Target::Gpu, model, index)
+    }
+
+    /// Like [`from_model`](Self::from_model), on `target`.
+    pub fn from_model_on(
+        target: Target<'_>,
+        model: &crate::Model<'_>,
+        index: usize,
+    ) -> Result<Self, CudaError> {
         use crate::format::Layer;
         match model.layer(index)? {
-            Layer::F32(l) => Self::new(&l, Precision::F32),
-            Layer::F16(l) => Self::new(&l, Precision::F16),
-            Layer::F32GateF16(l) => Self::new(&l, Precision::F16),
-            Layer::F16GateF32(l) => Self::new(&l, Precision::F32),
+            Layer::F32(l) => Self::on(target, &l, Precision::F32),
+            Layer::F16(l) => Self::on(target, &l, Precision::F16),
+            Layer::F32GateF16(l) => Self::on(target, &l, Precision::F16),
+            Layer::F16GateF32(l) => Self::on(target, &l, Precision::F32),
             Layer::Int8(..) | Layer::Q15(..) => {
                 Err(CudaError::Unsupported("integer layers (convert to f32 or f16)"))
             }
@@ -227,24 +285,24 @@ impl CudaMoe {
         }
         let tokens = xs.len() / d;
         let (e, k, h) = (self.experts, self.router.rule().k, self.hidden);
-        let s = &self.stream;
-        let x = s.clone_htod(xs).map_err(driver)?;
+        let dev = &*self.device;
+        let (t32, e32, d32, h32, k32) = (int(tokens)?, int(e)?, int(d)?, int(h)?, int(k)?);
+        int(tokens * d.max(e))?;
+        let x = dev.upload(Host::F32(xs))?;
 
         // Gate on the device, routing on the host.
-        let mut logits_dev = s.alloc_zeros::<f32>(tokens * e).map_err(driver)?;
-        let (t32, e32, d32, h32) = (tokens as i32, e as i32, d as i32, h as i32);
-        {
-            let mut b = s.launch_builder(&self.gate_logits);
-            match &self.gate {
-                Weights::F32(w) => b.arg(w),
-                Weights::F16(w) => b.arg(w),
-            };
-            b.arg(&x).arg(&mut logits_dev).arg(&t32).arg(&e32).arg(&d32);
-            // SAFETY: the argument list matches `gate_logits` in kernels.cu;
-            // buffers hold tokens x experts and tokens x d values.
-            unsafe { b.launch(grid(tokens * e)) }.map_err(driver)?;
-        }
-        let logits = s.clone_dtoh(&logits_dev).map_err(driver)?;
+        let logits_dev = dev.zeros(tokens * e)?;
+        let args = [
+            Arg::Buf(&self.gate),
+            Arg::Buf(&x),
+            Arg::Buf(&logits_dev),
+            Arg::Int(t32),
+            Arg::Int(e32),
+            Arg::Int(d32),
+        ];
+        dev.launch(Kernel::GateLogits, Shape::elements(tokens * e)?, &args)?;
+        let mut logits = vec![0.0; tokens * e];
+        dev.download(&logits_dev, &mut logits)?;
         let mut selections = Vec::with_capacity(tokens);
         for row in logits.chunks_exact(e) {
             let mut sel = Selection::new();
@@ -254,8 +312,6 @@ impl CudaMoe {
         let plan = DispatchPlan::new(&selections, e)?;
         let entries = plan.tokens.len();
         let entry_token: Vec<i32> = plan.tokens.iter().map(|&t| t as i32).collect();
-        let entry_expert: Vec<i32> =
-            (0..e).flat_map(|ex| core::iter::repeat_n(ex as i32, plan.group(ex).tokens.len())).collect();
         let mut slot_entry = vec![-1i32; tokens * k];
         let mut slot_weight = vec![0.0f32; tokens * k];
         for (n, ((&t, &slot), &w)) in plan.tokens.iter().zip(&plan.slots).zip(&plan.weights).enumerate() {
@@ -264,44 +320,35 @@ impl CudaMoe {
             slot_weight[at] = w;
         }
 
-        // Experts over the gathered tokens, then the combine.
-        let tok_dev = s.clone_htod(&entry_token).map_err(driver)?;
-        let exp_dev = s.clone_htod(&entry_expert).map_err(driver)?;
-        let mut hid = s.alloc_zeros::<f32>((entries * h).max(1)).map_err(driver)?;
-        let mut y = s.alloc_zeros::<f32>((entries * d).max(1)).map_err(driver)?;
-        let n32 = entries as i32;
+        // The grouped GEMMs over each expert's gathered tokens, then the combine.
+        let y = dev.zeros(entries * d)?;
         if entries > 0 {
-            let mut b = s.launch_builder(&self.expert_hidden);
-            match (&self.w1, &self.w3) {
-                (Weights::F32(a), Weights::F32(c)) => b.arg(a).arg(c),
-                (Weights::F16(a), Weights::F16(c)) => b.arg(a).arg(c),
-                _ => return Err(CudaError::Unsupported("mixed weight types")),
+            int(entries * h.max(d))?;
+            let tiles = tiles(&plan.offsets);
+            let tiles_dev = dev.upload(Host::I32(&tiles))?;
+            let tok_dev = dev.upload(Host::I32(&entry_token))?;
+            let hid = dev.zeros(entries * h)?;
+            let grid = |outputs: usize| -> Result<Shape, CudaError> {
+                let x = u32::try_from(tiles.len() / 3)
+                    .map_err(|_| CudaError::Unsupported("a batch this large"))?;
+                let y = u32::try_from(outputs.div_ceil(TILE_N)).ok().filter(|&y| y <= 65_535);
+                let y = y.ok_or(CudaError::Unsupported("layers this wide"))?;
+                Ok(Shape { grid: (x, y), threads: TILE_THREADS })
             };
-            b.arg(&x).arg(&tok_dev).arg(&exp_dev).arg(&mut hid).arg(&n32).arg(&h32).arg(&d32);
-            // SAFETY: matches `expert_hidden`; entry arrays hold `entries`
-            // indices below tokens and experts, `hid` entries x hidden.
-            unsafe { b.launch(grid(entries * h)) }.map_err(driver)?;
-            let mut b = s.launch_builder(&self.expert_out);
-            match &self.w2 {
-                Weights::F32(w) => b.arg(w),
-                Weights::F16(w) => b.arg(w),
-            };
-            b.arg(&hid).arg(&exp_dev).arg(&mut y).arg(&n32).arg(&d32).arg(&h32);
-            // SAFETY: matches `expert_out`; `y` holds entries x d values.
-            unsafe { b.launch(grid(entries * d)) }.map_err(driver)?;
+            let (w1, w3, w2) = (Arg::Buf(&self.w1), Arg::Buf(&self.w3), Arg::Buf(&self.w2));
+            let (tok, tl, hb) = (Arg::Buf(&tok_dev), Arg::Buf(&tiles_dev), Arg::Buf(&hid));
+            let args = [w1, w3, Arg::Buf(&x), tok, tl, hb, Arg::Int(h32), Arg::Int(d32)];
+            dev.launch(Kernel::ExpertHidden, grid(h)?, &args)?;
+            let args = [w2, hb, tl, Arg::Buf(&y), Arg::Int(d32), Arg::Int(h32)];
+            dev.launch(Kernel::ExpertOut, grid(d)?, &args)?;
         }
-        let se_dev = s.clone_htod(&slot_entry).map_err(driver)?;
-        let sw_dev = s.clone_htod(&slot_weight).map_err(driver)?;
-        let mut out_dev = s.alloc_zeros::<f32>(tokens * d).map_err(driver)?;
-        let k32 = k as i32;
-        {
-            let mut b = s.launch_builder(&self.combine);
-            b.arg(&y).arg(&se_dev).arg(&sw_dev).arg(&mut out_dev).arg(&t32).arg(&k32).arg(&d32);
-            // SAFETY: matches `combine`; slot arrays hold tokens x k values,
-            // entries are -1 or below `entries`.
-            unsafe { b.launch(grid(tokens * d)) }.map_err(driver)?;
-        }
-        out.copy_from_slice(&s.clone_dtoh(&out_dev).map_err(driver)?);
+        let se_dev = dev.upload(Host::I32(&slot_entry))?;
+        let sw_dev = dev.upload(Host::F32(&slot_weight))?;
+        let out_dev = dev.zeros(tokens * d)?;
+        let args = [&y, &se_dev, &sw_dev, &out_dev].map(Arg::Buf);
+        let args = [args[0], args[1], args[2], args[3], Arg::Int(t32), Arg::Int(k32), Arg::Int(d32)];
+        dev.launch(Kernel::Combine, Shape::elements(tokens * d)?, &args)?;
+        dev.download(&out_dev, out)?;
         Ok(selections)
     }
 }
