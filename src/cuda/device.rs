@@ -20,6 +20,7 @@ pub(super) enum Kernel {
     ExpertHidden,
     ExpertOut,
     Combine,
+    AddShared,
 }
 
 impl Kernel {
@@ -32,6 +33,7 @@ impl Kernel {
             Kernel::ExpertHidden => "expert_hidden",
             Kernel::ExpertOut => "expert_out",
             Kernel::Combine => "combine",
+            Kernel::AddShared => "add_shared",
         }
     }
 }

@@ -133,6 +133,7 @@ static const std::map<std::string, std::pair<std::size_t, Invoke>> kernels = {
     {"expert_hidden", wrap(expert_hidden)},
     {"expert_out", wrap(expert_out)},
     {"combine", wrap(combine)},
+    {"add_shared", wrap(add_shared)},
 };
 
 // Runs a launch; returns an error message or "".

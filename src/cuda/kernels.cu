@@ -193,3 +193,10 @@ KERNEL void combine(const float* y, const int* slot_entry, const float* slot_wei
     }
     out[id] = s;
 }
+
+// out[t, i] += scale[t] * sy[t, i]: the shared expert, after the routed ones.
+KERNEL void add_shared(const float* sy, const float* scale, float* out, int tokens, int d) {
+    long id = GLOBAL_ID();
+    if (id >= (long)tokens * d) return;
+    out[id] = FADD(out[id], FMUL(scale[id / d], sy[id]));
+}

@@ -18,9 +18,29 @@
 //! compiler: [`Target::Emulator`] drives them with the same launch code, so
 //! machines without a GPU test the kernels and the launches (slowly).
 //!
-//! Supported now: float layers (f32 or f16 weights, f32 arithmetic) of
-//! gated SiLU experts (Mixtral, Qwen2-MoE without a shared expert), no
-//! biases, no selection bias.
+//! Supported: float layers (f32 or f16 expert weights, f32 gate and
+//! arithmetic) of gated SiLU experts without biases, routed by any rule the
+//! crate has (softmax or sigmoid, groups, selection bias, routed scaling):
+//! Mixtral, Qwen2-MoE with its sigmoid-gated shared expert, DeepSeek-style
+//! layers with an ungated one. Not (yet): integer layers, biased or
+//! non-SwiGLU experts (Switch / GLaM MLPs), whole decoders.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use micromoe::cuda::{CudaMoe, Emulator, Target};
+//! let bytes = micromoe::format::write::AlignedBytes::from(&std::fs::read("layer.moe")?[..]);
+//! let model = micromoe::Model::parse(&bytes)?;
+//! // GPU 0, or the same kernels on the CPU where there is none:
+//! let layer = match micromoe::cuda::available() {
+//!     Ok(()) => CudaMoe::from_model(&model, 0)?,
+//!     Err(_) => CudaMoe::from_model_on(Target::Emulator(&Emulator::compile("target/emu")?), &model, 0)?,
+//! };
+//! let width = 1024; // the layer's input width
+//! let xs = vec![0.1f32; 4 * width]; // four tokens
+//! let mut out = vec![0.0; xs.len()];
+//! let chosen = layer.infer_batch(&xs, &mut out)?; // each token's experts and weights
+//! # Ok(()) }
+//! ```
 mod device;
 mod emu;
 
@@ -65,7 +85,7 @@ impl std::fmt::Display for CudaError {
             CudaError::NoDevice => f.write_str("the CUDA driver found no device"),
             CudaError::Unsupported(what) => write!(f, "not supported by the CUDA backend: {what}"),
             CudaError::Driver(e) => write!(f, "CUDA driver: {e}"),
-            CudaError::Compile(e) => write!(f, "NVRTC: {e}"),
+            CudaError::Compile(e) => write!(f, "compiling the kernels: {e}"),
             CudaError::Model(e) => write!(f, "{e}"),
         }
     }
@@ -114,10 +134,54 @@ pub struct CudaMoe {
     w1: Buf,
     w3: Buf,
     w2: Buf,
-    router: Router<'static>,
+    shared: Option<Shared>,
+    rule: crate::Rule,
+    bias: Option<Vec<f32>>,
+    scaling: f32,
     d: usize,
     hidden: usize,
-    experts: usize,
+}
+
+/// The always-on expert (Qwen2-MoE, DeepSeek): run over every token.
+struct Shared {
+    w1: Buf,
+    w3: Buf,
+    w2: Buf,
+    hidden: usize,
+    /// Scaled by sigmoid(shared gate . x) (Qwen2-MoE); else added as is.
+    gated: bool,
+}
+
+/// SwiGLU experts' weights gathered for upload, expert after expert.
+#[derive(Default)]
+struct SwiGlu {
+    w1: Vec<f32>,
+    w3: Vec<f32>,
+    w2: Vec<f32>,
+    hidden: usize,
+}
+
+impl SwiGlu {
+    fn push<W: FloatWeight>(&mut self, expert: &Expert<'_, W>, d: usize) -> Result<(), CudaError> {
+        let Ffn::Gated { gate, up, act: Activation::Silu, down } = expert.ffn() else {
+            return Err(CudaError::Unsupported("experts other than gated SiLU (SwiGLU)"));
+        };
+        if gate.bias().is_some() || up.bias().is_some() || down.bias().is_some() || down.rows() != d {
+            return Err(CudaError::Unsupported("expert biases or output width other than input width"));
+        }
+        if !self.w1.is_empty() && gate.rows() != self.hidden {
+            return Err(CudaError::Unsupported("experts of different widths"));
+        }
+        self.hidden = gate.rows();
+        self.w1.extend(gate.weights().iter().map(|w| w.to_f32()));
+        self.w3.extend(up.weights().iter().map(|w| w.to_f32()));
+        self.w2.extend(down.weights().iter().map(|w| w.to_f32()));
+        Ok(())
+    }
+
+    fn upload(&self, device: &dyn Device, p: Precision) -> Result<(Buf, Buf, Buf), CudaError> {
+        Ok((upload(device, &self.w1, p)?, upload(device, &self.w3, p)?, upload(device, &self.w2, p)?))
+    }
 }
 
 /// Checks for a driver and a device without creating anything.
@@ -201,49 +265,50 @@ impl CudaMoe {
         W: FloatWeight,
         S: ExpertSource<Expert = Expert<'a, W>>,
     {
-        if layer.shared().is_some() {
-            return Err(CudaError::Unsupported("shared experts"));
-        }
         let rule = *layer.router().rule();
-        if layer.router().bias().is_some() || layer.router().scaling() != 1.0 {
-            return Err(CudaError::Unsupported("selection bias or routed scaling"));
-        }
-        let router = Router::new(rule, None, 1.0)?;
         let (d, experts) = (layer.in_dim(), rule.experts);
-        let (mut w1, mut w3, mut w2) = (Vec::new(), Vec::new(), Vec::new());
-        let mut hidden = 0;
+        let mut routed = SwiGlu::default();
         for e in 0..experts {
             let Some(expert) = layer.experts().expert(e) else {
                 return Err(CudaError::Unsupported("missing expert"));
             };
-            let Ffn::Gated { gate, up, act: Activation::Silu, down } = expert.ffn() else {
-                return Err(CudaError::Unsupported("experts other than gated SiLU (SwiGLU)"));
-            };
-            if gate.bias().is_some() || up.bias().is_some() || down.bias().is_some() || down.rows() != d {
-                return Err(CudaError::Unsupported("expert biases or output width other than input width"));
+            routed.push(&expert, d)?;
+        }
+        let mut gate: Vec<f32> = layer.gate().weights().iter().map(|w| w.to_f32()).collect();
+        let mut shared = None;
+        let mut shared_gated = false;
+        if let Some(s) = layer.shared() {
+            let mut e = SwiGlu::default();
+            e.push(&s.expert, d)?;
+            if let Some(g) = &s.gate {
+                // The shared expert's gate row rides along as one more logit.
+                gate.extend(g.weights().iter().map(|w| w.to_f32()));
+                shared_gated = true;
             }
-            hidden = gate.rows();
-            w1.extend(gate.weights().iter().map(|w| w.to_f32()));
-            w3.extend(up.weights().iter().map(|w| w.to_f32()));
-            w2.extend(down.weights().iter().map(|w| w.to_f32()));
+            shared = Some(e);
         }
-        if w1.len() != experts * hidden * d || w2.len() != experts * hidden * d {
-            return Err(CudaError::Unsupported("experts of different widths"));
-        }
-        let gate: Vec<f32> = layer.gate().weights().iter().map(|w| w.to_f32()).collect();
-
-        int(experts * hidden * d)?;
+        int(experts * routed.hidden * d)?;
         let device = device()?;
+        let (w1, w3, w2) = routed.upload(&*device, precision)?;
+        let shared = match shared {
+            Some(e) => {
+                let (w1, w3, w2) = e.upload(&*device, precision)?;
+                Some(Shared { w1, w3, w2, hidden: e.hidden, gated: shared_gated })
+            }
+            None => None,
+        };
         Ok(CudaMoe {
             gate: device.upload(Host::F32(&gate))?,
-            w1: upload(&*device, &w1, precision)?,
-            w3: upload(&*device, &w3, precision)?,
-            w2: upload(&*device, &w2, precision)?,
+            w1,
+            w3,
+            w2,
+            shared,
             device,
-            router,
+            rule,
+            bias: layer.router().bias().map(<[f32]>::to_vec),
+            scaling: layer.router().scaling(),
             d,
-            hidden,
-            experts,
+            hidden: routed.hidden,
         })
     }
 
@@ -284,29 +349,31 @@ impl CudaMoe {
             return Err(Error::NonFinite { what: crate::What::Input, index }.into());
         }
         let tokens = xs.len() / d;
-        let (e, k, h) = (self.experts, self.router.rule().k, self.hidden);
+        let (e, k) = (self.rule.experts, self.rule.k);
         let dev = &*self.device;
-        let (t32, e32, d32, h32, k32) = (int(tokens)?, int(e)?, int(d)?, int(h)?, int(k)?);
-        int(tokens * d.max(e))?;
+        let router = Router::new(self.rule, self.bias.as_deref(), self.scaling)?;
+        // Gate rows: the experts', then the shared expert's gate, if any.
+        let rows = e + self.shared.as_ref().is_some_and(|s| s.gated) as usize;
+        int(tokens * d.max(rows).max(self.hidden))?;
         let x = dev.upload(Host::F32(xs))?;
 
         // Gate on the device, routing on the host.
-        let logits_dev = dev.zeros(tokens * e)?;
+        let logits_dev = dev.zeros(tokens * rows)?;
         let args = [
             Arg::Buf(&self.gate),
             Arg::Buf(&x),
             Arg::Buf(&logits_dev),
-            Arg::Int(t32),
-            Arg::Int(e32),
-            Arg::Int(d32),
+            Arg::Int(tokens as i32),
+            Arg::Int(rows as i32),
+            Arg::Int(d as i32),
         ];
-        dev.launch(Kernel::GateLogits, Shape::elements(tokens * e)?, &args)?;
-        let mut logits = vec![0.0; tokens * e];
+        dev.launch(Kernel::GateLogits, Shape::elements(tokens * rows)?, &args)?;
+        let mut logits = vec![0.0; tokens * rows];
         dev.download(&logits_dev, &mut logits)?;
         let mut selections = Vec::with_capacity(tokens);
-        for row in logits.chunks_exact(e) {
+        for row in logits.chunks_exact(rows) {
             let mut sel = Selection::new();
-            self.router.route(row, &mut sel)?;
+            router.route(&row[..e], &mut sel)?;
             selections.push(sel);
         }
         let plan = DispatchPlan::new(&selections, e)?;
@@ -323,32 +390,69 @@ impl CudaMoe {
         // The grouped GEMMs over each expert's gathered tokens, then the combine.
         let y = dev.zeros(entries * d)?;
         if entries > 0 {
-            int(entries * h.max(d))?;
-            let tiles = tiles(&plan.offsets);
-            let tiles_dev = dev.upload(Host::I32(&tiles))?;
-            let tok_dev = dev.upload(Host::I32(&entry_token))?;
-            let hid = dev.zeros(entries * h)?;
-            let grid = |outputs: usize| -> Result<Shape, CudaError> {
-                let x = u32::try_from(tiles.len() / 3)
-                    .map_err(|_| CudaError::Unsupported("a batch this large"))?;
-                let y = u32::try_from(outputs.div_ceil(TILE_N)).ok().filter(|&y| y <= 65_535);
-                let y = y.ok_or(CudaError::Unsupported("layers this wide"))?;
-                Ok(Shape { grid: (x, y), threads: TILE_THREADS })
-            };
-            let (w1, w3, w2) = (Arg::Buf(&self.w1), Arg::Buf(&self.w3), Arg::Buf(&self.w2));
-            let (tok, tl, hb) = (Arg::Buf(&tok_dev), Arg::Buf(&tiles_dev), Arg::Buf(&hid));
-            let args = [w1, w3, Arg::Buf(&x), tok, tl, hb, Arg::Int(h32), Arg::Int(d32)];
-            dev.launch(Kernel::ExpertHidden, grid(h)?, &args)?;
-            let args = [w2, hb, tl, Arg::Buf(&y), Arg::Int(d32), Arg::Int(h32)];
-            dev.launch(Kernel::ExpertOut, grid(d)?, &args)?;
+            int(entries * self.hidden.max(d))?;
+            let experts = [&self.w1, &self.w3, &self.w2];
+            self.swiglu(experts, &x, &entry_token, &tiles(&plan.offsets), self.hidden, &y)?;
         }
         let se_dev = dev.upload(Host::I32(&slot_entry))?;
         let sw_dev = dev.upload(Host::F32(&slot_weight))?;
         let out_dev = dev.zeros(tokens * d)?;
         let args = [&y, &se_dev, &sw_dev, &out_dev].map(Arg::Buf);
-        let args = [args[0], args[1], args[2], args[3], Arg::Int(t32), Arg::Int(k32), Arg::Int(d32)];
+        let ints = [tokens, k, d].map(|v| Arg::Int(v as i32));
+        let args = [args[0], args[1], args[2], args[3], ints[0], ints[1], ints[2]];
         dev.launch(Kernel::Combine, Shape::elements(tokens * d)?, &args)?;
+
+        // The shared expert over every token, added last, as the CPU adds it.
+        if let Some(sh) = &self.shared {
+            int(tokens * sh.hidden)?;
+            let all: Vec<i32> = (0..tokens as i32).collect();
+            let sy = dev.zeros(tokens * d)?;
+            self.swiglu([&sh.w1, &sh.w3, &sh.w2], &x, &all, &tiles(&[0, tokens]), sh.hidden, &sy)?;
+            // sigmoid(shared gate . x) on the host from the device's logit:
+            // the CPU's formula on the CPU's bits.
+            let scale: Vec<f32> = match sh.gated {
+                true => logits.chunks_exact(rows).map(|r| 1.0 / (1.0 + libm::expf(-r[e]))).collect(),
+                false => vec![1.0; tokens],
+            };
+            let scale_dev = dev.upload(Host::F32(&scale))?;
+            let args = [&sy, &scale_dev, &out_dev].map(Arg::Buf);
+            let args = [args[0], args[1], args[2], Arg::Int(tokens as i32), Arg::Int(d as i32)];
+            dev.launch(Kernel::AddShared, Shape::elements(tokens * d)?, &args)?;
+        }
         dev.download(&out_dev, out)?;
         Ok(selections)
+    }
+
+    /// `y[n] = w2 (silu(w1 x[rows[n]]) * (w3 x[rows[n]]))` for the entries of
+    /// `tiles`: the two grouped GEMMs.
+    fn swiglu(
+        &self,
+        [w1, w3, w2]: [&Buf; 3],
+        x: &Buf,
+        rows: &[i32],
+        tiles: &[i32],
+        hidden: usize,
+        y: &Buf,
+    ) -> Result<(), CudaError> {
+        let dev = &*self.device;
+        let d = self.d;
+        let tiles_dev = dev.upload(Host::I32(tiles))?;
+        let rows_dev = dev.upload(Host::I32(rows))?;
+        let hid = dev.zeros(rows.len() * hidden)?;
+        let grid = |outputs: usize| -> Result<Shape, CudaError> {
+            let x =
+                u32::try_from(tiles.len() / 3).map_err(|_| CudaError::Unsupported("a batch this large"))?;
+            let y = u32::try_from(outputs.div_ceil(TILE_N)).ok().filter(|&y| y <= 65_535);
+            Ok(Shape {
+                grid: (x, y.ok_or(CudaError::Unsupported("layers this wide"))?),
+                threads: TILE_THREADS,
+            })
+        };
+        let (h32, d32) = (Arg::Int(hidden as i32), Arg::Int(d as i32));
+        let (tl, hb) = (Arg::Buf(&tiles_dev), Arg::Buf(&hid));
+        let args = [Arg::Buf(w1), Arg::Buf(w3), Arg::Buf(x), Arg::Buf(&rows_dev), tl, hb, h32, d32];
+        dev.launch(Kernel::ExpertHidden, grid(hidden)?, &args)?;
+        let args = [Arg::Buf(w2), hb, tl, Arg::Buf(y), d32, h32];
+        dev.launch(Kernel::ExpertOut, grid(d)?, &args)
     }
 }
