@@ -13,24 +13,17 @@ mod common;
 
 use std::sync::OnceLock;
 
-use common::{Fixture, rel_err, to_f16, to_f32, with_layer};
+use common::{Fixture, MOE_CASES, rel_err, to_f16, to_f32, with_layer};
 use micromoe::cuda::{CudaError, CudaMoe, Emulator, Precision, Target, available};
 use micromoe::kernels::{Activation, FloatWeight};
 use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
 use micromoe::{MoeLayer, Rule, Selection};
 
-/// PyTorch fixtures with gated SiLU experts: Mixtral, and Qwen2-MoE with its
-/// sigmoid-gated shared expert (with and without `norm_topk_prob`).
-const CASES: [&str; 8] = [
-    "mixtral_h16_e4_k1",
-    "mixtral_h32_e8_k2",
-    "mixtral_h24_e6_k3",
-    "mixtral_h48_e8_k2",
-    "qwen2moe_h16_e4_k1_norm",
-    "qwen2moe_h32_e8_k2",
-    "qwen2moe_h24_e6_k3_norm",
-    "qwen2moe_h32_e6_k3",
-];
+/// The PyTorch fixtures with gated SiLU experts: Mixtral, and Qwen2-MoE with
+/// its sigmoid-gated shared expert (with and without `norm_topk_prob`).
+fn cases() -> impl Iterator<Item = &'static str> {
+    MOE_CASES.iter().copied().filter(|n| n.starts_with("mixtral") || n.starts_with("qwen2moe"))
+}
 
 fn emulator() -> Option<&'static Emulator> {
     static EMU: OnceLock<Result<Emulator, String>> = OnceLock::new();
@@ -114,36 +107,40 @@ fn vs_pytorch(fx: &Fixture, out: &[f32], chosen: &[Vec<u16>], experts_key: &str,
     worst
 }
 
-#[test]
-fn f32_matches_the_cpu_and_pytorch() {
+/// Every fixture on every target in `precision`: against the CPU (`cpu_limit`)
+/// and PyTorch run on the same weights (1e-5).
+fn fixtures_match(precision: Precision, cpu_limit: f32) {
     for (target_name, target) in targets() {
-        for name in CASES {
+        for name in cases() {
             let fx = Fixture::load(name);
             let xs = fixture_tokens(&fx);
-            let (out, chosen, err) =
-                with_layer(&fx, to_f32, |layer| compare(target, layer, Precision::F32, &xs));
-            let torch = vs_pytorch(&fx, &out, &chosen, "experts", "y");
-            println!("{target_name} {name} f32: max relative error vs CPU {err:.2e}, vs PyTorch {torch:.2e}");
-            assert!(err <= 1e-5 && torch <= 1e-5, "{name}: {err:e} {torch:e}");
+            let ((out, chosen, err), keys) = match precision {
+                Precision::F32 => {
+                    (with_layer(&fx, to_f32, |l| compare(target, l, precision, &xs)), ["experts", "y"])
+                }
+                Precision::F16 => (
+                    with_layer(&fx, to_f16, |l| compare(target, l, precision, &xs)),
+                    ["experts_f16w", "y_f16w"],
+                ),
+            };
+            let torch = vs_pytorch(&fx, &out, &chosen, keys[0], keys[1]);
+            println!(
+                "{target_name} {name} {precision:?}: max relative error vs CPU {err:.2e}, vs PyTorch {torch:.2e}"
+            );
+            assert!(err <= cpu_limit && torch <= 1e-5, "{name}: {err:e} {torch:e}");
         }
     }
 }
 
 #[test]
+fn f32_matches_the_cpu_and_pytorch() {
+    fixtures_match(Precision::F32, 1e-5);
+}
+
+/// PyTorch ran the f16-rounded weights in f32.
+#[test]
 fn f16_matches_the_cpu_and_pytorch() {
-    for (target_name, target) in targets() {
-        for name in CASES {
-            let fx = Fixture::load(name);
-            let xs = fixture_tokens(&fx);
-            let (out, chosen, err) =
-                with_layer(&fx, to_f16, |layer| compare(target, layer, Precision::F16, &xs));
-            let torch = vs_pytorch(&fx, &out, &chosen, "experts_f16w", "y_f16w");
-            println!(
-                "{target_name} {name} f16: max relative error vs CPU {err:.2e}, vs PyTorch (f16 weights) {torch:.2e}"
-            );
-            assert!(err <= 1e-3 && torch <= 1e-5, "{name}: {err:e} {torch:e}");
-        }
-    }
+    fixtures_match(Precision::F16, 1e-3);
 }
 
 fn values(n: usize, seed: &mut u64, scale: f32) -> Vec<f32> {
@@ -260,7 +257,7 @@ fn layers_of_a_moe_file_run_on_the_device() {
 #[test]
 fn bad_input_is_refused() {
     for (_, target) in targets() {
-        let fx = Fixture::load(CASES[1]);
+        let fx = Fixture::load("qwen2moe_h32_e8_k2");
         with_layer(&fx, to_f32, |layer| {
             let dev = CudaMoe::on(target, layer, Precision::F32).unwrap();
             let d = layer.in_dim();
@@ -280,7 +277,7 @@ fn without_a_gpu_the_errors_are_clear() {
     match available() {
         Ok(()) => println!("a GPU is present: nothing to check here"),
         Err(e @ (CudaError::NoDriver | CudaError::NoDevice)) => {
-            let fx = Fixture::load(CASES[0]);
+            let fx = Fixture::load("mixtral_h16_e4_k1");
             let made = with_layer(&fx, to_f32, |layer| CudaMoe::new(layer, Precision::F32).map(|_| ()));
             assert!(matches!(made, Err(CudaError::NoDriver | CudaError::NoDevice)), "{e}");
             println!("refused as expected: {e}");
