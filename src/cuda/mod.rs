@@ -11,7 +11,8 @@
 //!
 //! `cudarc` loads the driver and NVRTC dynamically, so the crate builds and
 //! its tests run on machines without CUDA; [`CudaMoe::new`] then returns
-//! [`CudaError::NoDriver`] or [`CudaError::NoDevice`] instead of panicking.
+//! [`CudaError::NoDriver`], [`CudaError::NoDevice`] or
+//! [`CudaError::NoNvrtc`] instead of panicking.
 //! Kernels (`src/cuda/kernels.cu`) are compiled by NVRTC at run time.
 //!
 //! [`Emulator`] runs the same kernels on the CPU, compiled by the host C++
@@ -68,6 +69,9 @@ pub enum CudaError {
     NoDriver,
     /// The driver found no device.
     NoDevice,
+    /// The NVRTC library (the CUDA toolkit's run-time compiler) is not
+    /// installed or not on the library path.
+    NoNvrtc,
     /// The layer is of a kind the CUDA backend does not run (yet).
     Unsupported(&'static str),
     /// A driver call failed.
@@ -83,6 +87,10 @@ impl std::fmt::Display for CudaError {
         match self {
             CudaError::NoDriver => f.write_str("no CUDA driver library on this machine"),
             CudaError::NoDevice => f.write_str("the CUDA driver found no device"),
+            CudaError::NoNvrtc => f.write_str(
+                "no NVRTC library (libnvrtc.so, .so.12) on the library path: install the CUDA toolkit's NVRTC \
+                 or add its folder to LD_LIBRARY_PATH",
+            ),
             CudaError::Unsupported(what) => write!(f, "not supported by the CUDA backend: {what}"),
             CudaError::Driver(e) => write!(f, "CUDA driver: {e}"),
             CudaError::Compile(e) => write!(f, "compiling the kernels: {e}"),
@@ -184,7 +192,7 @@ impl SwiGlu {
     }
 }
 
-/// Checks for a driver and a device without creating anything.
+/// Checks for a driver, a device and NVRTC without creating anything.
 pub fn available() -> Result<(), CudaError> {
     #[allow(unsafe_code)]
     // SAFETY: only tries to load the driver library and reports whether it could.
@@ -192,9 +200,16 @@ pub fn available() -> Result<(), CudaError> {
         return Err(CudaError::NoDriver);
     }
     match cudarc::driver::CudaContext::device_count() {
-        Ok(n) if n > 0 => Ok(()),
-        _ => Err(CudaError::NoDevice),
+        Ok(n) if n > 0 => {}
+        _ => return Err(CudaError::NoDevice),
     }
+    // cudarc panics when it cannot load NVRTC: ask first.
+    #[allow(unsafe_code)]
+    // SAFETY: only tries to load the NVRTC library and reports whether it could.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(CudaError::NoNvrtc);
+    }
+    Ok(())
 }
 
 fn upload(device: &dyn Device, values: &[f32], p: Precision) -> Result<Buf, CudaError> {
