@@ -16,7 +16,7 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use micromoe::Rule;
 
-use micromoe::kernels::{Activation, matvec, matvec_i8};
+use micromoe::kernels::{Activation, matmul, matvec, matvec_i8};
 use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
 use std::hint::black_box;
 
@@ -92,6 +92,14 @@ fn matvecs(c: &mut Criterion) {
                 }
             })
         });
+        let tokens = 16;
+        let xs = rng.vec(tokens * cols);
+        let mut ys = vec![0.0f32; tokens * rows];
+        g.throughput(Throughput::Elements(2 * (tokens * rows * cols) as u64));
+        g.bench_with_input(BenchmarkId::new("f32_16_tokens", format!("{rows}x{cols}")), &(), |b, _| {
+            b.iter(|| matmul(black_box(&w), None, black_box(&xs), cols, &mut ys))
+        });
+        g.throughput(Throughput::Elements(2 * (rows * cols) as u64));
         let wq: Vec<i8> = w.iter().map(|v| (v * 1000.0) as i8).collect();
         let xq: Vec<i8> = x.iter().map(|v| (v * 1000.0) as i8).collect();
         let (m, s) = (vec![1 << 30; rows], vec![-8; rows]);

@@ -157,22 +157,42 @@ fn run_groups<T: Copy + Send>(
 ) -> Vec<T> {
     let experts = plan.experts();
     let mut ys = vec![zero; plan.tokens.len() * width];
-    let threads = threads.clamp(1, experts.max(1));
-    let mut lists: Vec<Vec<(usize, &mut [T])>> = (0..threads).map(|_| Vec::new()).collect();
+    // Experts with tokens, the busiest first, each to the least loaded thread.
+    let mut groups: Vec<(usize, &mut [T])> = Vec::new();
     let mut rest = ys.as_mut_slice();
     for e in 0..experts {
         let (mine, tail) = rest.split_at_mut(plan.group(e).tokens.len() * width);
-        lists[e % threads].push((e, mine));
+        if !mine.is_empty() {
+            groups.push((e, mine));
+        }
         rest = tail;
     }
+    groups.sort_by_key(|(e, _)| core::cmp::Reverse(plan.group(*e).tokens.len()));
+    let threads = threads.clamp(1, groups.len().max(1));
+    // (tokens so far, groups) per thread.
+    type List<'a, T> = Vec<(usize, &'a mut [T])>;
+    let mut lists: Vec<(usize, List<'_, T>)> = (0..threads).map(|_| (0, Vec::new())).collect();
+    for (e, rows) in groups {
+        if let Some(list) = lists.iter_mut().min_by_key(|(load, _)| *load) {
+            list.0 += plan.group(e).tokens.len();
+            list.1.push((e, rows));
+        }
+    }
+    let run = |list: List<'_, T>| {
+        for (e, rows) in list {
+            work(e, plan.group(e).tokens, rows);
+        }
+    };
+    // The first list on this thread: one spawn fewer per call.
+    let mut lists = lists.into_iter().map(|(_, list)| list);
+    let first = lists.next();
     std::thread::scope(|scope| {
         for list in lists {
-            let work = &work;
-            scope.spawn(move || {
-                for (e, rows) in list {
-                    work(e, plan.group(e).tokens, rows);
-                }
-            });
+            let run = &run;
+            scope.spawn(move || run(list));
+        }
+        if let Some(list) = first {
+            run(list);
         }
     });
     ys
