@@ -76,9 +76,17 @@ fn dot_tile<W: FloatWeight, const R: usize, const T: usize>(
     let mut l = [[[0.0f32; LANES]; T]; R];
     for k in 0..blocks {
         for r in 0..R {
-            let wb = &wc[r][k];
+            // SAFETY: every slice in `wc` and `xc` holds exactly `blocks`
+            // blocks (sliced above) and k < blocks. (Checked indexing kept
+            // R + T compares per block in the loop once the slice lengths
+            // were spilled: 27 instead of 79 GFLOP/s at 64 x 64.)
+            #[allow(unsafe_code)]
+            let wb = unsafe { wc[r].get_unchecked(k) };
             for t in 0..T {
-                lanes_mul_add(&mut l[r][t], wb, &xc[t][k]);
+                // SAFETY: as above.
+                #[allow(unsafe_code)]
+                let xb = unsafe { xc[t].get_unchecked(k) };
+                lanes_mul_add(&mut l[r][t], wb, xb);
             }
         }
     }
