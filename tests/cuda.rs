@@ -152,12 +152,12 @@ fn values(n: usize, seed: &mut u64, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-/// Shapes that cut the grouped GEMM's tiles everywhere: more than 64
-/// entries for some experts (several row tiles), widths that are not
-/// multiples of the 64-output and 16-input tiles, an expert nobody picks.
-#[test]
-fn tile_edges_match_the_cpu() {
-    let (d, h, e, tokens) = (40, 72, 5, 150);
+/// A layer and tokens whose shapes cut the grouped GEMM's tiles everywhere:
+/// more than 64 entries for some experts (several row tiles), widths that are
+/// not multiples of the 64-output and 16-input tiles, an expert nobody picks
+/// (the fifth).
+fn tile_edge_layer(tokens: usize) -> (MoeBuf<f32>, Vec<f32>) {
+    let (d, h, e) = (40, 72, 5);
     let mut seed = 11;
     let lin = |r, c, s: &mut u64| LinearBuf::new(values(r * c, s, 0.5), None, r, c);
     let experts: Vec<ExpertBuf<f32>> = (0..e)
@@ -171,15 +171,20 @@ fn tile_edges_match_the_cpu() {
         })
         .collect();
     let mut gate = values(e * d, &mut seed, 0.5);
-    // Expert 4 is never chosen: its gate row is far below the others.
     gate[4 * d..].iter_mut().for_each(|g| *g = -50.0 * g.abs() - 1.0);
     let moe = MoeBuf::new(LinearBuf::new(gate, None, e, d), experts, Rule::mixtral(e, 2));
+    let xs: Vec<f32> = values(tokens * d, &mut seed, 2.0).iter().map(|v| v.abs() + 0.01).collect();
+    (moe, xs)
+}
+
+#[test]
+fn tile_edges_match_the_cpu() {
+    let (moe, xs) = tile_edge_layer(150);
     let views = moe.expert_views().unwrap();
     let layer = moe.layer(&views).unwrap();
-    let xs: Vec<f32> = values(tokens * d, &mut seed, 2.0).iter().map(|v| v.abs() + 0.01).collect();
     for (target_name, target) in targets() {
         let (_, chosen, err) = compare(target, &layer, Precision::F32, &xs);
-        let mut per_expert = vec![0; e];
+        let mut per_expert = vec![0; 5];
         chosen.iter().flatten().for_each(|&x| per_expert[x as usize] += 1);
         println!(
             "{target_name} tile edges: entries per expert {per_expert:?}, max relative error vs CPU {err:.2e}"
@@ -187,6 +192,29 @@ fn tile_edges_match_the_cpu() {
         assert!(per_expert.iter().any(|&n| n > 64) && per_expert[4] == 0, "{per_expert:?}");
         assert!(err <= 1e-5, "{err:e}");
     }
+}
+
+/// The kernels under the thread sanitizer: the threads of each block run
+/// concurrently, so shared memory used without the barriers it needs shows
+/// up as a data race (the emulator then stops and the launch fails). Both
+/// weight types, routed and shared experts, tile edges.
+#[test]
+fn kernels_have_no_data_races() {
+    if emulator().is_none() {
+        return;
+    }
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda-emulator-tsan");
+    let emu = Emulator::compile_race_check(&dir).expect("the thread-sanitizer emulator compiles");
+    let (moe, xs) = tile_edge_layer(70);
+    let views = moe.expert_views().unwrap();
+    let layer = moe.layer(&views).unwrap();
+    let (_, _, err) = compare(Target::Emulator(&emu), &layer, Precision::F32, &xs);
+    assert!(err <= 1e-5, "{err:e}");
+    let fx = Fixture::load("qwen2moe_h32_e8_k2");
+    let xs = fixture_tokens(&fx);
+    let (_, _, err) = with_layer(&fx, to_f16, |l| compare(Target::Emulator(&emu), l, Precision::F16, &xs));
+    assert!(err <= 1e-3, "{err:e}");
+    println!("thread sanitizer: no races reported");
 }
 
 /// DeepSeek-V3-style routing: sigmoid scores, group-limited top-k, a

@@ -26,26 +26,34 @@ pub struct Emulator {
 
 impl Emulator {
     /// Compiles the emulator into `dir` (created if missing) with the C++
-    /// compiler named by `$CXX`, else `c++` (C++20 and the address
-    /// sanitizer needed: GCC 12 or Clang 15 and later). A few seconds per
-    /// weight type.
+    /// compiler named by `$CXX`, else `c++` (C++20 and the sanitizers
+    /// needed: GCC 12 or Clang 15 and later), with the address and
+    /// undefined-behaviour sanitizers. A few seconds per weight type.
     pub fn compile(dir: impl AsRef<Path>) -> Result<Self, CudaError> {
-        let dir = dir.as_ref();
+        Self::build(dir.as_ref(), "address,undefined")
+    }
+
+    /// Like [`compile`](Self::compile), with the thread sanitizer instead:
+    /// the threads of a block run concurrently, so a shared-memory read
+    /// that a missing `__syncthreads` leaves unordered with another
+    /// thread's write is reported as a data race.
+    pub fn compile_race_check(dir: impl AsRef<Path>) -> Result<Self, CudaError> {
+        Self::build(dir.as_ref(), "thread")
+    }
+
+    fn build(dir: &Path, sanitize: &str) -> Result<Self, CudaError> {
         let io = |e: std::io::Error| CudaError::Compile(format!("{}: {e}", dir.display()));
         std::fs::create_dir_all(dir).map_err(io)?;
         std::fs::write(dir.join("kernels.cu"), SOURCE).map_err(io)?;
         std::fs::write(dir.join("emu.cpp"), EMULATOR).map_err(io)?;
         let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
         let build = |p: Precision| -> Result<PathBuf, CudaError> {
-            let out = dir.join(format!("emu-{p:?}").to_lowercase());
+            let out = dir.join(format!("emu-{p:?}-{}", sanitize.replace(',', "-")).to_lowercase());
             let wtype = p.define().trim().trim_start_matches("#define WTYPE ");
             let made = Command::new(&cxx)
-                .args(["-std=c++20", "-O1", "-g", "-pthread", "-ffp-contract=off"])
-                .args([
-                    "-fsanitize=address,undefined",
-                    "-fno-sanitize-recover=undefined",
-                    "-fno-omit-frame-pointer",
-                ])
+                .args(["-std=c++20", "-O1", "-g", "-pthread", "-ffp-contract=off", "-fno-omit-frame-pointer"])
+                .arg(format!("-fsanitize={sanitize}"))
+                .arg("-fno-sanitize-recover=all")
                 .arg(format!("-DWTYPE={wtype}"))
                 .arg("-I")
                 .arg(dir)
@@ -71,6 +79,8 @@ impl Emulator {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .env("ASAN_OPTIONS", "detect_leaks=0")
+            // A race report ends the process (the caller sees the error).
+            .env("TSAN_OPTIONS", "halt_on_error=1 report_signal_unsafe=0")
             .spawn()
             .map_err(|e| CudaError::Driver(format!("emulator {}: {e}", bin.display())))?;
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
