@@ -85,6 +85,10 @@ fn matvecs(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("f32", format!("{rows}x{cols}")), &(), |b, _| {
             b.iter(|| matvec(black_box(&w), None, black_box(&x), &mut y))
         });
+        let w16: Vec<micromoe::quant::f16> = w.iter().map(|&v| micromoe::quant::f16::from_f32(v)).collect();
+        g.bench_with_input(BenchmarkId::new("f16", format!("{rows}x{cols}")), &(), |b, _| {
+            b.iter(|| matvec(black_box(&w16), None, black_box(&x), &mut y))
+        });
         g.bench_with_input(BenchmarkId::new("f32_sequential", format!("{rows}x{cols}")), &(), |b, _| {
             b.iter(|| {
                 for (yo, row) in y.iter_mut().zip(black_box(&w).chunks_exact(cols)) {
