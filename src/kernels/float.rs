@@ -50,6 +50,7 @@ impl FloatWeight for f16 {
     }
 }
 
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 /// IEEE half bits to f32, exactly as `half` widens them (NaNs quieted),
 /// in steps that vectorize: exponent and mantissa shifted into an f32 and
 /// scaled by 2^112 (exact for normal and subnormal halves alike), then
@@ -94,7 +95,7 @@ fn finish<W: FloatWeight>(l: [f32; LANES], wt: &[W], xt: &[f32]) -> f32 {
     s
 }
 
-/// Matrices up to this size take the four-rows-per-pass path.
+/// Matrices up to this size take the several-rows-per-pass path.
 const CACHED_BYTES: usize = 8 << 20;
 
 /// `R` rows' [`dot`]s with each of `T` inputs in one pass: `R x T`
@@ -524,6 +525,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     fn f16_widening_equals_half_for_every_value() {
         for bits in 0..=u16::MAX {
             let want = f16::from_bits(bits).to_f32();
