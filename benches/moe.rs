@@ -16,7 +16,7 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use micromoe::Rule;
 
-use micromoe::kernels::{Activation, matmul, matvec, matvec_i8};
+use micromoe::kernels::{Activation, matmul, matvec, matvec_i8, matvec_q15};
 use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
 use std::hint::black_box;
 
@@ -110,6 +110,11 @@ fn matvecs(c: &mut Criterion) {
         let mut yq = vec![0i8; rows];
         g.bench_with_input(BenchmarkId::new("int8", format!("{rows}x{cols}")), &(), |b, _| {
             b.iter(|| matvec_i8(black_box(&wq), None, &m, &s, black_box(&xq), 3, -2, &mut yq))
+        });
+        let x15: Vec<i16> = x.iter().map(|v| (v * 30_000.0) as i16).collect();
+        let mut y15 = vec![0i16; rows];
+        g.bench_with_input(BenchmarkId::new("q15", format!("{rows}x{cols}")), &(), |b, _| {
+            b.iter(|| matvec_q15(black_box(&wq), None, &m, &s, black_box(&x15), &mut y15))
         });
     }
     g.finish();

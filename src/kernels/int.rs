@@ -97,7 +97,7 @@ fn each_dot_q15(w: &[i8], x: &[i16], mut f: impl FnMut(i64)) {
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
 #[allow(unsafe_code)]
 mod avx2 {
-    use crate::quant::{IntAct, Multiplier, requantize};
+    use crate::quant::{IntAct, Multiplier, requantize, requantize_wide};
 
     /// [`matvec_i8`](super::matvec_i8) for AVX2; false on a CPU without it.
     #[allow(clippy::too_many_arguments)]
@@ -230,7 +230,48 @@ mod avx2 {
 
     #[target_feature(enable = "avx2")]
     fn matvec_q15_avx2(w: &[i8], bias: Option<&[i64]>, m: &[i32], s: &[i32], x: &[i16], y: &mut [i16]) {
-        super::reference::matvec_q15(w, bias, m, s, x, y)
+        let cols = x.len();
+        if cols == 0 {
+            return super::reference::matvec_q15(w, bias, m, s, x, y);
+        }
+        let bias = bias.unwrap_or(&[]);
+        let rows = y.len().min(m.len()).min(s.len()).min(w.len() / cols);
+        let out = |o: usize, acc: i64, y: &mut [i16]| {
+            let acc = acc.wrapping_add(bias.get(o).copied().unwrap_or(0));
+            y[o] = i16::saturate(requantize_wide(acc, Multiplier { multiplier: m[o], shift: s[o] }));
+        };
+        let mut o = 0;
+        for q in w[..rows * cols].chunks_exact(4 * cols) {
+            let (r0, q) = q.split_at(cols);
+            let (r1, q) = q.split_at(cols);
+            let (r2, r3) = q.split_at(cols);
+            // |x w| <= 2^22: blocks of 256 products cannot overflow i32,
+            // so each block is summed in i32 (vpmaddwd) and added in i64.
+            let mut acc = [0i64; 4];
+            for ((((xb, a), b), c), d) in
+                x.chunks(256).zip(r0.chunks(256)).zip(r1.chunks(256)).zip(r2.chunks(256)).zip(r3.chunks(256))
+            {
+                let mut part = [0i32; 4];
+                for ((((&xv, &a), &b), &c), &d) in xb.iter().zip(a).zip(b).zip(c).zip(d) {
+                    let xv = i32::from(xv);
+                    part[0] += xv * i32::from(a);
+                    part[1] += xv * i32::from(b);
+                    part[2] += xv * i32::from(c);
+                    part[3] += xv * i32::from(d);
+                }
+                for (a, p) in acc.iter_mut().zip(part) {
+                    *a += i64::from(p);
+                }
+            }
+            for acc in acc {
+                out(o, acc, y);
+                o += 1;
+            }
+        }
+        for row in w[o * cols..rows * cols].chunks_exact(cols) {
+            out(o, super::dot_q15(row, x), y);
+            o += 1;
+        }
     }
 }
 
@@ -519,7 +560,9 @@ mod tests {
             seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
             (seed >> 33) as u32
         };
-        for (rows, cols) in [(1, 1), (5, 3), (13, 37), (8, 64), (7, 300), (3, 4096), (2, 4097), (9, 0)] {
+        for (rows, cols) in
+            [(1, 1), (5, 3), (13, 37), (8, 64), (7, 300), (6, 513), (3, 4096), (2, 4097), (9, 0)]
+        {
             for offset in [0, -128, 127, 128, -127, 5] {
                 let w: Vec<i8> = (0..rows * cols).map(|_| next() as i8).collect();
                 let x: Vec<i8> = (0..cols).map(|_| next() as i8).collect();
@@ -530,6 +573,13 @@ mod tests {
                 matvec_i8(&w, Some(&bias), &m, &sh, &x, offset, -3, &mut fast);
                 reference::matvec_i8(&w, Some(&bias), &m, &sh, &x, offset, -3, &mut slow);
                 assert_eq!(fast, slow, "{rows}x{cols}, offset {offset}");
+                let x16: Vec<i16> =
+                    (0..cols).map(|_| if offset == 128 { i16::MIN } else { next() as i16 }).collect();
+                let b64: Vec<i64> = bias.iter().map(|&b| i64::from(b) << 8).collect();
+                let (mut fast, mut slow) = (vec![0i16; rows], vec![0i16; rows]);
+                matvec_q15(&w, Some(&b64), &m, &sh, &x16, &mut fast);
+                reference::matvec_q15(&w, Some(&b64), &m, &sh, &x16, &mut slow);
+                assert_eq!(fast, slow, "q15 {rows}x{cols}");
                 let mut dots = Vec::new();
                 for_each_dot_i8(&w, &x, offset, |d| dots.push(d));
                 let want: Vec<i32> = w.chunks_exact(cols.max(1)).map(|r| dot_i8(r, &x, offset)).collect();
