@@ -3,19 +3,21 @@
 //! 4096 tokens, f32 and f16 weights. Needs `--features cuda` and a GPU; says
 //! why and exits 0 without one.
 //!
+//! `--emulator` runs the same program on the CPU emulator of the kernels
+//! with a layer 16 times narrower and at most 16 tokens: the figures mean
+//! nothing, but every step the GPU run takes is exercised (CI runs it).
+//!
 //! ```text
-//! cargo run --release --features cuda --example cuda_bench
+//! cargo run --release --features cuda --example cuda_bench [-- --emulator]
 //! ```
 
 use std::time::Instant;
 
 use micromoe::Rule;
-use micromoe::cuda::{CudaMoe, Precision, available};
+use micromoe::cuda::{CudaMoe, Emulator, Precision, Target, available};
 use micromoe::kernels::Activation;
 use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
 
-const D: usize = 1024;
-const H: usize = 2048;
 const E: usize = 8;
 
 fn values(n: usize, seed: &mut u64) -> Vec<f32> {
@@ -38,39 +40,48 @@ fn seconds(mut f: impl FnMut()) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    if let Err(e) = available() {
-        println!("cuda_bench: skipped ({e})");
-        return Ok(());
-    }
+    let emulated = std::env::args().any(|a| a == "--emulator");
+    let emulator;
+    let (target, d, h, batches): (Target<'_>, usize, usize, &[usize]) = if emulated {
+        emulator = Emulator::compile(std::env::temp_dir().join("micromoe-cuda-bench-emulator"))?;
+        (Target::Emulator(&emulator), 64, 128, &[1, 16])
+    } else {
+        if let Err(e) = available() {
+            println!("cuda_bench: skipped ({e})");
+            return Ok(());
+        }
+        (Target::Gpu, 1024, 2048, &[1, 16, 256, 4096])
+    };
     let mut seed = 3;
     let lin = |r, c, s: &mut u64| LinearBuf::new(values(r * c, s), None, r, c);
     let experts: Vec<ExpertBuf<f32>> = (0..E)
         .map(|_| {
             ExpertBuf::gated(
-                lin(H, D, &mut seed),
-                lin(H, D, &mut seed),
-                lin(D, H, &mut seed),
+                lin(h, d, &mut seed),
+                lin(h, d, &mut seed),
+                lin(d, h, &mut seed),
                 Activation::Silu,
             )
         })
         .collect();
-    let moe = MoeBuf::new(lin(E, D, &mut seed), experts, Rule::mixtral(E, 2));
+    let moe = MoeBuf::new(lin(E, d, &mut seed), experts, Rule::mixtral(E, 2));
     let views = moe.expert_views()?;
     let layer = moe.layer(&views)?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let gpu32 = CudaMoe::new(&layer, Precision::F32)?;
-    let gpu16 = CudaMoe::new(&layer, Precision::F16)?;
-    println!("Mixtral-style layer: width {D}, {E} SwiGLU experts of {H}, top-2; tokens/s");
+    let gpu32 = CudaMoe::on(target, &layer, Precision::F32)?;
+    let gpu16 = CudaMoe::on(target, &layer, Precision::F16)?;
+    let on = if emulated { "emulator" } else { "GPU" };
+    println!("Mixtral-style layer: width {d}, {E} SwiGLU experts of {h}, top-2; tokens/s");
     println!(
         "{:>6} {:>14} {:>14} {:>16}",
         "tokens",
-        "GPU f32",
-        "GPU f16",
+        format!("{on} f32"),
+        format!("{on} f16"),
         format!("CPU f32 ({threads} thr)")
     );
-    for n in [1usize, 16, 256, 4096] {
-        let xs = values(n * D, &mut seed);
-        let mut out = vec![0.0f32; n * D];
+    for &n in batches {
+        let xs = values(n * d, &mut seed);
+        let mut out = vec![0.0f32; n * d];
         let g32 = seconds(|| drop(gpu32.infer_batch(&xs, &mut out).unwrap()));
         let g16 = seconds(|| drop(gpu16.infer_batch(&xs, &mut out).unwrap()));
         let cpu = seconds(|| drop(layer.infer_batch(&xs, &mut out, threads).unwrap()));
