@@ -97,7 +97,6 @@ fn each_dot_q15(w: &[i8], x: &[i16], mut f: impl FnMut(i64)) {
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
 #[allow(unsafe_code)]
 mod avx2 {
-    use crate::quant::{IntAct, Multiplier, requantize, requantize_wide};
 
     /// [`matvec_i8`](super::matvec_i8) for AVX2; false on a CPU without it.
     #[allow(clippy::too_many_arguments)]
@@ -221,8 +220,7 @@ mod avx2 {
         each_dot_i8_avx2(w, x, off, &mut |acc: i32| {
             if o < rows {
                 let acc = acc.wrapping_add(bias.get(o).copied().unwrap_or(0));
-                let v = requantize(acc, Multiplier { multiplier: m[o], shift: s[o] });
-                y[o] = i8::saturate(v.saturating_add(zp));
+                y[o] = super::out_i8(acc, m[o], s[o], zp);
             }
             o += 1;
         });
@@ -238,7 +236,7 @@ mod avx2 {
         let rows = y.len().min(m.len()).min(s.len()).min(w.len() / cols);
         let out = |o: usize, acc: i64, y: &mut [i16]| {
             let acc = acc.wrapping_add(bias.get(o).copied().unwrap_or(0));
-            y[o] = i16::saturate(requantize_wide(acc, Multiplier { multiplier: m[o], shift: s[o] }));
+            y[o] = super::out_q15(acc, m[o], s[o]);
         };
         let mut o = 0;
         for q in w[..rows * cols].chunks_exact(4 * cols) {
@@ -279,7 +277,6 @@ mod avx2 {
 /// every fast path is checked against (on every target).
 pub mod reference {
     use super::{dot_i8, dot_q15};
-    use crate::quant::{IntAct, Multiplier, requantize, requantize_wide};
 
     /// [`matvec_i8`](super::matvec_i8), portable.
     #[allow(clippy::too_many_arguments)]
@@ -299,8 +296,7 @@ pub mod reference {
             y.iter_mut().zip(w.chunks_exact(x.len().max(1))).zip(requant).enumerate()
         {
             let acc = dot_i8(row, x, input_offset).wrapping_add(bias.get(o).copied().unwrap_or(0));
-            let v = requantize(acc, Multiplier { multiplier: m, shift: s });
-            *yo = i8::saturate(v.saturating_add(output_zp));
+            *yo = super::out_i8(acc, m, s, output_zp);
         }
     }
 
@@ -319,9 +315,22 @@ pub mod reference {
             y.iter_mut().zip(w.chunks_exact(x.len().max(1))).zip(requant).enumerate()
         {
             let acc = dot_q15(row, x).wrapping_add(bias.get(o).copied().unwrap_or(0));
-            *yo = i16::saturate(requantize_wide(acc, Multiplier { multiplier: m, shift: s }));
+            *yo = super::out_q15(acc, m, s);
         }
     }
+}
+
+/// An int8 output from its i32 sum (bias included): requantized, shifted
+/// to the output zero point, saturated.
+#[inline(always)]
+fn out_i8(acc: i32, multiplier: i32, shift: i32, output_zp: i32) -> i8 {
+    i8::saturate(requantize(acc, Multiplier { multiplier, shift }).saturating_add(output_zp))
+}
+
+/// A Q15 output from its exact i64 sum (bias included).
+#[inline(always)]
+fn out_q15(acc: i64, multiplier: i32, shift: i32) -> i16 {
+    i16::saturate(requantize_wide(acc, Multiplier { multiplier, shift }))
 }
 
 #[cfg_attr(micromoe_dsp, allow(dead_code))]
