@@ -49,6 +49,9 @@ pub enum What {
     TopP,
     /// A work or state buffer.
     Scratch,
+    /// A hidden state inside a model (overflowed to infinity or NaN: the
+    /// weights or inputs are out of float range).
+    Hidden,
 }
 
 /// A field of a `.moe` header or layer record.
@@ -265,6 +268,7 @@ impl fmt::Display for What {
             What::Temperature => "temperature",
             What::TopP => "top-p",
             What::Scratch => "work buffer",
+            What::Hidden => "hidden state",
         };
         f.write_str(s)
     }

@@ -1,14 +1,15 @@
 //! `micromoe`: convert checkpoints to `.moe`, describe models, run them.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use micromoe::format::Model;
 use micromoe::format::write::AlignedBytes;
 use micromoe::host::{
-    DecoderOptions, Dtype, HostError, convert_decoder, convert_with_progress, read_inputs, summarize,
-    summarize_decoder,
+    DecoderOptions, Dtype, HostError, convert_decoder, convert_with_progress, read_inputs, read_moe,
+    summarize, summarize_decoder, zeroed,
 };
 use micromoe::model::Decoder;
 use serde_json::json;
@@ -82,9 +83,8 @@ fn dtype(s: &str) -> Result<Dtype, HostError> {
     Dtype::parse(s).ok_or_else(|| HostError::Input(format!("unknown dtype {s:?} (f32, f16, int8, q15)")))
 }
 
-fn load(path: &PathBuf) -> Result<AlignedBytes, HostError> {
-    let bytes = std::fs::read(path).map_err(|e| HostError::Io(path.clone(), e))?;
-    Ok(AlignedBytes::from(&bytes[..]))
+fn load(path: &Path) -> Result<AlignedBytes, HostError> {
+    read_moe(path)
 }
 
 fn main() -> ExitCode {
@@ -185,7 +185,7 @@ fn run(cli: Cli) -> Result<(), HostError> {
                 ));
             }
             let xs = read_inputs(&input, m.input_dim())?;
-            let mut scratch = vec![0u8; m.scratch_bytes()];
+            let mut scratch = zeroed::<u8>(m.scratch_bytes(), "scratch")?;
             let mut results = Vec::new();
             for x in xs.chunks_exact(m.input_dim()) {
                 let mut y = vec![0.0f32; m.output_dim()];
@@ -217,39 +217,56 @@ fn run(cli: Cli) -> Result<(), HostError> {
 }
 
 /// `eval`: logits per position and experts per MoE layer and position.
-fn eval(path: &PathBuf, tokens: &[u32], as_json: bool) -> Result<(), HostError> {
+/// The logits are written as they are computed (JSON included), so memory
+/// stays one vocabulary row whatever the number of tokens.
+fn eval(path: &Path, tokens: &[u32], as_json: bool) -> Result<(), HostError> {
     let bytes = load(path)?;
     let m = Model::parse(&bytes)?;
     let dec = Decoder::new(&m)?;
-    let mut buf = vec![0u8; dec.state_bytes()];
+    // The step's own checks, before anything is printed.
+    if let Some(&t) = tokens.iter().find(|&&t| t as usize >= dec.config().vocab) {
+        return Err(
+            micromoe::Error::OutOfRange { what: micromoe::error::What::Token, index: t as usize }.into()
+        );
+    }
+    if tokens.len() > dec.config().context {
+        return Err(micromoe::Error::ContextFull { context: dec.config().context }.into());
+    }
+    let mut buf = zeroed::<u8>(dec.state_bytes(), "the decoder's state (KV cache)")?;
     let mut state = dec.state(&mut buf)?;
     let moe: Vec<usize> = (0..dec.config().layers)
         .filter(|&l| dec.layer_config(l).map(|c| c.experts > 0).unwrap_or(false))
         .collect();
     let mut experts: Vec<Vec<Vec<u16>>> = vec![Vec::new(); moe.len()];
-    let mut logits = Vec::with_capacity(tokens.len());
-    for &t in tokens {
-        let mut out = vec![0.0f32; dec.config().vocab];
+    let mut out = zeroed::<f32>(dec.config().vocab, "logits")?;
+    let stdout = std::io::stdout();
+    let mut w = std::io::BufWriter::new(stdout.lock());
+    let io = |e: std::io::Error| HostError::Io("stdout".into(), e);
+    if as_json {
+        write!(w, "{{\"logits\":[").map_err(io)?;
+    }
+    for (p, &t) in tokens.iter().enumerate() {
         dec.step(&mut state, t, &mut out, |l, sel| {
             if let Some(i) = moe.iter().position(|&x| x == l) {
                 experts[i].push(sel.iter().map(|c| c.expert).collect());
             }
         })?;
-        logits.push(out);
-    }
-    if as_json {
-        println!("{}", json!({ "logits": logits, "experts": experts }));
-    } else {
-        for (p, (&t, l)) in tokens.iter().zip(&logits).enumerate() {
+        if as_json {
+            // serde_json's number format, one row at a time.
+            let row = serde_json::to_string(&out).map_err(|e| HostError::Input(e.to_string()))?;
+            write!(w, "{}{row}", if p > 0 { "," } else { "" }).map_err(io)?;
+        } else {
             let routed: Vec<&Vec<u16>> = experts.iter().map(|e| &e[p]).collect();
-            println!(
-                "pos {p}: token {t} -> next {} (logit {:.4}), experts {routed:?}",
-                argmax(l),
-                l[argmax(l)]
-            );
+            let best = argmax(&out);
+            writeln!(w, "pos {p}: token {t} -> next {best} (logit {:.4}), experts {routed:?}", out[best])
+                .map_err(io)?;
         }
     }
-    Ok(())
+    if as_json {
+        let e = serde_json::to_string(&experts).map_err(|e| HostError::Input(e.to_string()))?;
+        writeln!(w, "],\"experts\":{e}}}").map_err(io)?;
+    }
+    w.flush().map_err(io)
 }
 
 fn argmax(y: &[f32]) -> usize {

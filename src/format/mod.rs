@@ -674,7 +674,9 @@ impl<'a> Model<'a> {
             dst.copy_from_slice(&a[..width]);
             written += width;
         }
-        Ok(())
+        // Float weights far out of range overflow to infinity: an error,
+        // not an output.
+        crate::error::check_finite(What::Hidden, out)
     }
 }
 
@@ -765,6 +767,10 @@ fn layer_info(bytes: &[u8], l: usize) -> Result<LayerInfo> {
         return Err(bad(Field::Dtype));
     }
     let experts = w(lw::EXPERTS)? as usize;
+    // Expert ids 0xFFFE and 0xFFFF name the shared expert and the layer.
+    if experts >= layout::SHARED_EXPERT as usize {
+        return Err(bad(Field::Routing));
+    }
     let shared_hidden = if flags & layout::flags::SHARED != 0 { dim(lw::SHARED_HIDDEN)? } else { 0 };
     let f32_at = |word| w(word).map(f32::from_bits);
     let scaling = f32_at(lw::SCALING)?;

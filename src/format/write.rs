@@ -459,6 +459,25 @@ impl From<&[u8]> for AlignedBytes {
     }
 }
 
+impl AlignedBytes {
+    /// `len` zero bytes, aligned; `None` when they cannot be allocated
+    /// (the allocation is fallible: a size read from a file cannot abort).
+    pub fn try_zeroed(len: usize) -> Option<Self> {
+        let total = len.checked_add(ALIGN - 1)?;
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(total).ok()?;
+        buf.resize(total, 0);
+        let start = buf.as_ptr().align_offset(ALIGN).min(ALIGN - 1);
+        Some(AlignedBytes { buf, start, len })
+    }
+}
+
+impl core::ops::DerefMut for AlignedBytes {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..self.start + self.len]
+    }
+}
+
 impl core::ops::Deref for AlignedBytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

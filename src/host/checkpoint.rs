@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype as StDtype, SafeTensors};
 use serde_json::Value;
 
+use super::files::{MAX_JSON, inside, max_alloc, read_regular};
 use crate::quant::f16;
 
 /// A host-side failure, with the file, field or tensor at fault.
@@ -24,6 +25,16 @@ pub enum HostError {
     Input(String),
     /// The model itself was refused.
     Model(crate::Error),
+    /// A buffer sized by a number read from a file is larger than the limit
+    /// ([`max_alloc`](super::max_alloc)) or could not be allocated.
+    Memory {
+        /// What the buffer is for.
+        what: String,
+        /// Bytes it would take.
+        bytes: u128,
+        /// The limit.
+        limit: u64,
+    },
 }
 
 impl fmt::Display for HostError {
@@ -35,6 +46,11 @@ impl fmt::Display for HostError {
             HostError::Tensor(m) => write!(f, "tensor {m}"),
             HostError::Input(m) => write!(f, "input: {m}"),
             HostError::Model(e) => write!(f, "model: {e}"),
+            HostError::Memory { what, bytes, limit } => write!(
+                f,
+                "{what}: needs {bytes} bytes, more than the limit of {limit} \
+                 (or the allocation failed); MICROMOE_MAX_ALLOC=BYTES sets the limit"
+            ),
         }
     }
 }
@@ -47,42 +63,76 @@ impl From<crate::Error> for HostError {
     }
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, HostError> {
-    std::fs::read(path).map_err(|e| HostError::Io(path.to_path_buf(), e))
+pub(super) fn read_json(path: &Path) -> Result<Value, HostError> {
+    let bytes = read_regular(path, MAX_JSON)?;
+    serde_json::from_slice(&bytes).map_err(|e| HostError::Parse(path.to_path_buf(), e.to_string()))
 }
 
+type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Tensors of one safetensors file (or only the one named `only`) as f32, with shapes.
-fn load_file(
-    path: &Path,
-    into: &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-    only: Option<&str>,
-) -> Result<(), HostError> {
-    let bytes = read(path)?;
+fn load_file(path: &Path, into: &mut Tensors, only: Option<&str>) -> Result<(), HostError> {
+    let bytes = read_regular(path, max_alloc())?;
+    load_bytes(path, &bytes, into, only)
+}
+
+/// Tensors of safetensors `bytes` (named `path` in errors). Each tensor is
+/// widened to f32 in a fallible allocation, so memory stays within a
+/// small multiple of the bytes given.
+fn load_bytes(path: &Path, bytes: &[u8], into: &mut Tensors, only: Option<&str>) -> Result<(), HostError> {
     let st =
-        SafeTensors::deserialize(&bytes).map_err(|e| HostError::Parse(path.to_path_buf(), e.to_string()))?;
+        SafeTensors::deserialize(bytes).map_err(|e| HostError::Parse(path.to_path_buf(), e.to_string()))?;
     for (name, view) in st.tensors().into_iter().filter(|(n, _)| only.is_none_or(|o| o == n)) {
+        if into.contains_key(&name) {
+            return Err(HostError::Tensor(format!("{name}: stored twice (in {})", path.display())));
+        }
         let data = view.data();
-        let values: Vec<f32> = match view.dtype() {
-            StDtype::F32 => {
-                data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
-            }
-            StDtype::F16 => data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            StDtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
-                .collect(),
+        let width = match view.dtype() {
+            StDtype::F32 => 4,
+            _ => 2,
+        };
+        let mut values: Vec<f32> = Vec::new();
+        values.try_reserve_exact(data.len() / width).map_err(|_| HostError::Memory {
+            what: name.clone(),
+            bytes: data.len() as u128 * 2,
+            limit: max_alloc(),
+        })?;
+        values.extend(match view.dtype() {
+            StDtype::F32 => Widen::F32(data.chunks_exact(4)),
+            StDtype::F16 => Widen::F16(data.chunks_exact(2)),
+            StDtype::BF16 => Widen::Bf16(data.chunks_exact(2)),
             d => {
                 return Err(HostError::Tensor(format!(
                     "{name}: dtype {d:?} is not supported (f32, f16, bf16)"
                 )));
             }
-        };
+        });
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(HostError::Tensor(format!("{name}: element {i} is not finite")));
         }
         into.insert(name, (view.shape().to_vec(), values));
     }
     Ok(())
+}
+
+/// Little-endian f32, f16 or bf16 values as f32.
+enum Widen<'a> {
+    F32(core::slice::ChunksExact<'a, u8>),
+    F16(core::slice::ChunksExact<'a, u8>),
+    Bf16(core::slice::ChunksExact<'a, u8>),
+}
+
+impl Iterator for Widen<'_> {
+    type Item = f32;
+    fn next(&mut self) -> Option<f32> {
+        match self {
+            Widen::F32(c) => c.next().map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            Widen::F16(c) => c.next().map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
+            Widen::Bf16(c) => {
+                c.next().map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+            }
+        }
+    }
 }
 
 /// A checkpoint directory: `config.json` and its tensors.
@@ -97,15 +147,16 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Reads `dir/config.json` and `dir/model.safetensors`, or the shards
     /// that `dir/model.safetensors.index.json` lists.
+    ///
+    /// Only regular files are read (a FIFO or a device is refused before it
+    /// is opened), each within its size limit (see [`max_alloc`]); shard
+    /// names must stay inside `dir`.
     pub fn open(dir: &Path) -> Result<Self, HostError> {
-        let config_path = dir.join("config.json");
-        let config: Value = serde_json::from_slice(&read(&config_path)?)
-            .map_err(|e| HostError::Parse(config_path.clone(), e.to_string()))?;
+        let config = read_json(&dir.join("config.json"))?;
         let mut tensors = BTreeMap::new();
         let index = dir.join("model.safetensors.index.json");
-        if index.exists() {
-            let v: Value = serde_json::from_slice(&read(&index)?)
-                .map_err(|e| HostError::Parse(index.clone(), e.to_string()))?;
+        if std::fs::symlink_metadata(&index).is_ok() {
+            let v = read_json(&index)?;
             let map = v
                 .get("weight_map")
                 .and_then(Value::as_object)
@@ -114,12 +165,30 @@ impl Checkpoint {
             files.sort();
             files.dedup();
             for f in files {
-                load_file(&dir.join(f), &mut tensors, None)?;
+                load_file(&inside(dir, f)?, &mut tensors, None)?;
             }
         } else {
             load_file(&dir.join("model.safetensors"), &mut tensors, None)?;
         }
         Ok(Checkpoint { config, tensors, used: Default::default() })
+    }
+
+    /// A checkpoint from memory: `config.json`'s bytes and the bytes of its
+    /// safetensors files (one, or the shards).
+    pub fn from_bytes(config: &[u8], safetensors: &[&[u8]]) -> Result<Self, HostError> {
+        let config: Value = serde_json::from_slice(config)
+            .map_err(|e| HostError::Parse("config.json".into(), e.to_string()))?;
+        let mut tensors = BTreeMap::new();
+        for (i, bytes) in safetensors.iter().enumerate() {
+            load_bytes(Path::new(&format!("safetensors #{i}")), bytes, &mut tensors, None)?;
+        }
+        Ok(Checkpoint { config, tensors, used: Default::default() })
+    }
+
+    /// How many tensors the checkpoint holds (an upper bound for every
+    /// count in `config.json` that needs a tensor per item).
+    pub fn tensor_count(&self) -> usize {
+        self.tensors.len()
     }
 
     /// Tensor `name` with the given shape, as f32.
@@ -153,8 +222,7 @@ impl Checkpoint {
 pub fn read_inputs(path: &Path, width: usize) -> Result<Vec<f32>, HostError> {
     let is_json = path.extension().is_some_and(|e| e == "json");
     let values = if is_json {
-        let v: Value = serde_json::from_slice(&read(path)?)
-            .map_err(|e| HostError::Parse(path.to_path_buf(), e.to_string()))?;
+        let v = read_json(path)?;
         let rows: Vec<&Value> = match v.as_array() {
             Some(a) if a.iter().all(Value::is_array) => a.iter().collect(),
             Some(_) => vec![&v],

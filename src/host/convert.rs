@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::checkpoint::{Checkpoint, HostError, read_inputs};
+use super::checkpoint::{Checkpoint, HostError, read_inputs, read_json};
 use super::decoder::DecoderOptions;
 use crate::format::LayerDtype;
 use crate::format::write::{LayerSpec, ModelSpec, Task, write};
@@ -237,6 +237,15 @@ fn multi_gate(ck: &Checkpoint, root: &Cfg<'_>) -> Result<Plan, HostError> {
         .and_then(Value::as_array)
         .filter(|a| !a.is_empty())
         .ok_or_else(|| HostError::Config("tasks: expected a non-empty array".into()))?;
+    // Every task's first layer holds its own copy of the pool.
+    let pool_bytes: u128 = experts.iter().map(|e| e.bytes() as u128).sum();
+    if pool_bytes * tasks_v.len() as u128 > super::files::max_alloc() as u128 {
+        return Err(HostError::Memory {
+            what: format!("{} tasks over an expert pool of {pool_bytes} bytes", tasks_v.len()),
+            bytes: pool_bytes * tasks_v.len() as u128,
+            limit: super::files::max_alloc(),
+        });
+    }
     let mut chains = Vec::new();
     for (t, v) in tasks_v.iter().enumerate() {
         let c = Cfg { v, at: format!("tasks[{t}].") };
@@ -287,24 +296,31 @@ fn float_gate<A: IntKernel>(
 /// True when `dir/config.json` names a Hugging Face architecture
 /// (`"architectures": [...]`), i.e. a decoder checkpoint.
 pub fn is_decoder_checkpoint(dir: &Path) -> Result<bool, HostError> {
-    let path = dir.join("config.json");
-    let bytes = std::fs::read(&path).map_err(|e| HostError::Io(path.clone(), e))?;
-    let v: Value = serde_json::from_slice(&bytes).map_err(|e| HostError::Parse(path, e.to_string()))?;
-    Ok(v.get("architectures").is_some())
+    Ok(read_json(&dir.join("config.json"))?.get("architectures").is_some())
+}
+
+fn architecture(ck: &Checkpoint) -> Result<Option<&str>, HostError> {
+    let Some(archs) = ck.config.get("architectures") else { return Ok(None) };
+    archs
+        .as_array()
+        .filter(|a| a.len() == 1)
+        .and_then(|a| a[0].as_str())
+        .map(Some)
+        .ok_or_else(|| HostError::Config("architectures: expected one architecture name".into()))
 }
 
 /// Converts a Hugging Face decoder checkpoint (`MixtralForCausalLM`,
 /// `Qwen2MoeForCausalLM`) in `dir` with `opts` (context length, KV cache type).
 pub fn convert_decoder(dir: &Path, opts: &DecoderOptions) -> Result<Vec<u8>, HostError> {
-    let ck = Checkpoint::open(dir)?;
-    let arch = ck
-        .config
-        .get("architectures")
-        .and_then(Value::as_array)
-        .filter(|a| a.len() == 1)
-        .and_then(|a| a[0].as_str())
+    convert_decoder_checkpoint(&Checkpoint::open(dir)?, opts)
+}
+
+/// [`convert_decoder`] of a checkpoint already read (e.g. by
+/// [`Checkpoint::from_bytes`]).
+pub fn convert_decoder_checkpoint(ck: &Checkpoint, opts: &DecoderOptions) -> Result<Vec<u8>, HostError> {
+    let arch = architecture(ck)?
         .ok_or_else(|| HostError::Config("architectures: expected one architecture name".into()))?;
-    super::decoder::convert_decoder(&ck, arch, opts)
+    super::decoder::convert_decoder(ck, arch, opts)
 }
 
 /// Converts the checkpoint in `dir` to `.moe` bytes of `dtype` (the gate in
@@ -326,15 +342,35 @@ pub fn convert_with_progress(
     dtype: Dtype,
     gate_dtype: Option<Dtype>,
     calibration: Option<&Path>,
-    mut progress: impl FnMut(usize, usize),
+    progress: impl FnMut(usize, usize),
 ) -> Result<Vec<u8>, HostError> {
     let ck = Checkpoint::open(dir)?;
-    if let Some(archs) = ck.config.get("architectures") {
-        let arch = archs
-            .as_array()
-            .filter(|a| a.len() == 1)
-            .and_then(|a| a[0].as_str())
-            .ok_or_else(|| HostError::Config("architectures: expected one architecture name".into()))?;
+    let arch = architecture(&ck)?;
+    let calibration = match calibration {
+        Some(_) if arch.is_some() => {
+            return Err(HostError::Input(
+                "decoders need no --calibration (int8 quantizes activations per product)".into(),
+            ));
+        }
+        Some(p) => {
+            let width = Cfg { v: &ck.config, at: String::new() }.usize("input_dim")?;
+            Some(read_inputs(p, width)?)
+        }
+        None => None,
+    };
+    convert_checkpoint(&ck, dtype, gate_dtype, calibration.as_deref(), progress)
+}
+
+/// [`convert_with_progress`] of a checkpoint already read, with the
+/// calibration inputs as values `(samples, input_dim)`.
+pub fn convert_checkpoint(
+    ck: &Checkpoint,
+    dtype: Dtype,
+    gate_dtype: Option<Dtype>,
+    calibration: Option<&[f32]>,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<u8>, HostError> {
+    if let Some(arch) = architecture(ck)? {
         if calibration.is_some() {
             return Err(HostError::Input(
                 "decoders need no --calibration (int8 quantizes activations per product)".into(),
@@ -342,14 +378,14 @@ pub fn convert_with_progress(
         }
         let opts = DecoderOptions { dtype, gate_dtype, ..DecoderOptions::new(dtype) };
         progress(0, 1);
-        let bytes = super::decoder::convert_decoder(&ck, arch, &opts)?;
+        let bytes = super::decoder::convert_decoder(ck, arch, &opts)?;
         progress(1, 1);
         return Ok(bytes);
     }
     let root = Cfg { v: &ck.config, at: String::new() };
     let plan = match root.str("architecture")? {
-        "moe_mlp" => stack(&ck, &root)?,
-        "mmoe" => multi_gate(&ck, &root)?,
+        "moe_mlp" => stack(ck, &root)?,
+        "mmoe" => multi_gate(ck, &root)?,
         a => return Err(HostError::Config(format!("architecture: unknown {a:?} (moe_mlp, mmoe)"))),
     };
     ck.check_all_used()?;
@@ -359,7 +395,16 @@ pub fn convert_with_progress(
         _ => LayerDtype::F32,
     };
     let calibration = match (dtype, calibration) {
-        (Dtype::Int8 | Dtype::Q15, Some(p)) => Some(read_inputs(p, plan.input_dim)?),
+        (Dtype::Int8 | Dtype::Q15, Some(x)) => {
+            if x.is_empty() || !x.len().is_multiple_of(plan.input_dim) {
+                return Err(HostError::Input(format!(
+                    "calibration: {} values are not whole samples of {}",
+                    x.len(),
+                    plan.input_dim
+                )));
+            }
+            Some(x.to_vec())
+        }
         (Dtype::Int8 | Dtype::Q15, None) => {
             return Err(HostError::Input(
                 "int8 and q15 need --calibration FILE (representative inputs)".into(),

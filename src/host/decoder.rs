@@ -92,14 +92,14 @@ fn layers_of(c: &Cfg<'_>, family: Family, n: usize) -> Result<Vec<LayerConfig>, 
                 _ => c.usize("num_experts")?,
             };
             let step = c.usize_or("decoder_sparse_step", 1)?;
-            let dense_only: Vec<u64> = match c.field("mlp_only_layers") {
-                None | Some(Value::Null) => Vec::new(),
-                Some(v) => v
-                    .as_array()
-                    .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
-                    .ok_or_else(|| {
-                        HostError::Config("mlp_only_layers: expected an array of layer indices".into())
-                    })?,
+            // A set: one look-up per layer, not a scan of the list.
+            let dense_only: std::collections::BTreeSet<u64> = match c.field("mlp_only_layers") {
+                None | Some(Value::Null) => Default::default(),
+                Some(v) => {
+                    v.as_array().and_then(|a| a.iter().map(Value::as_u64).collect::<Option<_>>()).ok_or_else(
+                        || HostError::Config("mlp_only_layers: expected an array of layer indices".into()),
+                    )?
+                }
             };
             (0..n)
                 .map(|l| {
@@ -190,6 +190,14 @@ pub(super) fn convert_decoder(
     };
     let qkv_bias = family == Family::Qwen2Moe && c.bool_or("qkv_bias", true)?;
     let tied = c.bool_or("tie_word_embeddings", false)?;
+    // Every count sizes memory before any tensor is looked at; each layer
+    // needs at least its four attention projections.
+    if n_layers.saturating_mul(4) > ck.tensor_count() {
+        return Err(HostError::Config(format!(
+            "num_hidden_layers: {n_layers} layers, but the checkpoint holds only {} tensors",
+            ck.tensor_count()
+        )));
+    }
     let layers = layers_of(&c, family, n_layers)?;
     let config = Config {
         vocab,

@@ -74,8 +74,13 @@ mod checkpoint;
 mod convert;
 mod decoder;
 mod describe;
+mod files;
 
 pub use checkpoint::{Checkpoint, HostError, read_inputs};
-pub use convert::{Dtype, convert, convert_decoder, convert_with_progress, is_decoder_checkpoint};
+pub use convert::{
+    Dtype, convert, convert_checkpoint, convert_decoder, convert_decoder_checkpoint, convert_with_progress,
+    is_decoder_checkpoint,
+};
 pub use decoder::DecoderOptions;
 pub use describe::{DecoderSummary, ModelSummary, summarize, summarize_decoder};
+pub use files::{MAX_JSON, inside, max_alloc, read_moe, read_regular, zeroed};

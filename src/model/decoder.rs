@@ -416,13 +416,13 @@ impl<'a> Decoder<'a> {
         rope_table(c, pos, w.cos, w.sin);
         for l in 0..c.layers {
             let layer = self.layer(l)?;
-            rms_norm(w.x, layer.attn_norm, c.rms_eps, w.xb);
+            rms_norm(w.x, layer.attn_norm, c.rms_eps, w.xb)?;
             self.attention(&layer, l, pos, kv, &mut w)?;
-            rms_norm(w.x, layer.ffn_norm, c.rms_eps, w.xb);
+            rms_norm(w.x, layer.ffn_norm, c.rms_eps, w.xb)?;
             let sel = self.ffn(&layer, l, &mut w)?;
             on_layer(l, &sel);
         }
-        rms_norm(w.x, self.final_norm, c.rms_eps, w.xb);
+        rms_norm(w.x, self.final_norm, c.rms_eps, w.xb)?;
         self.lm_head.forward(w.xb, logits, w.xq);
         state.advance();
         // Weights are not scanned at parse; overflowing ones show here.
@@ -501,12 +501,19 @@ impl<'a> Decoder<'a> {
 }
 
 /// `out = x / sqrt(mean(x^2) + eps) * weight` (Hugging Face `*RMSNorm`).
-fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+/// RMSNorm; a mean square that overflowed (1/sqrt(inf) would silently
+/// zero the row) or is NaN is an error.
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<()> {
     let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len().max(1) as f32;
+    if !ms.is_finite() {
+        let index = x.iter().position(|v| !v.is_finite()).unwrap_or(0);
+        return Err(Error::NonFinite { what: What::Hidden, index });
+    }
     let r = 1.0 / libm::sqrtf(ms + eps);
     for ((o, &v), &g) in out.iter_mut().zip(x).zip(weight) {
         *o = g * (v * r);
     }
+    Ok(())
 }
 
 /// In-place softmax; an all-`-inf` or empty row stays as it is.
@@ -570,7 +577,8 @@ mod tests {
     #[test]
     fn rms_norm_unit_weights() {
         let mut out = [0.0; 2];
-        rms_norm(&[3.0, 4.0], &[1.0, 2.0], 0.0, &mut out);
+        rms_norm(&[3.0, 4.0], &[1.0, 2.0], 0.0, &mut out).unwrap();
+        assert!(rms_norm(&[3e38, 3e38], &[1.0, 1.0], 0.0, &mut out).is_err());
         let r = (12.5f32).sqrt();
         assert!((out[0] - 3.0 / r).abs() < 1e-6 && (out[1] - 8.0 / r).abs() < 1e-6);
     }

@@ -61,7 +61,7 @@ impl<W: FloatWeight> LinearBuf<W> {
         }
     }
 
-    fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.weights.len() * core::mem::size_of::<W>() + self.bias.as_ref().map_or(0, |b| b.len() * 4)
     }
 }
@@ -109,7 +109,7 @@ impl<W: FloatWeight> ExpertBuf<W> {
         }
     }
 
-    fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.up.bytes() + self.down.bytes() + self.gate.as_ref().map_or(0, LinearBuf::bytes)
     }
 }
