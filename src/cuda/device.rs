@@ -13,28 +13,57 @@ pub(super) fn driver<E: std::fmt::Debug>(e: E) -> CudaError {
     CudaError::Driver(format!("{e:?}"))
 }
 
-/// The kernels of `kernels.cu`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Kernel {
-    GateLogits,
-    ExpertHidden,
-    ExpertOut,
-    Combine,
-    AddShared,
+/// Declares the kernels once: the enum, its names and the table order come
+/// from the one list, so the loaded table cannot disagree with the enum
+/// (a kernel added to the enum without a table entry was an index out of
+/// bounds on every GPU launch of it, and the emulator, which looked names
+/// up directly, could not see it).
+macro_rules! kernels {
+    ($($kernel:ident => $name:literal),* $(,)?) => {
+        /// The kernels of `kernels.cu`.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub(super) enum Kernel {
+            $(
+                #[doc = concat!("`", $name, "`")]
+                $kernel,
+            )*
+        }
+
+        impl Kernel {
+            /// Every kernel, in table order (`ALL[k as usize] == k`).
+            pub(super) const ALL: &[Kernel] = &[$(Kernel::$kernel),*];
+
+            /// The kernel's name in `kernels.cu`.
+            pub(super) fn name(self) -> &'static str {
+                match self {
+                    $(Kernel::$kernel => $name,)*
+                }
+            }
+        }
+    };
 }
 
-impl Kernel {
-    pub(super) const ALL: [Kernel; 4] =
-        [Kernel::GateLogits, Kernel::ExpertHidden, Kernel::ExpertOut, Kernel::Combine];
+kernels! {
+    GateLogits => "gate_logits",
+    ExpertHidden => "expert_hidden",
+    ExpertOut => "expert_out",
+    Combine => "combine",
+    AddShared => "add_shared",
+}
 
-    pub(super) fn name(self) -> &'static str {
-        match self {
-            Kernel::GateLogits => "gate_logits",
-            Kernel::ExpertHidden => "expert_hidden",
-            Kernel::ExpertOut => "expert_out",
-            Kernel::Combine => "combine",
-            Kernel::AddShared => "add_shared",
-        }
+/// One loaded `T` per kernel (a CUDA function, an emulator name), built
+/// from [`Kernel::ALL`]; both devices launch through it.
+pub(super) struct KernelTable<T>(Vec<T>);
+
+impl<T> KernelTable<T> {
+    /// Loads every kernel by name.
+    pub(super) fn load(mut f: impl FnMut(&'static str) -> Result<T, CudaError>) -> Result<Self, CudaError> {
+        Ok(KernelTable(Kernel::ALL.iter().map(|k| f(k.name())).collect::<Result<_, _>>()?))
+    }
+
+    /// The loaded kernel `k`; an error (not a panic) if the table lacks it.
+    pub(super) fn get(&self, k: Kernel) -> Result<&T, CudaError> {
+        self.0.get(k as usize).ok_or_else(|| CudaError::Driver(format!("kernel {} not loaded", k.name())))
     }
 }
 
@@ -98,7 +127,7 @@ pub(super) trait Device: Send + Sync {
 /// Device 0 through the CUDA driver.
 pub(super) struct Cuda {
     stream: Arc<CudaStream>,
-    functions: Vec<CudaFunction>,
+    functions: KernelTable<CudaFunction>,
 }
 
 impl Cuda {
@@ -109,10 +138,7 @@ impl Cuda {
         let ptx = cudarc::nvrtc::compile_ptx(format!("{}{SOURCE}", precision.define()))
             .map_err(|e| CudaError::Compile(format!("{e:?}")))?;
         let module = ctx.load_module(ptx).map_err(driver)?;
-        let functions = Kernel::ALL
-            .iter()
-            .map(|k| module.load_function(k.name()).map_err(driver))
-            .collect::<Result<_, _>>()?;
+        let functions = KernelTable::load(|name| module.load_function(name).map_err(driver))?;
         Ok(Cuda { stream: ctx.default_stream(), functions })
     }
 }
@@ -142,7 +168,7 @@ impl Device for Cuda {
     }
 
     fn launch(&self, kernel: Kernel, shape: Shape, args: &[Arg<'_>]) -> Result<(), CudaError> {
-        let f = &self.functions[kernel as usize];
+        let f = self.functions.get(kernel)?;
         let mut b = self.stream.launch_builder(f);
         for a in args {
             match a {
@@ -166,5 +192,22 @@ impl Device for Cuda {
         // and whose buffers hold what the shapes passed along say.
         unsafe { b.launch(cfg) }.map_err(driver)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_covers_every_kernel_in_order() {
+        let table = KernelTable::load(Ok).unwrap();
+        for (i, &k) in Kernel::ALL.iter().enumerate() {
+            assert_eq!(k as usize, i);
+            assert_eq!(*table.get(k).unwrap(), k.name());
+            // Each is a kernel of the source the devices compile.
+            assert!(SOURCE.contains(&format!("KERNEL void {}(", k.name())), "{}", k.name());
+        }
+        assert_eq!(SOURCE.matches("\nKERNEL void ").count(), Kernel::ALL.len());
     }
 }

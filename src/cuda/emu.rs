@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
-use super::device::{Arg, Buf, Device, Host, Kernel, Shape};
+use super::device::{Arg, Buf, Device, Host, Kernel, KernelTable, Shape};
 use super::{CudaError, Precision, SOURCE};
 
 const EMULATOR: &str = include_str!("emu.cpp");
@@ -87,7 +87,7 @@ impl Emulator {
             return Err(CudaError::Driver("emulator pipes".into()));
         };
         let pipe = Pipe { child, to: BufWriter::new(stdin), from: BufReader::new(stdout) };
-        Ok(EmuDevice { pipe: Arc::new(Mutex::new(pipe)) })
+        Ok(EmuDevice { pipe: Arc::new(Mutex::new(pipe)), kernels: KernelTable::load(Ok)? })
     }
 }
 
@@ -148,6 +148,9 @@ impl Drop for EmuBuf {
 /// One running emulator process.
 pub(super) struct EmuDevice {
     pipe: Arc<Mutex<Pipe>>,
+    /// The same table the GPU launches through, so a kernel missing from
+    /// it fails here too.
+    kernels: KernelTable<&'static str>,
 }
 
 impl EmuDevice {
@@ -202,7 +205,7 @@ impl Device for EmuDevice {
     }
 
     fn launch(&self, kernel: Kernel, shape: Shape, args: &[Arg<'_>]) -> Result<(), CudaError> {
-        let name = kernel.name().as_bytes();
+        let name = self.kernels.get(kernel)?.as_bytes();
         let mut req = vec![b'L', name.len() as u8];
         req.extend_from_slice(name);
         for v in [shape.grid.0, shape.grid.1, 1, shape.threads, 1, 1] {
