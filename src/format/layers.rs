@@ -4,7 +4,7 @@
 use super::LayerInfo;
 use super::layout::{LAYER_LEVEL, LayerDtype, SHARED_EXPERT, flags, part, role};
 use super::table::{Elem, Key, Table};
-use crate::error::Result;
+use crate::error::{Error, Result, What};
 use crate::expert::{Expert, QActivation, QExpert};
 use crate::kernels::{Activation, FloatWeight, IntKernel, Linear, MulParams, QLinear};
 use crate::moe::{
@@ -98,12 +98,10 @@ where
     }
     let gate = int_linear::<A, CHECK>(t, layer, expert, role::GATE_PROJ, hidden, info.in_dim)?;
     let p = t.need::<i32>(key(layer, expert, role::MUL, part::WEIGHT), 5, 1)?.data;
-    let mul = MulParams {
-        a_zp: p[0],
-        b_zp: p[1],
-        out_zp: p[2],
-        multiplier: Multiplier { multiplier: p[3], shift: p[4] },
+    let &[a_zp, b_zp, out_zp, multiplier, shift] = p else {
+        return Err(Error::Shape { what: What::Requant, expected: 5, actual: p.len() });
     };
+    let mul = MulParams { a_zp, b_zp, out_zp, multiplier: Multiplier { multiplier, shift } };
     QExpert::gated(gate, up, act, mul, down)
 }
 

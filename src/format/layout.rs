@@ -309,18 +309,24 @@ impl LayerDtype {
 
 /// `u16` at `at`, or `None` past the end.
 pub const fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    if at > b.len() || b.len() - at < 2 {
-        return None;
+    match b.split_at_checked(at) {
+        Some((_, rest)) => match rest.first_chunk::<2>() {
+            Some(c) => Some(u16::from_le_bytes(*c)),
+            None => None,
+        },
+        None => None,
     }
-    Some(u16::from_le_bytes([b[at], b[at + 1]]))
 }
 
 /// `u32` at `at`, or `None` past the end.
 pub const fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    if at > b.len() || b.len() - at < 4 {
-        return None;
+    match b.split_at_checked(at) {
+        Some((_, rest)) => match rest.first_chunk::<4>() {
+            Some(c) => Some(u32::from_le_bytes(*c)),
+            None => None,
+        },
+        None => None,
     }
-    Some(u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]))
 }
 
 /// Word `w` of layer record `i`, or `None` past the end.

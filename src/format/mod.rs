@@ -461,7 +461,9 @@ impl<'a> Model<'a> {
                 task,
             );
         }
-        let per_task = n_layers / tasks;
+        // At least 1 (n_layers >= 1 is a multiple of tasks); `max` says so
+        // to the compiler, which then needs no division-by-zero check.
+        let per_task = (n_layers / tasks).max(1);
         // Layer records are re-read where needed rather than kept: parsing
         // must not cost a microcontroller kilobytes of stack.
         let mut total_out = 0usize;
@@ -653,12 +655,13 @@ impl<'a> Model<'a> {
         let layer_scratch = carve.rest();
         let per_task = self.n_layers / self.tasks.max(1);
         let mut written = 0;
+        let short = |n: usize| Error::ScratchTooSmall { needed: n, actual: max_dim };
         for task in 0..self.tasks {
-            a[..x.len()].copy_from_slice(x);
+            a.get_mut(..x.len()).ok_or(short(x.len()))?.copy_from_slice(x);
             let mut width = x.len();
             for l in task * per_task..(task + 1) * per_task {
                 let layer = self.layer(l)?;
-                let (x, y) = (&a[..width], &mut *b);
+                let (x, y) = (a.get(..width).ok_or(short(width))?, &mut *b);
                 let (sel, out_w, macs) = run_layer(&layer, x, y, qa, qb, layer_scratch)?;
                 on_step(Step { layer: l, selection: &sel, macs: macs.0, macs_dense: macs.1 });
                 width = out_w;
@@ -671,7 +674,7 @@ impl<'a> Model<'a> {
                     actual: out.len(),
                 });
             };
-            dst.copy_from_slice(&a[..width]);
+            dst.copy_from_slice(a.get(..width).ok_or(short(width))?);
             written += width;
         }
         // Float weights far out of range overflow to infinity: an error,
@@ -681,7 +684,12 @@ impl<'a> Model<'a> {
 }
 
 fn as_f32(sel: &Selection<i32>) -> Selection<f32> {
-    sel.iter().map(|c| Choice { expert: c.expert, weight: c.weight as f32 / ONE_Q15 as f32 }).collect()
+    let mut out = Selection::new();
+    for c in sel {
+        // Cannot fail: both hold MAX_K (`collect` would be a panic path).
+        let _ = out.push(Choice { expert: c.expert, weight: c.weight as f32 / ONE_Q15 as f32 });
+    }
+    out
 }
 
 type Ran = (Selection<f32>, usize, (u64, u64));
@@ -854,8 +862,9 @@ fn check_entries(
         let bad = |problem| Error::BadTensor { index, problem };
         let at = table_offset + index * ENTRY_LEN;
         let key = table::key_at(bytes, at).ok_or(bad(TensorProblem::Bounds))?;
-        let code = bytes[at + entry::DTYPE];
-        if !allowed(key)? || dtype::size(code) == 0 || bytes[at + entry::RESERVED] != 0 {
+        let byte = |i| bytes.get(at + i).copied().ok_or(bad(TensorProblem::Bounds));
+        let code = byte(entry::DTYPE)?;
+        if !allowed(key)? || dtype::size(code) == 0 || byte(entry::RESERVED)? != 0 {
             return Err(bad(TensorProblem::Code));
         }
         if prev.is_some_and(|p| p >= key) {

@@ -223,6 +223,13 @@ fn expand_q15(x: &[i16], out: &mut [u32]) -> usize {
     n
 }
 
+/// Bytes of four rows of `cols` (>= 1): never 0, so `chunks_exact` of it
+/// has no panic path (a wrapped `4 * cols` could be 0).
+#[inline(always)]
+fn four_rows(cols: usize) -> usize {
+    cols.saturating_mul(4).max(1)
+}
+
 /// The fast paths take `(rows, cols)` products whose every length agrees
 /// and whose input fits the expansion buffer.
 fn fits(
@@ -282,9 +289,10 @@ pub(super) fn matvec_i8(
         quads_i8::<{ MAX_EXPANDED / 2 }>(w, x, offset, |o, acc| epilogue(y, o, acc));
     }
     let done = rows / 4 * 4;
-    for (o, row) in w.chunks_exact(cols).enumerate().skip(done) {
-        let acc = dot_i8(row, x, offset).wrapping_add(bias.map_or(0, |b| b[o]));
-        y[o] = requant(acc, multipliers[o], shifts[o]);
+    let rest = w.chunks_exact(cols.max(1)).zip(y.iter_mut()).zip(multipliers.iter().zip(shifts));
+    for (o, ((row, yo), (&m, &s))) in rest.enumerate().skip(done) {
+        let b = bias.and_then(|b| b.get(o)).copied().unwrap_or(0);
+        *yo = requant(dot_i8(row, x, offset).wrapping_add(b), m, s);
     }
     Some(())
 }
@@ -325,9 +333,10 @@ pub(super) fn matvec_q15(
         quads_q15::<{ MAX_EXPANDED / 2 }>(w, x, |o, acc| epilogue(y, o, acc));
     }
     let done = rows / 4 * 4;
-    for (o, row) in w.chunks_exact(cols).enumerate().skip(done) {
-        let acc = dot_q15(row, x).wrapping_add(bias.map_or(0, |b| b[o]));
-        y[o] = requant(acc, multipliers[o], shifts[o]);
+    let rest = w.chunks_exact(cols.max(1)).zip(y.iter_mut()).zip(multipliers.iter().zip(shifts));
+    for (o, ((row, yo), (&m, &s))) in rest.enumerate().skip(done) {
+        let b = bias.and_then(|b| b.get(o)).copied().unwrap_or(0);
+        *yo = requant(dot_q15(row, x).wrapping_add(b), m, s);
     }
     Some(())
 }
@@ -339,7 +348,7 @@ fn quads_q15<const WORDS: usize>(w: &[i8], x: &[i16], mut f: impl FnMut(usize, [
     let mut pairs = [0u32; WORDS];
     let groups = expand_q15(x, &mut pairs);
     let done = groups * 4;
-    for (i, q) in w.chunks_exact(4 * cols).enumerate() {
+    for (i, q) in w.chunks_exact(four_rows(cols)).enumerate() {
         let (mut t0, mut t1, mut t2, mut t3) = (0i64, 0i64, 0i64, 0i64);
         let mut g = 0;
         while g < groups {
@@ -379,7 +388,7 @@ fn quads_i8<const WORDS: usize>(w: &[i8], x: &[i8], offset: i32, mut f: impl FnM
     let mut pairs = [0u32; WORDS];
     let groups = expand_i8(x, offset, &mut pairs);
     let done = groups * 4;
-    for (i, q) in w.chunks_exact(4 * cols).enumerate() {
+    for (i, q) in w.chunks_exact(four_rows(cols)).enumerate() {
         let mut acc = [0i32; 4];
         // SAFETY: `pairs` holds `2 * groups` words; `q` holds four rows of
         // `cols >= 4 * groups` bytes, `cols` apart.
@@ -410,7 +419,7 @@ pub(super) fn each_dot_i8(w: &[i8], x: &[i8], offset: i32, f: impl FnMut(i32)) {
 #[inline(always)]
 fn dots_i8<const WORDS: usize>(w: &[i8], x: &[i8], offset: i32, mut f: impl FnMut(i32)) {
     let cols = x.len().max(1);
-    let mut quads = w.chunks_exact(4 * cols);
+    let mut quads = w.chunks_exact(four_rows(cols));
     if x.len() <= 2 * WORDS {
         let mut pairs = [0u32; WORDS];
         let groups = expand_i8(x, offset, &mut pairs);
@@ -452,7 +461,7 @@ pub(super) fn each_dot_q15(w: &[i8], x: &[i16], f: impl FnMut(i64)) {
 #[inline(always)]
 fn dots_q15<const WORDS: usize>(w: &[i8], x: &[i16], mut f: impl FnMut(i64)) {
     let cols = x.len().max(1);
-    let mut quads = w.chunks_exact(4 * cols);
+    let mut quads = w.chunks_exact(four_rows(cols));
     if x.len() <= 2 * WORDS {
         let mut pairs = [0u32; WORDS];
         let groups = expand_q15(x, &mut pairs);

@@ -110,14 +110,16 @@ fn dot_tile<W: FloatWeight, const R: usize, const T: usize>(
     let w = rows.map(|r| r.as_chunks::<LANES>());
     let x = xs.map(|x| x.as_chunks::<LANES>());
     let blocks = x.iter().map(|x| x.0.len()).chain(w.iter().map(|w| w.0.len())).min().unwrap_or(0);
-    // Slices of exactly `blocks`, so the indexing below needs no checks.
-    let wc: [&[[W; LANES]]; R] = core::array::from_fn(|r| &w[r].0[..blocks]);
-    let xc: [&[[f32; LANES]]; T] = core::array::from_fn(|t| &x[t].0[..blocks]);
+    // Slices of `blocks` (`get`, so no panic path), and `blocks` taken again
+    // from what they hold, so the indexing below needs no checks.
+    let wc: [&[[W; LANES]]; R] = core::array::from_fn(|r| w[r].0.get(..blocks).unwrap_or(&[]));
+    let xc: [&[[f32; LANES]]; T] = core::array::from_fn(|t| x[t].0.get(..blocks).unwrap_or(&[]));
+    let blocks = wc.iter().map(|w| w.len()).chain(xc.iter().map(|x| x.len())).min().unwrap_or(0);
     let mut l = [[[0.0f32; LANES]; T]; R];
     for k in 0..blocks {
         for r in 0..R {
-            // SAFETY: every slice in `wc` and `xc` holds exactly `blocks`
-            // blocks (sliced above) and k < blocks. (Checked indexing kept
+            // SAFETY: every slice in `wc` and `xc` holds at least `blocks`
+            // blocks (their minimum, taken above) and k < blocks. (Checked indexing kept
             // R + T compares per block in the loop once the slice lengths
             // were spilled: 27 instead of 79 GFLOP/s at 64 x 64.)
             #[allow(unsafe_code)]
@@ -145,10 +147,15 @@ fn lanes_mul_add<W: FloatWeight>(l: &mut [f32; LANES], w: &[W; LANES], x: &[f32;
 /// Every row's [`dot`] with `x` (non-empty), `R` rows per pass.
 #[inline(always)]
 fn rows_n<W: FloatWeight, const R: usize>(w: &[W], x: &[f32], y: &mut [f32]) {
-    let cols = x.len();
+    // At least 1, so no `chunks_exact` below can panic.
+    let cols = x.len().max(1);
     let mut done = 0;
-    for (q, yq) in w.chunks_exact(R * cols).zip(y.chunks_exact_mut(R)) {
-        let out = dot_tile(core::array::from_fn::<_, R, _>(|r| &q[r * cols..(r + 1) * cols]), [x]);
+    // Not a zip of two `chunks_exact`: its out-of-line constructor divides
+    // by a chunk size it cannot see is non-zero (a panic path).
+    for (i, q) in w.chunks_exact(cols.saturating_mul(R).max(1)).enumerate() {
+        let Some(yq) = y.get_mut(i * R..).and_then(|y| y.first_chunk_mut::<R>()) else { break };
+        let mut rows = q.chunks_exact(cols);
+        let out = dot_tile(core::array::from_fn::<_, R, _>(|_| rows.next().unwrap_or(&[])), [x]);
         for (yo, o) in yq.iter_mut().zip(out) {
             *yo = o[0];
         }

@@ -206,15 +206,17 @@ struct SwiGlu<'a> {
 
 impl SwiGlu<'_> {
     // x: (hidden,) -> y: (hidden,), via g, u: (inner,)
-    fn forward(&self, x: &[f32], y: &mut [f32], g: &mut [f32], u: &mut [f32], xq: &mut [i8]) {
+    fn forward(&self, x: &[f32], y: &mut [f32], g: &mut [f32], u: &mut [f32], xq: &mut [i8]) -> Result<()> {
         let inner = self.up.rows();
-        let (g, u) = (&mut g[..inner], &mut u[..inner]);
+        let short = Error::ScratchTooSmall { needed: inner, actual: g.len().min(u.len()) };
+        let (Some(g), Some(u)) = (g.get_mut(..inner), u.get_mut(..inner)) else { return Err(short) };
         self.gate.forward(x, g, xq);
         self.up.forward(x, u, xq);
         for (gv, &uv) in g.iter_mut().zip(u.iter()) {
             *gv = Activation::Silu.eval(*gv) * uv;
         }
         self.down.forward(g, y, xq);
+        Ok(())
     }
 }
 
@@ -444,23 +446,30 @@ impl<'a> Decoder<'a> {
         layer.q.forward(w.xb, w.q, w.xq);
         layer.k.forward(w.xb, w.k, w.xq);
         layer.v.forward(w.xb, w.v, w.xq);
+        // `max(1)`: validated non-zero at parse; said again so that no
+        // chunking or division below has a panic path.
+        let hd = hd.max(1);
         for head in w.q.chunks_exact_mut(hd).chain(w.k.chunks_exact_mut(hd)) {
             rope(head, w.cos, w.sin);
         }
-        kv.store(c, l, pos, w.k, w.v);
-        let group = c.heads / c.kv_heads;
+        kv.store(c, l, pos, w.k, w.v)?;
+        let group = (c.heads / c.kv_heads.max(1)).max(1);
         let scale = 1.0 / libm::sqrtf(hd as f32);
-        let scores = &mut w.scores[..=pos];
-        for (h, (qh, out)) in w.q.chunks_exact(hd).zip(w.att.chunks_exact_mut(hd)).enumerate() {
+        let short = Error::ScratchTooSmall { needed: pos + 1, actual: w.scores.len() };
+        let scores = w.scores.get_mut(..=pos).ok_or(short)?;
+        // Not a zip of two `chunks_exact`: its out-of-line constructor divides
+        // by a chunk size it cannot see is non-zero (a panic path).
+        for (h, out) in w.att.chunks_exact_mut(hd).enumerate() {
+            let qh = w.q.get(h * hd..).and_then(|q| q.get(..hd)).ok_or(Error::WrongState)?;
             let kvh = h / group;
             for (t, s) in scores.iter_mut().enumerate() {
-                kv.key(c, l, t, kvh, w.kt);
+                kv.key(c, l, t, kvh, w.kt)?;
                 *s = qh.iter().zip(w.kt.iter()).map(|(a, b)| a * b).sum::<f32>() * scale;
             }
             softmax(scores);
             out.fill(0.0);
             for (t, &p) in scores.iter().enumerate() {
-                kv.value(c, l, t, kvh, w.kt);
+                kv.value(c, l, t, kvh, w.kt)?;
                 out.iter_mut().zip(w.kt.iter()).for_each(|(o, &v)| *o += p * v);
             }
         }
@@ -474,17 +483,18 @@ impl<'a> Decoder<'a> {
         let mut sel = Selection::new();
         w.acc.fill(0.0);
         if let Some((gate, router)) = &layer.gate {
-            let logits = &mut w.router[..layer.cfg.experts];
+            let short = Error::ScratchTooSmall { needed: layer.cfg.experts, actual: w.router.len() };
+            let logits = w.router.get_mut(..layer.cfg.experts).ok_or(short)?;
             gate.forward(w.xb, logits, w.xq);
             router.route(logits, &mut sel)?;
             for ch in &sel {
                 let expert = self.expert(l, ch.expert as usize, layer.cfg.hidden)?;
-                expert.forward(w.xb, w.y, w.g, w.u, w.xq);
+                expert.forward(w.xb, w.y, w.g, w.u, w.xq)?;
                 w.acc.iter_mut().zip(w.y.iter()).for_each(|(a, &v)| *a += ch.weight * v);
             }
         }
         if let Some((shared, gate)) = &layer.shared {
-            shared.forward(w.xb, w.y, w.g, w.u, w.xq);
+            shared.forward(w.xb, w.y, w.g, w.u, w.xq)?;
             let g = match gate {
                 Some(gate) => {
                     let mut s = [0.0f32];

@@ -85,17 +85,18 @@ impl Sampler {
         }
         // Most likely first; equal probabilities by token id: one order everywhere.
         order.iter_mut().enumerate().for_each(|(i, o)| *o = i as u32);
-        order.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        let p = |t: u32| logits.get(t as usize).copied().unwrap_or(0.0);
+        heap_sort(order, |a, b| p(a).total_cmp(&p(b)).then(b.cmp(&a)).is_gt());
         let mut kept = 0.0;
         let mut n = 0;
         for &t in order.iter() {
-            kept += logits[t as usize];
+            kept += p(t);
             n += 1;
             if kept >= self.top_p {
                 break;
             }
         }
-        Ok(pick(logits, order[..n].iter().copied(), u * kept))
+        Ok(pick(logits, order.iter().take(n).copied(), u * kept))
     }
 }
 
@@ -105,7 +106,7 @@ fn pick(probs: &[f32], tokens: impl Iterator<Item = u32>, target: f32) -> u32 {
     let mut acc = 0.0;
     let mut last = 0;
     for t in tokens {
-        acc += probs[t as usize];
+        acc += probs.get(t as usize).copied().unwrap_or(0.0);
         last = t;
         if target < acc {
             return t;
@@ -116,18 +117,83 @@ fn pick(probs: &[f32], tokens: impl Iterator<Item = u32>, target: f32) -> u32 {
 
 /// Index of the largest value; ties to the lower index.
 pub fn argmax(xs: &[f32]) -> u32 {
-    let mut best = 0;
+    let mut best = (0, xs.first().copied().unwrap_or(0.0));
     for (i, &v) in xs.iter().enumerate() {
-        if v > xs[best] {
-            best = i;
+        if v > best.1 {
+            best = (i, v);
         }
     }
-    best as u32
+    best.0 as u32
+}
+
+/// Sorts `v` so that `first(a, b)` holds for every earlier `a` and later
+/// `b` (`first` a strict total order). A heap sort: in place, no recursion,
+/// O(n log n), and written with `get` so that it has no panic path (core's
+/// sorts keep bounds checks the optimizer cannot remove).
+fn heap_sort(v: &mut [u32], first: impl Fn(u32, u32) -> bool) {
+    // A heap whose root is the element that sorts last.
+    let sift = |v: &mut [u32], mut root: usize, end: usize| {
+        loop {
+            let mut child = 2 * root + 1;
+            if child >= end {
+                return;
+            }
+            let (Some(&l), r) = (v.get(child), v.get(child + 1).copied()) else { return };
+            let mut c = l;
+            if let Some(r) = r.filter(|_| child + 1 < end)
+                && first(l, r)
+            {
+                child += 1;
+                c = r;
+            }
+            let Some(&top) = v.get(root) else { return };
+            if !first(top, c) {
+                return;
+            }
+            if let Some(x) = v.get_mut(root) {
+                *x = c;
+            }
+            if let Some(x) = v.get_mut(child) {
+                *x = top;
+            }
+            root = child;
+        }
+    };
+    let n = v.len();
+    for root in (0..n / 2).rev() {
+        sift(v, root, n);
+    }
+    for end in (1..n).rev() {
+        // The root (last in order) goes to the end.
+        let (Some(&a), Some(&b)) = (v.first(), v.get(end)) else { return };
+        if let Some(x) = v.first_mut() {
+            *x = b;
+        }
+        if let Some(x) = v.get_mut(end) {
+            *x = a;
+        }
+        sift(v, 0, end);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heap_sort_orders_as_core_sort() {
+        let mut rng = Rng::new(3);
+        for n in [0usize, 1, 2, 3, 7, 64, 129, 1000] {
+            let keys: std::vec::Vec<u32> = (0..n).map(|_| (rng.next_u64() % 17) as u32).collect();
+            let first =
+                |a: u32, b: u32| keys[a as usize].cmp(&keys[b as usize]).reverse().then(a.cmp(&b)).is_lt();
+            let mut ours: std::vec::Vec<u32> = (0..n as u32).collect();
+            heap_sort(&mut ours, first);
+            let mut want: std::vec::Vec<u32> = (0..n as u32).collect();
+            want.sort_by(|&a, &b| keys[b as usize].cmp(&keys[a as usize]).then(a.cmp(&b)));
+            assert_eq!(ours, want, "n = {n}");
+        }
+    }
 
     #[test]
     fn splitmix_reference_values() {

@@ -82,37 +82,49 @@ impl Kv<'_> {
         ((l * 2 + which) * c.context + t) * c.kv_dim()
     }
 
-    /// Stores position `pos`'s keys and values of layer `l`.
-    pub(crate) fn store(&mut self, c: &Config, l: usize, pos: usize, k: &[f32], v: &[f32]) {
+    /// Stores position `pos`'s keys and values of layer `l`. The cache was
+    /// sized for `c` ([`State::split`] checks), so a position outside it is
+    /// [`Error::WrongState`], never a panic or a skipped store.
+    pub(crate) fn store(&mut self, c: &Config, l: usize, pos: usize, k: &[f32], v: &[f32]) -> Result<()> {
         let n = c.kv_dim();
-        let (ka, va) = (Self::at(c, l, 0, pos), Self::at(c, l, 1, pos));
-        match self {
-            Kv::F32(m) => {
-                m[ka..ka + n].copy_from_slice(k);
-                m[va..va + n].copy_from_slice(v);
-            }
-            Kv::F16(m) => {
-                m[ka..ka + n].iter_mut().zip(k).for_each(|(d, &s)| *d = f16::from_f32(s));
-                m[va..va + n].iter_mut().zip(v).for_each(|(d, &s)| *d = f16::from_f32(s));
+        for (at, src) in [(Self::at(c, l, 0, pos), k), (Self::at(c, l, 1, pos), v)] {
+            let end = at.checked_add(n).ok_or(Error::WrongState)?;
+            match self {
+                Kv::F32(m) => {
+                    let dst = m.get_mut(at..end).ok_or(Error::WrongState)?;
+                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s);
+                }
+                Kv::F16(m) => {
+                    let dst = m.get_mut(at..end).ok_or(Error::WrongState)?;
+                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = f16::from_f32(s));
+                }
             }
         }
+        Ok(())
     }
 
-    fn read(&self, at: usize, out: &mut [f32]) {
-        let n = out.len();
+    fn read(&self, at: usize, out: &mut [f32]) -> Result<()> {
+        let end = at.checked_add(out.len()).ok_or(Error::WrongState)?;
         match self {
-            Kv::F32(m) => out.copy_from_slice(&m[at..at + n]),
-            Kv::F16(m) => out.iter_mut().zip(&m[at..at + n]).for_each(|(o, v)| *o = v.to_f32()),
+            Kv::F32(m) => {
+                let src = m.get(at..end).ok_or(Error::WrongState)?;
+                out.iter_mut().zip(src).for_each(|(o, &v)| *o = v);
+            }
+            Kv::F16(m) => {
+                let src = m.get(at..end).ok_or(Error::WrongState)?;
+                out.iter_mut().zip(src).for_each(|(o, v)| *o = v.to_f32());
+            }
         }
+        Ok(())
     }
 
     /// Key of head `h` at position `t` into `out` (`head_dim`).
-    pub(crate) fn key(&self, c: &Config, l: usize, t: usize, h: usize, out: &mut [f32]) {
+    pub(crate) fn key(&self, c: &Config, l: usize, t: usize, h: usize, out: &mut [f32]) -> Result<()> {
         self.read(Self::at(c, l, 0, t) + h * c.head_dim, out)
     }
 
     /// Value of head `h` at position `t` into `out` (`head_dim`).
-    pub(crate) fn value(&self, c: &Config, l: usize, t: usize, h: usize, out: &mut [f32]) {
+    pub(crate) fn value(&self, c: &Config, l: usize, t: usize, h: usize, out: &mut [f32]) -> Result<()> {
         self.read(Self::at(c, l, 1, t) + h * c.head_dim, out)
     }
 

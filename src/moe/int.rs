@@ -291,7 +291,10 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
                 let mut fsel = Selection::new();
                 router.route(logits, &mut fsel)?;
                 let q15 = |w: f32| libm::roundf(w * ONE_Q15 as f32) as i32;
-                sel = fsel.iter().map(|c| Choice { expert: c.expert, weight: q15(c.weight) }).collect();
+                for c in &fsel {
+                    // Cannot fail: both hold MAX_K (`collect` would be a panic path).
+                    let _ = sel.push(Choice { expert: c.expert, weight: q15(c.weight) });
+                }
             }
         }
         Ok(sel)

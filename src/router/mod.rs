@@ -156,7 +156,7 @@ impl Rule {
     }
 
     fn group_size(&self) -> usize {
-        self.groups.map_or(self.experts, |g| self.experts / g.count)
+        self.groups.map_or(self.experts, |g| self.experts / g.count.max(1))
     }
 }
 
@@ -213,8 +213,10 @@ impl<'a> Router<'a> {
     pub fn route(&self, logits: &[f32], sel: &mut Selection<f32>) -> Result<()> {
         let rule = &self.rule;
         check_len(What::Logits, rule.experts, logits.len())?;
-        let l = |e: usize| sanitize(logits[e]);
-        let bias = |e: usize| self.bias.map_or(0.0, |b| b[e]);
+        // `get`: indices are below `experts` (checked above), and no
+        // indexing means no panic path for the linker to find.
+        let l = |e: usize| sanitize(logits.get(e).copied().unwrap_or(f32::NAN));
+        let bias = |e: usize| self.bias.and_then(|b| b.get(e)).copied().unwrap_or(0.0);
         let max = (0..rule.experts).map(l).fold(f32::MIN, f32::max);
         let sum: f32 = match rule.scoring {
             Scoring::Softmax => (0..rule.experts).map(|e| libm::expf(l(e) - max)).sum(),
@@ -288,7 +290,7 @@ impl<'a> IntRouter<'a> {
     pub fn route(&self, logits: &[i32], sel: &mut Selection<i32>) -> Result<()> {
         let rule = &self.rule;
         check_len(What::Logits, rule.experts, logits.len())?;
-        let l = |e: usize| logits[e];
+        let l = |e: usize| logits.get(e).copied().unwrap_or(i32::MIN);
         let exp_rel = |e: usize, max: i32| exp_neg_q30((max as i64 - l(e) as i64) as u64, LOGIT_FRAC_BITS);
         let max = (0..rule.experts).map(l).max().unwrap_or(0);
         // Score in Q30 (softmax: relative to the largest logit, unnormalized;
@@ -298,7 +300,7 @@ impl<'a> IntRouter<'a> {
                 Scoring::Softmax => exp_rel(e, max),
                 Scoring::Sigmoid => sigmoid_q30(l(e), LOGIT_FRAC_BITS),
             };
-            s as i64 + ((self.bias.map_or(0, |b| b[e]) as i64) << 15)
+            s as i64 + ((self.bias.and_then(|b| b.get(e)).copied().unwrap_or(0) as i64) << 15)
         };
         let mask = select::kept_groups(rule.experts, rule.groups, key);
         let best = if rule.scoring == Scoring::Softmax && self.bias.is_none() {

@@ -22,8 +22,19 @@ fn offer<T: PartialOrd + Copy>(best: &mut heapless::Vec<(usize, T), MAX_K>, k: u
     if best.len() >= k {
         best.pop();
     }
-    // Cannot fail: len < k <= MAX_K after the pop.
-    let _ = best.insert(pos, (e, s));
+    // Rebuilt rather than `insert` (whose index assertion is a panic path);
+    // no push can fail: len < k <= MAX_K after the pop.
+    let mut out = heapless::Vec::new();
+    for (i, &b) in best.iter().enumerate() {
+        if i == pos {
+            let _ = out.push((e, s));
+        }
+        let _ = out.push(b);
+    }
+    if pos >= best.len() {
+        let _ = out.push((e, s));
+    }
+    *best = out;
 }
 
 /// Sum of the two best `value`s of group `g` (one if the group has one member).
