@@ -153,3 +153,48 @@ fn inconsistent_layers_are_refused() {
     assert!(Expert::mlp(lin(6, 4), lin(4, 5), Activation::Relu).is_err());
     assert!(Expert::gated(lin(6, 4), lin(5, 4), lin(4, 6), Activation::Silu).is_err());
 }
+
+/// Experts that can be had while the layer is built, and not afterwards:
+/// e.g. external storage that fails. The layer used to skip such an expert
+/// (`continue`) and return the others' sum, a wrong answer; now the
+/// inference fails with the source's error, on one token and in a batch.
+#[test]
+fn an_expert_that_cannot_be_had_is_an_error_not_skipped() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static UP: [f32; 8] = [1.0, 0.0, 0.0, 1.0, -1.0, 0.0, 0.0, -1.0];
+    static DOWN: [f32; 8] = [1.0, 0.0, -1.0, 0.0, 0.0, 1.0, 0.0, -1.0];
+    static GATE: [f32; 4] = [1.0, 0.0, 0.0, 1.0];
+    struct Flaky<'a> {
+        expert: Expert<'a, f32>,
+        broken: AtomicBool,
+    }
+    impl<'a> micromoe::moe::ExpertSource for &Flaky<'a> {
+        type Expert = Expert<'a, f32>;
+        fn count(&self) -> usize {
+            2
+        }
+        fn expert(&self, i: usize) -> micromoe::Result<Expert<'a, f32>> {
+            if i == 1 && self.broken.load(Ordering::Relaxed) {
+                Err(Error::OutOfRange { what: What::Experts, index: i })
+            } else {
+                Ok(self.expert)
+            }
+        }
+    }
+    let up = Linear::new(&UP, None, 4, 2).unwrap();
+    let expert = Expert::mlp(up, Linear::new(&DOWN, None, 2, 4).unwrap(), Activation::Relu).unwrap();
+    let flaky = Flaky { expert, broken: AtomicBool::new(false) };
+    let router = Router::new(Rule::mixtral(2, 2), None, 1.0).unwrap();
+    let layer = MoeLayer::new(Linear::new(&GATE, None, 2, 2).unwrap(), router, &flaky, None).unwrap();
+    flaky.broken.store(true, Ordering::Relaxed);
+    let mut scratch = vec![0u8; layer.scratch_bytes()];
+    let mut y = [0.0f32; 2];
+    let err = layer.infer(&[1.0, 0.5], &mut y, &mut scratch).unwrap_err();
+    assert_eq!(err, Error::OutOfRange { what: What::Experts, index: 1 });
+    #[cfg(feature = "std")]
+    {
+        let mut out = [0.0f32; 4];
+        let err = layer.infer_batch(&[1.0, 0.5, 0.5, 1.0], &mut out, 1).unwrap_err();
+        assert_eq!(err, Error::OutOfRange { what: What::Experts, index: 1 });
+    }
+}

@@ -176,7 +176,8 @@ fn fix_crc(b: &mut [u8]) {
 fn every_truncation_is_refused() {
     let bytes = small_model();
     parse(&bytes).unwrap();
-    for n in 0..bytes.len() {
+    // Miri interprets every CRC byte: every 61st length there.
+    for n in (0..bytes.len()).step_by(if cfg!(miri) { 61 } else { 1 }) {
         match parse(&bytes[..n]) {
             Err(Error::Truncated { actual, .. }) => assert_eq!(actual, n),
             other => panic!("truncated to {n}: {other:?}"),
@@ -188,7 +189,8 @@ fn every_truncation_is_refused() {
 fn every_bit_flip_is_refused() {
     let bytes = small_model();
     let mut b = bytes.clone();
-    for i in 0..b.len() {
+    // Under Miri every 61st byte (all eight bits of it).
+    for i in (0..b.len()).step_by(if cfg!(miri) { 61 } else { 1 }) {
         for bit in 0..8 {
             b[i] ^= 1 << bit;
             let r = parse(&b);
@@ -305,7 +307,7 @@ fn random_edits_never_panic() {
         seed
     };
     let (mut accepted, mut refused) = (0, 0);
-    for _ in 0..3000 {
+    for _ in 0..if cfg!(miri) { 60 } else { 3000 } {
         let mut b = bytes.clone();
         for _ in 0..1 + next() % 4 {
             let at = (next() % (b.len() as u64 - 4)) as usize;
@@ -327,7 +329,7 @@ fn random_edits_never_panic() {
         }
     }
     println!("random edits: {accepted} accepted, {refused} refused");
-    assert!(refused > 1000);
+    assert!(refused > if cfg!(miri) { 20 } else { 1000 });
 }
 
 /// An f16 gate routing int8 experts (mixed types in one layer): the file

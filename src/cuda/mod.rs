@@ -284,9 +284,7 @@ impl CudaMoe {
         let (d, experts) = (layer.in_dim(), rule.experts);
         let mut routed = SwiGlu::default();
         for e in 0..experts {
-            let Some(expert) = layer.experts().expert(e) else {
-                return Err(CudaError::Unsupported("missing expert"));
-            };
+            let expert = layer.experts().expert(e).map_err(CudaError::Model)?;
             routed.push(&expert, d)?;
         }
         let mut gate: Vec<f32> = layer.gate().weights().iter().map(|w| w.to_f32()).collect();

@@ -121,11 +121,11 @@ impl<E: Copy> ExpertSource for Experts<'_, E> {
         self.info.experts
     }
 
-    fn expert(&self, i: usize) -> Option<E> {
+    fn expert(&self, i: usize) -> Result<E> {
         if i >= self.info.experts {
-            return None;
+            return Err(Error::OutOfRange { what: What::Experts, index: i });
         }
-        (self.make)(&self.table, self.layer, &self.info, i as u16).ok()
+        (self.make)(&self.table, self.layer, &self.info, i as u16)
     }
 }
 

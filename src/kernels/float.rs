@@ -474,8 +474,15 @@ mod tests {
     /// over shapes with row, token and column tails.
     #[test]
     fn every_pass_shape_equals_the_dot_per_row() {
-        for (rows, cols, tokens) in [(13, 37, 7), (1, 3, 1), (8, 8, 4), (19, 64, 9), (5, 7, 3), (16, 130, 8)]
-        {
+        // Under Miri (which interprets every step) the shapes that still
+        // cross every tail: rows past a pass, columns past a block, tokens
+        // past a tile.
+        let shapes: &[(usize, usize, usize)] = if cfg!(miri) {
+            &[(13, 37, 7), (1, 3, 1)]
+        } else {
+            &[(13, 37, 7), (1, 3, 1), (8, 8, 4), (19, 64, 9), (5, 7, 3), (16, 130, 8)]
+        };
+        for &(rows, cols, tokens) in shapes {
             let w = values(rows * cols, 3);
             let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
             let b = values(rows, 4);

@@ -569,9 +569,14 @@ mod tests {
             seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
             (seed >> 33) as u32
         };
-        for (rows, cols) in
-            [(1, 1), (5, 3), (13, 37), (8, 64), (7, 300), (6, 513), (3, 4096), (2, 4097), (9, 0)]
-        {
+        // Under Miri the shapes that still cross every tail and the Q15
+        // block boundary (256 products).
+        let shapes: &[(usize, usize)] = if cfg!(miri) {
+            &[(1, 1), (5, 3), (13, 37), (6, 513), (9, 0)]
+        } else {
+            &[(1, 1), (5, 3), (13, 37), (8, 64), (7, 300), (6, 513), (3, 4096), (2, 4097), (9, 0)]
+        };
+        for &(rows, cols) in shapes {
             for offset in [0, -128, 127, 128, -127, 5] {
                 let w: Vec<i8> = (0..rows * cols).map(|_| next() as i8).collect();
                 let x: Vec<i8> = (0..cols).map(|_| next() as i8).collect();

@@ -64,8 +64,11 @@ where
 
         // ys: (entries, out) in plan order; each expert's rows are contiguous.
         let hidden_len = self.hidden_max();
+        // Every expert with tokens, resolved before any runs: one that cannot
+        // be had is the batch's error, not a skipped expert.
+        let views = resolve(&plan, |e| self.experts().expert(e))?;
         let ys = run_groups(&plan, d_out, threads, 0.0f32, |e, group, ys| {
-            let Some(expert) = self.experts().expert(e) else { return };
+            let Some(Some(expert)) = views.get(e) else { return };
             // The group's tokens gathered, then one matrix product per weight.
             let mut gathered = Vec::with_capacity(group.len() * d_in);
             for &t in group {
@@ -116,9 +119,10 @@ where
             .collect::<Result<Vec<_>>>()?;
         let plan = DispatchPlan::new(&selections, experts)?;
         let hidden_len = self.hidden_max();
+        let views = resolve(&plan, |e| self.experts().expert(e))?;
         let ys = run_groups(&plan, d_out, threads, A::default(), |e, group, ys| {
             let mut hidden = vec![A::default(); hidden_len];
-            let Some(expert) = self.experts().expert(e) else { return };
+            let Some(Some(expert)) = views.get(e) else { return };
             for (&t, y) in group.iter().zip(ys.chunks_exact_mut(d_out)) {
                 expert.forward(&xs[t as usize * d_in..(t as usize + 1) * d_in], y, &mut hidden);
             }
@@ -148,6 +152,14 @@ where
 /// Runs `work(expert, tokens, rows)` for every expert's group of the plan,
 /// the experts spread over `threads` workers; returns the rows, `(entries,
 /// width)` in plan order.
+/// The view of every expert the plan gives tokens to (`None` for the rest).
+fn resolve<E>(
+    plan: &DispatchPlan<impl Copy + Default>,
+    expert: impl Fn(usize) -> Result<E>,
+) -> Result<Vec<Option<E>>> {
+    (0..plan.experts()).map(|e| (!plan.group(e).tokens.is_empty()).then(|| expert(e)).transpose()).collect()
+}
+
 fn run_groups<T: Copy + Send>(
     plan: &DispatchPlan<impl Copy + Default + Sync>,
     width: usize,

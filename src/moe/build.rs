@@ -336,7 +336,8 @@ impl<A: IntKernel> QMoeBuf<A> {
         }
         let output = output.params::<A>()?;
 
-        let routed: Vec<Expert<'_, W>> = (0..n_experts).filter_map(|i| layer.experts().expert(i)).collect();
+        let routed: Vec<Expert<'_, W>> =
+            (0..n_experts).map(|i| layer.experts().expert(i)).collect::<Result<_>>()?;
         let ranges: Vec<ExpertRanges> = routed
             .iter()
             .zip(&tokens_of)

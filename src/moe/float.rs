@@ -48,8 +48,9 @@ impl<'a, G: FloatWeight, W: FloatWeight, S: ExpertSource<Expert = Expert<'a, W>>
         let in_dim = gate.cols();
         let out_dim = experts.expert(0).map_or(0, |e| e.ffn().out_dim());
         let (mut hidden_max, mut macs_experts) = (0, 0);
-        let routed = (0..n).filter_map(|i| experts.expert(i));
-        for (i, e) in routed.chain(shared.as_ref().map(|s| s.expert)).enumerate() {
+        let routed = (0..n).map(|i| experts.expert(i));
+        for (i, e) in routed.chain(shared.as_ref().map(|s| Ok(s.expert))).enumerate() {
+            let e = e?;
             check_dim(What::Input, in_dim, e.ffn().in_dim())?;
             check_dim(What::Output, out_dim, e.ffn().out_dim())?;
             hidden_max = hidden_max.max(e.hidden_len());
@@ -123,7 +124,7 @@ impl<'a, G: FloatWeight, W: FloatWeight, S: ExpertSource<Expert = Expert<'a, W>>
                 .as_ref()
                 .map_or(0, |s| s.expert.ffn().macs() + s.gate.map_or(0, |g| g.cols() as u64));
         let chosen: u64 =
-            sel.iter().filter_map(|c| self.experts.expert(c.expert as usize)).map(|e| e.ffn().macs()).sum();
+            sel.iter().map(|c| self.experts.expert(c.expert as usize).map_or(0, |e| e.ffn().macs())).sum();
         (base + chosen, base + self.macs_experts)
     }
 
@@ -145,9 +146,7 @@ impl<'a, G: FloatWeight, W: FloatWeight, S: ExpertSource<Expert = Expert<'a, W>>
 
         out.fill(0.0);
         for c in &sel {
-            let Some(expert) = self.experts.expert(c.expert as usize) else {
-                continue;
-            };
+            let expert = self.experts.expert(c.expert as usize)?;
             expert.forward(x, y, hidden);
             for (o, &v) in out.iter_mut().zip(y.iter()) {
                 *o += c.weight * v;

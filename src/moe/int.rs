@@ -167,8 +167,9 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
         let zp_err = Error::OutOfRange { what: What::ZeroPoint, index: 0 };
         let out_dim = experts.expert(0).map_or(0, |e| e.out_dim());
         let (mut hidden_max, mut macs_experts) = (0, 0);
-        let routed = (0..n).filter_map(|i| experts.expert(i));
-        for (i, e) in routed.chain(shared.as_ref().map(|s| s.expert)).enumerate() {
+        let routed = (0..n).map(|i| experts.expert(i));
+        for (i, e) in routed.chain(shared.as_ref().map(|s| Ok(s.expert))).enumerate() {
+            let e = e?;
             check_dim(What::Input, gate.cols(), e.in_dim())?;
             check_dim(What::Output, out_dim, e.out_dim())?;
             if e.input_zp() != gate.input_zp() || e.down().output_zp() != combine.expert_zp {
@@ -242,7 +243,7 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
         let base = (self.gate.rows() * self.gate.cols()) as u64
             + self.shared.as_ref().map_or(0, |s| s.expert.macs() + s.gate.map_or(0, |g| g.cols() as u64));
         let chosen: u64 =
-            sel.iter().filter_map(|c| self.experts.expert(c.expert as usize)).map(|e| e.macs()).sum();
+            sel.iter().map(|c| self.experts.expert(c.expert as usize).map_or(0, |e| e.macs())).sum();
         (base + chosen, base + self.macs_experts)
     }
 
@@ -258,11 +259,12 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
         // ys: (k + 1, out); weights: Q15, the shared expert's last.
         let mut rows = heapless::Vec::<(&[A], i32), { crate::router::MAX_K + 1 }>::new();
         let mut slots = ys.chunks_exact_mut(self.out_dim.max(1));
+        let short = Error::ScratchTooSmall { needed: self.slots() * self.out_dim, actual: 0 };
         for c in &sel {
-            if let (Some(expert), Some(y)) = (self.experts.expert(c.expert as usize), slots.next()) {
-                expert.forward(x, y, hidden);
-                let _ = rows.push((&*y, c.weight));
-            }
+            let expert = self.experts.expert(c.expert as usize)?;
+            let y = slots.next().ok_or(short)?;
+            expert.forward(x, y, hidden);
+            let _ = rows.push((&*y, c.weight));
         }
         if let (Some(shared), Some(y)) = (&self.shared, slots.next()) {
             shared.expert.forward(x, y, hidden);

@@ -5,6 +5,8 @@
 //! 64 experts needs no RAM for 64 views, and experts could as well come from
 //! slow external storage.
 
+use crate::error::{Error, Result, What};
+
 /// A numbered set of experts.
 pub trait ExpertSource {
     /// An expert view ([`Expert`](crate::expert::Expert) or
@@ -14,8 +16,10 @@ pub trait ExpertSource {
     /// Number of experts.
     fn count(&self) -> usize;
 
-    /// Expert `i`; `None` past the end.
-    fn expert(&self, i: usize) -> Option<Self::Expert>;
+    /// Expert `i`, or why it cannot be had (past the end, or a view that
+    /// does not check out). A layer never skips an expert it was routed
+    /// to: this error becomes the inference's error.
+    fn expert(&self, i: usize) -> Result<Self::Expert>;
 }
 
 impl<T: Copy> ExpertSource for &[T] {
@@ -25,8 +29,8 @@ impl<T: Copy> ExpertSource for &[T] {
         self.len()
     }
 
-    fn expert(&self, i: usize) -> Option<T> {
-        self.get(i).copied()
+    fn expert(&self, i: usize) -> Result<T> {
+        self.get(i).copied().ok_or(Error::OutOfRange { what: What::Experts, index: i })
     }
 }
 
@@ -37,7 +41,7 @@ impl<T: Copy, const N: usize> ExpertSource for &[T; N] {
         N
     }
 
-    fn expert(&self, i: usize) -> Option<T> {
-        self.get(i).copied()
+    fn expert(&self, i: usize) -> Result<T> {
+        self.get(i).copied().ok_or(Error::OutOfRange { what: What::Experts, index: i })
     }
 }
