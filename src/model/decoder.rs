@@ -5,12 +5,12 @@
 //! -> residual -> RMSNorm -> MoE FFN -> residual] -> RMSNorm -> output.
 
 use super::matrix::{Matrix, Weights};
-use super::state::{Kv, State, Work};
+use super::state::{Kv, Slabs, State, Work};
 use crate::error::{Error, Field, Result, What, check_len};
 use crate::format::layout::decoder::{self as dl, MODEL_LEVEL, SCALE_PART, role as drole};
 use crate::format::layout::{self, LAYER_LEN, LAYER_LEVEL, SHARED_EXPERT, dtype, part, role};
 use crate::format::{Key, Model, Table};
-use crate::kernels::Activation;
+use crate::kernels::{Activation, FloatWeight};
 use crate::quant::f16;
 use crate::router::{MAX_K, Router, Rule, Selection};
 
@@ -459,18 +459,18 @@ impl<'a> Decoder<'a> {
         let scores = w.scores.get_mut(..=pos).ok_or(short)?;
         // Not a zip of two `chunks_exact`: its out-of-line constructor divides
         // by a chunk size it cannot see is non-zero (a panic path).
+        let slabs = kv.layer(c, l, pos + 1)?;
+        let kvd = c.kv_dim();
         for (h, out) in w.att.chunks_exact_mut(hd).enumerate() {
             let qh = w.q.get(h * hd..).and_then(|q| q.get(..hd)).ok_or(Error::WrongState)?;
-            let kvh = h / group;
-            for (t, s) in scores.iter_mut().enumerate() {
-                kv.key(c, l, t, kvh, w.kt)?;
-                *s = qh.iter().zip(w.kt.iter()).map(|(a, b)| a * b).sum::<f32>() * scale;
+            // This head's columns within a cached row.
+            let off = h / group * hd;
+            if off + hd > kvd {
+                return Err(Error::WrongState);
             }
-            softmax(scores);
-            out.fill(0.0);
-            for (t, &p) in scores.iter().enumerate() {
-                kv.value(c, l, t, kvh, w.kt)?;
-                out.iter_mut().zip(w.kt.iter()).for_each(|(o, &v)| *o += p * v);
+            match slabs {
+                Slabs::F32(k, v) => attend(k, v, (kvd, off), qh, scores, out, scale),
+                Slabs::F16(k, v) => attend(k, v, (kvd, off), qh, scores, out, scale),
             }
         }
         layer.o.forward(w.att, w.xb, w.xq);
@@ -524,6 +524,35 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<()> 
         *o = g * (v * r);
     }
     Ok(())
+}
+
+/// One head's attention over the cached rows (`kvd` wide, the head's
+/// `hd = q.len()` columns from `off`; `scores` has one entry per row):
+/// `out = softmax(q . k_t * scale) . v`, keys and values widened to f32 as
+/// they are read, in the order the products were always summed.
+fn attend<E: FloatWeight>(
+    k: &[E],
+    v: &[E],
+    (kvd, off): (usize, usize),
+    q: &[f32],
+    scores: &mut [f32],
+    out: &mut [f32],
+    scale: f32,
+) {
+    let hd = q.len();
+    // `get`s that cannot fail: the caller checked the slabs hold a row per
+    // score and that off + hd <= kvd.
+    let at = |t: usize| t * kvd + off..t * kvd + off + hd;
+    for (t, s) in scores.iter_mut().enumerate() {
+        let kt = k.get(at(t)).unwrap_or(&[]);
+        *s = q.iter().zip(kt).map(|(a, &b)| a * b.to_f32()).sum::<f32>() * scale;
+    }
+    softmax(scores);
+    out.fill(0.0);
+    for (t, &p) in scores.iter().enumerate() {
+        let vt = v.get(at(t)).unwrap_or(&[]);
+        out.iter_mut().zip(vt).for_each(|(o, &x)| *o += p * x.to_f32());
+    }
 }
 
 /// In-place softmax; an all-`-inf` or empty row stays as it is.

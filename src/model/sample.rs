@@ -183,7 +183,8 @@ mod tests {
     #[test]
     fn heap_sort_orders_as_core_sort() {
         let mut rng = Rng::new(3);
-        for n in [0usize, 1, 2, 3, 7, 64, 129, 1000] {
+        let sizes: &[usize] = if cfg!(miri) { &[0, 1, 2, 3, 7, 64] } else { &[0, 1, 2, 3, 7, 64, 129, 1000] };
+        for &n in sizes {
             let keys: std::vec::Vec<u32> = (0..n).map(|_| (rng.next_u64() % 17) as u32).collect();
             let first =
                 |a: u32, b: u32| keys[a as usize].cmp(&keys[b as usize]).reverse().then(a.cmp(&b)).is_lt();
@@ -223,12 +224,15 @@ mod tests {
     fn sampling_follows_the_distribution() {
         let mut s = Sampler::new(1.0, 1.0, 1);
         let mut counts = [0u32; 2];
-        for _ in 0..10_000 {
+        // Under Miri fewer draws and a wider band (sd ~14 at 1,000).
+        let n = if cfg!(miri) { 1_000 } else { 10_000 };
+        for _ in 0..n {
             let mut l = [0.0, libm::logf(3.0)];
             counts[s.sample(&mut l, &mut [0; 2]).unwrap() as usize] += 1;
         }
         // p = 0.75: 7500 expected, sd ~43.
-        assert!((7300..7700).contains(&counts[1]), "{counts:?}");
+        let (lo, hi) = if cfg!(miri) { (690, 810) } else { (7300, 7700) };
+        assert!((lo..hi).contains(&counts[1]), "{counts:?}");
     }
 
     #[test]

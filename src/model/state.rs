@@ -35,7 +35,6 @@ pub const fn bytes_for_dims(
         kv_dim,
         kv_dim,
         q_dim,
-        head_dim,
         context,
         max_hidden,
         max_hidden,
@@ -103,29 +102,22 @@ impl Kv<'_> {
         Ok(())
     }
 
-    fn read(&self, at: usize, out: &mut [f32]) -> Result<()> {
-        let end = at.checked_add(out.len()).ok_or(Error::WrongState)?;
+    /// Layer `l`'s keys and values at positions `0..n`, `(n, kv_dim)` each,
+    /// checked once here so the attention loops index nothing unchecked.
+    pub(crate) fn layer(&self, c: &Config, l: usize, n: usize) -> Result<Slabs<'_>> {
+        let len = n.checked_mul(c.kv_dim()).ok_or(Error::WrongState)?;
+        let (k, v) = (Self::at(c, l, 0, 0), Self::at(c, l, 1, 0));
+        let range = |at: usize| at..at.saturating_add(len);
         match self {
-            Kv::F32(m) => {
-                let src = m.get(at..end).ok_or(Error::WrongState)?;
-                out.iter_mut().zip(src).for_each(|(o, &v)| *o = v);
-            }
-            Kv::F16(m) => {
-                let src = m.get(at..end).ok_or(Error::WrongState)?;
-                out.iter_mut().zip(src).for_each(|(o, v)| *o = v.to_f32());
-            }
+            Kv::F32(m) => match (m.get(range(k)), m.get(range(v))) {
+                (Some(k), Some(v)) => Ok(Slabs::F32(k, v)),
+                _ => Err(Error::WrongState),
+            },
+            Kv::F16(m) => match (m.get(range(k)), m.get(range(v))) {
+                (Some(k), Some(v)) => Ok(Slabs::F16(k, v)),
+                _ => Err(Error::WrongState),
+            },
         }
-        Ok(())
-    }
-
-    /// Key of head `h` at position `t` into `out` (`head_dim`).
-    pub(crate) fn key(&self, c: &Config, l: usize, t: usize, h: usize, out: &mut [f32]) -> Result<()> {
-        self.read(Self::at(c, l, 0, t) + h * c.head_dim, out)
-    }
-
-    /// Value of head `h` at position `t` into `out` (`head_dim`).
-    pub(crate) fn value(&self, c: &Config, l: usize, t: usize, h: usize, out: &mut [f32]) -> Result<()> {
-        self.read(Self::at(c, l, 1, t) + h * c.head_dim, out)
     }
 
     fn len(&self) -> usize {
@@ -134,6 +126,12 @@ impl Kv<'_> {
             Kv::F16(m) => m.len(),
         }
     }
+}
+
+/// One layer's cached keys and values (see [`Kv::layer`]).
+pub(crate) enum Slabs<'a> {
+    F32(&'a [f32], &'a [f32]),
+    F16(&'a [f16], &'a [f16]),
 }
 
 /// One step's buffers.
@@ -151,8 +149,6 @@ pub(crate) struct Work<'w> {
     pub v: &'w mut [f32],
     /// Attention output `(heads * head_dim,)`.
     pub att: &'w mut [f32],
-    /// One cached key or value `(head_dim,)`.
-    pub kt: &'w mut [f32],
     /// Attention scores `(context,)`.
     pub scores: &'w mut [f32],
     /// SwiGLU gate and up `(max_hidden,)`.
@@ -227,7 +223,6 @@ impl<'s> State<'s> {
         let k = w.take(kvd)?;
         let v = w.take(kvd)?;
         let att = w.take(q)?;
-        let kt = w.take(hd)?;
         let scores = w.take(c.context)?;
         let (max_hidden, max_experts) = self.ffn;
         let g = w.take(max_hidden)?;
@@ -239,7 +234,7 @@ impl<'s> State<'s> {
         let order = w.take(c.vocab)?;
         Ok((
             &mut self.kv,
-            Work { x, xb, acc, y, q: q_buf, k, v, att, kt, scores, g, u, router, cos, sin, xq, order },
+            Work { x, xb, acc, y, q: q_buf, k, v, att, scores, g, u, router, cos, sin, xq, order },
         ))
     }
 }
