@@ -32,7 +32,14 @@ impl FloatWeight for f32 {
 impl FloatWeight for f16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
-        f16::to_f32(self)
+        #[cfg(micromoe_fp16_convert)]
+        {
+            fpu16::f16_to_f32(self.to_bits())
+        }
+        #[cfg(not(micromoe_fp16_convert))]
+        {
+            f16::to_f32(self)
+        }
     }
 
     // On 64-bit hosts a branch-free widening (selects, no per-element
@@ -47,6 +54,47 @@ impl FloatWeight for f16 {
             *o = widen_f16_bits(h.to_bits());
         }
         out
+    }
+}
+
+#[cfg(micromoe_fp16_convert)]
+#[allow(unsafe_code)]
+mod fpu16 {
+    //! IEEE half bits to f32 by the FPU (`VCVTB.F32.F16`; `half` converts in
+    //! software on stable Rust, about 20 instructions). The conversion is exact,
+    //! so the value is `half`'s; NaNs are quieted with their payload kept, as
+    //! `half` does (FPSCR.DN = 0, the reset state). The board kernels check
+    //! (`boards/mps2-an386 --bin kernels`) compares all 65,536 halves with
+    //! `half`'s conversion. An assembly function rather than inline `asm!`:
+    //! Rust 1.95 gives S registers to `asm!` only with the `vfp2` feature,
+    //! which these targets do not list (they have `vfp2sp`).
+
+    /// `h` widened by `VCVTB.F32.F16`.
+    #[inline(always)]
+    pub(crate) fn f16_to_f32(h: u16) -> f32 {
+        f32::from_bits(micromoe_vcvtb_f32_f16(u32::from(h)))
+    }
+
+    // A leaf function: reads r0, writes r0 and s0 (caller-saved in the
+    // AAPCS), touches no memory.
+    core::arch::global_asm!(
+        ".section .text.micromoe_vcvtb_f32_f16,\"ax\",%progbits",
+        ".global micromoe_vcvtb_f32_f16",
+        ".type micromoe_vcvtb_f32_f16,%function",
+        ".thumb_func",
+        ".fpu fpv4-sp-d16",
+        "micromoe_vcvtb_f32_f16:",
+        "vmov s0, r0",
+        "vcvtb.f32.f16 s0, s0",
+        "vmov r0, s0",
+        "bx lr",
+        ".size micromoe_vcvtb_f32_f16, . - micromoe_vcvtb_f32_f16",
+    );
+
+    // SAFETY: the function above takes and returns a u32 in r0 and has no
+    // other effect than clobbering s0, which callers do not expect kept.
+    unsafe extern "C" {
+        safe fn micromoe_vcvtb_f32_f16(bits: u32) -> u32;
     }
 }
 

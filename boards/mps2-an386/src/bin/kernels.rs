@@ -108,6 +108,14 @@ fn run(b: &mut Buffers) -> bool {
         ok += check(b, rows, cols, 5) as usize;
     }
     println!("mps2-an386 kernels: {}/{} random cases bit-identical to the portable kernels", ok, cases);
+    // The FPU's half-to-single conversion against `half`'s software one.
+    let same = (0..=u16::MAX)
+        .filter(|&h| {
+            let v = micromoe_board_common::micromoe::quant::f16::from_bits(core::hint::black_box(h));
+            <micromoe_board_common::micromoe::quant::f16 as micromoe_board_common::micromoe::kernels::FloatWeight>::to_f32(v).to_bits() == v.to_f32().to_bits()
+        })
+        .count();
+    println!("mps2-an386 f16 conversion: {}/65536 halves as half converts them", same);
     for dsp in [true, false] {
         for q15 in [false, true] {
             for &(rows, cols) in &SHAPES {
@@ -116,7 +124,7 @@ fn run(b: &mut Buffers) -> bool {
             }
         }
     }
-    ok == cases
+    ok == cases && same == 65536
 }
 
 #[entry]
