@@ -249,7 +249,16 @@ pub struct Decoder<'a> {
 
 /// The matrix at `key`, any stored type, `(rows, cols)`; a bias (f32) if
 /// `bias`.
-fn matrix<'a>(t: &Table<'a>, key: Key, rows: usize, cols: usize, bias: bool) -> Result<Matrix<'a>> {
+/// The matrix at `key`. `CHECK` also scans every int8 row scale: parse
+/// does (every layer and expert once); views rebuilt per token from the
+/// same validated bytes check only lengths.
+fn matrix<'a, const CHECK: bool>(
+    t: &Table<'a>,
+    key: Key,
+    rows: usize,
+    cols: usize,
+    bias: bool,
+) -> Result<Matrix<'a>> {
     let missing =
         Error::MissingTensor { layer: key.layer, expert: key.expert, role: key.role, part: key.part };
     let found = t.find(key).ok_or(missing)?;
@@ -263,7 +272,8 @@ fn matrix<'a>(t: &Table<'a>, key: Key, rows: usize, cols: usize, bias: bool) -> 
         _ => return Err(missing),
     };
     let b = if bias { Some(t.need::<f32>(Key { part: part::BIAS, ..key }, rows, 1)?.data) } else { None };
-    Matrix::new(w, b, rows, cols).map_err(|_| missing)
+    if CHECK { Matrix::new(w, b, rows, cols) } else { Matrix::new_trusted(w, b, rows, cols) }
+        .map_err(|_| missing)
 }
 
 fn key(layer: u16, expert: u16, role: u8) -> Key {
@@ -287,12 +297,23 @@ impl<'a> Decoder<'a> {
     }
 
     pub(crate) fn build(bytes: &'a [u8], table: Table<'a>, cfg: Config) -> Result<Self> {
-        let embed =
-            matrix(&table, key(MODEL_LEVEL, LAYER_LEVEL, drole::EMBED), cfg.vocab, cfg.hidden, false)?;
+        let embed = matrix::<true>(
+            &table,
+            key(MODEL_LEVEL, LAYER_LEVEL, drole::EMBED),
+            cfg.vocab,
+            cfg.hidden,
+            false,
+        )?;
         let lm_head = if cfg.tied {
             embed
         } else {
-            matrix(&table, key(MODEL_LEVEL, LAYER_LEVEL, drole::LM_HEAD), cfg.vocab, cfg.hidden, false)?
+            matrix::<true>(
+                &table,
+                key(MODEL_LEVEL, LAYER_LEVEL, drole::LM_HEAD),
+                cfg.vocab,
+                cfg.hidden,
+                false,
+            )?
         };
         let final_norm = vector(&table, key(MODEL_LEVEL, LAYER_LEVEL, drole::FINAL_NORM), cfg.hidden)?;
         Ok(Decoder { bytes, table, cfg, embed, final_norm, lm_head })
@@ -302,9 +323,9 @@ impl<'a> Decoder<'a> {
     /// its shape and type.
     pub(crate) fn validate(&self) -> Result<()> {
         for l in 0..self.cfg.layers {
-            let layer = self.layer(l)?;
+            let layer = self.layer::<true>(l)?;
             for e in 0..layer.cfg.experts {
-                self.expert(l, e, layer.cfg.hidden)?;
+                self.expert::<true>(l, e, layer.cfg.hidden)?;
             }
         }
         Ok(())
@@ -323,51 +344,51 @@ impl<'a> Decoder<'a> {
         LayerConfig::read(self.bytes, l)
     }
 
-    fn layer(&self, l: usize) -> Result<Layer<'a>> {
+    fn layer<const CHECK: bool>(&self, l: usize) -> Result<Layer<'a>> {
         let lc = self.layer_config(l)?;
         let (t, c) = (&self.table, &self.cfg);
         let at = |role| key(l as u16, LAYER_LEVEL, role);
         let gate = if lc.experts > 0 {
             let router = Router::new(lc.rule(), None, 1.0)?;
-            Some((matrix(t, at(role::GATE), lc.experts, c.hidden, false)?, router))
+            Some((matrix::<CHECK>(t, at(role::GATE), lc.experts, c.hidden, false)?, router))
         } else {
             None
         };
         let shared = if lc.shared_hidden > 0 {
             let g = if lc.shared_gate {
-                Some(matrix(t, at(role::SHARED_GATE), 1, c.hidden, false)?)
+                Some(matrix::<CHECK>(t, at(role::SHARED_GATE), 1, c.hidden, false)?)
             } else {
                 None
             };
-            Some((self.swiglu(l, SHARED_EXPERT, lc.shared_hidden)?, g))
+            Some((self.swiglu::<CHECK>(l, SHARED_EXPERT, lc.shared_hidden)?, g))
         } else {
             None
         };
         Ok(Layer {
             attn_norm: vector(t, at(drole::ATTN_NORM), c.hidden)?,
             ffn_norm: vector(t, at(drole::FFN_NORM), c.hidden)?,
-            q: matrix(t, at(drole::Q), c.q_dim(), c.hidden, c.qkv_bias)?,
-            k: matrix(t, at(drole::K), c.kv_dim(), c.hidden, c.qkv_bias)?,
-            v: matrix(t, at(drole::V), c.kv_dim(), c.hidden, c.qkv_bias)?,
-            o: matrix(t, at(drole::O), c.hidden, c.q_dim(), false)?,
+            q: matrix::<CHECK>(t, at(drole::Q), c.q_dim(), c.hidden, c.qkv_bias)?,
+            k: matrix::<CHECK>(t, at(drole::K), c.kv_dim(), c.hidden, c.qkv_bias)?,
+            v: matrix::<CHECK>(t, at(drole::V), c.kv_dim(), c.hidden, c.qkv_bias)?,
+            o: matrix::<CHECK>(t, at(drole::O), c.hidden, c.q_dim(), false)?,
             gate,
             shared,
             cfg: lc,
         })
     }
 
-    fn swiglu(&self, l: usize, e: u16, inner: usize) -> Result<SwiGlu<'a>> {
+    fn swiglu<const CHECK: bool>(&self, l: usize, e: u16, inner: usize) -> Result<SwiGlu<'a>> {
         let (t, h) = (&self.table, self.cfg.hidden);
         let at = |role| key(l as u16, e, role);
         Ok(SwiGlu {
-            gate: matrix(t, at(role::GATE_PROJ), inner, h, false)?,
-            up: matrix(t, at(role::UP), inner, h, false)?,
-            down: matrix(t, at(role::DOWN), h, inner, false)?,
+            gate: matrix::<CHECK>(t, at(role::GATE_PROJ), inner, h, false)?,
+            up: matrix::<CHECK>(t, at(role::UP), inner, h, false)?,
+            down: matrix::<CHECK>(t, at(role::DOWN), h, inner, false)?,
         })
     }
 
-    fn expert(&self, l: usize, e: usize, inner: usize) -> Result<SwiGlu<'a>> {
-        self.swiglu(l, e as u16, inner)
+    fn expert<const CHECK: bool>(&self, l: usize, e: usize, inner: usize) -> Result<SwiGlu<'a>> {
+        self.swiglu::<CHECK>(l, e as u16, inner)
     }
 
     /// Bytes of the [`State`] this decoder needs (KV cache + work buffers).
@@ -417,7 +438,7 @@ impl<'a> Decoder<'a> {
         self.embed.row(token as usize, w.x);
         rope_table(c, pos, w.cos, w.sin);
         for l in 0..c.layers {
-            let layer = self.layer(l)?;
+            let layer = self.layer::<false>(l)?;
             rms_norm(w.x, layer.attn_norm, c.rms_eps, w.xb)?;
             self.attention(&layer, l, pos, kv, &mut w)?;
             rms_norm(w.x, layer.ffn_norm, c.rms_eps, w.xb)?;
@@ -488,7 +509,7 @@ impl<'a> Decoder<'a> {
             gate.forward(w.xb, logits, w.xq);
             router.route(logits, &mut sel)?;
             for ch in &sel {
-                let expert = self.expert(l, ch.expert as usize, layer.cfg.hidden)?;
+                let expert = self.expert::<false>(l, ch.expert as usize, layer.cfg.hidden)?;
                 expert.forward(w.xb, w.y, w.g, w.u, w.xq)?;
                 w.acc.iter_mut().zip(w.y.iter()).for_each(|(a, &v)| *a += ch.weight * v);
             }

@@ -39,6 +39,24 @@ impl<'a> Matrix<'a> {
     /// Checks every length (and, for int8, that scales are finite and
     /// non-negative and `cols <= MAX_INT8_COLS`).
     pub fn new(w: Weights<'a>, bias: Option<&'a [f32]>, rows: usize, cols: usize) -> Result<Self> {
+        let m = Self::new_trusted(w, bias, rows, cols)?;
+        if let Weights::I8 { scales, .. } = w
+            && let Some(index) = scales.iter().position(|s| !(s.is_finite() && *s >= 0.0))
+        {
+            return Err(Error::OutOfRange { what: What::Scale, index });
+        }
+        Ok(m)
+    }
+
+    /// [`Matrix::new`] without the scan of the int8 row scales: for views
+    /// rebuilt from bytes that [`Model::parse`](crate::Model::parse) has
+    /// validated with [`Matrix::new`] (lengths are still checked, O(1)).
+    pub(crate) fn new_trusted(
+        w: Weights<'a>,
+        bias: Option<&'a [f32]>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self> {
         let n = mul(rows, cols)?;
         if rows == 0 || cols == 0 {
             return Err(Error::Shape { what: What::Weight, expected: 1, actual: 0 });
@@ -51,9 +69,6 @@ impl<'a> Matrix<'a> {
                 check_len(What::Scale, rows, scales.len())?;
                 if cols > MAX_INT8_COLS {
                     return Err(Error::OutOfRange { what: What::Weight, index: 0 });
-                }
-                if let Some(index) = scales.iter().position(|s| !(s.is_finite() && *s >= 0.0)) {
-                    return Err(Error::OutOfRange { what: What::Scale, index });
                 }
             }
         }
