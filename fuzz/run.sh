@@ -26,7 +26,7 @@ run() { # target seconds
   mkdir -p "artifacts/$1"
   "target/libfuzzer/$triple/release/$1" -max_total_time="$2" -timeout=10 -rss_limit_mb=2048 \
     -detect_leaks=0 -print_final_stats=1 -artifact_prefix="artifacts/$1/" "corpus/$1" 2>&1 |
-    grep -E '^(#[0-9]+ +(INITED|DONE)|stat::number_of_executed_units|stat::peak_rss|==[0-9]+==ERROR|thread .* panicked|SUMMARY)' || true
+    grep -E '^(#[0-9]+[[:space:]]+(INITED|DONE)|stat::number_of_executed_units|stat::peak_rss|==[0-9]+==ERROR|thread .* panicked|SUMMARY)' || true
   if compgen -G "artifacts/$1/*" >/dev/null; then
     echo "fuzz target $1 found a failure: $(ls "artifacts/$1")"
     return 1

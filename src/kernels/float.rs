@@ -589,7 +589,8 @@ mod tests {
     #[test]
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     fn f16_widening_equals_half_for_every_value() {
-        for bits in 0..=u16::MAX {
+        // Every value natively; every 97th under Miri.
+        for bits in (0..=u16::MAX).step_by(if cfg!(miri) { 97 } else { 1 }) {
             let want = f16::from_bits(bits).to_f32();
             assert_eq!(widen_f16_bits(bits).to_bits(), want.to_bits(), "{bits:#06x}");
         }
