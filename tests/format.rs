@@ -155,9 +155,15 @@ fn infer_int<A: micromoe::kernels::IntKernel>(q: &QMoeBuf<A>, x: &[f32], y: &mut
     sel.iter().map(|c| c.expert).collect()
 }
 
+/// Made once (quantization is most of these tests' time under Miri).
 fn small_model() -> Vec<u8> {
-    let (_, spec) = int_spec("switch_mlp_gelu_h16_e4", false);
-    write(&spec).unwrap()
+    static MODEL: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let (_, spec) = int_spec("switch_mlp_gelu_h16_e4", false);
+            write(&spec).unwrap()
+        })
+        .clone()
 }
 
 fn parse(bytes: &[u8]) -> Result<(), Error> {
@@ -307,7 +313,7 @@ fn random_edits_never_panic() {
         seed
     };
     let (mut accepted, mut refused) = (0, 0);
-    for _ in 0..if cfg!(miri) { 60 } else { 3000 } {
+    for _ in 0..if cfg!(miri) { 30 } else { 3000 } {
         let mut b = bytes.clone();
         for _ in 0..1 + next() % 4 {
             let at = (next() % (b.len() as u64 - 4)) as usize;
@@ -329,7 +335,7 @@ fn random_edits_never_panic() {
         }
     }
     println!("random edits: {accepted} accepted, {refused} refused");
-    assert!(refused > if cfg!(miri) { 20 } else { 1000 });
+    assert!(refused > if cfg!(miri) { 10 } else { 1000 });
 }
 
 /// An f16 gate routing int8 experts (mixed types in one layer): the file
