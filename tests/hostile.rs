@@ -157,6 +157,13 @@ fn a_state_larger_than_memory_is_an_error() {
     let (code, err) = limited(&["info", m.to_str().unwrap()]);
     assert_eq!(code, Some(0), "info: {err}");
     refused(&["eval", m.to_str().unwrap(), "--tokens", "1,2"], "needs 1374395");
+    // 2 GiB: under MICROMOE_MAX_ALLOC, over this process's 512 MiB, so the
+    // fallible allocation is what refuses it (no abort).
+    let dir = tmp("state_2g");
+    mixtral(&dir, Dims { vocab: 4, hidden: 1, head_dim: 512, layers: 64, context: 8192, scale: 0.01 });
+    let m = dir.join("m.moe");
+    convert(&dir, &m, &["--dtype", "int8"]);
+    refused(&["eval", m.to_str().unwrap(), "--tokens", "1,2"], "needs 2147");
 }
 
 #[test]

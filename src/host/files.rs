@@ -44,10 +44,13 @@ pub fn zeroed<T: Clone + Default>(n: usize, what: &str) -> Result<Vec<T>, HostEr
     if bytes > limit as u128 {
         return Err(HostError::Memory { what: what.to_string(), bytes, limit });
     }
-    let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| HostError::Memory { what: what.to_string(), bytes, limit })?;
-    v.resize(n, T::default());
-    Ok(v)
+    // Asked for fallibly first: `vec!` would abort where it fails. Then
+    // made by `vec!`, which takes zeroed pages from the system for zero
+    // values (calloc): a large KV cache costs memory only where it is used.
+    let mut probe: Vec<T> = Vec::new();
+    probe.try_reserve_exact(n).map_err(|_| HostError::Memory { what: what.to_string(), bytes, limit })?;
+    drop(probe);
+    Ok(vec![T::default(); n])
 }
 
 /// Opens `path` if it is a regular file of at most `limit` bytes (symbolic
