@@ -5,6 +5,7 @@
 //! no silently wrong output.
 #![cfg(unix)]
 
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -210,8 +211,6 @@ fn big_and_special_files_are_refused_before_reading() {
     assert!(Command::new("mkfifo").arg(ck.join("config.json")).status().unwrap().success());
     refused(&conv, "not a regular file");
 }
-
-use std::os::unix::fs::FileExt;
 
 #[test]
 fn shard_names_cannot_leave_the_checkpoint() {

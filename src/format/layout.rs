@@ -307,24 +307,27 @@ impl LayerDtype {
     }
 }
 
+/// The `N` bytes at `at`, or `None` past the end (checked slicing: no
+/// panic path).
+const fn bytes_at<const N: usize>(b: &[u8], at: usize) -> Option<&[u8; N]> {
+    match b.split_at_checked(at) {
+        Some((_, rest)) => rest.first_chunk::<N>(),
+        None => None,
+    }
+}
+
 /// `u16` at `at`, or `None` past the end.
 pub const fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    match b.split_at_checked(at) {
-        Some((_, rest)) => match rest.first_chunk::<2>() {
-            Some(c) => Some(u16::from_le_bytes(*c)),
-            None => None,
-        },
+    match bytes_at::<2>(b, at) {
+        Some(c) => Some(u16::from_le_bytes(*c)),
         None => None,
     }
 }
 
 /// `u32` at `at`, or `None` past the end.
 pub const fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    match b.split_at_checked(at) {
-        Some((_, rest)) => match rest.first_chunk::<4>() {
-            Some(c) => Some(u32::from_le_bytes(*c)),
-            None => None,
-        },
+    match bytes_at::<4>(b, at) {
+        Some(c) => Some(u32::from_le_bytes(*c)),
         None => None,
     }
 }

@@ -452,10 +452,9 @@ pub struct AlignedBytes {
 
 impl From<&[u8]> for AlignedBytes {
     fn from(bytes: &[u8]) -> Self {
-        let mut buf = vec![0u8; bytes.len() + ALIGN - 1];
-        let start = buf.as_ptr().align_offset(ALIGN).min(ALIGN - 1);
-        buf[start..start + bytes.len()].copy_from_slice(bytes);
-        AlignedBytes { buf, start, len: bytes.len() }
+        let mut a = AlignedBytes::within(vec![0u8; bytes.len() + ALIGN - 1], bytes.len());
+        a.copy_from_slice(bytes);
+        a
     }
 }
 
@@ -464,11 +463,18 @@ impl AlignedBytes {
     /// (the allocation is fallible: a size read from a file cannot abort).
     pub fn try_zeroed(len: usize) -> Option<Self> {
         let total = len.checked_add(ALIGN - 1)?;
-        let mut buf = Vec::new();
-        buf.try_reserve_exact(total).ok()?;
-        buf.resize(total, 0);
+        // Asked for fallibly, then taken as zeroed pages (`vec!` is calloc).
+        let mut probe: Vec<u8> = Vec::new();
+        probe.try_reserve_exact(total).ok()?;
+        drop(probe);
+        Some(AlignedBytes::within(vec![0u8; total], len))
+    }
+
+    /// The first `len` bytes of `buf` from its first 16-byte aligned address
+    /// (`buf` holds `len + ALIGN - 1` bytes).
+    fn within(buf: Vec<u8>, len: usize) -> Self {
         let start = buf.as_ptr().align_offset(ALIGN).min(ALIGN - 1);
-        Some(AlignedBytes { buf, start, len })
+        AlignedBytes { buf, start, len }
     }
 }
 

@@ -87,52 +87,31 @@ fn load_bytes(path: &Path, bytes: &[u8], into: &mut Tensors, only: Option<&str>)
             return Err(HostError::Tensor(format!("{name}: stored twice (in {})", path.display())));
         }
         let data = view.data();
-        let width = match view.dtype() {
-            StDtype::F32 => 4,
-            _ => 2,
-        };
-        let mut values: Vec<f32> = Vec::new();
-        values.try_reserve_exact(data.len() / width).map_err(|_| HostError::Memory {
-            what: name.clone(),
-            bytes: data.len() as u128 * 2,
-            limit: max_alloc(),
-        })?;
-        values.extend(match view.dtype() {
-            StDtype::F32 => Widen::F32(data.chunks_exact(4)),
-            StDtype::F16 => Widen::F16(data.chunks_exact(2)),
-            StDtype::BF16 => Widen::Bf16(data.chunks_exact(2)),
+        // (bytes per value, little-endian bytes -> f32)
+        let (width, widen): (usize, fn(&[u8]) -> f32) = match view.dtype() {
+            StDtype::F32 => (4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            StDtype::F16 => (2, |b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
+            StDtype::BF16 => (2, |b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)),
             d => {
                 return Err(HostError::Tensor(format!(
                     "{name}: dtype {d:?} is not supported (f32, f16, bf16)"
                 )));
             }
-        });
+        };
+        let n = data.len() / width;
+        let mut values: Vec<f32> = Vec::new();
+        values.try_reserve_exact(n).map_err(|_| HostError::Memory {
+            what: name.clone(),
+            bytes: n as u128 * 4,
+            limit: max_alloc(),
+        })?;
+        values.extend(data.chunks_exact(width).map(widen));
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(HostError::Tensor(format!("{name}: element {i} is not finite")));
         }
         into.insert(name, (view.shape().to_vec(), values));
     }
     Ok(())
-}
-
-/// Little-endian f32, f16 or bf16 values as f32.
-enum Widen<'a> {
-    F32(core::slice::ChunksExact<'a, u8>),
-    F16(core::slice::ChunksExact<'a, u8>),
-    Bf16(core::slice::ChunksExact<'a, u8>),
-}
-
-impl Iterator for Widen<'_> {
-    type Item = f32;
-    fn next(&mut self) -> Option<f32> {
-        match self {
-            Widen::F32(c) => c.next().map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            Widen::F16(c) => c.next().map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
-            Widen::Bf16(c) => {
-                c.next().map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
-            }
-        }
-    }
 }
 
 /// A checkpoint directory: `config.json` and its tensors.

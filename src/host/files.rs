@@ -99,7 +99,7 @@ pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, HostError> {
 /// file's size ([`Model::parse`](crate::format::Model::parse) then checks
 /// everything else).
 pub fn read_moe(path: &Path) -> Result<AlignedBytes, HostError> {
-    use crate::format::layout::{HEADER_LEN, MAGIC, header};
+    use crate::format::layout::{HEADER_LEN, MAGIC, header, u16_at, u32_at};
     let (mut file, len) = open_regular(path, max_alloc())?;
     let mut head = [0u8; HEADER_LEN];
     let have = (len as usize).min(HEADER_LEN);
@@ -111,12 +111,11 @@ pub fn read_moe(path: &Path) -> Result<AlignedBytes, HostError> {
     if head[header::MAGIC..header::MAGIC + MAGIC.len()] != MAGIC {
         return Err(refused(crate::Error::BadMagic));
     }
-    let word = |at: usize| u32::from_le_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
-    let version = u16::from_le_bytes([head[header::VERSION], head[header::VERSION + 1]]);
+    let version = u16_at(&head, header::VERSION).unwrap_or(0);
     if version != crate::format::VERSION {
         return Err(refused(crate::Error::Version { found: version }));
     }
-    let total = word(header::TOTAL_LEN) as u64;
+    let total = u64::from(u32_at(&head, header::TOTAL_LEN).unwrap_or(0));
     if total != len {
         return Err(refused(crate::Error::Truncated { needed: total as usize, actual: len as usize }));
     }

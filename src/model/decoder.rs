@@ -248,10 +248,9 @@ pub struct Decoder<'a> {
 }
 
 /// The matrix at `key`, any stored type, `(rows, cols)`; a bias (f32) if
-/// `bias`.
-/// The matrix at `key`. `CHECK` also scans every int8 row scale: parse
-/// does (every layer and expert once); views rebuilt per token from the
-/// same validated bytes check only lengths.
+/// `bias`. `CHECK` also scans every int8 row scale: parse does (every layer
+/// and expert once); views rebuilt per token from the same validated bytes
+/// check only lengths.
 fn matrix<'a, const CHECK: bool>(
     t: &Table<'a>,
     key: Key,
@@ -478,10 +477,10 @@ impl<'a> Decoder<'a> {
         let scale = 1.0 / libm::sqrtf(hd as f32);
         let short = Error::ScratchTooSmall { needed: pos + 1, actual: w.scores.len() };
         let scores = w.scores.get_mut(..=pos).ok_or(short)?;
-        // Not a zip of two `chunks_exact`: its out-of-line constructor divides
-        // by a chunk size it cannot see is non-zero (a panic path).
         let slabs = kv.layer(c, l, pos + 1)?;
         let kvd = c.kv_dim();
+        // Not a zip of two `chunks_exact`: its out-of-line constructor divides
+        // by a chunk size it cannot see is non-zero (a panic path).
         for (h, out) in w.att.chunks_exact_mut(hd).enumerate() {
             let qh = w.q.get(h * hd..).and_then(|q| q.get(..hd)).ok_or(Error::WrongState)?;
             // This head's columns within a cached row.
@@ -531,9 +530,9 @@ impl<'a> Decoder<'a> {
     }
 }
 
-/// `out = x / sqrt(mean(x^2) + eps) * weight` (Hugging Face `*RMSNorm`).
-/// RMSNorm; a mean square that overflowed (1/sqrt(inf) would silently
-/// zero the row) or is NaN is an error.
+/// `out = x / sqrt(mean(x^2) + eps) * weight` (Hugging Face `*RMSNorm`); a
+/// mean square that overflowed (1/sqrt(inf) would silently zero the row) or
+/// is NaN is an error.
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<()> {
     let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len().max(1) as f32;
     if !ms.is_finite() {

@@ -131,6 +131,12 @@ pub fn argmax(xs: &[f32]) -> u32 {
 /// O(n log n), and written with `get` so that it has no panic path (core's
 /// sorts keep bounds checks the optimizer cannot remove).
 fn heap_sort(v: &mut [u32], first: impl Fn(u32, u32) -> bool) {
+    // `v[i] = x` without a panic path (every `i` here is in range).
+    fn put(v: &mut [u32], i: usize, x: u32) {
+        if let Some(slot) = v.get_mut(i) {
+            *slot = x;
+        }
+    }
     // A heap whose root is the element that sorts last.
     let sift = |v: &mut [u32], mut root: usize, end: usize| {
         loop {
@@ -150,12 +156,8 @@ fn heap_sort(v: &mut [u32], first: impl Fn(u32, u32) -> bool) {
             if !first(top, c) {
                 return;
             }
-            if let Some(x) = v.get_mut(root) {
-                *x = c;
-            }
-            if let Some(x) = v.get_mut(child) {
-                *x = top;
-            }
+            put(v, root, c);
+            put(v, child, top);
             root = child;
         }
     };
@@ -166,12 +168,8 @@ fn heap_sort(v: &mut [u32], first: impl Fn(u32, u32) -> bool) {
     for end in (1..n).rev() {
         // The root (last in order) goes to the end.
         let (Some(&a), Some(&b)) = (v.first(), v.get(end)) else { return };
-        if let Some(x) = v.first_mut() {
-            *x = b;
-        }
-        if let Some(x) = v.get_mut(end) {
-            *x = a;
-        }
+        put(v, 0, b);
+        put(v, end, a);
         sift(v, 0, end);
     }
 }

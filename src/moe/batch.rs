@@ -149,9 +149,6 @@ where
     }
 }
 
-/// Runs `work(expert, tokens, rows)` for every expert's group of the plan,
-/// the experts spread over `threads` workers; returns the rows, `(entries,
-/// width)` in plan order.
 /// The view of every expert the plan gives tokens to (`None` for the rest).
 fn resolve<E>(
     plan: &DispatchPlan<impl Copy + Default>,
@@ -160,6 +157,9 @@ fn resolve<E>(
     (0..plan.experts()).map(|e| (!plan.group(e).tokens.is_empty()).then(|| expert(e)).transpose()).collect()
 }
 
+/// Runs `work(expert, tokens, rows)` for every expert's group of the plan,
+/// the experts spread over `threads` workers; returns the rows, `(entries,
+/// width)` in plan order.
 fn run_groups<T: Copy + Send>(
     plan: &DispatchPlan<impl Copy + Default + Sync>,
     width: usize,

@@ -258,8 +258,8 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
 
         // ys: (k + 1, out); weights: Q15, the shared expert's last.
         let mut rows = heapless::Vec::<(&[A], i32), { crate::router::MAX_K + 1 }>::new();
+        let short = Error::ScratchTooSmall { needed: self.slots() * self.out_dim, actual: ys.len() };
         let mut slots = ys.chunks_exact_mut(self.out_dim.max(1));
-        let short = Error::ScratchTooSmall { needed: self.slots() * self.out_dim, actual: 0 };
         for c in &sel {
             let expert = self.experts.expert(c.expert as usize)?;
             let y = slots.next().ok_or(short)?;
