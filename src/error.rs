@@ -52,6 +52,8 @@ pub enum What {
     /// A hidden state inside a model (overflowed to infinity or NaN: the
     /// weights or inputs are out of float range).
     Hidden,
+    /// A layer index.
+    Layer,
 }
 
 /// A field of a `.moe` header or layer record.
@@ -102,6 +104,9 @@ pub enum TensorProblem {
     Bounds,
     /// Byte length differs from rows x cols x element size.
     Size,
+    /// A routed expert's entries are not expert 0's roles and parts in the
+    /// same order (every expert of a layer has the same tensors).
+    Pattern,
 }
 
 /// Everything that can go wrong in micromoe. Never a panic instead.
@@ -269,6 +274,7 @@ impl fmt::Display for What {
             What::TopP => "top-p",
             What::Scratch => "work buffer",
             What::Hidden => "hidden state",
+            What::Layer => "layer index",
         };
         f.write_str(s)
     }

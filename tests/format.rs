@@ -367,3 +367,48 @@ fn float_gate_over_integer_experts_round_trips() {
     println!("f16 gate over int8 experts: {same}/{} tokens route as PyTorch", got.len());
     assert!(same + 1 >= got.len(), "{same}");
 }
+
+/// Every routed expert of a layer must hold expert 0's tensors in the same
+/// order (inference finds expert `i`'s tensors by position): a block that
+/// differs is refused at parse, naming the entry.
+#[test]
+fn an_expert_with_other_tensors_than_expert_0_is_refused() {
+    let bytes = small_model();
+    let table = 64 + 96;
+    let n = u32::from_le_bytes(bytes[36..40].try_into().unwrap()) as usize;
+    let at = (0..n)
+        .map(|i| table + 32 * i)
+        .find(|&e| bytes[e + 2..e + 4] == 1u16.to_le_bytes() && bytes[e + 4] == 3 && bytes[e + 5] == 3)
+        .expect("expert 1's down-projection shifts");
+    let mut b = bytes.clone();
+    // Still sorted and a valid key (a selection bias), but not expert 0's pattern.
+    b[at + 4] = 5;
+    b[at + 5] = 0;
+    fix_crc(&mut b);
+    assert_eq!(
+        parse(&b),
+        Err(Error::BadTensor { index: (at - table) / 32, problem: micromoe::error::TensorProblem::Pattern })
+    );
+}
+
+/// The writer refuses such a layer in the first place: experts whose
+/// biases differ.
+#[test]
+fn the_writer_refuses_experts_with_different_biases() {
+    use micromoe::Rule;
+    use micromoe::kernels::Activation;
+    use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
+    let lin = |rows, cols, bias: bool| {
+        LinearBuf::new(vec![0.5; rows * cols], bias.then(|| vec![0.1; rows]), rows, cols)
+    };
+    let experts = vec![
+        ExpertBuf::mlp(lin(4, 2, true), lin(3, 4, false), Activation::Relu),
+        ExpertBuf::mlp(lin(4, 2, false), lin(3, 4, false), Activation::Relu),
+    ];
+    let layer = MoeBuf::new(lin(2, 2, false), experts, Rule::switch(2));
+    let spec = ModelSpec::stack(
+        Task::Classify,
+        vec![LayerSpec::Float { layer, gate: LayerDtype::F32, experts: LayerDtype::F32 }],
+    );
+    assert_eq!(write(&spec).unwrap_err(), Error::BadField { field: Field::Dims, layer: 0 });
+}

@@ -8,7 +8,11 @@
  * (inline, no callback per block); the first instruction of the `start` and
  * `stop` functions snapshot it. At exit the plugin prints
  * "insn_count windows=N insns=T cycles=C" to stderr: T instructions in N
- * windows, and with `each=1` one line per window as well.
+ * windows, and with `each=1` one line per window as well. With `hist=1` it
+ * also counts every instruction executed inside a window by address and
+ * prints "insn_pc 0xADDR N" per address (slower: a callback per
+ * instruction); boards/measure/profile.py folds that into functions and
+ * source lines.
  *
  * Cycles are an estimate: every executed instruction is weighed by its
  * Cortex-M4 timing class (Technical Reference Manual, table 3-1, zero wait
@@ -73,7 +77,25 @@ __attribute__((visibility("default"))) int qemu_plugin_version = 1;
 static uint64_t counter, cycles, started_at, cycles_at, total, total_cycles, windows;
 static uint64_t each_insns[MAX_WINDOWS], each_cycles[MAX_WINDOWS];
 static uint64_t start_pc, stop_pc;
-static bool open_window, each;
+static bool open_window, each, hist;
+
+/* hist=1: executions per instruction address inside windows (open addressing). */
+#define HIST_SLOTS (1u << 16)
+static uint64_t hist_pc[HIST_SLOTS], hist_n[HIST_SLOTS];
+
+static void on_insn(unsigned int vcpu, void *udata) {
+    (void)vcpu;
+    if (!open_window) return;
+    uint64_t pc = (uint64_t)(uintptr_t)udata;
+    uint32_t h = (uint32_t)((pc >> 1) * 2654435761u) & (HIST_SLOTS - 1);
+    for (uint32_t probe = 0; probe < HIST_SLOTS; probe++, h = (h + 1) & (HIST_SLOTS - 1)) {
+        if (hist_pc[h] == pc || hist_n[h] == 0) {
+            hist_pc[h] = pc;
+            hist_n[h]++;
+            return;
+        }
+    }
+}
 
 static void on_start(unsigned int vcpu, void *udata) {
     (void)vcpu; (void)udata;
@@ -161,6 +183,7 @@ static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb) {
         char *d = qemu_plugin_insn_disas(insn);
         qemu_plugin_register_vcpu_insn_exec_inline(insn, QEMU_PLUGIN_INLINE_ADD_U64, &cycles, d ? weight(d, pc) : 1);
         free(d);
+        if (hist) qemu_plugin_register_vcpu_insn_exec_cb(insn, on_insn, QEMU_PLUGIN_CB_NO_REGS, (void *)(uintptr_t)pc);
         if (pc == start_pc) {
             qemu_plugin_register_vcpu_insn_exec_cb(insn, on_start, QEMU_PLUGIN_CB_NO_REGS, NULL);
         } else if (pc == stop_pc) {
@@ -179,6 +202,13 @@ static void at_exit(qemu_plugin_id_t id, void *udata) {
             qemu_plugin_outs(line);
         }
     }
+    for (uint32_t h = 0; hist && h < HIST_SLOTS; h++) {
+        if (hist_n[h]) {
+            snprintf(line, sizeof line, "insn_pc 0x%llx %llu\n", (unsigned long long)hist_pc[h],
+                     (unsigned long long)hist_n[h]);
+            qemu_plugin_outs(line);
+        }
+    }
     snprintf(line, sizeof line, "insn_count windows=%llu insns=%llu cycles=%llu\n", (unsigned long long)windows,
              (unsigned long long)total, (unsigned long long)total_cycles);
     qemu_plugin_outs(line);
@@ -191,6 +221,7 @@ int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int argc, 
         if (strncmp(argv[i], "start=", 6) == 0) start_pc = strtoull(argv[i] + 6, NULL, 0);
         if (strncmp(argv[i], "stop=", 5) == 0) stop_pc = strtoull(argv[i] + 5, NULL, 0);
         if (strcmp(argv[i], "each=1") == 0) each = true;
+        if (strcmp(argv[i], "hist=1") == 0) hist = true;
     }
     if (!start_pc || !stop_pc) {
         qemu_plugin_outs("insn_count: need start=ADDR,stop=ADDR\n");

@@ -1,103 +1,325 @@
-//! Runnable layers made from a parsed model: views built on demand from the
-//! tensor table, so nothing is copied and no RAM holds expert views.
+//! Runnable layers made from a parsed model, resolved by position.
+//!
+//! The tensor table is sorted by `(layer, expert, role, part)`, and
+//! [`Model::parse`](super::Model::parse) checks that every routed expert of
+//! a layer has the same entries as expert 0, in the same order. So a layer
+//! is found with one binary search (its first entry), the parts of its
+//! experts, shared expert and gate with one scan of expert 0's block and of
+//! the layer-level entries, and expert `i`'s tensors are then entries
+//! `first + i * stride + slot`: no search per expert, no copy, no RAM that
+//! grows with the experts. At parse the same code runs with `CHECK`, which
+//! also compares each entry's key, dtype and shape with what the layer
+//! needs; without it (every inference) only slicing is left.
 
 use super::LayerInfo;
 use super::layout::{LAYER_LEVEL, LayerDtype, SHARED_EXPERT, flags, part, role};
 use super::table::{Elem, Key, Table};
-use crate::error::{Error, Result, What};
+use crate::error::{Error, Result, TensorProblem, What};
 use crate::expert::{Expert, QActivation, QExpert};
 use crate::kernels::{Activation, FloatWeight, IntKernel, Linear, MulParams, QLinear};
 use crate::moe::{
     Combine, Dims, ExpertSource, FloatGate, Gate, MoeLayer, QMoeLayer, QSharedExpert, SharedExpert,
 };
 use crate::quant::{Multiplier, QuantParams, f16};
-use crate::router::{IntRouter, Router, Rule, Scoring};
+use crate::router::{Choice, IntRouter, ONE_Q15, Router, Rule, Scoring, Selection};
+use crate::scratch::Carve;
 
 fn key(layer: usize, expert: u16, role: u8, part: u8) -> Key {
     Key { layer: layer as u16, expert, role, part }
 }
 
-fn float_linear<'a, W: FloatWeight + Elem>(
+/// An absent part.
+const NONE: u8 = u8::MAX;
+
+/// Where one linear's parts sit in a block of entries (offsets from the
+/// block's first entry; [`NONE`] if absent).
+#[derive(Debug, Clone, Copy)]
+struct LinearAt {
+    w: u8,
+    b: u8,
+    m: u8,
+    s: u8,
+}
+
+const ABSENT: LinearAt = LinearAt { w: NONE, b: NONE, m: NONE, s: NONE };
+
+/// Where each tensor of one `(layer, expert)` block sits: an expert's
+/// linears and tables, or the layer level's gate and selection bias.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BlockAt {
+    up: LinearAt,
+    gate_proj: LinearAt,
+    down: LinearAt,
+    /// The shared expert's sigmoid gate (in the shared expert's block).
+    shared_gate: LinearAt,
+    /// The router gate (layer level).
+    gate: LinearAt,
+    lut: u8,
+    mul: u8,
+    selection_bias: u8,
+}
+
+/// Reads the block of entries from `start` whose key is `(layer, expert,
+/// ..)`: where each part sits, and how many entries it has. A block has at
+/// most `role::COUNT * part::COUNT` (32) entries, so offsets fit a byte.
+fn scan(t: &Table<'_>, start: usize, layer: usize, expert: u16) -> (BlockAt, usize) {
+    let mut at = BlockAt {
+        up: ABSENT,
+        gate_proj: ABSENT,
+        down: ABSENT,
+        shared_gate: ABSENT,
+        gate: ABSENT,
+        lut: NONE,
+        mul: NONE,
+        selection_bias: NONE,
+    };
+    let mut n = 0usize;
+    while let Some(k) = t.key(start + n) {
+        if k.layer as usize != layer || k.expert != expert || n >= NONE as usize {
+            break;
+        }
+        let slot = n as u8;
+        let lin = match k.role {
+            role::UP => Some(&mut at.up),
+            role::GATE_PROJ => Some(&mut at.gate_proj),
+            role::DOWN => Some(&mut at.down),
+            role::SHARED_GATE => Some(&mut at.shared_gate),
+            role::GATE => Some(&mut at.gate),
+            role::LUT if k.part == part::WEIGHT => {
+                at.lut = slot;
+                None
+            }
+            role::MUL if k.part == part::WEIGHT => {
+                at.mul = slot;
+                None
+            }
+            role::SELECTION_BIAS if k.part == part::WEIGHT => {
+                at.selection_bias = slot;
+                None
+            }
+            _ => None,
+        };
+        if let Some(lin) = lin {
+            match k.part {
+                part::WEIGHT => lin.w = slot,
+                part::BIAS => lin.b = slot,
+                part::MULTIPLIER => lin.m = slot,
+                part::SHIFT => lin.s = slot,
+                _ => {}
+            }
+        }
+        n += 1;
+    }
+    (at, n)
+}
+
+/// Where a layer's tensors sit: its routed experts' blocks (possibly
+/// another layer's: multi-gate MoE), its shared expert and its level.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LayerAt {
+    /// First entry of expert 0.
+    first: usize,
+    /// Entries per routed expert.
+    stride: usize,
+    expert: BlockAt,
+    /// First entry of the shared expert's block, and where its parts sit.
+    shared_first: usize,
+    shared: BlockAt,
+    /// First entry of the layer-level block.
+    level_first: usize,
+    level: BlockAt,
+}
+
+/// Finds layer `layer`'s blocks: one or two binary searches and a scan of
+/// three blocks. Checks nothing (see [`check_experts`]).
+pub(crate) fn locate(t: &Table<'_>, layer: usize, info: &LayerInfo) -> LayerAt {
+    let src = info.experts_from;
+    let first = t.lower_bound(key(src, 0, 0, 0));
+    let (expert, stride) = scan(t, first, src, 0);
+    let shared_first =
+        if src == layer { first + info.experts * stride } else { t.lower_bound(key(layer, 0, 0, 0)) };
+    let (shared, n) = scan(t, shared_first, layer, SHARED_EXPERT);
+    let level_first = shared_first + n;
+    let (level, _) = scan(t, level_first, layer, LAYER_LEVEL);
+    LayerAt { first, stride, expert, shared_first, shared, level_first, level }
+}
+
+/// At parse: every routed expert's block has expert 0's roles and parts in
+/// the same order (so positions found in expert 0's block hold in every
+/// other), and the shared and level blocks follow the last expert.
+pub(crate) fn check_experts(t: &Table<'_>, layer: usize, info: &LayerInfo, at: &LayerAt) -> Result<()> {
+    if info.experts_from != layer {
+        return Ok(());
+    }
+    for e in 1..info.experts {
+        for j in 0..at.stride {
+            let index = at.first + e * at.stride + j;
+            let (Some(k0), Some(k)) = (t.key(at.first + j), t.key(index)) else {
+                return Err(Error::BadTensor { index, problem: TensorProblem::Pattern });
+            };
+            if k != (Key { expert: e as u16, ..k0 }) {
+                return Err(Error::BadTensor { index, problem: TensorProblem::Pattern });
+            }
+        }
+    }
+    // Expert `experts` would be out of range (refused by the entry check),
+    // so the next block is the shared expert's or the layer level's.
+    Ok(())
+}
+
+/// Entry `base + slot` as `T`: `MissingTensor` (naming `k`) if absent; with
+/// `CHECK` also if its key, dtype or shape is not `k`, `T`, `(rows, cols)`.
+fn need<'a, T: Elem, const CHECK: bool>(
     t: &Table<'a>,
+    base: usize,
+    slot: u8,
+    k: Key,
+    (rows, cols): (usize, usize),
+) -> Result<(&'a [T], usize)> {
+    let missing = Error::MissingTensor { layer: k.layer, expert: k.expert, role: k.role, part: k.part };
+    if slot == NONE {
+        return Err(missing);
+    }
+    let i = base + slot as usize;
+    if CHECK && (t.key(i) != Some(k) || t.shape(i) != Some((T::DTYPE, rows as u32, cols as u32))) {
+        return Err(missing);
+    }
+    Ok((t.data::<T>(i).ok_or(missing)?, i))
+}
+
+/// Like [`need`], `None` if absent.
+fn optional<'a, T: Elem, const CHECK: bool>(
+    t: &Table<'a>,
+    base: usize,
+    slot: u8,
+    k: Key,
+    shape: (usize, usize),
+) -> Result<Option<&'a [T]>> {
+    if slot == NONE { Ok(None) } else { need::<T, CHECK>(t, base, slot, k, shape).map(|(d, _)| Some(d)) }
+}
+
+/// Which linear of which block: for error messages and checks.
+#[derive(Clone, Copy)]
+struct Site {
     layer: usize,
     expert: u16,
     role: u8,
+}
+
+impl Site {
+    fn key(&self, part: u8) -> Key {
+        key(self.layer, self.expert, self.role, part)
+    }
+}
+
+fn float_linear<'a, W: FloatWeight + Elem, const CHECK: bool>(
+    t: &Table<'a>,
+    base: usize,
+    at: LinearAt,
+    site: Site,
     rows: usize,
     cols: usize,
 ) -> Result<Linear<'a, W>> {
-    let w = t.need::<W>(key(layer, expert, role, part::WEIGHT), rows, cols)?;
-    let b = t.optional::<f32>(key(layer, expert, role, part::BIAS), rows, 1)?;
-    Linear::new(w.data, b, rows, cols)
+    let (w, _) = need::<W, CHECK>(t, base, at.w, site.key(part::WEIGHT), (rows, cols))?;
+    let b = optional::<f32, CHECK>(t, base, at.b, site.key(part::BIAS), (rows, 1))?;
+    Linear::new(w, b, rows, cols)
 }
 
-/// `CHECK`: validate every per-row multiplier (at parse); views rebuilt from
-/// a parsed model skip that O(rows) pass.
+/// `CHECK` (at parse) also validates every per-row multiplier; views
+/// rebuilt from a parsed model skip that O(rows) pass.
 fn int_linear<'a, A: IntKernel, const CHECK: bool>(
     t: &Table<'a>,
-    layer: usize,
-    expert: u16,
-    role: u8,
+    base: usize,
+    at: LinearAt,
+    site: Site,
     rows: usize,
     cols: usize,
 ) -> Result<QLinear<'a, A>>
 where
     A::Bias: Elem,
 {
-    let w = t.need::<i8>(key(layer, expert, role, part::WEIGHT), rows, cols)?;
-    let b = t.optional::<A::Bias>(key(layer, expert, role, part::BIAS), rows, 1)?;
-    let m = t.need::<i32>(key(layer, expert, role, part::MULTIPLIER), rows, 1)?;
-    let s = t.need::<i32>(key(layer, expert, role, part::SHIFT), rows, 1)?;
+    let (w, i) = need::<i8, CHECK>(t, base, at.w, site.key(part::WEIGHT), (rows, cols))?;
+    let (in_zp, out_zp) = t.zero_points(i);
+    let b = optional::<A::Bias, CHECK>(t, base, at.b, site.key(part::BIAS), (rows, 1))?;
+    let (m, _) = need::<i32, CHECK>(t, base, at.m, site.key(part::MULTIPLIER), (rows, 1))?;
+    let (s, _) = need::<i32, CHECK>(t, base, at.s, site.key(part::SHIFT), (rows, 1))?;
     if CHECK {
-        QLinear::new(w.data, b, m.data, s.data, rows, cols, w.in_zp, w.out_zp)
+        QLinear::new(w, b, m, s, rows, cols, in_zp, out_zp)
     } else {
-        QLinear::new_prevalidated(w.data, b, m.data, s.data, rows, cols, w.in_zp, w.out_zp)
+        QLinear::new_prevalidated(w, b, m, s, rows, cols, in_zp, out_zp)
     }
 }
 
-/// The float expert `expert` (or the shared one) of layer `layer`.
-pub(crate) fn float_expert<'a, W: FloatWeight + Elem>(
-    t: &Table<'a>,
+/// What every routed expert of a layer shares: widths, non-linearity, and
+/// where the layer's experts are.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shape {
+    in_dim: usize,
+    hidden: usize,
+    out_dim: usize,
+    act: Activation,
+    gated: bool,
+    /// The layer whose blocks hold the experts.
     layer: usize,
-    info: &LayerInfo,
+}
+
+fn shape(info: &LayerInfo, hidden: usize, layer: usize) -> Shape {
+    Shape {
+        in_dim: info.in_dim,
+        hidden,
+        out_dim: info.out_dim,
+        act: info.act,
+        gated: info.flags & flags::GATED != 0,
+        layer,
+    }
+}
+
+/// The float expert whose block starts at `base`.
+fn float_expert<'a, W: FloatWeight + Elem, const CHECK: bool>(
+    t: &Table<'a>,
+    base: usize,
+    at: &BlockAt,
+    sh: &Shape,
     expert: u16,
 ) -> Result<Expert<'a, W>> {
-    let hidden = if expert == SHARED_EXPERT { info.shared_hidden } else { info.hidden };
-    // Routed experts may live in another layer (multi-gate MoE).
-    let layer = if expert == SHARED_EXPERT { layer } else { info.experts_from };
-    let up = float_linear(t, layer, expert, role::UP, hidden, info.in_dim)?;
-    let down = float_linear(t, layer, expert, role::DOWN, info.out_dim, hidden)?;
-    if info.flags & flags::GATED != 0 {
-        let gate = float_linear(t, layer, expert, role::GATE_PROJ, hidden, info.in_dim)?;
-        Expert::gated(gate, up, down, info.act)
+    let site = |role| Site { layer: sh.layer, expert, role };
+    let up = float_linear::<W, CHECK>(t, base, at.up, site(role::UP), sh.hidden, sh.in_dim)?;
+    let down = float_linear::<W, CHECK>(t, base, at.down, site(role::DOWN), sh.out_dim, sh.hidden)?;
+    if sh.gated {
+        let gate =
+            float_linear::<W, CHECK>(t, base, at.gate_proj, site(role::GATE_PROJ), sh.hidden, sh.in_dim)?;
+        Expert::gated(gate, up, down, sh.act)
     } else {
-        Expert::mlp(up, down, info.act)
+        Expert::mlp(up, down, sh.act)
     }
 }
 
-/// The integer expert `expert` (or the shared one) of layer `layer`.
-pub(crate) fn int_expert<'a, A: IntKernel + Elem, const CHECK: bool>(
+/// The integer expert whose block starts at `base`.
+fn int_expert<'a, A: IntKernel + Elem, const CHECK: bool>(
     t: &Table<'a>,
-    layer: usize,
-    info: &LayerInfo,
+    base: usize,
+    at: &BlockAt,
+    sh: &Shape,
     expert: u16,
 ) -> Result<QExpert<'a, A>>
 where
     A::Bias: Elem,
 {
-    let hidden = if expert == SHARED_EXPERT { info.shared_hidden } else { info.hidden };
-    let layer = if expert == SHARED_EXPERT { layer } else { info.experts_from };
-    let up = int_linear::<A, CHECK>(t, layer, expert, role::UP, hidden, info.in_dim)?;
-    let down = int_linear::<A, CHECK>(t, layer, expert, role::DOWN, info.out_dim, hidden)?;
-    let act = if info.act == Activation::Relu {
+    let site = |role| Site { layer: sh.layer, expert, role };
+    let up = int_linear::<A, CHECK>(t, base, at.up, site(role::UP), sh.hidden, sh.in_dim)?;
+    let down = int_linear::<A, CHECK>(t, base, at.down, site(role::DOWN), sh.out_dim, sh.hidden)?;
+    let act = if sh.act == Activation::Relu {
         QActivation::Relu
     } else {
-        QActivation::Lut(t.need::<A>(key(layer, expert, role::LUT, part::WEIGHT), A::LUT_LEN, 1)?.data)
+        let k = site(role::LUT).key(part::WEIGHT);
+        QActivation::Lut(need::<A, CHECK>(t, base, at.lut, k, (A::LUT_LEN, 1))?.0)
     };
-    if info.flags & flags::GATED == 0 {
+    if !sh.gated {
         return QExpert::mlp(up, act, down);
     }
-    let gate = int_linear::<A, CHECK>(t, layer, expert, role::GATE_PROJ, hidden, info.in_dim)?;
-    let p = t.need::<i32>(key(layer, expert, role::MUL, part::WEIGHT), 5, 1)?.data;
+    let gate = int_linear::<A, CHECK>(t, base, at.gate_proj, site(role::GATE_PROJ), sh.hidden, sh.in_dim)?;
+    let k = site(role::MUL).key(part::WEIGHT);
+    let (p, _) = need::<i32, CHECK>(t, base, at.mul, k, (5, 1))?;
     let &[a_zp, b_zp, out_zp, multiplier, shift] = p else {
         return Err(Error::Shape { what: What::Requant, expected: 5, actual: p.len() });
     };
@@ -105,27 +327,32 @@ where
     QExpert::gated(gate, up, act, mul, down)
 }
 
-/// Routed experts of one layer, made on demand from the tensor table.
+/// Routed experts of one layer, made on demand from the tensor table by
+/// position (see the module docs): a few words, whatever the number of
+/// experts.
 #[derive(Debug, Clone, Copy)]
 pub struct Experts<'a, E> {
     table: Table<'a>,
-    layer: usize,
-    info: LayerInfo,
-    make: fn(&Table<'a>, usize, &LayerInfo, u16) -> Result<E>,
+    first: usize,
+    stride: usize,
+    count: usize,
+    at: BlockAt,
+    shape: Shape,
+    make: fn(&Table<'a>, usize, &BlockAt, &Shape, u16) -> Result<E>,
 }
 
 impl<E: Copy> ExpertSource for Experts<'_, E> {
     type Expert = E;
 
     fn count(&self) -> usize {
-        self.info.experts
+        self.count
     }
 
     fn expert(&self, i: usize) -> Result<E> {
-        if i >= self.info.experts {
+        if i >= self.count {
             return Err(Error::OutOfRange { what: What::Experts, index: i });
         }
-        (self.make)(&self.table, self.layer, &self.info, i as u16)
+        (self.make)(&self.table, self.first + i * self.stride, &self.at, &self.shape, i as u16)
     }
 }
 
@@ -170,24 +397,52 @@ pub(crate) fn rule(info: &LayerInfo) -> Rule {
     Rule { experts: info.experts, k: info.k, scoring, normalize: info.flags & flags::NORMALIZE != 0, groups }
 }
 
+fn experts<'a, E>(
+    t: &Table<'a>,
+    info: &LayerInfo,
+    at: &LayerAt,
+    make: fn(&Table<'a>, usize, &BlockAt, &Shape, u16) -> Result<E>,
+) -> Experts<'a, E> {
+    Experts {
+        table: *t,
+        first: at.first,
+        stride: at.stride,
+        count: info.experts,
+        at: at.expert,
+        shape: shape(info, info.hidden, info.experts_from),
+        make,
+    }
+}
+
+#[inline(always)]
 fn float_layer<'a, G: FloatWeight + Elem, W: FloatWeight + Elem, const CHECK: bool>(
     t: &Table<'a>,
     layer: usize,
     info: &LayerInfo,
+    at: &LayerAt,
 ) -> Result<MoeLayer<'a, G, W, FloatExperts<'a, W>>> {
-    let gate = float_linear::<G>(t, layer, LAYER_LEVEL, role::GATE, info.experts, info.in_dim)?;
+    let level = |role| Site { layer, expert: LAYER_LEVEL, role };
+    let gate = float_linear::<G, CHECK>(
+        t,
+        at.level_first,
+        at.level.gate,
+        level(role::GATE),
+        info.experts,
+        info.in_dim,
+    )?;
     let bias = if info.flags & flags::SELECTION_BIAS != 0 {
-        Some(
-            t.need::<f32>(key(layer, LAYER_LEVEL, role::SELECTION_BIAS, part::WEIGHT), info.experts, 1)?.data,
-        )
+        let k = level(role::SELECTION_BIAS).key(part::WEIGHT);
+        Some(need::<f32, CHECK>(t, at.level_first, at.level.selection_bias, k, (info.experts, 1))?.0)
     } else {
         None
     };
     let router = Router::new(rule(info), bias, info.scaling)?;
     let shared = if info.flags & flags::SHARED != 0 {
-        let expert = float_expert::<W>(t, layer, info, SHARED_EXPERT)?;
+        let sh = shape(info, info.shared_hidden, layer);
+        let expert = float_expert::<W, CHECK>(t, at.shared_first, &at.shared, &sh, SHARED_EXPERT)?;
         let gate = if info.flags & flags::SHARED_GATE != 0 {
-            Some(float_linear::<W>(t, layer, SHARED_EXPERT, role::SHARED_GATE, 1, info.in_dim)?)
+            let site = Site { layer, expert: SHARED_EXPERT, role: role::SHARED_GATE };
+            Some(float_linear::<W, CHECK>(t, at.shared_first, at.shared.shared_gate, site, 1, info.in_dim)?)
         } else {
             None
         };
@@ -195,31 +450,36 @@ fn float_layer<'a, G: FloatWeight + Elem, W: FloatWeight + Elem, const CHECK: bo
     } else {
         None
     };
-    // At parse, every expert is built once so a missing tensor is an error
-    // now, not a silently skipped expert later.
-    for e in (0..info.experts).filter(|_| CHECK) {
-        float_expert::<W>(t, layer, info, e as u16)?;
-    }
-    let experts = Experts { table: *t, layer, info: *info, make: float_expert::<W> };
+    let experts = experts(t, info, at, float_expert::<W, false>);
     if CHECK {
+        // At parse every expert is built once, checked, so a missing or
+        // malformed tensor is an error now and never an expert skipped later.
+        check_experts(t, layer, info, at)?;
+        for e in 0..info.experts {
+            float_expert::<W, true>(t, at.first + e * at.stride, &at.expert, &experts.shape, e as u16)?;
+        }
         MoeLayer::new(gate, router, experts, shared)
     } else {
         Ok(MoeLayer::from_dims(gate, router, experts, shared, dims(info)))
     }
 }
 
+#[inline(always)]
 fn int_layer<'a, A: IntKernel + Elem, const CHECK: bool>(
     t: &Table<'a>,
     layer: usize,
     info: &LayerInfo,
+    at: &LayerAt,
 ) -> Result<QMoeLayer<'a, A, IntExperts<'a, A>>>
 where
     A::Bias: Elem,
 {
     let shared = if info.flags & flags::SHARED != 0 {
-        let expert = int_expert::<A, CHECK>(t, layer, info, SHARED_EXPERT)?;
+        let sh = shape(info, info.shared_hidden, layer);
+        let expert = int_expert::<A, CHECK>(t, at.shared_first, &at.shared, &sh, SHARED_EXPERT)?;
         let gate = if info.flags & flags::SHARED_GATE != 0 {
-            Some(int_linear::<A, CHECK>(t, layer, SHARED_EXPERT, role::SHARED_GATE, 1, info.in_dim)?)
+            let site = Site { layer, expert: SHARED_EXPERT, role: role::SHARED_GATE };
+            Some(int_linear::<A, CHECK>(t, at.shared_first, at.shared.shared_gate, site, 1, info.in_dim)?)
         } else {
             None
         };
@@ -227,16 +487,25 @@ where
     } else {
         None
     };
-    for e in (0..info.experts).filter(|_| CHECK) {
-        int_expert::<A, true>(t, layer, info, e as u16)?;
+    let experts = experts(t, info, at, int_expert::<A, false>);
+    if CHECK {
+        check_experts(t, layer, info, at)?;
+        for e in 0..info.experts {
+            int_expert::<A, true>(t, at.first + e * at.stride, &at.expert, &experts.shape, e as u16)?;
+        }
     }
-    let experts = Experts { table: *t, layer, info: *info, make: int_expert::<A, false> };
-    let selection_bias = key(layer, LAYER_LEVEL, role::SELECTION_BIAS, part::WEIGHT);
+    let level = |role| Site { layer, expert: LAYER_LEVEL, role };
     let has_bias = info.flags & flags::SELECTION_BIAS != 0;
-    let gate_key = (layer, LAYER_LEVEL, role::GATE, info.experts, info.in_dim);
+    let (base, gate_at, gate_site) = (at.level_first, at.level.gate, level(role::GATE));
+    let bias_key = level(role::SELECTION_BIAS).key(part::WEIGHT);
+    let rows_cols = (info.experts, info.in_dim);
     // A float gate (f32 or f16) may route integer experts.
     let float_gate = |g| -> Result<_> {
-        let bias = if has_bias { Some(t.need::<f32>(selection_bias, info.experts, 1)?.data) } else { None };
+        let bias = if has_bias {
+            Some(need::<f32, CHECK>(t, base, at.level.selection_bias, bias_key, (info.experts, 1))?.0)
+        } else {
+            None
+        };
         let router = Router::new(rule(info), bias, info.scaling)?;
         if CHECK {
             QMoeLayer::with_float_gate(g, router, info.input, experts, shared, info.combine)
@@ -250,14 +519,21 @@ where
             ))
         }
     };
-    let (l, e, r, rows, cols) = gate_key;
+    let (rows, cols) = rows_cols;
     match info.gate_dtype {
-        LayerDtype::F32 => float_gate(FloatGate::F32(float_linear(t, l, e, r, rows, cols)?)),
-        LayerDtype::F16 => float_gate(FloatGate::F16(float_linear(t, l, e, r, rows, cols)?)),
+        LayerDtype::F32 => {
+            float_gate(FloatGate::F32(float_linear::<_, CHECK>(t, base, gate_at, gate_site, rows, cols)?))
+        }
+        LayerDtype::F16 => {
+            float_gate(FloatGate::F16(float_linear::<_, CHECK>(t, base, gate_at, gate_site, rows, cols)?))
+        }
         _ => {
-            let gate = int_linear::<A, CHECK>(t, l, e, r, rows, cols)?;
-            let bias =
-                if has_bias { Some(t.need::<i32>(selection_bias, info.experts, 1)?.data) } else { None };
+            let gate = int_linear::<A, CHECK>(t, base, gate_at, gate_site, rows, cols)?;
+            let bias = if has_bias {
+                Some(need::<i32, CHECK>(t, base, at.level.selection_bias, bias_key, (info.experts, 1))?.0)
+            } else {
+                None
+            };
             let router = IntRouter::new(rule(info), bias, info.scaling_q15)?;
             if CHECK {
                 QMoeLayer::new(gate, router, experts, shared, info.combine)
@@ -268,10 +544,9 @@ where
     }
 }
 
-/// Builds layer `layer` (validating every tensor it uses).
-/// Builds layer `layer`; with `CHECK` (at parse) every tensor of every expert
-/// is validated, without it (views rebuilt per inference) only what O(1)
-/// checks cover.
+/// Builds layer `layer`; with `CHECK` (at parse) every tensor of every
+/// expert is checked, without it (views rebuilt for an inference) only what
+/// O(1) checks cover.
 // Kept out of line: inlined into `Model::infer`, every layer type's locals
 // would share one frame and multiply the stack a model needs.
 #[inline(never)]
@@ -281,15 +556,99 @@ pub(crate) fn build<'a, const CHECK: bool>(
     info: &LayerInfo,
 ) -> Result<Layer<'a>> {
     use LayerDtype::*;
+    let at = &locate(t, layer, info);
     Ok(match (info.gate_dtype, info.expert_dtype) {
-        (F32, F32) => Layer::F32(float_layer::<_, _, CHECK>(t, layer, info)?),
-        (F16, F16) => Layer::F16(float_layer::<_, _, CHECK>(t, layer, info)?),
-        (F32, F16) => Layer::F32GateF16(float_layer::<_, _, CHECK>(t, layer, info)?),
-        (F16, F32) => Layer::F16GateF32(float_layer::<_, _, CHECK>(t, layer, info)?),
-        (_, Int8) => Layer::Int8(int_layer::<_, CHECK>(t, layer, info)?, info.input, info.output),
-        (_, Q15) => Layer::Q15(int_layer::<_, CHECK>(t, layer, info)?, info.input, info.output),
+        (F32, F32) => Layer::F32(float_layer::<_, _, CHECK>(t, layer, info, at)?),
+        (F16, F16) => Layer::F16(float_layer::<_, _, CHECK>(t, layer, info, at)?),
+        (F32, F16) => Layer::F32GateF16(float_layer::<_, _, CHECK>(t, layer, info, at)?),
+        (F16, F32) => Layer::F16GateF32(float_layer::<_, _, CHECK>(t, layer, info, at)?),
+        (_, Int8) => Layer::Int8(int_layer::<_, CHECK>(t, layer, info, at)?, info.input, info.output),
+        (_, Q15) => Layer::Q15(int_layer::<_, CHECK>(t, layer, info, at)?, info.input, info.output),
         _ => return Err(crate::Error::BadField { field: crate::error::Field::Dtype, layer }),
     })
+}
+
+/// What one layer did: its choice (integer layers: Q15 / 32768), its output
+/// width, and the multiply-accumulates done and with every expert active.
+pub(crate) type Ran = (Selection<f32>, usize, (u64, u64));
+
+/// Builds layer `layer` from its record and runs it on f32 activations
+/// (integer layers quantize `x` and dequantize into `y` with the record's
+/// parameters). Each layer type is built and run in a function of its own,
+/// kept out of line, so a view is built where it is used (no copies of a
+/// layer returned by value) and each type's locals live in their own frame.
+pub(crate) fn run(
+    t: &Table<'_>,
+    layer: usize,
+    info: &LayerInfo,
+    x: &[f32],
+    y: &mut [f32],
+    q: (&mut [u8], &mut [u8]),
+    scratch: &mut [u8],
+) -> Result<Ran> {
+    use LayerDtype::*;
+    let at = &locate(t, layer, info);
+    match (info.gate_dtype, info.expert_dtype) {
+        (F32, F32) => run_float::<f32, f32>(t, layer, info, at, x, y, scratch),
+        (F16, F16) => run_float::<f16, f16>(t, layer, info, at, x, y, scratch),
+        (F32, F16) => run_float::<f32, f16>(t, layer, info, at, x, y, scratch),
+        (F16, F32) => run_float::<f16, f32>(t, layer, info, at, x, y, scratch),
+        (_, Int8) => run_int::<i8>(t, layer, info, at, x, y, q, scratch),
+        (_, Q15) => run_int::<i16>(t, layer, info, at, x, y, q, scratch),
+        _ => Err(crate::Error::BadField { field: crate::error::Field::Dtype, layer }),
+    }
+}
+
+#[inline(never)]
+fn run_float<G: FloatWeight + Elem, W: FloatWeight + Elem>(
+    t: &Table<'_>,
+    layer: usize,
+    info: &LayerInfo,
+    at: &LayerAt,
+    x: &[f32],
+    y: &mut [f32],
+    scratch: &mut [u8],
+) -> Result<Ran> {
+    let l = float_layer::<G, W, false>(t, layer, info, at)?;
+    let out = l.out_dim();
+    let len = y.len();
+    let y = y.get_mut(..out).ok_or(Error::Shape { what: What::Output, expected: out, actual: len })?;
+    let sel = l.infer(x, y, scratch)?;
+    let macs = l.macs(&sel);
+    Ok((sel, out, macs))
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(never)]
+fn run_int<A: IntKernel + Elem>(
+    t: &Table<'_>,
+    layer: usize,
+    info: &LayerInfo,
+    at: &LayerAt,
+    x: &[f32],
+    y: &mut [f32],
+    (qa, qb): (&mut [u8], &mut [u8]),
+    scratch: &mut [u8],
+) -> Result<Ran>
+where
+    A::Bias: Elem,
+{
+    let l = int_layer::<A, false>(t, layer, info, at)?;
+    let (n_in, n_out) = (l.in_dim(), l.out_dim());
+    let xq = Carve::new(qa).take::<A>(n_in)?;
+    let yq = Carve::new(qb).take::<A>(n_out)?;
+    info.input.quantize_slice(x, xq)?;
+    let sel = l.infer(xq, yq, scratch)?;
+    let len = y.len();
+    let y = y.get_mut(..n_out).ok_or(Error::Shape { what: What::Output, expected: n_out, actual: len })?;
+    info.output.dequantize_slice(yq, y)?;
+    let macs = l.macs(&sel);
+    let mut out = Selection::new();
+    for c in &sel {
+        // Cannot fail: both hold MAX_K (`collect` would be a panic path).
+        let _ = out.push(Choice { expert: c.expert, weight: c.weight as f32 / ONE_Q15 as f32 });
+    }
+    Ok((out, n_out, macs))
 }
 
 /// Quantization of an integer layer's combine, read from its record.

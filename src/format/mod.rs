@@ -129,11 +129,10 @@ pub use table::{Elem, Key, Table, Tensor, Typed};
 use layout::{CRC_LEN, ENTRY_LEN, HEADER_LEN, LAYER_LEN, header, header_usize, layer as lw, layer_word};
 
 use crate::error::{Error, Field, Result, TensorProblem, What, check_len};
-use crate::kernels::{Activation, FloatWeight, IntKernel};
+use crate::kernels::Activation;
 use crate::moe::Combine;
-use crate::moe::{MoeLayer, QMoeLayer};
 use crate::quant::{Multiplier, QuantParams};
-use crate::router::{Choice, ONE_Q15, Selection};
+use crate::router::Selection;
 use crate::scratch::{Carve, bytes_for};
 
 /// Most layers a model may have.
@@ -610,13 +609,22 @@ impl<'a> Model<'a> {
         if self.arch == arch::DECODER {
             return Err(Error::WrongArchitecture { found: self.arch });
         }
+        if i >= self.n_layers {
+            return Err(Error::OutOfRange { what: What::Layer, index: i });
+        }
         layer_info(self.bytes, i)
     }
 
     /// Layer `i`, runnable. Building it costs a few table look-ups; keep it
     /// for many tokens.
     pub fn layer(&self, i: usize) -> Result<Layer<'a>> {
-        layers::build::<false>(&self.table, i, &self.layer_info(i)?)
+        if self.arch == arch::DECODER {
+            return Err(Error::WrongArchitecture { found: self.arch });
+        }
+        if i >= self.n_layers {
+            return Err(Error::OutOfRange { what: What::Layer, index: i });
+        }
+        layers::build::<false>(&self.table, i, &read_layer::<false>(self.bytes, i)?)
     }
 
     /// Scratch bytes [`Model::infer`] needs (= [`required_scratch`]; for a
@@ -660,9 +668,10 @@ impl<'a> Model<'a> {
             a.get_mut(..x.len()).ok_or(short(x.len()))?.copy_from_slice(x);
             let mut width = x.len();
             for l in task * per_task..(task + 1) * per_task {
-                let layer = self.layer(l)?;
+                // Records and tensors were checked at parse: read, not re-validated.
+                let info = read_layer::<false>(self.bytes, l)?;
                 let (x, y) = (a.get(..width).ok_or(short(width))?, &mut *b);
-                let (sel, out_w, macs) = run_layer(&layer, x, y, qa, qb, layer_scratch)?;
+                let (sel, out_w, macs) = layers::run(&self.table, l, &info, x, y, (qa, qb), layer_scratch)?;
                 on_step(Step { layer: l, selection: &sel, macs: macs.0, macs_dense: macs.1 });
                 width = out_w;
                 core::mem::swap(&mut a, &mut b);
@@ -683,78 +692,14 @@ impl<'a> Model<'a> {
     }
 }
 
-fn as_f32(sel: &Selection<i32>) -> Selection<f32> {
-    let mut out = Selection::new();
-    for c in sel {
-        // Cannot fail: both hold MAX_K (`collect` would be a panic path).
-        let _ = out.push(Choice { expert: c.expert, weight: c.weight as f32 / ONE_Q15 as f32 });
-    }
-    out
-}
-
-type Ran = (Selection<f32>, usize, (u64, u64));
-
-/// One layer on f32 activations. Each layer type runs in a function of its
-/// own, kept out of line: inlined together, every type's locals would share
-/// one frame and multiply the stack a model needs.
-fn run_layer(
-    layer: &Layer<'_>,
-    x: &[f32],
-    y: &mut [f32],
-    qa: &mut [u8],
-    qb: &mut [u8],
-    scratch: &mut [u8],
-) -> Result<Ran> {
-    match layer {
-        Layer::F32(l) => run_float(l, x, y, scratch),
-        Layer::F16(l) => run_float(l, x, y, scratch),
-        Layer::F32GateF16(l) => run_float(l, x, y, scratch),
-        Layer::F16GateF32(l) => run_float(l, x, y, scratch),
-        Layer::Int8(l, i, o) => run_int(l, (i, o), x, y, (qa, qb), scratch),
-        Layer::Q15(l, i, o) => run_int(l, (i, o), x, y, (qa, qb), scratch),
-    }
-}
-
-#[inline(never)]
-fn run_float<'a, G: FloatWeight, W: FloatWeight + Elem>(
-    l: &MoeLayer<'a, G, W, FloatExperts<'a, W>>,
-    x: &[f32],
-    y: &mut [f32],
-    scratch: &mut [u8],
-) -> Result<Ran> {
-    let out = l.out_dim();
-    let len = y.len();
-    let y = y.get_mut(..out).ok_or(Error::Shape { what: What::Output, expected: out, actual: len })?;
-    let sel = l.infer(x, y, scratch)?;
-    let macs = l.macs(&sel);
-    Ok((sel, out, macs))
-}
-
-#[inline(never)]
-fn run_int<'a, A: IntKernel + Elem>(
-    l: &QMoeLayer<'a, A, IntExperts<'a, A>>,
-    (input, output): (&QuantParams, &QuantParams),
-    x: &[f32],
-    y: &mut [f32],
-    (qa, qb): (&mut [u8], &mut [u8]),
-    scratch: &mut [u8],
-) -> Result<Ran>
-where
-    A::Bias: Elem,
-{
-    let (n_in, n_out) = (l.in_dim(), l.out_dim());
-    let xq = Carve::new(qa).take::<A>(n_in)?;
-    let yq = Carve::new(qb).take::<A>(n_out)?;
-    input.quantize_slice(x, xq)?;
-    let sel = l.infer(xq, yq, scratch)?;
-    let len = y.len();
-    let y = y.get_mut(..n_out).ok_or(Error::Shape { what: What::Output, expected: n_out, actual: len })?;
-    output.dequantize_slice(yq, y)?;
-    let macs = l.macs(&sel);
-    Ok((as_f32(&sel), n_out, macs))
-}
-
 fn layer_info(bytes: &[u8], l: usize) -> Result<LayerInfo> {
+    read_layer::<true>(bytes, l)
+}
+
+/// Layer `l`'s record; with `CHECK` (parse, and the public accessor) every
+/// field is validated, without it (every inference, records parse has
+/// checked) the words are only read.
+fn read_layer<const CHECK: bool>(bytes: &[u8], l: usize) -> Result<LayerInfo> {
     let w = |word| {
         layer_word(bytes, HEADER_LEN, l, word)
             .ok_or(Error::Truncated { needed: HEADER_LEN + (l + 1) * LAYER_LEN, actual: bytes.len() })
@@ -762,27 +707,27 @@ fn layer_info(bytes: &[u8], l: usize) -> Result<LayerInfo> {
     let bad = |field| Error::BadField { field, layer: l };
     let dim = |word| -> Result<usize> {
         let v = w(word)? as usize;
-        if (1..=MAX_DIM).contains(&v) { Ok(v) } else { Err(bad(Field::Dims)) }
+        if !CHECK || (1..=MAX_DIM).contains(&v) { Ok(v) } else { Err(bad(Field::Dims)) }
     };
     let flags = w(lw::FLAGS)?;
-    if flags & !layout::flags::ALL != 0 {
+    if CHECK && flags & !layout::flags::ALL != 0 {
         return Err(bad(Field::Routing));
     }
     let dtype = |word| LayerDtype::from_code(w(word).unwrap_or(u32::MAX)).ok_or(bad(Field::Dtype));
     let (gate_dtype, expert_dtype) = (dtype(lw::GATE_DTYPE)?, dtype(lw::EXPERT_DTYPE)?);
     // An integer gate routes only its own type of experts; a float gate routes any.
-    if gate_dtype.is_int() && gate_dtype != expert_dtype {
+    if CHECK && gate_dtype.is_int() && gate_dtype != expert_dtype {
         return Err(bad(Field::Dtype));
     }
     let experts = w(lw::EXPERTS)? as usize;
     // Expert ids 0xFFFE and 0xFFFF name the shared expert and the layer.
-    if experts >= layout::SHARED_EXPERT as usize {
+    if CHECK && experts >= layout::SHARED_EXPERT as usize {
         return Err(bad(Field::Routing));
     }
     let shared_hidden = if flags & layout::flags::SHARED != 0 { dim(lw::SHARED_HIDDEN)? } else { 0 };
     let f32_at = |word| w(word).map(f32::from_bits);
     let scaling = f32_at(lw::SCALING)?;
-    if !scaling.is_finite() {
+    if CHECK && !scaling.is_finite() {
         return Err(bad(Field::Quant));
     }
     let is_int = expert_dtype.is_int();
@@ -790,7 +735,11 @@ fn layer_info(bytes: &[u8], l: usize) -> Result<LayerInfo> {
         if !is_int {
             return Ok(QuantParams { scale: 1.0, zero_point: 0 });
         }
-        QuantParams::new(f32_at(scale_word)?, w(zp_word)? as i32).map_err(|_| bad(Field::Quant))
+        let (scale, zero_point) = (f32_at(scale_word)?, w(zp_word)? as i32);
+        if !CHECK {
+            return Ok(QuantParams { scale, zero_point });
+        }
+        QuantParams::new(scale, zero_point).map_err(|_| bad(Field::Quant))
     };
     let combine = layers::combine(
         w(lw::EXPERT_ZP)? as i32,
@@ -798,14 +747,14 @@ fn layer_info(bytes: &[u8], l: usize) -> Result<LayerInfo> {
         w(lw::COMBINE_SHIFT)? as i32,
         w(lw::OUT_ZP)? as i32,
     );
-    if is_int && Multiplier::new(combine.multiplier.multiplier, combine.multiplier.shift).is_err() {
+    if CHECK && is_int && Multiplier::new(combine.multiplier.multiplier, combine.multiplier.shift).is_err() {
         return Err(bad(Field::Quant));
     }
     let experts_from = w(lw::EXPERTS_FROM)? as usize;
-    if experts_from > l {
+    if CHECK && experts_from > l {
         return Err(bad(Field::Routing));
     }
-    if (lw::RESERVED..lw::WORDS).any(|word| w(word).ok() != Some(0)) {
+    if CHECK && (lw::RESERVED..lw::WORDS).any(|word| w(word).ok() != Some(0)) {
         return Err(bad(Field::Reserved));
     }
     let info = LayerInfo {
@@ -828,7 +777,9 @@ fn layer_info(bytes: &[u8], l: usize) -> Result<LayerInfo> {
         combine,
         experts_from,
     };
-    layers::rule(&info).validate().map_err(|_| bad(Field::Routing))?;
+    if CHECK {
+        layers::rule(&info).validate().map_err(|_| bad(Field::Routing))?;
+    }
     Ok(info)
 }
 

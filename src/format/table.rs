@@ -131,16 +131,52 @@ impl<'a> Table<'a> {
 
     /// The tensor at `key`, if present.
     pub fn find(&self, key: Key) -> Option<Tensor<'a>> {
+        let i = self.lower_bound(key);
+        if self.key(i) == Some(key) { self.get(i) } else { None }
+    }
+
+    /// Index of the first entry whose key is `key` or greater (`len()` if
+    /// none): entries are sorted, so this is a binary search.
+    pub fn lower_bound(&self, key: Key) -> usize {
         let (mut lo, mut hi) = (0, self.n);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            match key_of(self.entry(mid)?).cmp(&key) {
-                core::cmp::Ordering::Less => lo = mid + 1,
-                core::cmp::Ordering::Greater => hi = mid,
-                core::cmp::Ordering::Equal => return self.get(mid),
+            match self.key(mid) {
+                Some(k) if k < key => lo = mid + 1,
+                _ => hi = mid,
             }
         }
-        None
+        lo
+    }
+
+    /// Entry `i`'s key; `None` past the end.
+    pub fn key(&self, i: usize) -> Option<Key> {
+        self.entry(i).map(key_of)
+    }
+
+    /// Entry `i`'s data as `T`, found by position, without looking at its
+    /// dtype or shape: for entries [`Model::parse`](super::Model::parse)
+    /// has checked to be `T` of the right shape (the resolved views of a
+    /// parsed model). `None` past the end or if the bytes are not `T`s.
+    pub(crate) fn data<T: Elem>(&self, i: usize) -> Option<&'a [T]> {
+        let e = self.entry(i)?;
+        let word = |o: usize| u32::from_le_bytes([e[o], e[o + 1], e[o + 2], e[o + 3]]) as usize;
+        let (offset, len) = (word(entry::OFFSET), word(entry::BYTES));
+        bytemuck::try_cast_slice(self.bytes.get(offset..offset.checked_add(len)?)?).ok()
+    }
+
+    /// Entry `i`'s input and output zero points (0 past the end).
+    pub(crate) fn zero_points(&self, i: usize) -> (i32, i32) {
+        let Some(e) = self.entry(i) else { return (0, 0) };
+        let word = |o: usize| i32::from_le_bytes([e[o], e[o + 1], e[o + 2], e[o + 3]]);
+        (word(entry::IN_ZP), word(entry::OUT_ZP))
+    }
+
+    /// Entry `i`'s dtype code, rows and columns.
+    pub(crate) fn shape(&self, i: usize) -> Option<(u8, u32, u32)> {
+        let e = self.entry(i)?;
+        let word = |o: usize| u32::from_le_bytes([e[o], e[o + 1], e[o + 2], e[o + 3]]);
+        Some((e[entry::DTYPE], word(entry::ROWS), word(entry::COLS)))
     }
 
     /// The tensor at `key` as a `(rows, cols)` array of `T`, or

@@ -113,6 +113,9 @@ struct Shape {
     gated: bool,
     /// (in, hidden, out)
     dims: (usize, usize, usize),
+    /// Which of up, gate and down have a bias: every routed expert of a
+    /// layer must have the same tensors (inference finds them by position).
+    biases: (bool, bool, bool),
 }
 
 /// The record words and flags every layer shares: widths, activation,
@@ -189,6 +192,11 @@ fn float_layer(
         act: x.act,
         gated: x.gate.is_some(),
         dims: (x.up.cols, x.up.rows, x.down.rows),
+        biases: (
+            x.up.bias.is_some(),
+            x.gate.as_ref().is_some_and(|g| g.bias.is_some()),
+            x.down.bias.is_some(),
+        ),
     };
     let (mut w, mut f) =
         record(l, &m.rule, m.experts.iter().map(shape), m.shared.as_ref().map(|(s, _)| shape(s)))?;
@@ -265,6 +273,11 @@ where
         act: x.act,
         gated: x.gate.is_some(),
         dims: (x.up.cols, x.up.rows, x.down.rows),
+        biases: (
+            x.up.bias.is_some(),
+            x.gate.as_ref().is_some_and(|g| g.0.bias.is_some()),
+            x.down.bias.is_some(),
+        ),
     };
     let (mut w, mut f) =
         record(l, &q.rule, q.experts.iter().map(shape), q.shared.as_ref().map(|(s, _)| shape(s)))?;
