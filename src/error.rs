@@ -233,6 +233,12 @@ pub enum Error {
     },
     /// A decoder state used with another decoder than the one that made it.
     WrongState,
+    /// The model needs a part of the crate this build leaves out: the cargo
+    /// feature `feature` (`f32`, `f16`, `int8`, `q15` or `decoder`).
+    Disabled {
+        /// The feature to enable.
+        feature: &'static str,
+    },
     /// The model is not of the architecture this call runs (e.g.
     /// [`Model::infer`](crate::Model::infer) on a decoder).
     WrongArchitecture {
@@ -327,6 +333,9 @@ impl fmt::Display for Error {
                 write!(f, "context full: the KV cache holds {context} positions (set at conversion)")
             }
             Error::WrongState => f.write_str("this decoder state was made for another decoder"),
+            Error::Disabled { feature } => {
+                write!(f, "the model needs micromoe's `{feature}` cargo feature, which this build leaves out")
+            }
             Error::WrongArchitecture { found } => {
                 write!(f, "this call does not run models of architecture {found}")
             }

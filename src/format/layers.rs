@@ -11,6 +11,13 @@
 //! also compares each entry's key, dtype and shape with what the layer
 //! needs; without it (every inference) only slicing is left.
 
+// A build that leaves numeric types out (cargo features) keeps the match
+// arms of the others only: parts of what follows then serve no arm.
+#![cfg_attr(
+    not(all(feature = "f32", feature = "f16", feature = "int8", feature = "q15")),
+    allow(dead_code, unused_imports, unused_variables, unreachable_code)
+)]
+
 use super::LayerInfo;
 use super::layout::{LAYER_LEVEL, LayerDtype, SHARED_EXPERT, flags, part, role};
 use super::table::{Elem, Key, Table};
@@ -521,13 +528,7 @@ where
     };
     let (rows, cols) = rows_cols;
     match info.gate_dtype {
-        LayerDtype::F32 => {
-            float_gate(FloatGate::F32(float_linear::<_, CHECK>(t, base, gate_at, gate_site, rows, cols)?))
-        }
-        LayerDtype::F16 => {
-            float_gate(FloatGate::F16(float_linear::<_, CHECK>(t, base, gate_at, gate_site, rows, cols)?))
-        }
-        _ => {
+        LayerDtype::Int8 | LayerDtype::Q15 => {
             let gate = int_linear::<A, CHECK>(t, base, gate_at, gate_site, rows, cols)?;
             let bias = if has_bias {
                 Some(need::<i32, CHECK>(t, base, at.level.selection_bias, bias_key, (info.experts, 1))?.0)
@@ -541,6 +542,17 @@ where
                 Ok(QMoeLayer::from_dims(Gate::Int(gate, router), experts, shared, info.combine, dims(info)))
             }
         }
+        #[cfg(feature = "f32")]
+        LayerDtype::F32 => {
+            float_gate(FloatGate::F32(float_linear::<_, CHECK>(t, base, gate_at, gate_site, rows, cols)?))
+        }
+        #[cfg(feature = "f16")]
+        LayerDtype::F16 => {
+            float_gate(FloatGate::F16(float_linear::<_, CHECK>(t, base, gate_at, gate_site, rows, cols)?))
+        }
+        // A float gate this build leaves out: refused at parse.
+        #[allow(unreachable_patterns)]
+        _ => Err(Error::BadField { field: crate::error::Field::Dtype, layer }),
     }
 }
 
@@ -558,11 +570,17 @@ pub(crate) fn build<'a, const CHECK: bool>(
     use LayerDtype::*;
     let at = &locate(t, layer, info);
     Ok(match (info.gate_dtype, info.expert_dtype) {
+        #[cfg(feature = "f32")]
         (F32, F32) => Layer::F32(float_layer::<_, _, CHECK>(t, layer, info, at)?),
+        #[cfg(feature = "f16")]
         (F16, F16) => Layer::F16(float_layer::<_, _, CHECK>(t, layer, info, at)?),
+        #[cfg(all(feature = "f32", feature = "f16"))]
         (F32, F16) => Layer::F32GateF16(float_layer::<_, _, CHECK>(t, layer, info, at)?),
+        #[cfg(all(feature = "f32", feature = "f16"))]
         (F16, F32) => Layer::F16GateF32(float_layer::<_, _, CHECK>(t, layer, info, at)?),
+        #[cfg(feature = "int8")]
         (_, Int8) => Layer::Int8(int_layer::<_, CHECK>(t, layer, info, at)?, info.input, info.output),
+        #[cfg(feature = "q15")]
         (_, Q15) => Layer::Q15(int_layer::<_, CHECK>(t, layer, info, at)?, info.input, info.output),
         _ => return Err(crate::Error::BadField { field: crate::error::Field::Dtype, layer }),
     })
@@ -589,12 +607,19 @@ pub(crate) fn run(
     use LayerDtype::*;
     let at = &locate(t, layer, info);
     match (info.gate_dtype, info.expert_dtype) {
+        #[cfg(feature = "f32")]
         (F32, F32) => run_float::<f32, f32>(t, layer, info, at, x, y, scratch),
+        #[cfg(feature = "f16")]
         (F16, F16) => run_float::<f16, f16>(t, layer, info, at, x, y, scratch),
+        #[cfg(all(feature = "f32", feature = "f16"))]
         (F32, F16) => run_float::<f32, f16>(t, layer, info, at, x, y, scratch),
+        #[cfg(all(feature = "f32", feature = "f16"))]
         (F16, F32) => run_float::<f16, f32>(t, layer, info, at, x, y, scratch),
+        #[cfg(feature = "int8")]
         (_, Int8) => run_int::<i8>(t, layer, info, at, x, y, q, scratch),
+        #[cfg(feature = "q15")]
         (_, Q15) => run_int::<i16>(t, layer, info, at, x, y, q, scratch),
+        // Refused at parse (a type this build leaves out, or no such pair).
         _ => Err(crate::Error::BadField { field: crate::error::Field::Dtype, layer }),
     }
 }

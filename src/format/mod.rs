@@ -453,6 +453,9 @@ impl<'a> Model<'a> {
             return Err(Error::BadField { field: Field::Tasks, layer: 0 });
         }
         if arch == arch::DECODER {
+            #[cfg(not(feature = "decoder"))]
+            return Err(Error::Disabled { feature: "decoder" });
+            #[cfg(feature = "decoder")]
             return Self::parse_decoder(
                 bytes,
                 (table_offset, n_tensors, data_offset, payload),
@@ -469,6 +472,11 @@ impl<'a> Model<'a> {
         let mut prev_out = input_dim;
         for l in 0..n_layers {
             let info = layer_info(bytes, l)?;
+            for dtype in [info.gate_dtype, info.expert_dtype] {
+                if let Some(feature) = disabled(dtype) {
+                    return Err(Error::Disabled { feature });
+                }
+            }
             if l % per_task == 0 {
                 prev_out = input_dim;
             }
@@ -521,6 +529,7 @@ impl<'a> Model<'a> {
         Ok(model)
     }
 
+    #[cfg(feature = "decoder")]
     /// The rest of [`Model::parse`] for a decoder: the decoder record, every
     /// tensor entry, and every layer and expert built once.
     fn parse_decoder(
@@ -692,6 +701,17 @@ impl<'a> Model<'a> {
     }
 }
 
+/// The cargo feature a layer's numeric type needs, if this build leaves it out.
+const fn disabled(dtype: LayerDtype) -> Option<&'static str> {
+    match dtype {
+        LayerDtype::F32 if !cfg!(feature = "f32") => Some("f32"),
+        LayerDtype::F16 if !cfg!(feature = "f16") => Some("f16"),
+        LayerDtype::Int8 if !cfg!(feature = "int8") => Some("int8"),
+        LayerDtype::Q15 if !cfg!(feature = "q15") => Some("q15"),
+        _ => None,
+    }
+}
+
 fn layer_info(bytes: &[u8], l: usize) -> Result<LayerInfo> {
     read_layer::<true>(bytes, l)
 }
@@ -796,6 +816,7 @@ fn same_experts(a: &LayerInfo, b: &LayerInfo) -> bool {
         && (!a.is_int() || a.combine.expert_zp == b.combine.expert_zp)
 }
 
+#[cfg_attr(not(feature = "decoder"), allow(dead_code))]
 fn h_usize(bytes: &[u8], at: usize) -> Result<usize> {
     header_usize(bytes, at, Field::Dims)
 }

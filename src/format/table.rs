@@ -154,6 +154,10 @@ impl<'a> Table<'a> {
         self.entry(i).map(key_of)
     }
 
+    #[cfg_attr(
+        not(any(feature = "f32", feature = "f16", feature = "int8", feature = "q15")),
+        allow(dead_code)
+    )]
     /// Entry `i`'s data as `T`, found by position, without looking at its
     /// dtype or shape: for entries [`Model::parse`](super::Model::parse)
     /// has checked to be `T` of the right shape (the resolved views of a
@@ -165,6 +169,10 @@ impl<'a> Table<'a> {
         bytemuck::try_cast_slice(self.bytes.get(offset..offset.checked_add(len)?)?).ok()
     }
 
+    #[cfg_attr(
+        not(any(feature = "f32", feature = "f16", feature = "int8", feature = "q15")),
+        allow(dead_code)
+    )]
     /// Entry `i`'s input and output zero points (0 past the end).
     pub(crate) fn zero_points(&self, i: usize) -> (i32, i32) {
         let Some(e) = self.entry(i) else { return (0, 0) };
@@ -172,6 +180,10 @@ impl<'a> Table<'a> {
         (word(entry::IN_ZP), word(entry::OUT_ZP))
     }
 
+    #[cfg_attr(
+        not(any(feature = "f32", feature = "f16", feature = "int8", feature = "q15")),
+        allow(dead_code)
+    )]
     /// Entry `i`'s dtype code, rows and columns.
     pub(crate) fn shape(&self, i: usize) -> Option<(u8, u32, u32)> {
         let e = self.entry(i)?;

@@ -175,6 +175,7 @@ impl LayerConfig {
 
 /// Whether a tensor key may appear in a decoder with `cfg` (codes and
 /// indices only; shapes are checked when layers are built).
+#[cfg_attr(not(feature = "decoder"), allow(dead_code))]
 pub(crate) fn key_allowed(bytes: &[u8], cfg: &Config, key: Key) -> Result<bool> {
     let part_ok = key.part == part::WEIGHT || key.part == part::BIAS || key.part == SCALE_PART;
     if !part_ok || key.role >= drole::COUNT {
@@ -320,6 +321,7 @@ impl<'a> Decoder<'a> {
 
     /// Builds every layer and expert view once: each tensor present with
     /// its shape and type.
+    #[cfg_attr(not(feature = "decoder"), allow(dead_code))]
     pub(crate) fn validate(&self) -> Result<()> {
         for l in 0..self.cfg.layers {
             let layer = self.layer::<true>(l)?;

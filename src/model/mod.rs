@@ -43,4 +43,5 @@ pub use matrix::{MAX_INT8_COLS, Matrix, Weights, quantize_vector};
 pub use sample::{Rng, Sampler, argmax};
 pub use state::{State, bytes_for_dims};
 
+#[cfg(feature = "decoder")]
 pub(crate) use decoder::key_allowed;
