@@ -46,6 +46,40 @@ for board in mps2-an386 mps2-an505 microbit riscv32-virt; do
   done
 done
 
+# The README's firmware (boards/minimal): the int8 digits model as a user builds it, on the
+# Cortex-M4F: flash beyond the model (code, read-only data and the 8 test images; the model
+# file's bytes subtracted), the stack high-water mark, instructions per inference (8 images)
+# and instructions of one Model::parse (CRC and full validation):
+#   {"board", "firmware", "flash_beyond_model_bytes", "scratch_bytes", "stack_bytes", "insns_per_inference", "insns_parse"}
+minimal() {
+  (cd minimal && cargo build --release --quiet "$@")
+  local elf="$CARGO_TARGET_DIR/thumbv7em-none-eabihf/release/micromoe-minimal"
+  cp "$elf" "$CARGO_TARGET_DIR/minimal${2:+-$2}.elf"
+  echo "$CARGO_TARGET_DIR/minimal${2:+-$2}.elf"
+}
+run_window() {
+  local elf=$1 start stop
+  start=$(( $("$bin/llvm-nm" "$elf" | awk '$3 == "micromoe_measure_start" { print "0x" $1 }') & ~1 ))
+  stop=$(( $("$bin/llvm-nm" "$elf" | awk '$3 == "micromoe_measure_stop" { print "0x" $1 }') & ~1 ))
+  qemu-system-arm -M mps2-an386 -nographic -monitor none -serial none -semihosting-config enable=on,target=native \
+    -d plugin -plugin "$plugin,start=$start,stop=$stop" -kernel "$elf" 2>&1
+}
+elf=$(minimal)
+qemu-system-arm -M mps2-an386 -nographic -monitor none -serial none -semihosting-config enable=on,target=native \
+  -kernel "$elf" || { echo "minimal: check failed" >&2; exit 1; }
+sizes=$("$bin/llvm-size" -A "$elf")
+flash=$(echo "$sizes" | awk '$1 == ".vector_table" || $1 == ".text" || $1 == ".rodata" || $1 == ".data" { t += $2 } END { print t }')
+model=$(stat -c %s ../models/digits/digits_int8.moe)
+out=$(run_window "$(minimal --features measure)")
+echo "$out" | grep -q "^minimal: PASS" || { echo "minimal: check failed" >&2; echo "$out" >&2; exit 1; }
+stack=$(echo "$out" | sed -n 's/^minimal: stack_bytes \([0-9]*\)/\1/p')
+w=$(echo "$out" | sed -n 's/.*windows=\([0-9]*\).*/\1/p'); i=$(echo "$out" | sed -n 's/.*insns=\([0-9]*\).*/\1/p')
+out=$(run_window "$(minimal --features parse)")
+parse=$(echo "$out" | sed -n 's/.*insns=\([0-9]*\).*/\1/p')
+scratch=$(cd .. && cargo run --release --quiet --bin micromoe -- info models/digits/digits_int8.moe | sed -n 's/.*scratch RAM: \([0-9]*\) bytes.*/\1/p')
+printf '{"board":"mps2-an386","firmware":"minimal-int8","flash_beyond_model_bytes":%d,"scratch_bytes":%d,"stack_bytes":%d,"insns_per_inference":%d,"insns_parse":%d}\n' \
+  $((flash - model)) "$scratch" "$stack" $((i / w)) "$parse"
+
 # The int8 and Q15 matrix-vector kernels on the Cortex-M4F, one product per shape (outputs x
 # inputs), Arm DSP path then portable path: one line each,
 #   {"kernel", "dtype", "shape", "insns_per_mac", "est_cycles_per_mac"}

@@ -25,6 +25,13 @@ for b in "${boards[@]}"; do
     echo "$b: FAIL"; sed 's/^/    /' "$log" | tail -8; failed=1
   fi
 done
+# The README's firmware: int8 digits as a user builds it, exit code only.
+log="$CARGO_TARGET_DIR/minimal.log"
+if (cd minimal && timeout 120 cargo run --release --quiet) >"$log" 2>&1; then
+  echo "minimal: PASS (8/8 images classified as on the host)"
+else
+  echo "minimal: FAIL"; sed 's/^/    /' "$log" | tail -8; failed=1
+fi
 # The Arm DSP kernels against the portable ones, bit for bit (random shapes and values).
 log="$CARGO_TARGET_DIR/mps2-an386-kernels.log"
 if (cd mps2-an386 && timeout 120 cargo run --release --quiet --bin kernels) >"$log" 2>&1; then

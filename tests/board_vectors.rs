@@ -61,6 +61,31 @@ fn board_vectors_match_the_host() {
     }
 }
 
+/// boards/minimal's eight images: the first test images as pixels (input x
+/// 16, each 0..=16), each followed by the class the host's int8 model gives.
+#[test]
+fn minimal_firmware_images_match_the_host() {
+    let test = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/models/digits/test.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&test).unwrap();
+    let x = f32s(&st, "x");
+    let model = Model::parse(MODELS[2].1).unwrap();
+    let mut scratch = vec![0u8; model.scratch_bytes()];
+    let mut want = Vec::new();
+    for xi in x.chunks_exact(64).take(8) {
+        want.extend(xi.iter().map(|&v| {
+            assert!((v * 16.0).fract() == 0.0 && (0.0..=1.0).contains(&v));
+            (v * 16.0) as u8
+        }));
+        let mut scores = [0.0f32; 10];
+        want.push(model.classify(xi, &mut scores, &mut scratch).unwrap() as u8);
+    }
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/boards/minimal/images.bin");
+    if std::env::var_os("MICROMOE_BLESS").is_some() {
+        std::fs::write(path, &want).unwrap();
+    }
+    assert!(std::fs::read(path).unwrap_or_default() == want, "{path} is stale: MICROMOE_BLESS=1");
+}
+
 /// The tiny language model's check: prompt and greedy tokens, then the
 /// FNV-1a hash of the bits of every logit of every step.
 /// Layout: magic `MMTOK1\0\0`, u32 prompt length, u32 generated, the tokens

@@ -142,6 +142,12 @@ fn integer_views_from_a_file_have_the_sizes_of_the_layer_in_memory() {
     let mut scratch = vec![0u8; mem.scratch_bytes()];
     let sel = mem.infer(&x, &mut [0; 24], &mut scratch).unwrap();
     assert_eq!(file.macs(&sel), mem.macs(&sel));
+    // The model's per-step figures come from the records: the same.
+    let mut step = (0, 0);
+    let mut scratch = vec![0u8; parsed.scratch_bytes()];
+    let mut y = vec![0.0; parsed.output_dim()];
+    parsed.infer(fx.row("x", 0), &mut y, &mut scratch, |s| step = (s.macs, s.macs_dense)).unwrap();
+    assert_eq!(step, mem.macs(&sel));
 }
 
 fn infer_int<A: micromoe::kernels::IntKernel>(q: &QMoeBuf<A>, x: &[f32], y: &mut [f32]) -> Vec<u16> {

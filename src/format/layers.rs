@@ -639,7 +639,7 @@ fn run_float<G: FloatWeight + Elem, W: FloatWeight + Elem>(
     let len = y.len();
     let y = y.get_mut(..out).ok_or(Error::Shape { what: What::Output, expected: out, actual: len })?;
     let sel = l.infer(x, y, scratch)?;
-    let macs = l.macs(&sel);
+    let macs = macs(info, sel.len());
     Ok((sel, out, macs))
 }
 
@@ -667,13 +667,29 @@ where
     let len = y.len();
     let y = y.get_mut(..n_out).ok_or(Error::Shape { what: What::Output, expected: n_out, actual: len })?;
     info.output.dequantize_slice(yq, y)?;
-    let macs = l.macs(&sel);
+    let macs = macs(info, sel.len());
     let mut out = Selection::new();
     for c in &sel {
         // Cannot fail: both hold MAX_K (`collect` would be a panic path).
         let _ = out.push(Choice { expert: c.expert, weight: c.weight as f32 / ONE_Q15 as f32 });
     }
     Ok((out, n_out, macs))
+}
+
+/// Multiply-accumulates of one token with `chosen` experts, and with every
+/// expert active, from the record (every routed expert has its shape): the
+/// layers' `macs` without building the chosen experts' views again.
+fn macs(info: &LayerInfo, chosen: usize) -> (u64, u64) {
+    let buffers = if info.flags & flags::GATED != 0 { 2 } else { 1 };
+    let (i, o) = (info.in_dim as u64, info.out_dim as u64);
+    let ffn = |h: usize| buffers * i * h as u64 + h as u64 * o;
+    let shared = if info.flags & flags::SHARED != 0 {
+        ffn(info.shared_hidden) + if info.flags & flags::SHARED_GATE != 0 { i } else { 0 }
+    } else {
+        0
+    };
+    let (base, expert) = (info.experts as u64 * i + shared, ffn(info.hidden));
+    (base + chosen as u64 * expert, base + info.experts as u64 * expert)
 }
 
 /// Quantization of an integer layer's combine, read from its record.

@@ -860,6 +860,37 @@ fn check_entries(
     Ok(())
 }
 
+/// The index of the largest score (the first of equals), `None` for an
+/// empty slice or one of NaNs only: the class a classifier's scores name.
+///
+/// ```
+/// assert_eq!(micromoe::argmax(&[0.1, 2.0, -1.0, 2.0]), Some(1));
+/// assert_eq!(micromoe::argmax(&[]), None);
+/// ```
+pub fn argmax(scores: &[f32]) -> Option<usize> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &v) in scores.iter().enumerate() {
+        if best.is_none_or(|(_, b)| v > b) && !v.is_nan() {
+            best = Some((i, v));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+impl Model<'_> {
+    /// [`Model::infer`] for a classifier, returning the class (the argmax
+    /// of the scores, which are left in `scores`). A regressor is refused
+    /// ([`Error::WrongArchitecture`]).
+    pub fn classify(&self, x: &[f32], scores: &mut [f32], scratch: &mut [u8]) -> Result<usize> {
+        if !self.is_classifier() {
+            return Err(Error::WrongArchitecture { found: self.arch });
+        }
+        self.infer(x, scores, scratch, |_| {})?;
+        // Scores are finite (checked by `infer`) and there is at least one.
+        argmax(scores).ok_or(Error::Shape { what: What::Output, expected: 1, actual: 0 })
+    }
+}
+
 /// Places a `.moe` file in the binary (flash) 16-byte aligned, as
 /// [`Model::parse`] needs; evaluates to `&'static [u8]`, usable in `const`.
 ///

@@ -6,7 +6,9 @@ use crate::error::{Error, Result, What, check_dim, check_len};
 use crate::expert::QExpert;
 use crate::kernels::{IntKernel, Linear, QLinear};
 use crate::quant::{Multiplier, QuantParams, WIDE_MAX_SHIFT, f16, requantize_wide};
-use crate::router::{Choice, IntRouter, LOGIT_FRAC_BITS, ONE_Q15, Router, Rule, Selection, sigmoid_q30};
+#[cfg(any(feature = "f32", feature = "f16"))]
+use crate::router::Choice;
+use crate::router::{IntRouter, LOGIT_FRAC_BITS, ONE_Q15, Router, Rule, Selection, sigmoid_q30};
 use crate::scratch::{Carve, bytes_for};
 
 use super::{Dims, ExpertSource, Stats};
@@ -62,6 +64,7 @@ impl FloatGate<'_> {
         }
     }
 
+    #[cfg(any(feature = "f32", feature = "f16"))]
     fn forward(&self, x: &[f32], y: &mut [f32]) {
         match self {
             FloatGate::F32(l) => l.forward(x, y),
@@ -144,6 +147,8 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
     /// `input`, then `router`) and whose experts are integer. Routing then
     /// follows float arithmetic (IEEE, the same on every target with
     /// micromoe's software `libm`), and the chosen weights become Q15.
+    /// A build without the `f32` and `f16` features refuses such a layer at
+    /// inference ([`Error::Disabled`]).
     pub fn with_float_gate(
         gate: FloatGate<'a>,
         router: Router<'a>,
@@ -285,6 +290,12 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
                 gate.forward_wide(x, logits);
                 router.route(logits, &mut sel)?;
             }
+            // Without a float type the float router is not linked: such a
+            // layer (made by `with_float_gate`) is refused here; `Model::parse`
+            // refuses it before.
+            #[cfg(not(any(feature = "f32", feature = "f16")))]
+            Gate::Float(..) => return Err(Error::Disabled { feature: "f32" }),
+            #[cfg(any(feature = "f32", feature = "f16"))]
             Gate::Float(gate, router, input) => {
                 let xf = carve.take::<f32>(self.in_dim())?;
                 let logits = carve.take::<f32>(n)?;
