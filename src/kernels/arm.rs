@@ -342,7 +342,9 @@ pub(super) fn matvec_q15(
 }
 
 /// Four rows' Q15 sums at a time (exact `i64`), as [`quads_i8`].
-#[inline(always)]
+// Out of line: each buffer size is its own frame, so a small layer's
+// product does not reserve the stack of the widest one.
+#[inline(never)]
 fn quads_q15<const WORDS: usize>(w: &[i8], x: &[i16], mut f: impl FnMut(usize, [i64; 4])) {
     let cols = x.len().max(1);
     let mut pairs = [0u32; WORDS];
@@ -382,7 +384,9 @@ fn quads_q15<const WORDS: usize>(w: &[i8], x: &[i16], mut f: impl FnMut(usize, [
 
 /// Four rows' sums at a time: `f(first_row, sums)`; rows past the last
 /// multiple of four are left to the caller.
-#[inline(always)]
+// Out of line: each buffer size is its own frame, so a small layer's
+// product does not reserve the stack of the widest one.
+#[inline(never)]
 fn quads_i8<const WORDS: usize>(w: &[i8], x: &[i8], offset: i32, mut f: impl FnMut(usize, [i32; 4])) {
     let cols = x.len().max(1);
     let mut pairs = [0u32; WORDS];
@@ -416,7 +420,9 @@ pub(super) fn each_dot_i8(w: &[i8], x: &[i8], offset: i32, f: impl FnMut(i32)) {
     }
 }
 
-#[inline(always)]
+// Out of line: each buffer size is its own frame, so a small layer's
+// product does not reserve the stack of the widest one.
+#[inline(never)]
 fn dots_i8<const WORDS: usize>(w: &[i8], x: &[i8], offset: i32, mut f: impl FnMut(i32)) {
     let cols = x.len().max(1);
     let mut quads = w.chunks_exact(four_rows(cols));
@@ -458,7 +464,9 @@ pub(super) fn each_dot_q15(w: &[i8], x: &[i16], f: impl FnMut(i64)) {
     if x.len() <= 128 { dots_q15::<64>(w, x, f) } else { dots_q15::<{ MAX_EXPANDED / 2 }>(w, x, f) }
 }
 
-#[inline(always)]
+// Out of line: each buffer size is its own frame, so a small layer's
+// product does not reserve the stack of the widest one.
+#[inline(never)]
 fn dots_q15<const WORDS: usize>(w: &[i8], x: &[i16], mut f: impl FnMut(i64)) {
     let cols = x.len().max(1);
     let mut quads = w.chunks_exact(four_rows(cols));
