@@ -39,8 +39,10 @@ fn key(layer: usize, expert: u16, role: u8, part: u8) -> Key {
 const NONE: u8 = u8::MAX;
 
 /// Where one linear's parts sit in a block of entries (offsets from the
-/// block's first entry; [`NONE`] if absent).
+/// block's first entry; [`NONE`] if absent). Word-aligned, so copies
+/// are word moves, not byte loops.
 #[derive(Debug, Clone, Copy)]
+#[repr(C, align(4))]
 struct LinearAt {
     w: u8,
     b: u8,
@@ -53,6 +55,7 @@ const ABSENT: LinearAt = LinearAt { w: NONE, b: NONE, m: NONE, s: NONE };
 /// Where each tensor of one `(layer, expert)` block sits: an expert's
 /// linears and tables, or the layer level's gate and selection bias.
 #[derive(Debug, Clone, Copy)]
+#[repr(C, align(4))]
 pub(crate) struct BlockAt {
     up: LinearAt,
     gate_proj: LinearAt,
