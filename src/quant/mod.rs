@@ -228,7 +228,7 @@ mod tests {
     #[test]
     fn round_half_away_is_roundf() {
         let want = |v: f32| libm::roundf(v) as i32;
-        let mut check = |v: f32| {
+        let check = |v: f32| {
             if !v.is_nan() {
                 assert_eq!(round_half_away(v), want(v), "{v:e} ({:#x})", v.to_bits());
             }
