@@ -233,6 +233,13 @@ pub enum Error {
     },
     /// A decoder state used with another decoder than the one that made it.
     WrongState,
+    /// [`Model::infer_int`](crate::Model::infer_int) cannot run layer
+    /// `layer`: its experts are of another type, or it takes another
+    /// quantization than the previous layer gives.
+    IntegerPath {
+        /// The layer.
+        layer: usize,
+    },
     /// The model needs a part of the crate this build leaves out: the cargo
     /// feature `feature` (`f32`, `f16`, `int8`, `q15` or `decoder`).
     Disabled {
@@ -333,6 +340,10 @@ impl fmt::Display for Error {
                 write!(f, "context full: the KV cache holds {context} positions (set at conversion)")
             }
             Error::WrongState => f.write_str("this decoder state was made for another decoder"),
+            Error::IntegerPath { layer } => write!(
+                f,
+                "layer {layer} cannot run on the integer path (another type, or its input quantization is not the previous layer's output)"
+            ),
             Error::Disabled { feature } => {
                 write!(f, "the model needs micromoe's `{feature}` cargo feature, which this build leaves out")
             }

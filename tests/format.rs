@@ -418,3 +418,64 @@ fn the_writer_refuses_experts_with_different_biases() {
     );
     assert_eq!(write(&spec).unwrap_err(), Error::BadField { field: Field::Dims, layer: 0 });
 }
+
+/// The integer entry point: quantized in, quantized out, bit for bit what
+/// `infer` computes between its quantization and dequantization, over two
+/// chained layers; refused by name where the quantization does not chain
+/// or the type differs.
+#[test]
+fn infer_int_is_infer_without_the_float_edges() {
+    fn check<A: micromoe::kernels::IntKernel + micromoe::format::Elem + Default>(q15: bool)
+    where
+        A::Bias: micromoe::format::Elem,
+    {
+        let (fx, spec) = int_spec("qwen2moe_h24_e6_k3_norm", q15);
+        let first = spec.layers[0].clone();
+        let mut second = first.clone();
+        let chained = |l: &mut LayerSpec, p| match l {
+            LayerSpec::Int8(q) => q.input = p,
+            LayerSpec::Q15(q) => q.input = p,
+            _ => unreachable!(),
+        };
+        let out = |l: &LayerSpec| match l {
+            LayerSpec::Int8(q) => q.output,
+            LayerSpec::Q15(q) => q.output,
+            _ => unreachable!(),
+        };
+        chained(&mut second, out(&first));
+        let two = ModelSpec::stack(Task::Regress, vec![first.clone(), second]);
+        let bytes = AlignedBytes::from(&write(&two).unwrap()[..]);
+        let model = Model::parse(&bytes).unwrap();
+        let (qin, qout) = (model.input_quant().unwrap(), model.output_quant().unwrap());
+        let mut scratch = vec![0u8; model.scratch_bytes()];
+        for t in 0..fx.tokens().min(if cfg!(miri) { 1 } else { 64 }) {
+            let x = fx.row("x", t);
+            let mut want = vec![0.0f32; model.output_dim()];
+            model.infer(x, &mut want, &mut scratch, |_| {}).unwrap();
+            let mut xq = vec![A::default(); x.len()];
+            qin.quantize_slice(x, &mut xq).unwrap();
+            let mut yq = vec![A::default(); model.output_dim()];
+            model.infer_int(&xq, &mut yq, &mut scratch).unwrap();
+            let mut got = vec![0.0f32; yq.len()];
+            qout.dequantize_slice(&yq, &mut got).unwrap();
+            assert_eq!(got, want, "token {t}");
+        }
+        // The second layer taking its own input quantization does not chain.
+        let unchained = ModelSpec::stack(Task::Regress, vec![first.clone(), first]);
+        let bytes = AlignedBytes::from(&write(&unchained).unwrap()[..]);
+        let model = Model::parse(&bytes).unwrap();
+        let mut yq = vec![A::default(); model.output_dim()];
+        let xq = vec![A::default(); model.input_dim()];
+        assert_eq!(model.infer_int(&xq, &mut yq, &mut scratch), Err(Error::IntegerPath { layer: 1 }));
+    }
+    check::<i8>(false);
+    check::<i16>(true);
+    // The wrong activation type for the model.
+    let (_, spec) = int_spec("qwen2moe_h24_e6_k3_norm", false);
+    let bytes = AlignedBytes::from(&write(&spec).unwrap()[..]);
+    let model = Model::parse(&bytes).unwrap();
+    let mut scratch = vec![0u8; model.scratch_bytes()];
+    let mut y = vec![0i16; model.output_dim()];
+    let x = vec![0i16; model.input_dim()];
+    assert_eq!(model.infer_int(&x, &mut y, &mut scratch), Err(Error::IntegerPath { layer: 0 }));
+}

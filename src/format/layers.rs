@@ -661,12 +661,11 @@ fn run_int<A: IntKernel + Elem>(
 where
     A::Bias: Elem,
 {
-    let l = int_layer::<A, false>(t, layer, info, at)?;
-    let (n_in, n_out) = (l.in_dim(), l.out_dim());
+    let (n_in, n_out) = (info.in_dim, info.out_dim);
     let xq = Carve::new(qa).take::<A>(n_in)?;
     let yq = Carve::new(qb).take::<A>(n_out)?;
-    info.input.quantize_slice(x, xq)?;
-    let sel = l.infer(xq, yq, scratch)?;
+    info.input.quantize_slice(x.get(..n_in).unwrap_or(x), xq)?;
+    let sel = run_q(t, layer, info, at, xq, yq, scratch)?;
     let len = y.len();
     let y = y.get_mut(..n_out).ok_or(Error::Shape { what: What::Output, expected: n_out, actual: len })?;
     info.output.dequantize_slice(yq, y)?;
@@ -677,6 +676,48 @@ where
         let _ = out.push(Choice { expert: c.expert, weight: c.weight as f32 / ONE_Q15 as f32 });
     }
     Ok((out, n_out, macs))
+}
+
+/// Builds integer layer `layer` (its experts' type is `A`) and runs it on
+/// quantized activations.
+#[inline(always)]
+fn run_q<A: IntKernel + Elem>(
+    t: &Table<'_>,
+    layer: usize,
+    info: &LayerInfo,
+    at: &LayerAt,
+    x: &[A],
+    y: &mut [A],
+    scratch: &mut [u8],
+) -> Result<Selection<i32>>
+where
+    A::Bias: Elem,
+{
+    int_layer::<A, false>(t, layer, info, at)?.infer(x, y, scratch)
+}
+
+/// [`run_q`] for [`Model::infer_int`](super::Model::infer_int): `x` is
+/// the layer's input, `y` at least its output width.
+#[inline(never)]
+pub(crate) fn run_int_only<A: IntKernel + Elem>(
+    t: &Table<'_>,
+    layer: usize,
+    info: &LayerInfo,
+    x: &[A],
+    y: &mut [A],
+    scratch: &mut [u8],
+) -> Result<()>
+where
+    A::Bias: Elem,
+{
+    let at = &locate(t, layer, info);
+    let len = y.len();
+    let y = y.get_mut(..info.out_dim).ok_or(Error::Shape {
+        what: What::Output,
+        expected: info.out_dim,
+        actual: len,
+    })?;
+    run_q(t, layer, info, at, x, y, scratch).map(|_| ())
 }
 
 /// Multiply-accumulates of one token with `chosen` experts, and with every

@@ -129,7 +129,7 @@ pub use table::{Elem, Key, Table, Tensor, Typed};
 use layout::{CRC_LEN, ENTRY_LEN, HEADER_LEN, LAYER_LEN, header, header_usize, layer as lw, layer_word};
 
 use crate::error::{Error, Field, Result, TensorProblem, What, check_len};
-use crate::kernels::Activation;
+use crate::kernels::{Activation, IntKernel};
 use crate::moe::Combine;
 use crate::quant::{Multiplier, QuantParams};
 use crate::router::Selection;
@@ -712,6 +712,11 @@ const fn disabled(dtype: LayerDtype) -> Option<&'static str> {
     }
 }
 
+/// The layer type whose activations are `A` (int8 or Q15).
+fn int_dtype<A: IntKernel>() -> LayerDtype {
+    if A::LUT_LEN == 256 { LayerDtype::Int8 } else { LayerDtype::Q15 }
+}
+
 fn layer_info(bytes: &[u8], l: usize) -> Result<LayerInfo> {
     read_layer::<true>(bytes, l)
 }
@@ -860,17 +865,90 @@ fn check_entries(
     Ok(())
 }
 
+impl Model<'_> {
+    /// Quantization of the model input on the integer path: layer 0's
+    /// input parameters (`q = clamp(round(x / scale) + zero_point)`, as
+    /// [`QuantParams::quantize`]), `None` for a float first layer or a
+    /// decoder. The digits model, for example, takes `pixel / 16`.
+    pub fn input_quant(&self) -> Option<QuantParams> {
+        let info = self.layer_info(0).ok()?;
+        info.is_int().then_some(info.input)
+    }
+
+    /// Quantization of the output [`Model::infer_int`] returns: the last
+    /// layer's output parameters (`None` as for [`Model::input_quant`], and
+    /// for multi-gate models).
+    pub fn output_quant(&self) -> Option<QuantParams> {
+        let info = self.layer_info(self.n_layers.checked_sub(1)?).ok()?;
+        (info.is_int() && self.tasks == 1).then_some(info.output)
+    }
+
+    /// Runs one input on the integer path end to end: `x` quantized with
+    /// [`Model::input_quant`], `out` quantized with
+    /// [`Model::output_quant`]; `A` is `i8` for int8 models, `i16` for Q15.
+    /// No float conversion at the edges (a float gate inside a layer still
+    /// runs in float). Bit for bit what [`Model::infer`] computes between
+    /// its quantization and dequantization. Needs a stack (one task) whose
+    /// every layer has experts of type `A` and takes the quantization the
+    /// previous one gives ([`Error::IntegerPath`] names the first layer that
+    /// does not). The class of a classifier is [`argmax`] of `out`.
+    pub fn infer_int<A: IntKernel + Elem>(&self, x: &[A], out: &mut [A], scratch: &mut [u8]) -> Result<()>
+    where
+        A::Bias: Elem,
+    {
+        if self.arch != arch::MOE_STACK {
+            return Err(Error::WrongArchitecture { found: self.arch });
+        }
+        check_len(What::Input, self.input_dim, x.len())?;
+        check_len(What::Output, self.output_dim, out.len())?;
+        let need = self.scratch_bytes();
+        if scratch.len() < need {
+            return Err(Error::ScratchTooSmall { needed: need, actual: scratch.len() });
+        }
+        // The layout `infer` uses: two f32 buffers (unused here), then the
+        // two quantized ones, then the layers' scratch.
+        let mut carve = Carve::new(scratch);
+        carve.take::<f32>(self.max_dim)?;
+        carve.take::<f32>(self.max_dim)?;
+        let qa = carve.take::<u8>(bytes_for::<i16>(self.max_dim))?;
+        let qb = carve.take::<u8>(bytes_for::<i16>(self.max_dim))?;
+        let rest = carve.rest();
+        let mut a = Carve::new(qa).take::<A>(self.max_dim)?;
+        let mut b = Carve::new(qb).take::<A>(self.max_dim)?;
+        let short = |n: usize| Error::ScratchTooSmall { needed: n, actual: self.max_dim };
+        a.get_mut(..x.len()).ok_or(short(x.len()))?.copy_from_slice(x);
+        let (mut width, mut prev) = (x.len(), None);
+        for l in 0..self.n_layers {
+            let info = read_layer::<false>(self.bytes, l)?;
+            if info.expert_dtype != int_dtype::<A>() || prev.is_some_and(|p| p != info.input) {
+                return Err(Error::IntegerPath { layer: l });
+            }
+            layers::run_int_only(&self.table, l, &info, a.get(..width).ok_or(short(width))?, b, rest)?;
+            (width, prev) = (info.out_dim, Some(info.output));
+            core::mem::swap(&mut a, &mut b);
+        }
+        out.copy_from_slice(a.get(..width).ok_or(short(width))?);
+        Ok(())
+    }
+}
+
 /// The index of the largest score (the first of equals), `None` for an
-/// empty slice or one of NaNs only: the class a classifier's scores name.
+/// empty slice or one of NaNs only: the class a classifier's scores name,
+/// float ([`Model::infer`]) or quantized ([`Model::infer_int`]: the scale
+/// is positive, so the order is the same).
 ///
 /// ```
 /// assert_eq!(micromoe::argmax(&[0.1, 2.0, -1.0, 2.0]), Some(1));
-/// assert_eq!(micromoe::argmax(&[]), None);
+/// assert_eq!(micromoe::argmax(&[-3i8, 7, 7]), Some(1));
+/// assert_eq!(micromoe::argmax::<f32>(&[]), None);
 /// ```
-pub fn argmax(scores: &[f32]) -> Option<usize> {
-    let mut best: Option<(usize, f32)> = None;
+pub fn argmax<T: PartialOrd + Copy>(scores: &[T]) -> Option<usize> {
+    let mut best: Option<(usize, T)> = None;
     for (i, &v) in scores.iter().enumerate() {
-        if best.is_none_or(|(_, b)| v > b) && !v.is_nan() {
+        // `v == v` is false for NaN only.
+        #[allow(clippy::eq_op)]
+        let number = v == v;
+        if number && best.is_none_or(|(_, b)| v > b) {
             best = Some((i, v));
         }
     }

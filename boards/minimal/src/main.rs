@@ -1,6 +1,7 @@
 //! The README's firmware example, built as a user would build it: the int8
 //! digits classifier in flash, scratch sized at compile time, parse once,
-//! classify eight test images, exit code 0 if every class is the host's.
+//! classify eight test images on the integer path (quantized pixels in,
+//! quantized scores out), exit code 0 if every class is the host's.
 //! No formatting, no heap, opt-level "s", LTO. `boards/measure.sh` reports
 //! its flash beyond the model, the instructions per inference and the stack.
 #![no_std]
@@ -34,20 +35,27 @@ fn classify_all(scratch: &mut [u8]) -> micromoe::Result<bool> {
     let model = Model::parse(MODEL)?;
     #[cfg(feature = "parse")]
     measure::stop();
+    // The model takes pixel / 16 (0.0..=1.0), quantized with its input
+    // parameters: 17 possible pixels, so quantize them once.
+    let input = model.input_quant().ok_or(micromoe::Error::IntegerPath { layer: 0 })?;
+    let mut pixel_q = [0i8; 17];
+    for (p, q) in pixel_q.iter_mut().enumerate() {
+        *q = input.quantize(p as f32 / 16.0);
+    }
     let mut all = true;
     for image in IMAGES.chunks_exact(65) {
-        // The digits model takes each pixel / 16 (0.0..=1.0), row by row.
-        let mut x = [0.0f32; 64];
+        let mut x = [0i8; 64];
         for (xi, &p) in x.iter_mut().zip(image) {
-            *xi = p as f32 / 16.0;
+            *xi = pixel_q.get(p as usize).copied().unwrap_or(0);
         }
-        let mut scores = [0.0f32; 10];
+        // Quantized class scores: their argmax is the class.
+        let mut scores = [0i8; 10];
         #[cfg(all(feature = "measure", not(feature = "parse")))]
         measure::start();
-        let class = model.classify(&x, &mut scores, scratch)?;
+        model.infer_int(&x, &mut scores, scratch)?;
         #[cfg(all(feature = "measure", not(feature = "parse")))]
         measure::stop();
-        all &= class == image[64] as usize;
+        all &= micromoe::argmax(&scores) == Some(image[64] as usize);
     }
     Ok(all)
 }
