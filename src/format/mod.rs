@@ -927,7 +927,10 @@ impl Model<'_> {
             (width, prev) = (info.out_dim, Some(info.output));
             core::mem::swap(&mut a, &mut b);
         }
-        out.copy_from_slice(a.get(..width).ok_or(short(width))?);
+        let len = out.len();
+        let dst =
+            out.get_mut(..width).ok_or(Error::Shape { what: What::Output, expected: width, actual: len })?;
+        dst.copy_from_slice(a.get(..width).ok_or(short(width))?);
         Ok(())
     }
 }

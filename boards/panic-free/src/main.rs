@@ -5,7 +5,8 @@
 //!
 //! The model bytes pass through `black_box`, so the optimizer cannot see
 //! them and must keep every check that depends on them. Covered: parse +
-//! infer of every stack type (f32, f16, int8, Q15) and parse + decoder
+//! infer of every stack type (f32, f16, int8, Q15), the integer path
+//! (`infer_int`, i8 and i16) and parse + decoder
 //! steps + sampling (greedy and temperature / top-p) on the tiny LM.
 #![no_std]
 #![no_main]
@@ -70,6 +71,22 @@ fn stacks(scratch: &mut [u8]) -> usize {
             ok += 1;
         }
         black_box(y);
+        // The integer path of both integer types (the float models refuse it).
+        let mut yq8 = [0i8; 10];
+        let mut yq16 = [0i16; 10];
+        let (Some(y8), Some(y16)) = (yq8.get_mut(..model.output_dim()), yq16.get_mut(..model.output_dim()))
+        else {
+            continue;
+        };
+        let x8 = black_box([3i8; 64]);
+        let x16 = black_box([300i16; 64]);
+        let (Some(x8), Some(x16)) = (x8.get(..model.input_dim()), x16.get(..model.input_dim())) else {
+            continue;
+        };
+        ok += model.infer_int(x8, y8, scratch).is_ok() as usize;
+        ok += model.infer_int(x16, y16, scratch).is_ok() as usize;
+        ok +=
+            micromoe::argmax(black_box(&*y8)).unwrap_or(0) + micromoe::argmax(black_box(&*y16)).unwrap_or(0);
     }
     ok
 }
