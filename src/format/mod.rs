@@ -498,18 +498,28 @@ impl<'a> Model<'a> {
         if total_out != output_dim {
             return Err(Error::BadField { field: Field::Dims, layer: n_layers - 1 });
         }
+        // Records were validated above; entries come layer by layer, so the
+        // last record read serves the next entries.
+        let mut last: Option<(u16, (usize, usize, u32))> = None;
         check_entries(bytes, (table_offset, n_tensors, data_offset, payload), |key| {
             if key.layer as usize >= n_layers {
                 return Ok(false);
             }
-            let info = layer_info(bytes, key.layer as usize)?;
-            let expert_ok = ((key.expert as usize) < info.experts && info.experts_from == key.layer as usize)
+            let (experts, experts_from, flags) = match last {
+                Some((l, fields)) if l == key.layer => fields,
+                _ => {
+                    let i = read_layer::<false>(bytes, key.layer as usize)?;
+                    (i.experts, i.experts_from, i.flags)
+                }
+            };
+            last = Some((key.layer, (experts, experts_from, flags)));
+            let expert_ok = ((key.expert as usize) < experts && experts_from == key.layer as usize)
                 || key.expert == layout::LAYER_LEVEL
-                || (key.expert == layout::SHARED_EXPERT && info.flags & layout::flags::SHARED != 0);
+                || (key.expert == layout::SHARED_EXPERT && flags & layout::flags::SHARED != 0);
             Ok(expert_ok && key.role < layout::role::COUNT && key.part < layout::part::COUNT)
         })?;
         let max_dim = (0..n_layers)
-            .map(|l| layer_info(bytes, l).map(|i| i.out_dim))
+            .map(|l| read_layer::<false>(bytes, l).map(|i| i.out_dim))
             .try_fold(input_dim, |m, d| d.map(|d| m.max(d)))?;
         let model = Model {
             bytes,
@@ -524,7 +534,7 @@ impl<'a> Model<'a> {
             arch,
         };
         for l in 0..n_layers {
-            layers::build::<true>(&model.table, l, &layer_info(bytes, l)?)?;
+            layers::build::<true>(&model.table, l, &read_layer::<false>(bytes, l)?)?;
         }
         Ok(model)
     }
@@ -831,7 +841,7 @@ fn h_usize(bytes: &[u8], at: usize) -> Result<usize> {
 fn check_entries(
     bytes: &[u8],
     (table_offset, n, data_offset, payload): (usize, usize, usize, usize),
-    allowed: impl Fn(Key) -> Result<bool>,
+    mut allowed: impl FnMut(Key) -> Result<bool>,
 ) -> Result<()> {
     use layout::{dtype, entry};
     let mut prev: Option<Key> = None;

@@ -108,12 +108,28 @@ pub const fn rounding_divide_by_pot(x: i32, exponent: u32) -> i32 {
 ///
 /// A positive shift multiplies `x` by `2^shift` first; like CMSIS-NN on Arm
 /// this wraps if it overflows (calibrated layers never come near it).
+///
+/// Written for the instructions it compiles to (one `SMULL`, an add with
+/// carry and a funnel shift for the high multiply; a mask and a compare
+/// for the rounding shift), equal to the two reference steps above for
+/// every input (`requantize_is_the_reference` checks that).
 #[inline]
 pub const fn requantize(x: i32, m: Multiplier) -> i32 {
     let left = if m.shift > 0 { m.shift as u32 } else { 0 };
     let right = if m.shift > 0 { 0 } else { m.shift.unsigned_abs() };
-    let scaled = x.wrapping_mul(1i32.wrapping_shl(left));
-    rounding_divide_by_pot(saturating_rounding_doubling_high_mul(scaled, m.multiplier), right)
+    let right = if right > 31 { 31 } else { right };
+    let scaled = x.wrapping_shl(left);
+    // round(a * b / 2^31) with ties toward +infinity is floor((a b + 2^30) /
+    // 2^31): the reference's nudge and truncating division give the same
+    // for either sign of the product.
+    let high = if scaled == i32::MIN && m.multiplier == i32::MIN {
+        i32::MAX
+    } else {
+        ((scaled as i64 * m.multiplier as i64 + (1 << 30)) >> 31) as i32
+    };
+    let mask = (1u32.wrapping_shl(right) as i32).wrapping_sub(1);
+    let threshold = (mask >> 1) + (high < 0) as i32;
+    (high >> right) + ((high & mask) > threshold) as i32
 }
 
 /// Largest shift [`requantize_wide`] accepts.
@@ -152,6 +168,42 @@ pub const fn reduce_multiplier(m: i32) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reference: gemmlowp's / TFLM's two steps as written there.
+    fn reference(x: i32, m: Multiplier) -> i32 {
+        let left = if m.shift > 0 { m.shift as u32 } else { 0 };
+        let right = if m.shift > 0 { 0 } else { m.shift.unsigned_abs() };
+        let scaled = x.wrapping_mul(1i32.wrapping_shl(left));
+        rounding_divide_by_pot(saturating_rounding_doubling_high_mul(scaled, m.multiplier), right)
+    }
+
+    #[test]
+    fn requantize_is_the_reference() {
+        let edges =
+            [i32::MIN, i32::MIN + 1, -(1 << 30) - 1, -(1 << 30), -3, -2, -1, 0, 1, 2, 3, 1 << 30, i32::MAX];
+        let mut seed = 0x2545_F491u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as i32
+        };
+        let n = if cfg!(miri) { 200 } else { 200_000 };
+        for shift in -33..=31 {
+            for &a in &edges {
+                for &b in &edges {
+                    let m = Multiplier { multiplier: b, shift };
+                    assert_eq!(requantize(a, m), reference(a, m), "{a} {b} {shift}");
+                }
+            }
+            for i in 0..n / 64 {
+                // Small accumulators (the common case) and anything at all.
+                let a = if i % 2 == 0 { next() >> 12 } else { next() };
+                let m = Multiplier { multiplier: next(), shift };
+                assert_eq!(requantize(a, m), reference(a, m), "{a} {m:?}");
+            }
+        }
+    }
 
     #[test]
     fn from_scale_normalizes_mantissa() {
