@@ -589,6 +589,47 @@ pub(crate) fn build<'a, const CHECK: bool>(
     })
 }
 
+/// At parse: builds layer `layer` with every check (each expert's
+/// tensors, every multiplier), in one out-of-line function per type that
+/// keeps nothing, so parse needs the stack of the one type it meets.
+pub(crate) fn validate(t: &Table<'_>, layer: usize, info: &LayerInfo) -> Result<()> {
+    use LayerDtype::*;
+    let at = &locate(t, layer, info);
+    match (info.gate_dtype, info.expert_dtype) {
+        #[cfg(feature = "f32")]
+        (F32, F32) => check_float::<f32, f32>(t, layer, info, at),
+        #[cfg(feature = "f16")]
+        (F16, F16) => check_float::<f16, f16>(t, layer, info, at),
+        #[cfg(all(feature = "f32", feature = "f16"))]
+        (F32, F16) => check_float::<f32, f16>(t, layer, info, at),
+        #[cfg(all(feature = "f32", feature = "f16"))]
+        (F16, F32) => check_float::<f16, f32>(t, layer, info, at),
+        #[cfg(feature = "int8")]
+        (_, Int8) => check_int::<i8>(t, layer, info, at),
+        #[cfg(feature = "q15")]
+        (_, Q15) => check_int::<i16>(t, layer, info, at),
+        _ => Err(crate::Error::BadField { field: crate::error::Field::Dtype, layer }),
+    }
+}
+
+#[inline(never)]
+fn check_float<G: FloatWeight + Elem, W: FloatWeight + Elem>(
+    t: &Table<'_>,
+    layer: usize,
+    info: &LayerInfo,
+    at: &LayerAt,
+) -> Result<()> {
+    float_layer::<G, W, true>(t, layer, info, at).map(|_| ())
+}
+
+#[inline(never)]
+fn check_int<A: IntKernel + Elem>(t: &Table<'_>, layer: usize, info: &LayerInfo, at: &LayerAt) -> Result<()>
+where
+    A::Bias: Elem,
+{
+    int_layer::<A, true>(t, layer, info, at).map(|_| ())
+}
+
 /// What one layer did: its choice (integer layers: Q15 / 32768), its output
 /// width, and the multiply-accumulates done and with every expert active.
 pub(crate) type Ran = (Selection<f32>, usize, (u64, u64));

@@ -380,6 +380,9 @@ impl<'a> Model<'a> {
     /// header and layer fields, every tensor entry's codes, order, alignment,
     /// bounds and size, and that every layer finds each tensor it needs with
     /// the right shape and type (no size arithmetic can overflow).
+    // Out of line: inlined into the caller, parse's locals would stay in
+    // the caller's frame through every inference that follows.
+    #[inline(never)]
     pub fn parse(bytes: &'a [u8]) -> Result<Self> {
         if bytes.len() < HEADER_LEN + CRC_LEN {
             return Err(Error::Truncated { needed: HEADER_LEN + CRC_LEN, actual: bytes.len() });
@@ -534,7 +537,7 @@ impl<'a> Model<'a> {
             arch,
         };
         for l in 0..n_layers {
-            layers::build::<true>(&model.table, l, &read_layer::<false>(bytes, l)?)?;
+            layers::validate(&model.table, l, &read_layer::<false>(bytes, l)?)?;
         }
         Ok(model)
     }
