@@ -17,6 +17,7 @@
 #![allow(unsafe_code)]
 
 use core::arch::asm;
+use core::mem::MaybeUninit;
 
 use crate::quant::{IntAct, Multiplier, requantize, requantize_wide};
 
@@ -199,25 +200,29 @@ unsafe fn quad_loop(xp: *const u32, n: usize, w: *const i8, stride: usize, acc: 
 }
 
 /// `x + offset` as the pairs `quad_loop` reads; returns the groups written.
-fn expand_i8(x: &[i8], offset: i32, out: &mut [u32]) -> usize {
+/// Only the words written are read later (the buffer is not zeroed first:
+/// that cost more than a small product's expansion).
+fn expand_i8(x: &[i8], offset: i32, out: &mut [MaybeUninit<u32>]) -> usize {
     let off = pair(offset);
     let (xs, _) = x.as_chunks::<4>();
     let mut n = 0;
     for (xw, o) in xs.iter().zip(out.as_chunks_mut::<2>().0) {
         let xv = word(xw);
-        *o = [sadd16(sxtb16(xv), off), sadd16(sxtb16_ror8(xv), off)];
+        o[0].write(sadd16(sxtb16(xv), off));
+        o[1].write(sadd16(sxtb16_ror8(xv), off));
         n += 1;
     }
     n
 }
 
 /// Q15 `x` as the pairs `quad_loop` reads; returns the groups written.
-fn expand_q15(x: &[i16], out: &mut [u32]) -> usize {
+fn expand_q15(x: &[i16], out: &mut [MaybeUninit<u32>]) -> usize {
     let (xs, _) = x.as_chunks::<4>();
     let mut n = 0;
     for (xw, o) in xs.iter().zip(out.as_chunks_mut::<2>().0) {
         let (a, b) = q15_pairs(xw);
-        *o = [a, b];
+        o[0].write(a);
+        o[1].write(b);
         n += 1;
     }
     n
@@ -347,7 +352,7 @@ pub(super) fn matvec_q15(
 #[inline(never)]
 fn quads_q15<const WORDS: usize>(w: &[i8], x: &[i16], mut f: impl FnMut(usize, [i64; 4])) {
     let cols = x.len().max(1);
-    let mut pairs = [0u32; WORDS];
+    let mut pairs = [MaybeUninit::<u32>::uninit(); WORDS];
     let groups = expand_q15(x, &mut pairs);
     let done = groups * 4;
     for (i, q) in w.chunks_exact(four_rows(cols)).enumerate() {
@@ -360,7 +365,7 @@ fn quads_q15<const WORDS: usize>(w: &[i8], x: &[i16], mut f: impl FnMut(usize, [
             // four rows has `cols >= 4 (g + n)` bytes from byte `4g`.
             unsafe {
                 quad_loop(
-                    pairs.as_ptr().wrapping_add(2 * g),
+                    pairs.as_ptr().cast::<u32>().wrapping_add(2 * g),
                     n,
                     q.as_ptr().wrapping_add(4 * g),
                     cols,
@@ -389,14 +394,15 @@ fn quads_q15<const WORDS: usize>(w: &[i8], x: &[i16], mut f: impl FnMut(usize, [
 #[inline(never)]
 fn quads_i8<const WORDS: usize>(w: &[i8], x: &[i8], offset: i32, mut f: impl FnMut(usize, [i32; 4])) {
     let cols = x.len().max(1);
-    let mut pairs = [0u32; WORDS];
+    let mut pairs = [MaybeUninit::<u32>::uninit(); WORDS];
     let groups = expand_i8(x, offset, &mut pairs);
     let done = groups * 4;
     for (i, q) in w.chunks_exact(four_rows(cols)).enumerate() {
         let mut acc = [0i32; 4];
-        // SAFETY: `pairs` holds `2 * groups` words; `q` holds four rows of
+        // SAFETY: `expand_i8` wrote the first `2 * groups` words of `pairs`,
+        // the only ones read; `q` holds four rows of
         // `cols >= 4 * groups` bytes, `cols` apart.
-        unsafe { quad_loop(pairs.as_ptr(), groups, q.as_ptr(), cols, &mut acc) };
+        unsafe { quad_loop(pairs.as_ptr().cast::<u32>(), groups, q.as_ptr(), cols, &mut acc) };
         if done < x.len() {
             for (a, row) in acc.iter_mut().zip(q.chunks_exact(cols)) {
                 let tail = row.get(done..).unwrap_or(&[]).iter().zip(x.get(done..).unwrap_or(&[]));
@@ -427,14 +433,15 @@ fn dots_i8<const WORDS: usize>(w: &[i8], x: &[i8], offset: i32, mut f: impl FnMu
     let cols = x.len().max(1);
     let mut quads = w.chunks_exact(four_rows(cols));
     if x.len() <= 2 * WORDS {
-        let mut pairs = [0u32; WORDS];
+        let mut pairs = [MaybeUninit::<u32>::uninit(); WORDS];
         let groups = expand_i8(x, offset, &mut pairs);
         let done = groups * 4;
         for q in &mut quads {
             let mut acc = [0i32; 4];
-            // SAFETY: `pairs` holds `2 * groups` words; `q` holds four rows of
+            // SAFETY: `expand_i8` wrote the first `2 * groups` words of `pairs`,
+        // the only ones read; `q` holds four rows of
             // `cols >= 4 * groups` bytes, `cols` apart.
-            unsafe { quad_loop(pairs.as_ptr(), groups, q.as_ptr(), cols, &mut acc) };
+            unsafe { quad_loop(pairs.as_ptr().cast::<u32>(), groups, q.as_ptr(), cols, &mut acc) };
             if done < x.len() {
                 for (a, row) in acc.iter_mut().zip(q.chunks_exact(cols)) {
                     let tail = row.get(done..).unwrap_or(&[]).iter().zip(x.get(done..).unwrap_or(&[]));
@@ -471,7 +478,7 @@ fn dots_q15<const WORDS: usize>(w: &[i8], x: &[i16], mut f: impl FnMut(i64)) {
     let cols = x.len().max(1);
     let mut quads = w.chunks_exact(four_rows(cols));
     if x.len() <= 2 * WORDS {
-        let mut pairs = [0u32; WORDS];
+        let mut pairs = [MaybeUninit::<u32>::uninit(); WORDS];
         let groups = expand_q15(x, &mut pairs);
         let done = groups * 4;
         for q in &mut quads {
@@ -484,7 +491,7 @@ fn dots_q15<const WORDS: usize>(w: &[i8], x: &[i16], mut f: impl FnMut(i64)) {
                 // the four rows has `cols >= 4 (g + n)` bytes from `4g`.
                 unsafe {
                     quad_loop(
-                        pairs.as_ptr().wrapping_add(2 * g),
+                        pairs.as_ptr().cast::<u32>().wrapping_add(2 * g),
                         n,
                         q.as_ptr().wrapping_add(4 * g),
                         cols,
