@@ -50,73 +50,41 @@ struct LinearAt {
     s: u8,
 }
 
-const ABSENT: LinearAt = LinearAt { w: NONE, b: NONE, m: NONE, s: NONE };
-
-/// Where each tensor of one `(layer, expert)` block sits: an expert's
-/// linears and tables, or the layer level's gate and selection bias.
+/// Where each tensor of one `(layer, expert)` block sits: the offset of
+/// `(role, part)` from the block's first entry at index `4 role + part`
+/// (stack layers use roles below 8 and parts below 4: validated at parse),
+/// [`NONE`] if absent. Word-aligned, so copies are word moves.
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(4))]
-pub(crate) struct BlockAt {
-    up: LinearAt,
-    gate_proj: LinearAt,
-    down: LinearAt,
-    /// The shared expert's sigmoid gate (in the shared expert's block).
-    shared_gate: LinearAt,
-    /// The router gate (layer level).
-    gate: LinearAt,
-    lut: u8,
-    mul: u8,
-    selection_bias: u8,
+pub(crate) struct BlockAt([u8; 32]);
+
+impl BlockAt {
+    /// The four parts of `role`'s linear.
+    fn lin(&self, role: u8) -> LinearAt {
+        let at = |part: u8| self.0.get(4 * role as usize + part as usize).copied().unwrap_or(NONE);
+        LinearAt { w: at(part::WEIGHT), b: at(part::BIAS), m: at(part::MULTIPLIER), s: at(part::SHIFT) }
+    }
+
+    /// `role`'s single tensor (part 0).
+    fn one(&self, role: u8) -> u8 {
+        self.0.get(4 * role as usize).copied().unwrap_or(NONE)
+    }
 }
 
 /// Reads the block of entries from `start` whose key is `(layer, expert,
 /// ..)`: where each part sits, and how many entries it has. A block has at
 /// most `role::COUNT * part::COUNT` (32) entries, so offsets fit a byte.
 fn scan(t: &Table<'_>, start: usize, layer: usize, expert: u16) -> (BlockAt, usize) {
-    let mut at = BlockAt {
-        up: ABSENT,
-        gate_proj: ABSENT,
-        down: ABSENT,
-        shared_gate: ABSENT,
-        gate: ABSENT,
-        lut: NONE,
-        mul: NONE,
-        selection_bias: NONE,
-    };
+    let mut at = BlockAt([NONE; 32]);
+    let id = (layer as u32 & 0xFFFF) | (expert as u32) << 16;
     let mut n = 0usize;
-    while let Some(k) = t.key(start + n) {
-        if k.layer as usize != layer || k.expert != expert || n >= NONE as usize {
+    for e in t.entries_from(start).iter().take(32) {
+        // Bytes 0..4 of an entry: layer, expert (u16 each); then role, part.
+        if u32::from_le_bytes([e[0], e[1], e[2], e[3]]) != id {
             break;
         }
-        let slot = n as u8;
-        let lin = match k.role {
-            role::UP => Some(&mut at.up),
-            role::GATE_PROJ => Some(&mut at.gate_proj),
-            role::DOWN => Some(&mut at.down),
-            role::SHARED_GATE => Some(&mut at.shared_gate),
-            role::GATE => Some(&mut at.gate),
-            role::LUT if k.part == part::WEIGHT => {
-                at.lut = slot;
-                None
-            }
-            role::MUL if k.part == part::WEIGHT => {
-                at.mul = slot;
-                None
-            }
-            role::SELECTION_BIAS if k.part == part::WEIGHT => {
-                at.selection_bias = slot;
-                None
-            }
-            _ => None,
-        };
-        if let Some(lin) = lin {
-            match k.part {
-                part::WEIGHT => lin.w = slot,
-                part::BIAS => lin.b = slot,
-                part::MULTIPLIER => lin.m = slot,
-                part::SHIFT => lin.s = slot,
-                _ => {}
-            }
+        if let Some(slot) = at.0.get_mut(4 * e[4] as usize + e[5] as usize) {
+            *slot = n as u8;
         }
         n += 1;
     }
@@ -293,11 +261,18 @@ fn float_expert<'a, W: FloatWeight + Elem, const CHECK: bool>(
     expert: u16,
 ) -> Result<Expert<'a, W>> {
     let site = |role| Site { layer: sh.layer, expert, role };
-    let up = float_linear::<W, CHECK>(t, base, at.up, site(role::UP), sh.hidden, sh.in_dim)?;
-    let down = float_linear::<W, CHECK>(t, base, at.down, site(role::DOWN), sh.out_dim, sh.hidden)?;
+    let up = float_linear::<W, CHECK>(t, base, at.lin(role::UP), site(role::UP), sh.hidden, sh.in_dim)?;
+    let down =
+        float_linear::<W, CHECK>(t, base, at.lin(role::DOWN), site(role::DOWN), sh.out_dim, sh.hidden)?;
     if sh.gated {
-        let gate =
-            float_linear::<W, CHECK>(t, base, at.gate_proj, site(role::GATE_PROJ), sh.hidden, sh.in_dim)?;
+        let gate = float_linear::<W, CHECK>(
+            t,
+            base,
+            at.lin(role::GATE_PROJ),
+            site(role::GATE_PROJ),
+            sh.hidden,
+            sh.in_dim,
+        )?;
         Expert::gated(gate, up, down, sh.act)
     } else {
         Expert::mlp(up, down, sh.act)
@@ -316,20 +291,27 @@ where
     A::Bias: Elem,
 {
     let site = |role| Site { layer: sh.layer, expert, role };
-    let up = int_linear::<A, CHECK>(t, base, at.up, site(role::UP), sh.hidden, sh.in_dim)?;
-    let down = int_linear::<A, CHECK>(t, base, at.down, site(role::DOWN), sh.out_dim, sh.hidden)?;
+    let up = int_linear::<A, CHECK>(t, base, at.lin(role::UP), site(role::UP), sh.hidden, sh.in_dim)?;
+    let down = int_linear::<A, CHECK>(t, base, at.lin(role::DOWN), site(role::DOWN), sh.out_dim, sh.hidden)?;
     let act = if sh.act == Activation::Relu {
         QActivation::Relu
     } else {
         let k = site(role::LUT).key(part::WEIGHT);
-        QActivation::Lut(need::<A, CHECK>(t, base, at.lut, k, (A::LUT_LEN, 1))?.0)
+        QActivation::Lut(need::<A, CHECK>(t, base, at.one(role::LUT), k, (A::LUT_LEN, 1))?.0)
     };
     if !sh.gated {
         return QExpert::mlp(up, act, down);
     }
-    let gate = int_linear::<A, CHECK>(t, base, at.gate_proj, site(role::GATE_PROJ), sh.hidden, sh.in_dim)?;
+    let gate = int_linear::<A, CHECK>(
+        t,
+        base,
+        at.lin(role::GATE_PROJ),
+        site(role::GATE_PROJ),
+        sh.hidden,
+        sh.in_dim,
+    )?;
     let k = site(role::MUL).key(part::WEIGHT);
-    let (p, _) = need::<i32, CHECK>(t, base, at.mul, k, (5, 1))?;
+    let (p, _) = need::<i32, CHECK>(t, base, at.one(role::MUL), k, (5, 1))?;
     let &[a_zp, b_zp, out_zp, multiplier, shift] = p else {
         return Err(Error::Shape { what: What::Requant, expected: 5, actual: p.len() });
     };
@@ -435,14 +417,17 @@ fn float_layer<'a, G: FloatWeight + Elem, W: FloatWeight + Elem, const CHECK: bo
     let gate = float_linear::<G, CHECK>(
         t,
         at.level_first,
-        at.level.gate,
+        at.level.lin(role::GATE),
         level(role::GATE),
         info.experts,
         info.in_dim,
     )?;
     let bias = if info.flags & flags::SELECTION_BIAS != 0 {
         let k = level(role::SELECTION_BIAS).key(part::WEIGHT);
-        Some(need::<f32, CHECK>(t, at.level_first, at.level.selection_bias, k, (info.experts, 1))?.0)
+        Some(
+            need::<f32, CHECK>(t, at.level_first, at.level.one(role::SELECTION_BIAS), k, (info.experts, 1))?
+                .0,
+        )
     } else {
         None
     };
@@ -452,7 +437,14 @@ fn float_layer<'a, G: FloatWeight + Elem, W: FloatWeight + Elem, const CHECK: bo
         let expert = float_expert::<W, CHECK>(t, at.shared_first, &at.shared, &sh, SHARED_EXPERT)?;
         let gate = if info.flags & flags::SHARED_GATE != 0 {
             let site = Site { layer, expert: SHARED_EXPERT, role: role::SHARED_GATE };
-            Some(float_linear::<W, CHECK>(t, at.shared_first, at.shared.shared_gate, site, 1, info.in_dim)?)
+            Some(float_linear::<W, CHECK>(
+                t,
+                at.shared_first,
+                at.shared.lin(role::SHARED_GATE),
+                site,
+                1,
+                info.in_dim,
+            )?)
         } else {
             None
         };
@@ -489,7 +481,14 @@ where
         let expert = int_expert::<A, CHECK>(t, at.shared_first, &at.shared, &sh, SHARED_EXPERT)?;
         let gate = if info.flags & flags::SHARED_GATE != 0 {
             let site = Site { layer, expert: SHARED_EXPERT, role: role::SHARED_GATE };
-            Some(int_linear::<A, CHECK>(t, at.shared_first, at.shared.shared_gate, site, 1, info.in_dim)?)
+            Some(int_linear::<A, CHECK>(
+                t,
+                at.shared_first,
+                at.shared.lin(role::SHARED_GATE),
+                site,
+                1,
+                info.in_dim,
+            )?)
         } else {
             None
         };
@@ -506,13 +505,16 @@ where
     }
     let level = |role| Site { layer, expert: LAYER_LEVEL, role };
     let has_bias = info.flags & flags::SELECTION_BIAS != 0;
-    let (base, gate_at, gate_site) = (at.level_first, at.level.gate, level(role::GATE));
+    let (base, gate_at, gate_site) = (at.level_first, at.level.lin(role::GATE), level(role::GATE));
     let bias_key = level(role::SELECTION_BIAS).key(part::WEIGHT);
     let rows_cols = (info.experts, info.in_dim);
     // A float gate (f32 or f16) may route integer experts.
     let float_gate = |g| -> Result<_> {
         let bias = if has_bias {
-            Some(need::<f32, CHECK>(t, base, at.level.selection_bias, bias_key, (info.experts, 1))?.0)
+            Some(
+                need::<f32, CHECK>(t, base, at.level.one(role::SELECTION_BIAS), bias_key, (info.experts, 1))?
+                    .0,
+            )
         } else {
             None
         };
@@ -534,7 +536,16 @@ where
         LayerDtype::Int8 | LayerDtype::Q15 => {
             let gate = int_linear::<A, CHECK>(t, base, gate_at, gate_site, rows, cols)?;
             let bias = if has_bias {
-                Some(need::<i32, CHECK>(t, base, at.level.selection_bias, bias_key, (info.experts, 1))?.0)
+                Some(
+                    need::<i32, CHECK>(
+                        t,
+                        base,
+                        at.level.one(role::SELECTION_BIAS),
+                        bias_key,
+                        (info.experts, 1),
+                    )?
+                    .0,
+                )
             } else {
                 None
             };

@@ -149,6 +149,13 @@ impl<'a> Table<'a> {
         lo
     }
 
+    /// The entries from `start` to the end (empty past it), 32 bytes each.
+    pub(crate) fn entries_from(&self, start: usize) -> &'a [[u8; ENTRY_LEN]] {
+        let from = start.min(self.n).saturating_mul(ENTRY_LEN).saturating_add(self.table_offset);
+        let to = self.n.saturating_mul(ENTRY_LEN).saturating_add(self.table_offset);
+        self.bytes.get(from..to).map_or(&[], |b| b.as_chunks::<ENTRY_LEN>().0)
+    }
+
     /// Entry `i`'s key; `None` past the end.
     pub fn key(&self, i: usize) -> Option<Key> {
         self.entry(i).map(key_of)

@@ -439,7 +439,7 @@ fn dots_i8<const WORDS: usize>(w: &[i8], x: &[i8], offset: i32, mut f: impl FnMu
         for q in &mut quads {
             let mut acc = [0i32; 4];
             // SAFETY: `expand_i8` wrote the first `2 * groups` words of `pairs`,
-        // the only ones read; `q` holds four rows of
+            // the only ones read; `q` holds four rows of
             // `cols >= 4 * groups` bytes, `cols` apart.
             unsafe { quad_loop(pairs.as_ptr().cast::<u32>(), groups, q.as_ptr(), cols, &mut acc) };
             if done < x.len() {
