@@ -22,19 +22,14 @@ fn offer<T: PartialOrd + Copy>(best: &mut heapless::Vec<(usize, T), MAX_K>, k: u
     if best.len() >= k {
         best.pop();
     }
-    // Rebuilt rather than `insert` (whose index assertion is a panic path);
-    // no push can fail: len < k <= MAX_K after the pop.
-    let mut out = heapless::Vec::new();
-    for (i, &b) in best.iter().enumerate() {
-        if i == pos {
-            let _ = out.push((e, s));
-        }
-        let _ = out.push(b);
+    // Inserted by carrying each later entry one place down (`insert`'s
+    // index assertion would be a panic path; rebuilding the list copied it
+    // whole). The push cannot fail: len < k <= MAX_K after the pop.
+    let mut carry = (e, s);
+    for slot in best.iter_mut().skip(pos) {
+        core::mem::swap(slot, &mut carry);
     }
-    if pos >= best.len() {
-        let _ = out.push((e, s));
-    }
-    *best = out;
+    let _ = best.push(carry);
 }
 
 /// Sum of the two best `value`s of group `g` (one if the group has one member).
