@@ -274,24 +274,24 @@ pub(super) fn matvec_i8(
         let v = requantize(acc, Multiplier { multiplier: m, shift: s });
         i8::saturate(v.saturating_add(output_zp))
     };
-    let epilogue = |y: &mut [i8], o: usize, acc: [i32; 4]| {
-        let (Some(yv), Some(m), Some(s)) = (
-            y.get_mut(o..o + 4).and_then(|v| v.as_chunks_mut::<4>().0.first_mut()),
-            multipliers.get(o..o + 4).and_then(|v| v.as_chunks::<4>().0.first()),
-            shifts.get(o..o + 4).and_then(|v| v.as_chunks::<4>().0.first()),
-        ) else {
-            return;
+    {
+        // Rows in fours: one index check per array and pass.
+        let (ys, ms, ss) =
+            (y.as_chunks_mut::<4>().0, multipliers.as_chunks::<4>().0, shifts.as_chunks::<4>().0);
+        let bs = bias.map(|b| b.as_chunks::<4>().0);
+        let epilogue = |o: usize, acc: [i32; 4]| {
+            let q = o / 4;
+            let (Some(yv), Some(m), Some(s)) = (ys.get_mut(q), ms.get(q), ss.get(q)) else { return };
+            let b = bs.and_then(|b| b.get(q)).unwrap_or(&[0; 4]);
+            for r in 0..4 {
+                yv[r] = requant(acc[r].wrapping_add(b[r]), m[r], s[r]);
+            }
         };
-        let b =
-            bias.and_then(|b| b.get(o..o + 4)).and_then(|v| v.as_chunks::<4>().0.first()).unwrap_or(&[0; 4]);
-        for r in 0..4 {
-            yv[r] = requant(acc[r].wrapping_add(b[r]), m[r], s[r]);
+        if cols <= 128 {
+            quads_i8::<64>(w, x, offset, epilogue);
+        } else {
+            quads_i8::<{ MAX_EXPANDED / 2 }>(w, x, offset, epilogue);
         }
-    };
-    if cols <= 128 {
-        quads_i8::<64>(w, x, offset, |o, acc| epilogue(y, o, acc));
-    } else {
-        quads_i8::<{ MAX_EXPANDED / 2 }>(w, x, offset, |o, acc| epilogue(y, o, acc));
     }
     let done = rows / 4 * 4;
     let rest = w.chunks_exact(cols.max(1)).zip(y.iter_mut()).zip(multipliers.iter().zip(shifts));
