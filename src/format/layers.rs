@@ -570,6 +570,53 @@ where
     }
 }
 
+/// One match over a layer's (gate, experts) types with the arms this build
+/// has (cargo features): `$float` with the float types named `G` (gate) and
+/// `W` (experts), `$int` with the integer activation type `A`; a type left
+/// out (refused at parse) is an error.
+macro_rules! by_type {
+    ($info:expr, $layer:expr, |$g:ident, $w:ident| $float:expr, |$a:ident| $int:expr) => {{
+        use LayerDtype::*;
+        match ($info.gate_dtype, $info.expert_dtype) {
+            #[cfg(feature = "f32")]
+            (F32, F32) => {
+                type $g = f32;
+                type $w = f32;
+                $float
+            }
+            #[cfg(feature = "f16")]
+            (F16, F16) => {
+                type $g = f16;
+                type $w = f16;
+                $float
+            }
+            #[cfg(all(feature = "f32", feature = "f16"))]
+            (F32, F16) => {
+                type $g = f32;
+                type $w = f16;
+                $float
+            }
+            #[cfg(all(feature = "f32", feature = "f16"))]
+            (F16, F32) => {
+                type $g = f16;
+                type $w = f32;
+                $float
+            }
+            #[cfg(feature = "int8")]
+            (_, Int8) => {
+                type $a = i8;
+                $int
+            }
+            #[cfg(feature = "q15")]
+            (_, Q15) => {
+                type $a = i16;
+                $int
+            }
+            _ => Err(crate::Error::BadField { field: crate::error::Field::Dtype, layer: $layer }),
+        }
+    }};
+}
+
 /// Builds layer `layer`; with `CHECK` (at parse) every tensor of every
 /// expert is checked, without it (views rebuilt for an inference) only what
 /// O(1) checks cover.
@@ -604,23 +651,10 @@ pub(crate) fn build<'a, const CHECK: bool>(
 /// tensors, every multiplier), in one out-of-line function per type that
 /// keeps nothing, so parse needs the stack of the one type it meets.
 pub(crate) fn validate(t: &Table<'_>, layer: usize, info: &LayerInfo) -> Result<()> {
-    use LayerDtype::*;
     let at = &locate(t, layer, info);
-    match (info.gate_dtype, info.expert_dtype) {
-        #[cfg(feature = "f32")]
-        (F32, F32) => check_float::<f32, f32>(t, layer, info, at),
-        #[cfg(feature = "f16")]
-        (F16, F16) => check_float::<f16, f16>(t, layer, info, at),
-        #[cfg(all(feature = "f32", feature = "f16"))]
-        (F32, F16) => check_float::<f32, f16>(t, layer, info, at),
-        #[cfg(all(feature = "f32", feature = "f16"))]
-        (F16, F32) => check_float::<f16, f32>(t, layer, info, at),
-        #[cfg(feature = "int8")]
-        (_, Int8) => check_int::<i8>(t, layer, info, at),
-        #[cfg(feature = "q15")]
-        (_, Q15) => check_int::<i16>(t, layer, info, at),
-        _ => Err(crate::Error::BadField { field: crate::error::Field::Dtype, layer }),
-    }
+    by_type!(info, layer, |G, W| check_float::<G, W>(t, layer, info, at), |A| check_int::<A>(
+        t, layer, info, at
+    ))
 }
 
 #[inline(never)]
@@ -659,24 +693,10 @@ pub(crate) fn run(
     q: (&mut [u8], &mut [u8]),
     scratch: &mut [u8],
 ) -> Result<Ran> {
-    use LayerDtype::*;
     let at = &locate(t, layer, info);
-    match (info.gate_dtype, info.expert_dtype) {
-        #[cfg(feature = "f32")]
-        (F32, F32) => run_float::<f32, f32>(t, layer, info, at, x, y, scratch),
-        #[cfg(feature = "f16")]
-        (F16, F16) => run_float::<f16, f16>(t, layer, info, at, x, y, scratch),
-        #[cfg(all(feature = "f32", feature = "f16"))]
-        (F32, F16) => run_float::<f32, f16>(t, layer, info, at, x, y, scratch),
-        #[cfg(all(feature = "f32", feature = "f16"))]
-        (F16, F32) => run_float::<f16, f32>(t, layer, info, at, x, y, scratch),
-        #[cfg(feature = "int8")]
-        (_, Int8) => run_int::<i8>(t, layer, info, at, x, y, q, scratch),
-        #[cfg(feature = "q15")]
-        (_, Q15) => run_int::<i16>(t, layer, info, at, x, y, q, scratch),
-        // Refused at parse (a type this build leaves out, or no such pair).
-        _ => Err(crate::Error::BadField { field: crate::error::Field::Dtype, layer }),
-    }
+    by_type!(info, layer, |G, W| run_float::<G, W>(t, layer, info, at, x, y, scratch), |A| run_int::<A>(
+        t, layer, info, at, x, y, q, scratch
+    ))
 }
 
 #[inline(never)]

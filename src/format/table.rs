@@ -131,8 +131,18 @@ impl<'a> Table<'a> {
 
     /// The tensor at `key`, if present.
     pub fn find(&self, key: Key) -> Option<Tensor<'a>> {
-        let i = self.lower_bound(key);
-        if self.key(i) == Some(key) { self.get(i) } else { None }
+        // A binary search that stops at the key (the decoder looks up its
+        // tensors per token: this is not `lower_bound` and a compare).
+        let (mut lo, mut hi) = (0, self.n);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match key_of(self.entry(mid)?).cmp(&key) {
+                core::cmp::Ordering::Less => lo = mid + 1,
+                core::cmp::Ordering::Greater => hi = mid,
+                core::cmp::Ordering::Equal => return self.get(mid),
+            }
+        }
+        None
     }
 
     /// Index of the first entry whose key is `key` or greater (`len()` if
