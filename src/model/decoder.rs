@@ -261,12 +261,13 @@ fn matrix<'a, const CHECK: bool>(
 ) -> Result<Matrix<'a>> {
     let missing =
         Error::MissingTensor { layer: key.layer, expert: key.expert, role: key.role, part: key.part };
-    let found = t.find(key).ok_or(missing)?;
+    // One search for the weights (their type decides the rest).
+    let found = t.find(key).filter(|f| f.rows == rows && f.cols == cols).ok_or(missing)?;
     let w = match found.dtype {
-        dtype::F32 => Weights::F32(t.need::<f32>(key, rows, cols)?.data),
-        dtype::F16 => Weights::F16(t.need::<f16>(key, rows, cols)?.data),
+        dtype::F32 => Weights::F32(found.slice::<f32>().ok_or(missing)?),
+        dtype::F16 => Weights::F16(found.slice::<f16>().ok_or(missing)?),
         dtype::I8 => Weights::I8 {
-            w: t.need::<i8>(key, rows, cols)?.data,
+            w: found.slice::<i8>().ok_or(missing)?,
             scales: t.need::<f32>(Key { part: SCALE_PART, ..key }, rows, 1)?.data,
         },
         _ => return Err(missing),
