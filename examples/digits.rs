@@ -94,7 +94,7 @@ fn main() {
             let mut y = [0.0f32; CLASSES];
             let mut chosen = 0;
             model
-                .infer(&x[i * 64..(i + 1) * 64], &mut y, &mut scratch, |s| {
+                .infer_observed(&x[i * 64..(i + 1) * 64], &mut y, &mut scratch, |s| {
                     chosen = s.selection[0].expert as usize;
                     r.macs += s.macs;
                     r.macs_dense += s.macs_dense;

@@ -35,7 +35,7 @@ fn vectors(model: &Model<'_>, x: &[f32]) -> Vec<u8> {
         out.extend(xi.iter().flat_map(|v| v.to_le_bytes()));
         let mut y = vec![0.0f32; n_out];
         let mut first = 0u32;
-        model.infer(xi, &mut y, &mut scratch, |s| first = s.selection[0].expert as u32).unwrap();
+        model.infer_observed(xi, &mut y, &mut scratch, |s| first = s.selection[0].expert as u32).unwrap();
         ys.extend(y);
         experts.push(first);
     }

@@ -44,7 +44,7 @@ fn bad_calls_get_specific_errors() {
     let bytes = AlignedBytes::from(&model_bytes("mixtral_tied", Dtype::F32)[..]);
     let model = Model::parse(&bytes).unwrap();
     assert_eq!(
-        model.infer(&[0.0; 96], &mut [0.0; 96], &mut [0; 64], |_| {}).unwrap_err(),
+        model.infer(&[0.0; 96], &mut [0.0; 96], &mut [0; 64]).unwrap_err(),
         Error::WrongArchitecture { found: 3 }
     );
     let dec = Decoder::new(&model).unwrap();

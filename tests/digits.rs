@@ -48,7 +48,7 @@ fn evaluate(bytes: &[u8], scratch: &mut [u8]) -> (f64, f32, usize) {
     for (i, x) in t.x.chunks_exact(64).enumerate() {
         let mut y = [0.0f32; 10];
         let mut chosen = usize::MAX;
-        model.infer(x, &mut y, scratch, |s| chosen = s.selection[0].expert as usize).unwrap();
+        model.infer_observed(x, &mut y, scratch, |s| chosen = s.selection[0].expert as usize).unwrap();
         correct += (argmax(&y) == t.labels[i]) as usize;
         same += (chosen == t.experts[i]) as usize;
         for (a, b) in y.iter().zip(&t.logits[i * 10..(i + 1) * 10]) {
@@ -102,6 +102,6 @@ fn exact_scratch_is_enough_and_one_byte_less_is_not() {
     let n = s.len();
     let x = [0.5f32; 64];
     let mut y = [0.0f32; 10];
-    model.infer(&x, &mut y, &mut s[..], |_| {}).unwrap();
-    assert!(model.infer(&x, &mut y, &mut s[..n - 1], |_| {}).is_err());
+    model.infer(&x, &mut y, &mut s[..]).unwrap();
+    assert!(model.infer(&x, &mut y, &mut s[..n - 1]).is_err());
 }

@@ -36,7 +36,7 @@ fn a_model_needing_a_left_out_feature_is_refused_by_name() {
                     let mut scratch = vec![0u8; model.scratch_bytes()];
                     let mut y = vec![0.0f32; model.output_dim()];
                     let x = vec![0.5f32; model.input_dim()];
-                    model.infer(&x, &mut y, &mut scratch, |_| {}).unwrap();
+                    model.infer(&x, &mut y, &mut scratch).unwrap();
                 }
             }
             Err(e) => {

@@ -38,7 +38,7 @@ fn run(bytes: &[u8], fx: &Fixture) -> Vec<(Vec<f32>, Vec<u16>)> {
             let mut y = vec![0.0; model.output_dim()];
             let mut experts = vec![];
             model
-                .infer(fx.row("x", t), &mut y, &mut scratch, |s| {
+                .infer_observed(fx.row("x", t), &mut y, &mut scratch, |s| {
                     experts = s.selection.iter().map(|c| c.expert).collect()
                 })
                 .unwrap();
@@ -146,7 +146,7 @@ fn integer_views_from_a_file_have_the_sizes_of_the_layer_in_memory() {
     let mut step = (0, 0);
     let mut scratch = vec![0u8; parsed.scratch_bytes()];
     let mut y = vec![0.0; parsed.output_dim()];
-    parsed.infer(fx.row("x", 0), &mut y, &mut scratch, |s| step = (s.macs, s.macs_dense)).unwrap();
+    parsed.infer_observed(fx.row("x", 0), &mut y, &mut scratch, |s| step = (s.macs, s.macs_dense)).unwrap();
     assert_eq!(step, mem.macs(&sel));
 }
 
@@ -284,26 +284,26 @@ fn misaligned_buffers_and_wrong_inputs_are_refused() {
     let mut y = vec![0.0; model.output_dim()];
     let x = vec![0.5; model.input_dim()];
     assert_eq!(
-        model.infer(&x[1..], &mut y, &mut scratch, |_| {}).unwrap_err(),
+        model.infer(&x[1..], &mut y, &mut scratch).unwrap_err(),
         Error::Shape { what: What::Input, expected: x.len(), actual: x.len() - 1 }
     );
     assert!(matches!(
-        model.infer(&x, &mut y[1..], &mut scratch, |_| {}),
+        model.infer(&x, &mut y[1..], &mut scratch),
         Err(Error::Shape { what: What::Output, .. })
     ));
     let mut nan = x.clone();
     nan[3] = f32::NAN;
     assert_eq!(
-        model.infer(&nan, &mut y, &mut scratch, |_| {}).unwrap_err(),
+        model.infer(&nan, &mut y, &mut scratch).unwrap_err(),
         Error::NonFinite { what: What::Input, index: 3 }
     );
     let need = model.scratch_bytes();
     assert_eq!(required_scratch(&bytes), Ok(need));
     assert_eq!(
-        model.infer(&x, &mut y, &mut scratch[..need - 1], |_| {}).unwrap_err(),
+        model.infer(&x, &mut y, &mut scratch[..need - 1]).unwrap_err(),
         Error::ScratchTooSmall { needed: need, actual: need - 1 }
     );
-    model.infer(&x, &mut y, &mut scratch[..need], |_| {}).unwrap();
+    model.infer(&x, &mut y, &mut scratch[..need]).unwrap();
 }
 
 /// A bounded stand-in for the fuzz target that runs on stable in CI:
@@ -335,7 +335,7 @@ fn random_edits_never_panic() {
                 let mut scratch = vec![0u8; model.scratch_bytes().min(1 << 20)];
                 let mut y = vec![0.0; model.output_dim().min(1 << 16)];
                 let x = vec![0.25; model.input_dim().min(1 << 16)];
-                let _ = model.infer(&x, &mut y, &mut scratch, |_| {});
+                let _ = model.infer(&x, &mut y, &mut scratch);
             }
             Err(_) => refused += 1,
         }
@@ -451,7 +451,7 @@ fn infer_int_is_infer_without_the_float_edges() {
         for t in 0..fx.tokens().min(if cfg!(miri) { 1 } else { 64 }) {
             let x = fx.row("x", t);
             let mut want = vec![0.0f32; model.output_dim()];
-            model.infer(x, &mut want, &mut scratch, |_| {}).unwrap();
+            model.infer(x, &mut want, &mut scratch).unwrap();
             let mut xq = vec![A::default(); x.len()];
             qin.quantize_slice(x, &mut xq).unwrap();
             let mut yq = vec![A::default(); model.output_dim()];

@@ -49,7 +49,7 @@ fn run(dtype: Dtype) -> (f32, usize, usize) {
         let mut y = [0.0f32; 4];
         let mut task1 = vec![];
         model
-            .infer(x, &mut y, &mut scratch, |s| {
+            .infer_observed(x, &mut y, &mut scratch, |s| {
                 if s.layer == 2 {
                     task1 = s.selection.iter().map(|c| c.expert as i64).collect();
                 }

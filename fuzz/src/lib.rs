@@ -41,7 +41,7 @@ pub fn stack(data: &[u8]) {
     let mut scratch = vec![0u8; model.scratch_bytes()];
     let x: Vec<f32> = (0..model.input_dim()).map(|i| (i % 7) as f32 - 3.0).collect();
     let mut y = vec![0.0f32; model.output_dim()];
-    let _ = model.infer(&x, &mut y, &mut scratch, |_| {});
+    let _ = model.infer(&x, &mut y, &mut scratch);
     for l in 0..model.layers() {
         let Ok(layer) = model.layer(l) else { continue };
         batch(&layer);

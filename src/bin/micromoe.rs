@@ -191,7 +191,7 @@ fn run(cli: Cli) -> Result<(), HostError> {
                 let mut y = vec![0.0f32; m.output_dim()];
                 let mut experts: Vec<Vec<u16>> = Vec::new();
                 let mut weights: Vec<Vec<f32>> = Vec::new();
-                m.infer(x, &mut y, &mut scratch, |s| {
+                m.infer_observed(x, &mut y, &mut scratch, |s| {
                     experts.push(s.selection.iter().map(|c| c.expert).collect());
                     weights.push(s.selection.iter().map(|c| c.weight).collect());
                 })?;

@@ -112,7 +112,7 @@
 //! let model = Model::parse(&bytes).unwrap();
 //! let mut scratch = vec![0u8; model.scratch_bytes()];
 //! let mut y = [0.0f32; 3];
-//! model.infer(&[1.0, 1.0], &mut y, &mut scratch, |_| {}).unwrap();
+//! model.infer(&[1.0, 1.0], &mut y, &mut scratch).unwrap();
 //! # }
 //! ```
 
@@ -362,7 +362,7 @@ pub struct Model<'a> {
     arch: u32,
 }
 
-/// What happened in one layer during [`Model::infer`].
+/// What happened in one layer during [`Model::infer_observed`].
 #[derive(Debug, Clone, Copy)]
 pub struct Step<'s> {
     /// Layer index.
@@ -658,8 +658,14 @@ impl<'a> Model<'a> {
     /// Runs one input through every layer: `x` (input width) to `out`
     /// (output width), f32 at the edges; integer layers quantize their input
     /// and dequantize their output with the parameters stored in the model.
-    /// `on_step` sees each layer's choice and work.
-    pub fn infer(
+    /// [`Model::infer_observed`] also shows each layer's choice and work;
+    /// [`Model::infer_int`] runs an integer model on integers end to end.
+    pub fn infer(&self, x: &[f32], out: &mut [f32], scratch: &mut [u8]) -> Result<()> {
+        self.infer_observed(x, out, scratch, |_| {})
+    }
+
+    /// [`Model::infer`], and `on_step` sees each layer's choice and work.
+    pub fn infer_observed(
         &self,
         x: &[f32],
         out: &mut [f32],
@@ -979,7 +985,7 @@ impl Model<'_> {
         if !self.is_classifier() {
             return Err(Error::WrongArchitecture { found: self.arch });
         }
-        self.infer(x, scores, scratch, |_| {})?;
+        self.infer(x, scores, scratch)?;
         // Scores are finite (checked by `infer`) and there is at least one.
         argmax(scores).ok_or(Error::Shape { what: What::Output, expected: 1, actual: 0 })
     }
@@ -1015,7 +1021,7 @@ macro_rules! include_model {
 /// let mut scratch = [0u8; SCRATCH];
 /// let model = micromoe::Model::parse(MODEL).unwrap();
 /// let mut y = [0.0f32; 10];
-/// model.infer(&[0.5; 64], &mut y, &mut scratch, |_| {}).unwrap();
+/// model.infer(&[0.5; 64], &mut y, &mut scratch).unwrap();
 /// ```
 #[macro_export]
 macro_rules! scratch_len {

@@ -119,7 +119,7 @@ pub fn check(board: &str, dtype: &str, model: &[u8], v: &[u8], exact: bool, scra
         let mut y = [0.0f32; MAX_WIDTH];
         let mut expert = u32::MAX;
         measure_start();
-        let result = model.infer(&x[..n_in], &mut y[..n_out], scratch, |st| {
+        let result = model.infer_observed(&x[..n_in], &mut y[..n_out], scratch, |st| {
             expert = st.selection.first().map_or(u32::MAX, |c| c.expert as u32)
         });
         measure_stop();

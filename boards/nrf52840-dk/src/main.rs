@@ -39,7 +39,7 @@ fn main() -> ! {
         let mut scores = [0.0f32; 10];
         let (mut expert, mut weight) = (0u16, 0.0f32);
         let start = timer.read();
-        let result = model.infer(&x, &mut scores, &mut scratch, |step| {
+        let result = model.infer_observed(&x, &mut scores, &mut scratch, |step| {
             if let Some(c) = step.selection.first() {
                 (expert, weight) = (c.expert, c.weight);
             }

@@ -63,7 +63,7 @@ fn stacks(scratch: &mut [u8]) -> usize {
             continue;
         };
         if model
-            .infer(x, y, scratch, |s| {
+            .infer_observed(x, y, scratch, |s| {
                 black_box(s);
             })
             .is_ok()
