@@ -20,6 +20,20 @@ pub trait FloatWeight: Copy + bytemuck::Pod + 'static {
         }
         out
     }
+
+    /// `x . w` over the shorter of the two, added in element order from
+    /// `-0.0` (as `Iterator::sum` adds): the order the decoder's attention
+    /// has always used.
+    #[inline(always)]
+    fn dot_seq(x: &[f32], w: &[Self]) -> f32 {
+        x.iter().zip(w).map(|(a, &b)| a * b.to_f32()).sum()
+    }
+
+    /// `out += p * w` over the shorter of the two.
+    #[inline(always)]
+    fn axpy(out: &mut [f32], w: &[Self], p: f32) {
+        out.iter_mut().zip(w).for_each(|(o, &v)| *o += p * v.to_f32());
+    }
 }
 
 impl FloatWeight for f32 {
@@ -40,6 +54,20 @@ impl FloatWeight for f16 {
         {
             f16::to_f32(self)
         }
+    }
+
+    // The same operations in the same order as the portable defaults, in a
+    // loop of `VCVTB` + `VMUL` + `VADD` instead of a call per element.
+    #[cfg(micromoe_fp16_convert)]
+    #[inline(always)]
+    fn dot_seq(x: &[f32], w: &[Self]) -> f32 {
+        fpu16::dot(x, w)
+    }
+
+    #[cfg(micromoe_fp16_convert)]
+    #[inline(always)]
+    fn axpy(out: &mut [f32], w: &[Self], p: f32) {
+        fpu16::axpy(out, w, p)
     }
 
     // On 64-bit hosts a branch-free widening (selects, no per-element
@@ -69,10 +97,30 @@ mod fpu16 {
     //! Rust 1.95 gives S registers to `asm!` only with the `vfp2` feature,
     //! which these targets do not list (they have `vfp2sp`).
 
+    use super::f16;
+
     /// `h` widened by `VCVTB.F32.F16`.
     #[inline(always)]
     pub(crate) fn f16_to_f32(h: u16) -> f32 {
         f32::from_bits(micromoe_vcvtb_f32_f16(u32::from(h)))
+    }
+
+    /// [`FloatWeight::dot_seq`](super::FloatWeight::dot_seq) for f16.
+    #[inline(always)]
+    pub(crate) fn dot(x: &[f32], w: &[f16]) -> f32 {
+        let n = x.len().min(w.len());
+        // SAFETY: `micromoe_dot_f16` reads `n` f32 from `x` and `n` u16 from
+        // `w`, both at least `n` long, and writes no memory.
+        f32::from_bits(unsafe { micromoe_dot_f16(x.as_ptr(), w.as_ptr().cast(), n) })
+    }
+
+    /// [`FloatWeight::axpy`](super::FloatWeight::axpy) for f16.
+    #[inline(always)]
+    pub(crate) fn axpy(out: &mut [f32], w: &[f16], p: f32) {
+        let n = out.len().min(w.len());
+        // SAFETY: `micromoe_axpy_f16` reads and writes `n` f32 at `out`
+        // (exclusively borrowed, at least `n` long) and reads `n` u16 from `w`.
+        unsafe { micromoe_axpy_f16(out.as_mut_ptr(), w.as_ptr().cast(), n, p.to_bits()) }
     }
 
     // A leaf function: reads r0, writes r0 and s0 (caller-saved in the
@@ -91,10 +139,68 @@ mod fpu16 {
         ".size micromoe_vcvtb_f32_f16, . - micromoe_vcvtb_f32_f16",
     );
 
-    // SAFETY: the function above takes and returns a u32 in r0 and has no
-    // other effect than clobbering s0, which callers do not expect kept.
+    // r0 = x (f32), r1 = w (f16 bits), r2 = n; returns the sum's bits in r0.
+    // acc = -0.0, then acc = acc + x[i] * w[i] for i in order (VMUL and VADD
+    // round separately: not fused). Clobbers r1-r3, s0-s2 (caller-saved).
+    core::arch::global_asm!(
+        ".section .text.micromoe_dot_f16,\"ax\",%progbits",
+        ".global micromoe_dot_f16",
+        ".type micromoe_dot_f16,%function",
+        ".thumb_func",
+        ".fpu fpv4-sp-d16",
+        "micromoe_dot_f16:",
+        "mov.w r3, #0x80000000",
+        "vmov s0, r3",
+        "cbz r2, 2f",
+        "1:",
+        "ldrh r3, [r1], #2",
+        "vmov s1, r3",
+        "vcvtb.f32.f16 s1, s1",
+        "vldmia r0!, {{s2}}",
+        "vmul.f32 s1, s2, s1",
+        "vadd.f32 s0, s0, s1",
+        "subs r2, r2, #1",
+        "bne 1b",
+        "2:",
+        "vmov r0, s0",
+        "bx lr",
+        ".size micromoe_dot_f16, . - micromoe_dot_f16",
+    );
+
+    // r0 = out (f32), r1 = w (f16 bits), r2 = n, r3 = p's bits:
+    // out[i] = out[i] + p * w[i]. Clobbers r0-r3, s0-s2 (caller-saved).
+    core::arch::global_asm!(
+        ".section .text.micromoe_axpy_f16,\"ax\",%progbits",
+        ".global micromoe_axpy_f16",
+        ".type micromoe_axpy_f16,%function",
+        ".thumb_func",
+        ".fpu fpv4-sp-d16",
+        "micromoe_axpy_f16:",
+        "vmov s0, r3",
+        "cbz r2, 2f",
+        "1:",
+        "ldrh r3, [r1], #2",
+        "vmov s1, r3",
+        "vcvtb.f32.f16 s1, s1",
+        "vmul.f32 s1, s0, s1",
+        "vldr s2, [r0]",
+        "vadd.f32 s2, s2, s1",
+        "vstmia r0!, {{s2}}",
+        "subs r2, r2, #1",
+        "bne 1b",
+        "2:",
+        "bx lr",
+        ".size micromoe_axpy_f16, . - micromoe_axpy_f16",
+    );
+
+    // SAFETY: `micromoe_vcvtb_f32_f16` takes and returns a u32 in r0 and has
+    // no other effect than clobbering s0; the other two follow the AAPCS
+    // (arguments in r0-r3, only caller-saved registers clobbered) and touch
+    // exactly the memory their wrappers above state.
     unsafe extern "C" {
         safe fn micromoe_vcvtb_f32_f16(bits: u32) -> u32;
+        fn micromoe_dot_f16(x: *const f32, w: *const u16, n: usize) -> u32;
+        fn micromoe_axpy_f16(out: *mut f32, w: *const u16, n: usize, p: u32);
     }
 }
 

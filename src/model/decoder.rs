@@ -246,6 +246,8 @@ pub struct Decoder<'a> {
     embed: Matrix<'a>,
     final_norm: &'a [f32],
     lm_head: Matrix<'a>,
+    /// The widest FFN and the most routed experts of any layer (the state's sizes).
+    ffn: (usize, usize),
 }
 
 /// The matrix at `key`, any stored type, `(rows, cols)`; a bias (f32) if
@@ -317,7 +319,12 @@ impl<'a> Decoder<'a> {
             )?
         };
         let final_norm = vector(&table, key(MODEL_LEVEL, LAYER_LEVEL, drole::FINAL_NORM), cfg.hidden)?;
-        Ok(Decoder { bytes, table, cfg, embed, final_norm, lm_head })
+        let mut ffn = (0, 0);
+        for l in 0..cfg.layers {
+            let lc = LayerConfig::read(bytes, l)?;
+            ffn = (ffn.0.max(lc.hidden).max(lc.shared_hidden), ffn.1.max(lc.experts));
+        }
+        Ok(Decoder { bytes, table, cfg, embed, final_norm, lm_head, ffn })
     }
 
     /// Builds every layer and expert view once: each tensor present with
@@ -395,15 +402,8 @@ impl<'a> Decoder<'a> {
 
     /// Bytes of the [`State`] this decoder needs (KV cache + work buffers).
     pub fn state_bytes(&self) -> usize {
-        let (max_hidden, max_experts) = self.ffn_widths();
+        let (max_hidden, max_experts) = self.ffn;
         super::state::bytes(&self.cfg, max_hidden, max_experts)
-    }
-
-    /// The widest FFN and the most routed experts of any layer.
-    fn ffn_widths(&self) -> (usize, usize) {
-        (0..self.cfg.layers)
-            .filter_map(|l| LayerConfig::read(self.bytes, l).ok())
-            .fold((0, 0), |(h, e), lc| (h.max(lc.hidden).max(lc.shared_hidden), e.max(lc.experts)))
     }
 
     /// A fresh state (position 0) in `buf`, which must hold
@@ -413,7 +413,7 @@ impl<'a> Decoder<'a> {
         if buf.len() < need {
             return Err(Error::ScratchTooSmall { needed: need, actual: buf.len() });
         }
-        State::new(&self.cfg, self.ffn_widths(), buf)
+        State::new(&self.cfg, self.ffn, buf)
     }
 
     /// Feeds `token` at the state's position: writes the next-token logits
@@ -436,9 +436,9 @@ impl<'a> Decoder<'a> {
         if pos >= c.context {
             return Err(Error::ContextFull { context: c.context });
         }
-        let (kv, mut w) = state.split(c, self.ffn_widths())?;
+        let (kv, mut w) = state.split(c, self.ffn)?;
         self.embed.row(token as usize, w.x);
-        rope_table(c, pos, w.cos, w.sin);
+        rope_table(pos, w.inv_freq, w.cos, w.sin);
         for l in 0..c.layers {
             let layer = self.layer::<false>(l)?;
             rms_norm(w.x, layer.attn_norm, c.rms_eps, w.xb)?;
@@ -568,13 +568,13 @@ fn attend<E: FloatWeight>(
     let at = |t: usize| t * kvd + off..t * kvd + off + hd;
     for (t, s) in scores.iter_mut().enumerate() {
         let kt = k.get(at(t)).unwrap_or(&[]);
-        *s = q.iter().zip(kt).map(|(a, &b)| a * b.to_f32()).sum::<f32>() * scale;
+        *s = E::dot_seq(q, kt) * scale;
     }
     softmax(scores);
     out.fill(0.0);
     for (t, &p) in scores.iter().enumerate() {
         let vt = v.get(at(t)).unwrap_or(&[]);
-        out.iter_mut().zip(vt).for_each(|(o, &x)| *o += p * x.to_f32());
+        E::axpy(out, vt, p);
     }
 }
 
@@ -592,15 +592,21 @@ fn softmax(s: &mut [f32]) {
     s.iter_mut().for_each(|v| *v /= sum);
 }
 
-/// `cos`/`sin` of `pos * theta^(-2i/d)` for `i < d/2` (the default rotary
-/// embedding of Hugging Face models, computed in f32 as they do).
-fn rope_table(c: &Config, pos: usize, cos: &mut [f32], sin: &mut [f32]) {
+/// The rotary embedding's inverse frequencies `theta^(-2i/d)` for `i < d/2`
+/// (Hugging Face's default, computed in f32 as it does), once per state.
+pub(crate) fn rope_inv_freq(c: &Config, inv_freq: &mut [f32]) {
     let d = c.head_dim as f32;
-    for (i, (co, si)) in cos.iter_mut().zip(sin.iter_mut()).enumerate() {
-        let inv_freq = 1.0 / libm::powf(c.rope_theta, (2 * i) as f32 / d);
-        let angle = pos as f32 * inv_freq;
-        *co = libm::cosf(angle);
-        *si = libm::sinf(angle);
+    for (i, f) in inv_freq.iter_mut().enumerate() {
+        *f = 1.0 / libm::powf(c.rope_theta, (2 * i) as f32 / d);
+    }
+}
+
+/// `cos`/`sin` of `pos * inv_freq[i]`.
+fn rope_table(pos: usize, inv_freq: &[f32], cos: &mut [f32], sin: &mut [f32]) {
+    for ((co, si), &f) in cos.iter_mut().zip(sin.iter_mut()).zip(inv_freq) {
+        // One range reduction for both; the same bits as `cosf` and `sinf`
+        // (tested below).
+        (*si, *co) = libm::sincosf(pos as f32 * f);
     }
 }
 
@@ -626,6 +632,19 @@ mod tests {
         // A quarter turn maps (x1, x2) to (-x2, x1).
         rope(&mut h, &[0.0, 0.0], &[1.0, 1.0]);
         assert_eq!(h, [-3.0, -4.0, 1.0, 2.0]);
+    }
+
+    #[test]
+    fn sincosf_is_sinf_and_cosf() {
+        // Every 997th bit pattern (both signs, all exponents, NaNs and
+        // infinities included) and every position angle a 4k context makes.
+        let angles = (0..=u32::MAX / 997).map(|i| f32::from_bits(i * 997));
+        let positions = (0..4096).map(|p| p as f32 * 0.7);
+        for a in angles.chain(positions) {
+            let (s, c) = libm::sincosf(a);
+            assert_eq!(s.to_bits(), libm::sinf(a).to_bits(), "sin {a:e}");
+            assert_eq!(c.to_bits(), libm::cosf(a).to_bits(), "cos {a:e}");
+        }
     }
 
     #[test]

@@ -149,14 +149,17 @@ impl<'a> Matrix<'a> {
 /// `q`; returns the scale (0 for an all-zero or empty `x`). Round half away
 /// from zero.
 pub fn quantize_vector(x: &[f32], q: &mut [i8]) -> f32 {
-    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    // `a > m` rather than `f32::max`: the same value (a NaN is passed over
+    // either way) without the out-of-line `fmaxf` call per element.
+    let amax = x.iter().fold(0.0f32, |m, v| if v.abs() > m { v.abs() } else { m });
     if amax == 0.0 || !amax.is_finite() {
         q.iter_mut().for_each(|v| *v = 0);
         return 0.0;
     }
     let inv = 127.0 / amax;
     for (qv, &v) in q.iter_mut().zip(x) {
-        *qv = libm::roundf(v * inv).clamp(-127.0, 127.0) as i8;
+        // `round_half_away` is `roundf` without the call (a NaN gives 0 both ways).
+        *qv = crate::quant::round_half_away(v * inv).clamp(-127, 127) as i8;
     }
     amax / 127.0
 }

@@ -41,6 +41,7 @@ pub const fn bytes_for_dims(
         max_experts,
         head_dim / 2,
         head_dim / 2,
+        head_dim / 2,
     ];
     let mut total =
         cache_bytes.saturating_add(bytes_for::<i8>(widest)).saturating_add(bytes_for::<u32>(vocab));
@@ -158,6 +159,8 @@ pub(crate) struct Work<'w> {
     pub router: &'w mut [f32],
     pub cos: &'w mut [f32],
     pub sin: &'w mut [f32],
+    /// RoPE inverse frequencies `(head_dim / 2,)`, filled when the state was made.
+    pub inv_freq: &'w [f32],
     /// A quantized input vector (int8 matrices).
     pub xq: &'w mut [i8],
     /// Token order for sampling `(vocab,)`.
@@ -169,6 +172,8 @@ pub(crate) struct Work<'w> {
 #[derive(Debug)]
 pub struct State<'s> {
     kv: Kv<'s>,
+    /// RoPE inverse frequencies (they depend on the configuration only).
+    inv_freq: &'s mut [f32],
     work: &'s mut [u8],
     pos: usize,
     /// The configuration the state was made for.
@@ -182,7 +187,9 @@ impl<'s> State<'s> {
         let mut carve = Carve::new(buf);
         let n = cache_len(c)?;
         let kv = if c.kv_f16 { Kv::F16(carve.take::<f16>(n)?) } else { Kv::F32(carve.take::<f32>(n)?) };
-        Ok(State { kv, work: carve.rest(), pos: 0, cfg: *c, ffn })
+        let inv_freq = carve.take::<f32>(c.head_dim / 2)?;
+        super::decoder::rope_inv_freq(c, inv_freq);
+        Ok(State { kv, inv_freq, work: carve.rest(), pos: 0, cfg: *c, ffn })
     }
 
     /// Tokens fed so far (the next token's position).
@@ -234,7 +241,25 @@ impl<'s> State<'s> {
         let order = w.take(c.vocab)?;
         Ok((
             &mut self.kv,
-            Work { x, xb, acc, y, q: q_buf, k, v, att, scores, g, u, router, cos, sin, xq, order },
+            Work {
+                x,
+                xb,
+                acc,
+                y,
+                q: q_buf,
+                k,
+                v,
+                att,
+                scores,
+                g,
+                u,
+                router,
+                cos,
+                sin,
+                inv_freq: self.inv_freq,
+                xq,
+                order,
+            },
         ))
     }
 }

@@ -116,6 +116,8 @@ fn run(b: &mut Buffers) -> bool {
         })
         .count();
     println!("mps2-an386 f16 conversion: {}/65536 halves as half converts them", same);
+    let (f16_ok, f16_cases) = f16_rows(&mut r);
+    println!("mps2-an386 f16 dot and axpy: {}/{} random rows bit-identical to the portable loops", f16_ok, f16_cases);
     for dsp in [true, false] {
         for q15 in [false, true] {
             for &(rows, cols) in &SHAPES {
@@ -124,7 +126,41 @@ fn run(b: &mut Buffers) -> bool {
             }
         }
     }
-    ok == cases && same == 65536
+    ok == cases && same == 65536 && f16_ok == f16_cases
+}
+
+/// The FPU loops behind `FloatWeight::dot_seq` / `axpy` for f16 (the
+/// decoder's KV cache) against the same sums written out with `half`'s
+/// conversion, on random finite halves (subnormals and signed zeros
+/// included) and lengths 0..=80.
+fn f16_rows(r: &mut Rng) -> (usize, usize) {
+    use micromoe_board_common::micromoe::kernels::FloatWeight;
+    use micromoe_board_common::micromoe::quant::f16;
+    let (mut ok, cases) = (0, 300);
+    for _ in 0..cases {
+        let n = r.below(81) as usize;
+        let mut w = [f16::ZERO; 80];
+        let mut x = [0.0f32; 80];
+        for (wv, xv) in w.iter_mut().zip(x.iter_mut()) {
+            // Exponent field 31 (infinities, NaNs) left out.
+            *wv = f16::from_bits((r.next() as u16) % 0x7c00 | (r.next() as u16 & 0x8000));
+            *xv = (r.below(2001) as f32 - 1000.0) / 37.0;
+        }
+        let (w, x) = (core::hint::black_box(&w[..n]), &x[..n]);
+        let want = x.iter().zip(w).fold(-0.0f32, |a, (&xv, wv)| a + xv * wv.to_f32());
+        let p = (r.below(2001) as f32 - 1000.0) / 999.0;
+        let mut out = [0.0f32; 80];
+        let mut out_want = [0.0f32; 80];
+        for (o, ow) in out.iter_mut().zip(out_want.iter_mut()) {
+            *o = (r.below(2001) as f32 - 1000.0) / 13.0;
+            *ow = *o;
+        }
+        <f16 as FloatWeight>::axpy(&mut out[..n], w, p);
+        out_want.iter_mut().zip(w).for_each(|(o, wv)| *o += p * wv.to_f32());
+        let same_out = out.iter().zip(&out_want).all(|(a, b)| a.to_bits() == b.to_bits());
+        ok += (<f16 as FloatWeight>::dot_seq(x, w).to_bits() == want.to_bits() && same_out) as usize;
+    }
+    (ok, cases)
 }
 
 #[entry]
