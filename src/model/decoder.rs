@@ -4,7 +4,7 @@
 //! embed -> per layer [RMSNorm -> q,k,v -> RoPE -> cache -> attention -> o
 //! -> residual -> RMSNorm -> MoE FFN -> residual] -> RMSNorm -> output.
 
-use super::matrix::{Matrix, Weights};
+use super::matrix::{Input, Matrix, Weights};
 use super::state::{Kv, Slabs, State, Work};
 use crate::error::{Error, Field, Result, What, check_len};
 use crate::format::layout::decoder::{self as dl, MODEL_LEVEL, SCALE_PART, role as drole};
@@ -206,13 +206,20 @@ struct SwiGlu<'a> {
 }
 
 impl SwiGlu<'_> {
-    // x: (hidden,) -> y: (hidden,), via g, u: (inner,)
-    fn forward(&self, x: &[f32], y: &mut [f32], g: &mut [f32], u: &mut [f32], xq: &mut [i8]) -> Result<()> {
+    // x: (hidden,) -> y: (hidden,), via g, u: (inner,); `xq` quantizes the hidden vector.
+    fn forward(
+        &self,
+        x: &mut Input<'_>,
+        y: &mut [f32],
+        g: &mut [f32],
+        u: &mut [f32],
+        xq: &mut [i8],
+    ) -> Result<()> {
         let inner = self.up.rows();
         let short = Error::ScratchTooSmall { needed: inner, actual: g.len().min(u.len()) };
         let (Some(g), Some(u)) = (g.get_mut(..inner), u.get_mut(..inner)) else { return Err(short) };
-        self.gate.forward(x, g, xq);
-        self.up.forward(x, u, xq);
+        self.gate.forward_input(x, g);
+        self.up.forward_input(x, u);
         for (gv, &uv) in g.iter_mut().zip(u.iter()) {
             *gv = Activation::Silu.eval(*gv) * uv;
         }
@@ -466,9 +473,10 @@ impl<'a> Decoder<'a> {
     ) -> Result<()> {
         let c = &self.cfg;
         let hd = c.head_dim;
-        layer.q.forward(w.xb, w.q, w.xq);
-        layer.k.forward(w.xb, w.k, w.xq);
-        layer.v.forward(w.xb, w.v, w.xq);
+        let mut input = Input::new(w.xb, w.xbq);
+        layer.q.forward_input(&mut input, w.q);
+        layer.k.forward_input(&mut input, w.k);
+        layer.v.forward_input(&mut input, w.v);
         // `max(1)`: validated non-zero at parse; said again so that no
         // chunking or division below has a panic path.
         let hd = hd.max(1);
@@ -505,23 +513,25 @@ impl<'a> Decoder<'a> {
     fn ffn(&self, layer: &Layer<'_>, l: usize, w: &mut Work<'_>) -> Result<Selection<f32>> {
         let mut sel = Selection::new();
         w.acc.fill(0.0);
+        // Every product below reads xb: int8 ones share one quantization.
+        let mut input = Input::new(w.xb, w.xbq);
         if let Some((gate, router)) = &layer.gate {
             let short = Error::ScratchTooSmall { needed: layer.cfg.experts, actual: w.router.len() };
             let logits = w.router.get_mut(..layer.cfg.experts).ok_or(short)?;
-            gate.forward(w.xb, logits, w.xq);
+            gate.forward_input(&mut input, logits);
             router.route(logits, &mut sel)?;
             for ch in &sel {
                 let expert = self.expert::<false>(l, ch.expert as usize, layer.cfg.hidden)?;
-                expert.forward(w.xb, w.y, w.g, w.u, w.xq)?;
+                expert.forward(&mut input, w.y, w.g, w.u, w.xq)?;
                 w.acc.iter_mut().zip(w.y.iter()).for_each(|(a, &v)| *a += ch.weight * v);
             }
         }
         if let Some((shared, gate)) = &layer.shared {
-            shared.forward(w.xb, w.y, w.g, w.u, w.xq)?;
+            shared.forward(&mut input, w.y, w.g, w.u, w.xq)?;
             let g = match gate {
                 Some(gate) => {
                     let mut s = [0.0f32];
-                    gate.forward(w.xb, &mut s, w.xq);
+                    gate.forward_input(&mut input, &mut s);
                     1.0 / (1.0 + libm::expf(-s[0]))
                 }
                 None => 1.0,
@@ -580,7 +590,8 @@ fn attend<E: FloatWeight>(
 
 /// In-place softmax; an all-`-inf` or empty row stays as it is.
 fn softmax(s: &mut [f32]) {
-    let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    // Not `f32::max` (an `fmaxf` call per score); NaNs are passed over alike.
+    let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
     if !max.is_finite() {
         return;
     }

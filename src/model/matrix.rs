@@ -122,12 +122,17 @@ impl<'a> Matrix<'a> {
     /// of at least `cols` bytes for int8 matrices (unused otherwise).
     // w: (rows, cols) @ x: (cols,) -> y: (rows,)
     pub fn forward(&self, x: &[f32], y: &mut [f32], xq: &mut [i8]) {
+        self.forward_input(&mut Input::new(x, xq), y);
+    }
+
+    /// [`Matrix::forward`] of an [`Input`]: several matrices of the same
+    /// vector quantize it once.
+    pub fn forward_input(&self, input: &mut Input<'_>, y: &mut [f32]) {
         match self.w {
-            Weights::F32(w) => matvec(w, self.bias, x, y),
-            Weights::F16(w) => matvec(w, self.bias, x, y),
+            Weights::F32(w) => matvec(w, self.bias, input.x, y),
+            Weights::F16(w) => matvec(w, self.bias, input.x, y),
             Weights::I8 { w, scales } => {
-                let sx = quantize_vector(x, xq);
-                let xq = &xq[..x.len().min(xq.len())];
+                let (xq, sx) = input.quantized();
                 if xq.len() != self.cols {
                     return;
                 }
@@ -142,6 +147,33 @@ impl<'a> Matrix<'a> {
                 }
             }
         }
+    }
+}
+
+/// An f32 vector as matrices read it: int8 matrices take its int8
+/// quantization ([`quantize_vector`]), made by the first such product and
+/// reused by the next (the same bits as quantizing it for each).
+#[derive(Debug)]
+pub struct Input<'x> {
+    x: &'x [f32],
+    xq: &'x mut [i8],
+    scale: Option<f32>,
+}
+
+impl<'x> Input<'x> {
+    /// `x`, with `xq` (at least `x.len()` bytes) for its quantization.
+    pub fn new(x: &'x [f32], xq: &'x mut [i8]) -> Self {
+        Input { x, xq, scale: None }
+    }
+
+    /// The int8 vector and its scale, quantized on the first call.
+    fn quantized(&mut self) -> (&[i8], f32) {
+        let sx = match self.scale {
+            Some(s) => s,
+            None => *self.scale.insert(quantize_vector(self.x, self.xq)),
+        };
+        let n = self.x.len().min(self.xq.len());
+        (&self.xq[..n], sx)
     }
 }
 

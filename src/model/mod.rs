@@ -39,7 +39,7 @@ mod sample;
 mod state;
 
 pub use decoder::{Config, Decoder, LayerConfig, MAX_EXPERTS, MAX_WIDTH};
-pub use matrix::{MAX_INT8_COLS, Matrix, Weights, quantize_vector};
+pub use matrix::{Input, MAX_INT8_COLS, Matrix, Weights, quantize_vector};
 pub use sample::{Rng, Sampler, argmax};
 pub use state::{State, bytes_for_dims};
 

@@ -43,8 +43,10 @@ pub const fn bytes_for_dims(
         head_dim / 2,
         head_dim / 2,
     ];
-    let mut total =
-        cache_bytes.saturating_add(bytes_for::<i8>(widest)).saturating_add(bytes_for::<u32>(vocab));
+    let mut total = cache_bytes
+        .saturating_add(bytes_for::<i8>(widest))
+        .saturating_add(bytes_for::<i8>(hidden))
+        .saturating_add(bytes_for::<u32>(vocab));
     let mut i = 0;
     while i < floats.len() {
         total = total.saturating_add(bytes_for::<f32>(floats[i]));
@@ -163,6 +165,8 @@ pub(crate) struct Work<'w> {
     pub inv_freq: &'w [f32],
     /// A quantized input vector (int8 matrices).
     pub xq: &'w mut [i8],
+    /// `xb` quantized (`(hidden,)`), shared by the products that read it.
+    pub xbq: &'w mut [i8],
     /// Token order for sampling `(vocab,)`.
     pub order: &'w mut [u32],
 }
@@ -238,6 +242,7 @@ impl<'s> State<'s> {
         let cos = w.take(hd / 2)?;
         let sin = w.take(hd / 2)?;
         let xq = w.take(h.max(q).max(max_hidden))?;
+        let xbq = w.take(h)?;
         let order = w.take(c.vocab)?;
         Ok((
             &mut self.kv,
@@ -258,6 +263,7 @@ impl<'s> State<'s> {
                 sin,
                 inv_freq: self.inv_freq,
                 xq,
+                xbq,
                 order,
             },
         ))
