@@ -211,7 +211,11 @@ impl<'a> Table<'a> {
     /// The tensor at `key` as a `(rows, cols)` array of `T`, or
     /// [`Error::MissingTensor`] naming it.
     pub fn need<T: Elem>(&self, key: Key, rows: usize, cols: usize) -> Result<Typed<'a, T>> {
-        let t = self.find(key).ok_or(key.missing())?;
+        Self::typed(self.find(key), key, rows, cols)
+    }
+
+    fn typed<T: Elem>(t: Option<Tensor<'a>>, key: Key, rows: usize, cols: usize) -> Result<Typed<'a, T>> {
+        let t = t.ok_or(key.missing())?;
         let data = t.slice::<T>().ok_or(key.missing())?;
         if t.rows != rows || t.cols != cols {
             return Err(key.missing());

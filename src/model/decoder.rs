@@ -241,6 +241,9 @@ struct Layer<'a> {
     gate: Option<(Matrix<'a>, Router<'a>)>,
     shared: Option<(SwiGlu<'a>, Option<Matrix<'a>>)>,
     cfg: LayerConfig,
+    /// Routed expert 0's block and its length (expert `e`'s block starts
+    /// `e` lengths further when every expert has expert 0's tensors).
+    experts: (Block, usize),
 }
 
 /// A decoder over a parsed model's bytes. Cheap to make and `Copy`: layer
@@ -257,12 +260,77 @@ pub struct Decoder<'a> {
     ffn: (usize, usize),
 }
 
+/// Parts a decoder tensor key may have (weight, bias, int8 scale).
+const PARTS: usize = SCALE_PART as usize + 1;
+
+/// Where each (role, part) of one block of table entries (one layer and
+/// expert) sits, as offsets from its first entry (`u8::MAX`: absent): one
+/// scan per block, then each tensor without a search.
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    first: usize,
+    at: [u8; drole::COUNT as usize * PARTS],
+}
+
+impl Block {
+    /// The block of `(layer, expert)` from entry `first`, and its length.
+    fn scan(t: &Table<'_>, first: usize, layer: u16, expert: u16) -> (Block, usize) {
+        let mut b = Block { first, at: [u8::MAX; drole::COUNT as usize * PARTS] };
+        let mut n = 0;
+        while n < 64 {
+            match t.key(first + n) {
+                Some(k) if k.layer == layer && k.expert == expert => {
+                    if let Some(slot) = b.at.get_mut(k.role as usize * PARTS + k.part as usize) {
+                        *slot = n as u8;
+                    }
+                    n += 1;
+                }
+                _ => break,
+            }
+        }
+        (b, n)
+    }
+}
+
+/// How a tensor is found: in a scanned block, `shift` entries further (a
+/// routed expert at expert 0's pattern), checked by its key; otherwise
+/// (no block, or the key is not where the block says) by a search.
+#[derive(Clone, Copy)]
+struct Loc<'t, 'a> {
+    t: &'t Table<'a>,
+    block: Option<&'t Block>,
+    shift: usize,
+}
+
+impl<'a> Loc<'_, 'a> {
+    fn find(&self, key: Key) -> Option<crate::format::Tensor<'a>> {
+        let slot = key.role as usize * PARTS + key.part as usize;
+        if let Some(b) = self.block
+            && let Some(&off) = b.at.get(slot)
+            && off != u8::MAX
+        {
+            let i = b.first + self.shift + off as usize;
+            if self.t.key(i) == Some(key) {
+                return self.t.get(i);
+            }
+        }
+        self.t.find(key)
+    }
+
+    fn need(&self, key: Key, rows: usize) -> Result<&'a [f32]> {
+        let missing =
+            Error::MissingTensor { layer: key.layer, expert: key.expert, role: key.role, part: key.part };
+        let found = self.find(key).filter(|f| f.rows == rows && f.cols == 1).ok_or(missing)?;
+        found.slice::<f32>().ok_or(missing)
+    }
+}
+
 /// The matrix at `key`, any stored type, `(rows, cols)`; a bias (f32) if
 /// `bias`. `CHECK` also scans every int8 row scale: parse does (every layer
 /// and expert once); views rebuilt per token from the same validated bytes
 /// check only lengths.
 fn matrix<'a, const CHECK: bool>(
-    t: &Table<'a>,
+    t: Loc<'_, 'a>,
     key: Key,
     rows: usize,
     cols: usize,
@@ -277,11 +345,11 @@ fn matrix<'a, const CHECK: bool>(
         dtype::F16 => Weights::F16(found.slice::<f16>().ok_or(missing)?),
         dtype::I8 => Weights::I8 {
             w: found.slice::<i8>().ok_or(missing)?,
-            scales: t.need::<f32>(Key { part: SCALE_PART, ..key }, rows, 1)?.data,
+            scales: t.need(Key { part: SCALE_PART, ..key }, rows)?,
         },
         _ => return Err(missing),
     };
-    let b = if bias { Some(t.need::<f32>(Key { part: part::BIAS, ..key }, rows, 1)?.data) } else { None };
+    let b = if bias { Some(t.need(Key { part: part::BIAS, ..key }, rows)?) } else { None };
     if CHECK { Matrix::new(w, b, rows, cols) } else { Matrix::new_trusted(w, b, rows, cols) }
         .map_err(|_| missing)
 }
@@ -290,8 +358,8 @@ fn key(layer: u16, expert: u16, role: u8) -> Key {
     Key { layer, expert, role, part: part::WEIGHT }
 }
 
-fn vector<'a>(t: &Table<'a>, key: Key, n: usize) -> Result<&'a [f32]> {
-    Ok(t.need::<f32>(key, n, 1)?.data)
+fn vector<'a>(t: Loc<'_, 'a>, key: Key, n: usize) -> Result<&'a [f32]> {
+    t.need(key, n)
 }
 
 impl<'a> Decoder<'a> {
@@ -308,7 +376,7 @@ impl<'a> Decoder<'a> {
 
     pub(crate) fn build(bytes: &'a [u8], table: Table<'a>, cfg: Config) -> Result<Self> {
         let embed = matrix::<true>(
-            &table,
+            Loc { t: &table, block: None, shift: 0 },
             key(MODEL_LEVEL, LAYER_LEVEL, drole::EMBED),
             cfg.vocab,
             cfg.hidden,
@@ -318,14 +386,18 @@ impl<'a> Decoder<'a> {
             embed
         } else {
             matrix::<true>(
-                &table,
+                Loc { t: &table, block: None, shift: 0 },
                 key(MODEL_LEVEL, LAYER_LEVEL, drole::LM_HEAD),
                 cfg.vocab,
                 cfg.hidden,
                 false,
             )?
         };
-        let final_norm = vector(&table, key(MODEL_LEVEL, LAYER_LEVEL, drole::FINAL_NORM), cfg.hidden)?;
+        let final_norm = vector(
+            Loc { t: &table, block: None, shift: 0 },
+            key(MODEL_LEVEL, LAYER_LEVEL, drole::FINAL_NORM),
+            cfg.hidden,
+        )?;
         let mut ffn = (0, 0);
         for l in 0..cfg.layers {
             let lc = LayerConfig::read(bytes, l)?;
@@ -341,7 +413,7 @@ impl<'a> Decoder<'a> {
         for l in 0..self.cfg.layers {
             let layer = self.layer::<true>(l)?;
             for e in 0..layer.cfg.experts {
-                self.expert::<true>(l, e, layer.cfg.hidden)?;
+                self.expert::<true>(&layer, l, e)?;
             }
         }
         Ok(())
@@ -364,37 +436,53 @@ impl<'a> Decoder<'a> {
         let lc = self.layer_config(l)?;
         let (t, c) = (&self.table, &self.cfg);
         let at = |role| key(l as u16, LAYER_LEVEL, role);
+        // One search and one scan for the layer-level block, one of each
+        // for routed expert 0 (the others at its pattern, `expert`).
+        let (level, _) = Block::scan(t, t.lower_bound(at(0)), l as u16, LAYER_LEVEL);
+        let (expert0, stride) = Block::scan(t, t.lower_bound(key(l as u16, 0, 0)), l as u16, 0);
+        let level = Loc { t, block: Some(&level), shift: 0 };
         let gate = if lc.experts > 0 {
             let router = Router::new(lc.rule(), None, 1.0)?;
-            Some((matrix::<CHECK>(t, at(role::GATE), lc.experts, c.hidden, false)?, router))
+            Some((matrix::<CHECK>(level, at(role::GATE), lc.experts, c.hidden, false)?, router))
         } else {
             None
         };
         let shared = if lc.shared_hidden > 0 {
             let g = if lc.shared_gate {
-                Some(matrix::<CHECK>(t, at(role::SHARED_GATE), 1, c.hidden, false)?)
+                Some(matrix::<CHECK>(level, at(role::SHARED_GATE), 1, c.hidden, false)?)
             } else {
                 None
             };
-            Some((self.swiglu::<CHECK>(l, SHARED_EXPERT, lc.shared_hidden)?, g))
+            let first = t.lower_bound(key(l as u16, SHARED_EXPERT, 0));
+            let (block, _) = Block::scan(t, first, l as u16, SHARED_EXPERT);
+            let at = Loc { t, block: Some(&block), shift: 0 };
+            Some((self.swiglu::<CHECK>(at, l, SHARED_EXPERT, lc.shared_hidden)?, g))
         } else {
             None
         };
         Ok(Layer {
-            attn_norm: vector(t, at(drole::ATTN_NORM), c.hidden)?,
-            ffn_norm: vector(t, at(drole::FFN_NORM), c.hidden)?,
-            q: matrix::<CHECK>(t, at(drole::Q), c.q_dim(), c.hidden, c.qkv_bias)?,
-            k: matrix::<CHECK>(t, at(drole::K), c.kv_dim(), c.hidden, c.qkv_bias)?,
-            v: matrix::<CHECK>(t, at(drole::V), c.kv_dim(), c.hidden, c.qkv_bias)?,
-            o: matrix::<CHECK>(t, at(drole::O), c.hidden, c.q_dim(), false)?,
+            attn_norm: vector(level, at(drole::ATTN_NORM), c.hidden)?,
+            ffn_norm: vector(level, at(drole::FFN_NORM), c.hidden)?,
+            q: matrix::<CHECK>(level, at(drole::Q), c.q_dim(), c.hidden, c.qkv_bias)?,
+            k: matrix::<CHECK>(level, at(drole::K), c.kv_dim(), c.hidden, c.qkv_bias)?,
+            v: matrix::<CHECK>(level, at(drole::V), c.kv_dim(), c.hidden, c.qkv_bias)?,
+            o: matrix::<CHECK>(level, at(drole::O), c.hidden, c.q_dim(), false)?,
             gate,
             shared,
             cfg: lc,
+            experts: (expert0, stride),
         })
     }
 
-    fn swiglu<const CHECK: bool>(&self, l: usize, e: u16, inner: usize) -> Result<SwiGlu<'a>> {
-        let (t, h) = (&self.table, self.cfg.hidden);
+    /// The SwiGLU at `(l, e)`, found through `t`.
+    fn swiglu<const CHECK: bool>(
+        &self,
+        t: Loc<'_, 'a>,
+        l: usize,
+        e: u16,
+        inner: usize,
+    ) -> Result<SwiGlu<'a>> {
+        let h = self.cfg.hidden;
         let at = |role| key(l as u16, e, role);
         Ok(SwiGlu {
             gate: matrix::<CHECK>(t, at(role::GATE_PROJ), inner, h, false)?,
@@ -403,8 +491,12 @@ impl<'a> Decoder<'a> {
         })
     }
 
-    fn expert<const CHECK: bool>(&self, l: usize, e: usize, inner: usize) -> Result<SwiGlu<'a>> {
-        self.swiglu::<CHECK>(l, e as u16, inner)
+    /// Routed expert `e` of `layer` (layer `l`): where expert 0's block
+    /// length puts it.
+    fn expert<const CHECK: bool>(&self, layer: &Layer<'_>, l: usize, e: usize) -> Result<SwiGlu<'a>> {
+        let (block, stride) = &layer.experts;
+        let from = Loc { t: &self.table, block: Some(block), shift: e.saturating_mul(*stride) };
+        self.swiglu::<CHECK>(from, l, e as u16, layer.cfg.hidden)
     }
 
     /// Bytes of the [`State`] this decoder needs (KV cache + work buffers).
@@ -521,7 +613,7 @@ impl<'a> Decoder<'a> {
             gate.forward_input(&mut input, logits);
             router.route(logits, &mut sel)?;
             for ch in &sel {
-                let expert = self.expert::<false>(l, ch.expert as usize, layer.cfg.hidden)?;
+                let expert = self.expert::<false>(layer, l, ch.expert as usize)?;
                 expert.forward(&mut input, w.y, w.g, w.u, w.xq)?;
                 w.acc.iter_mut().zip(w.y.iter()).for_each(|(a, &v)| *a += ch.weight * v);
             }

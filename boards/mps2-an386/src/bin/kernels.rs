@@ -132,21 +132,22 @@ fn run(b: &mut Buffers) -> bool {
 /// The FPU loops behind `FloatWeight::dot_seq` / `axpy` for f16 (the
 /// decoder's KV cache) against the same sums written out with `half`'s
 /// conversion, on random finite halves (subnormals and signed zeros
-/// included) and lengths 0..=80.
+/// included), lengths 0..=80, halves at even and odd addresses.
 fn f16_rows(r: &mut Rng) -> (usize, usize) {
     use micromoe_board_common::micromoe::kernels::FloatWeight;
     use micromoe_board_common::micromoe::quant::f16;
     let (mut ok, cases) = (0, 300);
     for _ in 0..cases {
         let n = r.below(81) as usize;
-        let mut w = [f16::ZERO; 80];
+        let off = r.below(2) as usize;
+        let mut w = [f16::ZERO; 81];
         let mut x = [0.0f32; 80];
         for (wv, xv) in w.iter_mut().zip(x.iter_mut()) {
             // Exponent field 31 (infinities, NaNs) left out.
             *wv = f16::from_bits((r.next() as u16) % 0x7c00 | (r.next() as u16 & 0x8000));
             *xv = (r.below(2001) as f32 - 1000.0) / 37.0;
         }
-        let (w, x) = (core::hint::black_box(&w[..n]), &x[..n]);
+        let (w, x) = (core::hint::black_box(&w[off..off + n]), &x[..n]);
         let want = x.iter().zip(w).fold(-0.0f32, |a, (&xv, wv)| a + xv * wv.to_f32());
         let p = (r.below(2001) as f32 - 1000.0) / 999.0;
         let mut out = [0.0f32; 80];
