@@ -308,19 +308,38 @@ impl<'a, A: IntKernel> QExpert<'a, A> {
 
     /// `y = expert(x)`, all integer; buffers as for [`Expert::forward`].
     pub fn forward(&self, x: &[A], y: &mut [A], hidden: &mut [A]) {
+        self.run(x, y, hidden, |lin, x, y| lin.forward(x, y));
+    }
+
+    /// [`QExpert::forward`] with `work` for the products
+    /// ([`QLinear::forward_in`]: [`expand_words`](crate::kernels::expand_words)
+    /// of the widest input) instead of buffers on the stack.
+    pub fn forward_in(&self, x: &[A], y: &mut [A], hidden: &mut [A], work: &mut [u32]) {
+        self.run(x, y, hidden, |lin, x, y| lin.forward_in(x, y, work));
+    }
+
+    // Generic in the product, so that a firmware links only the one it uses.
+    #[inline(always)]
+    fn run(
+        &self,
+        x: &[A],
+        y: &mut [A],
+        hidden: &mut [A],
+        mut product: impl FnMut(&QLinear<'_, A>, &[A], &mut [A]),
+    ) {
         let (h1, h2) = hidden.split_at_mut(self.up.rows().min(hidden.len()));
         match &self.gate {
             None => {
-                self.up.forward(x, h1);
+                product(&self.up, x, h1);
                 self.act.apply(h1, self.up.output_zp());
-                self.down.forward(h1, y);
+                product(&self.down, h1, y);
             }
             Some((gate, mul)) => {
-                gate.forward(x, h1);
+                product(gate, x, h1);
                 self.act.apply(h1, gate.output_zp());
-                self.up.forward(x, h2);
+                product(&self.up, x, h2);
                 mul.apply(h1, h2);
-                self.down.forward(h1, y);
+                product(&self.down, h1, y);
             }
         }
     }

@@ -263,14 +263,19 @@ pub const fn required_scratch(bytes: &[u8]) -> core::result::Result<usize, Error
         let hidden = if shared > hidden as usize { shared } else { hidden as usize };
         let hidden_max = hidden.saturating_mul(buffers);
         let slots = k.saturating_add(1).saturating_mul(out);
+        // The integer kernels' work buffer covers the widest input read.
+        let widest = if inp as usize > hidden_max { inp as usize } else { hidden_max };
+        let work = bytes_for::<u32>(crate::kernels::expand_words(widest));
         let need = match LayerDtype::from_code(dt) {
             Some(LayerDtype::Int8) => bytes_for::<i32>(e)
                 .saturating_add(bytes_for::<i8>(hidden_max))
                 .saturating_add(bytes_for::<i8>(slots))
+                .saturating_add(work)
                 .saturating_add(if float_gate { bytes_for::<f32>(inp as usize) } else { 0 }),
             Some(LayerDtype::Q15) => bytes_for::<i32>(e)
                 .saturating_add(bytes_for::<i16>(hidden_max))
                 .saturating_add(bytes_for::<i16>(slots))
+                .saturating_add(work)
                 .saturating_add(if float_gate { bytes_for::<f32>(inp as usize) } else { 0 }),
             Some(_) => bytes_for::<f32>(e)
                 .saturating_add(bytes_for::<f32>(hidden_max))

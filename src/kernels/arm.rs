@@ -96,9 +96,9 @@ fn pair(v: i32) -> u32 {
     (v as u16 as u32) * 0x0001_0001
 }
 
-/// Inputs the fast loop takes at once: their pairs live on the stack
-/// (`2 * MAX_EXPANDED` bytes); wider inputs take the register-only path.
-pub(super) const MAX_EXPANDED: usize = 1024;
+/// Inputs the public kernels' widest stack buffer holds expanded (2 KB);
+/// wider inputs take the register-only path.
+const MAX_EXPANDED: usize = 1024;
 
 /// One group of four inputs for four rows: `LDRD` the input pairs, then per
 /// row `LDR`, `SXTB16` x 2, `SMLAD` x 2 (rows 1 and 0 from `w0`, 3 and 2
@@ -199,7 +199,7 @@ unsafe fn quad_loop(xp: *const u32, n: usize, w: *const i8, stride: usize, acc: 
     *acc = [a0, a1, a2, a3];
 }
 
-/// Runs `f` (a product with the widest expansion buffer) in a frame of its
+/// Runs `f` (a product with the widest stack buffer) in a frame of its
 /// own: inlined, its 2 KB buffer would be reserved by every product of the
 /// caller, small ones too. Small buffers stay inline (a call per product
 /// costs the decoder about 1.4 % per token).
@@ -245,25 +245,51 @@ fn four_rows(cols: usize) -> usize {
 }
 
 /// The fast paths take `(rows, cols)` products whose every length agrees
-/// and whose input fits the expansion buffer.
+/// and whose expanded input fits `words` of buffer.
 fn fits(
     w: usize,
     (rows, cols): (usize, usize),
     multipliers: usize,
     shifts: usize,
     bias: Option<usize>,
+    words: usize,
 ) -> bool {
     cols > 0
-        && cols <= MAX_EXPANDED
+        && super::expand_words(cols) <= words
         && rows.checked_mul(cols) == Some(w)
         && multipliers == rows
         && shifts == rows
         && bias.is_none_or(|b| b == rows)
 }
 
-/// [`matvec_i8`](super::matvec_i8) on the DSP path: four rows per pass, the
-/// requantization of each four done on arrays, so no bounds checks. `None`
-/// when the lengths disagree (the caller then takes the general path).
+/// Runs `$body` with `$pairs`, an expansion buffer on the stack for `$cols`
+/// inputs: 256 bytes inline up to 128 inputs, else 2 KB in a frame of its
+/// own ([`wide`]). For the public kernels, which get no buffer (layers pass
+/// one from their scratch). A macro, not a function taking a closure: the
+/// body is then inlined at both sites, with the buffer's length known.
+macro_rules! on_stack {
+    ($cols:expr, |$pairs:ident| $body:expr) => {
+        if $cols <= 128 {
+            let $pairs = &mut [MaybeUninit::<u32>::uninit(); 64];
+            $body
+        } else {
+            wide(|| {
+                let $pairs = &mut [MaybeUninit::<u32>::uninit(); super::expand_words(MAX_EXPANDED)];
+                $body
+            })
+        }
+    };
+}
+
+/// `words` as the kernels' expansion buffer.
+#[inline(always)]
+pub(super) fn uninit(words: &mut [u32]) -> &mut [MaybeUninit<u32>] {
+    // SAFETY: `MaybeUninit<u32>` has `u32`'s layout, and the kernels only
+    // ever write initialized words through it, so `words` stays valid.
+    unsafe { &mut *(words as *mut [u32] as *mut [MaybeUninit<u32>]) }
+}
+
+/// [`matvec_i8`](super::matvec_i8) on the DSP path with a stack buffer.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn matvec_i8(
     w: &[i8],
@@ -275,8 +301,28 @@ pub(super) fn matvec_i8(
     output_zp: i32,
     y: &mut [i8],
 ) -> Option<()> {
+    on_stack!(x.len(), |pairs| matvec_i8_in(w, bias, multipliers, shifts, x, offset, output_zp, y, pairs))
+}
+
+/// [`matvec_i8`](super::matvec_i8) on the DSP path: four rows per pass, the
+/// requantization of each four done on arrays, so no bounds checks; the
+/// input expanded into `pairs`. `None` when the lengths disagree or `pairs`
+/// is shorter than [`expand_words`](super::expand_words) (the caller then
+/// takes the general path).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn matvec_i8_in(
+    w: &[i8],
+    bias: Option<&[i32]>,
+    multipliers: &[i32],
+    shifts: &[i32],
+    x: &[i8],
+    offset: i32,
+    output_zp: i32,
+    y: &mut [i8],
+    pairs: &mut [MaybeUninit<u32>],
+) -> Option<()> {
     let (cols, rows) = (x.len(), y.len());
-    if !fits(w.len(), (rows, cols), multipliers.len(), shifts.len(), bias.map(<[_]>::len)) {
+    if !fits(w.len(), (rows, cols), multipliers.len(), shifts.len(), bias.map(<[_]>::len), pairs.len()) {
         return None;
     }
     let requant = |acc: i32, m: i32, s: i32| {
@@ -296,11 +342,7 @@ pub(super) fn matvec_i8(
                 yv[r] = requant(acc[r].wrapping_add(b[r]), m[r], s[r]);
             }
         };
-        if cols <= 128 {
-            quads_i8::<64>(w, x, offset, epilogue);
-        } else {
-            wide(|| quads_i8::<{ MAX_EXPANDED / 2 }>(w, x, offset, epilogue));
-        }
+        quads_i8(w, x, offset, pairs, epilogue);
     }
     let done = rows / 4 * 4;
     let rest = w.chunks_exact(cols.max(1)).zip(y.iter_mut()).zip(multipliers.iter().zip(shifts));
@@ -311,7 +353,7 @@ pub(super) fn matvec_i8(
     Some(())
 }
 
-/// [`matvec_q15`](super::matvec_q15) on the DSP path, as [`matvec_i8`].
+/// [`matvec_q15`](super::matvec_q15) on the DSP path with a stack buffer.
 pub(super) fn matvec_q15(
     w: &[i8],
     bias: Option<&[i64]>,
@@ -320,8 +362,21 @@ pub(super) fn matvec_q15(
     x: &[i16],
     y: &mut [i16],
 ) -> Option<()> {
+    on_stack!(x.len(), |pairs| matvec_q15_in(w, bias, multipliers, shifts, x, y, pairs))
+}
+
+/// [`matvec_q15`](super::matvec_q15) on the DSP path, as [`matvec_i8_in`].
+pub(super) fn matvec_q15_in(
+    w: &[i8],
+    bias: Option<&[i64]>,
+    multipliers: &[i32],
+    shifts: &[i32],
+    x: &[i16],
+    y: &mut [i16],
+    pairs: &mut [MaybeUninit<u32>],
+) -> Option<()> {
     let (cols, rows) = (x.len(), y.len());
-    if !fits(w.len(), (rows, cols), multipliers.len(), shifts.len(), bias.map(<[_]>::len)) {
+    if !fits(w.len(), (rows, cols), multipliers.len(), shifts.len(), bias.map(<[_]>::len), pairs.len()) {
         return None;
     }
     let requant = |acc: i64, m: i32, s: i32| {
@@ -341,11 +396,7 @@ pub(super) fn matvec_q15(
             yv[r] = requant(acc[r].wrapping_add(b[r]), m[r], s[r]);
         }
     };
-    if cols <= 128 {
-        quads_q15::<64>(w, x, |o, acc| epilogue(y, o, acc));
-    } else {
-        wide(|| quads_q15::<{ MAX_EXPANDED / 2 }>(w, x, |o, acc| epilogue(y, o, acc)));
-    }
+    quads_q15(w, x, pairs, |o, acc| epilogue(y, o, acc));
     let done = rows / 4 * 4;
     let rest = w.chunks_exact(cols.max(1)).zip(y.iter_mut()).zip(multipliers.iter().zip(shifts));
     for (o, ((row, yo), (&m, &s))) in rest.enumerate().skip(done) {
@@ -357,10 +408,9 @@ pub(super) fn matvec_q15(
 
 /// Four rows' Q15 sums at a time (exact `i64`), as [`quads_i8`].
 #[inline(always)]
-fn quads_q15<const WORDS: usize>(w: &[i8], x: &[i16], mut f: impl FnMut(usize, [i64; 4])) {
+fn quads_q15(w: &[i8], x: &[i16], pairs: &mut [MaybeUninit<u32>], mut f: impl FnMut(usize, [i64; 4])) {
     let cols = x.len().max(1);
-    let mut pairs = [MaybeUninit::<u32>::uninit(); WORDS];
-    let groups = expand_q15(x, &mut pairs);
+    let groups = expand_q15(x, pairs);
     let done = groups * 4;
     for (i, q) in w.chunks_exact(four_rows(cols)).enumerate() {
         let (mut t0, mut t1, mut t2, mut t3) = (0i64, 0i64, 0i64, 0i64);
@@ -397,10 +447,15 @@ fn quads_q15<const WORDS: usize>(w: &[i8], x: &[i16], mut f: impl FnMut(usize, [
 /// Four rows' sums at a time: `f(first_row, sums)`; rows past the last
 /// multiple of four are left to the caller.
 #[inline(always)]
-fn quads_i8<const WORDS: usize>(w: &[i8], x: &[i8], offset: i32, mut f: impl FnMut(usize, [i32; 4])) {
+fn quads_i8(
+    w: &[i8],
+    x: &[i8],
+    offset: i32,
+    pairs: &mut [MaybeUninit<u32>],
+    mut f: impl FnMut(usize, [i32; 4]),
+) {
     let cols = x.len().max(1);
-    let mut pairs = [MaybeUninit::<u32>::uninit(); WORDS];
-    let groups = expand_i8(x, offset, &mut pairs);
+    let groups = expand_i8(x, offset, pairs);
     let done = groups * 4;
     for (i, q) in w.chunks_exact(four_rows(cols)).enumerate() {
         let mut acc = [0i32; 4];
@@ -422,22 +477,23 @@ fn quads_i8<const WORDS: usize>(w: &[i8], x: &[i8], offset: i32, mut f: impl FnM
 /// `w` in order (`x.len()` columns), four rows per pass.
 #[inline(always)]
 pub(super) fn each_dot_i8(w: &[i8], x: &[i8], offset: i32, f: impl FnMut(i32)) {
-    // The expanded input lives on the stack: a small buffer for small layers
-    // (zeroing 2 KB would cost more than a 64 x 64 product's tails).
-    if x.len() <= 128 {
-        dots_i8::<64>(w, x, offset, f)
-    } else {
-        wide(|| dots_i8::<{ MAX_EXPANDED / 2 }>(w, x, offset, f))
-    }
+    on_stack!(x.len(), |pairs| each_dot_i8_in(w, x, offset, pairs, f))
 }
 
+/// [`each_dot_i8`] with the input expanded into `pairs`; rows one at a
+/// time (registers only) when `pairs` is too short.
 #[inline(always)]
-fn dots_i8<const WORDS: usize>(w: &[i8], x: &[i8], offset: i32, mut f: impl FnMut(i32)) {
+pub(super) fn each_dot_i8_in(
+    w: &[i8],
+    x: &[i8],
+    offset: i32,
+    pairs: &mut [MaybeUninit<u32>],
+    mut f: impl FnMut(i32),
+) {
     let cols = x.len().max(1);
     let mut quads = w.chunks_exact(four_rows(cols));
-    if x.len() <= 2 * WORDS {
-        let mut pairs = [MaybeUninit::<u32>::uninit(); WORDS];
-        let groups = expand_i8(x, offset, &mut pairs);
+    if super::expand_words(x.len()) <= pairs.len() {
+        let groups = expand_i8(x, offset, pairs);
         let done = groups * 4;
         for q in &mut quads {
             let mut acc = [0i32; 4];
@@ -471,16 +527,16 @@ fn dots_i8<const WORDS: usize>(w: &[i8], x: &[i8], offset: i32, mut f: impl FnMu
 /// four rows per pass, the `i32` sums widened every 256 products.
 #[inline(always)]
 pub(super) fn each_dot_q15(w: &[i8], x: &[i16], f: impl FnMut(i64)) {
-    if x.len() <= 128 { dots_q15::<64>(w, x, f) } else { wide(|| dots_q15::<{ MAX_EXPANDED / 2 }>(w, x, f)) }
+    on_stack!(x.len(), |pairs| each_dot_q15_in(w, x, pairs, f))
 }
 
+/// [`each_dot_q15`] with the input expanded into `pairs`, as [`each_dot_i8_in`].
 #[inline(always)]
-fn dots_q15<const WORDS: usize>(w: &[i8], x: &[i16], mut f: impl FnMut(i64)) {
+pub(super) fn each_dot_q15_in(w: &[i8], x: &[i16], pairs: &mut [MaybeUninit<u32>], mut f: impl FnMut(i64)) {
     let cols = x.len().max(1);
     let mut quads = w.chunks_exact(four_rows(cols));
-    if x.len() <= 2 * WORDS {
-        let mut pairs = [MaybeUninit::<u32>::uninit(); WORDS];
-        let groups = expand_q15(x, &mut pairs);
+    if super::expand_words(x.len()) <= pairs.len() {
+        let groups = expand_q15(x, pairs);
         let done = groups * 4;
         for q in &mut quads {
             let mut total = [0i64; 4];

@@ -57,6 +57,14 @@ pub fn matvec_q15(
     reference::matvec_q15(w, bias, multipliers, shifts, x, y)
 }
 
+/// Words (`u32`) of work buffer the int8 and Q15 kernels use for an input of
+/// `cols` values ([`QLinear::forward_in`]): the Arm DSP path expands each
+/// group of four inputs into two words of 16-bit pairs. The same on every
+/// target, so scratch sizes are; other targets leave the buffer unused.
+pub const fn expand_words(cols: usize) -> usize {
+    cols / 4 * 2
+}
+
 /// Calls `f(sum (x + offset) * w_row)` (wrapping `i32`) for every row of
 /// `w` (`(rows, x.len())` row-major) in order: the raw int8 dot products,
 /// for kernels with their own scaling (e.g. the decoder's int8 matrices).
@@ -360,6 +368,13 @@ pub trait IntKernel: IntAct {
     /// [`requantize_wide`], plus the output zero point) are kept as `i32`,
     /// unsaturated: router logits in fixed point.
     fn matvec_wide(lin: &QLinear<'_, Self>, x: &[Self], y: &mut [i32]);
+
+    /// `matvec` with `work` ([`expand_words`] of the input width) for the
+    /// DSP path's expanded input, instead of a buffer on the stack.
+    fn matvec_in(lin: &QLinear<'_, Self>, x: &[Self], y: &mut [Self], work: &mut [u32]);
+
+    /// `matvec_wide` with `work`, as [`IntKernel::matvec_in`].
+    fn matvec_wide_in(lin: &QLinear<'_, Self>, x: &[Self], y: &mut [i32], work: &mut [u32]);
 }
 
 impl IntKernel for i8 {
@@ -374,14 +389,67 @@ impl IntKernel for i8 {
     }
 
     fn matvec_wide(lin: &QLinear<'_, i8>, x: &[i8], y: &mut [i32]) {
-        let mut bias = lin.bias.unwrap_or(&[]).iter();
         let x = x.get(..lin.cols).unwrap_or(x);
-        let mut out = y.iter_mut().zip(lin.multipliers.iter().zip(lin.shifts));
-        each_dot_i8(lin.w, x, -lin.input_zp, |dot| {
-            let Some((yo, (&multiplier, &shift))) = out.next() else { return };
-            let acc = dot.wrapping_add(bias.next().copied().unwrap_or(0));
-            *yo = requantize_wide(acc as i64, Multiplier { multiplier, shift }).saturating_add(lin.output_zp);
-        });
+        each_dot_i8(lin.w, x, -lin.input_zp, wide_epilogue_i8(lin, y));
+    }
+
+    fn matvec_in(lin: &QLinear<'_, i8>, x: &[i8], y: &mut [i8], work: &mut [u32]) {
+        let (w, b, m, s, off, zp) =
+            (lin.w, lin.bias, lin.multipliers, lin.shifts, -lin.input_zp, lin.output_zp);
+        #[cfg(micromoe_dsp)]
+        if super::arm::matvec_i8_in(w, b, m, s, x, off, zp, y, super::arm::uninit(work)).is_none() {
+            reference::matvec_i8(w, b, m, s, x, off, zp, y);
+        }
+        #[cfg(not(micromoe_dsp))]
+        {
+            let _ = work;
+            matvec_i8(w, b, m, s, x, off, zp, y);
+        }
+    }
+
+    fn matvec_wide_in(lin: &QLinear<'_, i8>, x: &[i8], y: &mut [i32], work: &mut [u32]) {
+        let x = x.get(..lin.cols).unwrap_or(x);
+        #[cfg(micromoe_dsp)]
+        super::arm::each_dot_i8_in(
+            lin.w,
+            x,
+            -lin.input_zp,
+            super::arm::uninit(work),
+            wide_epilogue_i8(lin, y),
+        );
+        #[cfg(not(micromoe_dsp))]
+        {
+            let _ = work;
+            each_dot_i8(lin.w, x, -lin.input_zp, wide_epilogue_i8(lin, y));
+        }
+    }
+}
+
+/// The int8 `matvec_wide` epilogue: each row's sum plus bias (wrapping
+/// `i32`, as the DSP sums), requantized with [`requantize_wide`] and offset
+/// by the output zero point, unsaturated.
+#[inline(always)]
+fn wide_epilogue_i8<'y>(lin: &QLinear<'y, i8>, y: &'y mut [i32]) -> impl FnMut(i32) + 'y {
+    let mut bias = lin.bias.unwrap_or(&[]).iter();
+    let mut out = y.iter_mut().zip(lin.multipliers.iter().zip(lin.shifts));
+    let zp = lin.output_zp;
+    move |dot| {
+        let Some((yo, (&multiplier, &shift))) = out.next() else { return };
+        let acc = dot.wrapping_add(bias.next().copied().unwrap_or(0));
+        *yo = requantize_wide(acc as i64, Multiplier { multiplier, shift }).saturating_add(zp);
+    }
+}
+
+/// The Q15 `matvec_wide` epilogue, as [`wide_epilogue_i8`] with `i64` sums.
+#[inline(always)]
+fn wide_epilogue_q15<'y>(lin: &QLinear<'y, i16>, y: &'y mut [i32]) -> impl FnMut(i64) + 'y {
+    let mut bias = lin.bias.unwrap_or(&[]).iter();
+    let mut out = y.iter_mut().zip(lin.multipliers.iter().zip(lin.shifts));
+    let zp = lin.output_zp;
+    move |dot| {
+        let Some((yo, (&multiplier, &shift))) = out.next() else { return };
+        let acc = dot.wrapping_add(bias.next().copied().unwrap_or(0));
+        *yo = requantize_wide(acc, Multiplier { multiplier, shift }).saturating_add(zp);
     }
 }
 
@@ -397,14 +465,32 @@ impl IntKernel for i16 {
     }
 
     fn matvec_wide(lin: &QLinear<'_, i16>, x: &[i16], y: &mut [i32]) {
-        let mut bias = lin.bias.unwrap_or(&[]).iter();
         let x = x.get(..lin.cols).unwrap_or(x);
-        let mut out = y.iter_mut().zip(lin.multipliers.iter().zip(lin.shifts));
-        each_dot_q15(lin.w, x, |dot| {
-            let Some((yo, (&multiplier, &shift))) = out.next() else { return };
-            let acc = dot.wrapping_add(bias.next().copied().unwrap_or(0));
-            *yo = requantize_wide(acc, Multiplier { multiplier, shift }).saturating_add(lin.output_zp);
-        });
+        each_dot_q15(lin.w, x, wide_epilogue_q15(lin, y));
+    }
+
+    fn matvec_in(lin: &QLinear<'_, i16>, x: &[i16], y: &mut [i16], work: &mut [u32]) {
+        let (w, b, m, s) = (lin.w, lin.bias, lin.multipliers, lin.shifts);
+        #[cfg(micromoe_dsp)]
+        if super::arm::matvec_q15_in(w, b, m, s, x, y, super::arm::uninit(work)).is_none() {
+            reference::matvec_q15(w, b, m, s, x, y);
+        }
+        #[cfg(not(micromoe_dsp))]
+        {
+            let _ = work;
+            matvec_q15(w, b, m, s, x, y);
+        }
+    }
+
+    fn matvec_wide_in(lin: &QLinear<'_, i16>, x: &[i16], y: &mut [i32], work: &mut [u32]) {
+        let x = x.get(..lin.cols).unwrap_or(x);
+        #[cfg(micromoe_dsp)]
+        super::arm::each_dot_q15_in(lin.w, x, super::arm::uninit(work), wide_epilogue_q15(lin, y));
+        #[cfg(not(micromoe_dsp))]
+        {
+            let _ = work;
+            each_dot_q15(lin.w, x, wide_epilogue_q15(lin, y));
+        }
     }
 }
 
@@ -514,6 +600,20 @@ impl<'a, A: IntKernel> QLinear<'a, A> {
     #[inline]
     pub fn forward_wide(&self, x: &[A], y: &mut [i32]) {
         A::matvec_wide(self, x, y)
+    }
+
+    /// [`QLinear::forward`] with `work` (at least [`expand_words`]`(cols)`
+    /// words; a shorter one is correct, only slower) instead of a buffer on
+    /// the stack: what layers running from a scratch buffer use.
+    #[inline]
+    pub fn forward_in(&self, x: &[A], y: &mut [A], work: &mut [u32]) {
+        A::matvec_in(self, x, y, work)
+    }
+
+    /// [`QLinear::forward_wide`] with `work`, as [`QLinear::forward_in`].
+    #[inline]
+    pub fn forward_wide_in(&self, x: &[A], y: &mut [i32], work: &mut [u32]) {
+        A::matvec_wide_in(self, x, y, work)
     }
 }
 

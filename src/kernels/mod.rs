@@ -30,4 +30,6 @@ mod float;
 mod int;
 
 pub use float::{Activation, FloatWeight, LANES, Linear, dot, matmul, matvec};
-pub use int::{IntKernel, MulParams, QLinear, for_each_dot_i8, matvec_i8, matvec_q15, reference};
+pub use int::{
+    IntKernel, MulParams, QLinear, expand_words, for_each_dot_i8, matvec_i8, matvec_q15, reference,
+};

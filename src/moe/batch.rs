@@ -27,7 +27,7 @@ use std::vec::Vec;
 use super::{ExpertSource, MoeLayer, QMoeLayer};
 use crate::error::{Error, Result, What, check_finite, check_len};
 use crate::expert::{Expert, QExpert};
-use crate::kernels::{FloatWeight, IntKernel};
+use crate::kernels::{FloatWeight, IntKernel, expand_words};
 use crate::router::{DispatchPlan, Selection};
 use crate::scratch::Carve;
 
@@ -113,9 +113,10 @@ where
         check_len(What::Output, n * d_out, out.len())?;
         let experts = self.rule().experts;
         let mut route_scratch = vec![0u8; self.route_bytes()];
+        let mut work = vec![0u32; expand_words(d_in.max(self.hidden_max()))];
         let selections = xs
             .chunks_exact(d_in)
-            .map(|x| self.route(x, &mut Carve::new(&mut route_scratch)))
+            .map(|x| self.route(x, &mut Carve::new(&mut route_scratch), &mut work))
             .collect::<Result<Vec<_>>>()?;
         let plan = DispatchPlan::new(&selections, experts)?;
         let hidden_len = self.hidden_max();
@@ -141,7 +142,7 @@ where
                 .collect();
             if let Some(shared) = self.shared() {
                 shared.expert.forward(x, &mut shared_y, &mut hidden);
-                rows.push((&shared_y, self.shared_weight(x)));
+                rows.push((&shared_y, self.shared_weight(x, &mut work)));
             }
             self.combine(&rows, o);
         }

@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result, What, check_dim, check_len};
 use crate::expert::QExpert;
-use crate::kernels::{IntKernel, Linear, QLinear};
+use crate::kernels::{IntKernel, Linear, QLinear, expand_words};
 use crate::quant::{Multiplier, QuantParams, WIDE_MAX_SHIFT, f16, requantize_wide};
 #[cfg(any(feature = "f32", feature = "f16"))]
 use crate::router::Choice;
@@ -240,6 +240,13 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
             + bytes_for::<i32>(self.gate.rule().experts)
             + bytes_for::<A>(self.hidden_max)
             + bytes_for::<A>(self.slots().saturating_mul(self.out_dim))
+            + bytes_for::<u32>(self.work_words())
+    }
+
+    /// Words of kernel work buffer ([`expand_words`] of the widest input
+    /// any product of the layer reads).
+    fn work_words(&self) -> usize {
+        expand_words(self.in_dim().max(self.hidden_max))
     }
 
     /// Multiply-accumulates for one token with the given experts chosen,
@@ -257,7 +264,8 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
         check_len(What::Input, self.in_dim(), x.len())?;
         check_len(What::Output, self.out_dim, out.len())?;
         let mut carve = Carve::new(scratch);
-        let sel = self.route(x, &mut carve)?;
+        let work = carve.take::<u32>(self.work_words())?;
+        let sel = self.route(x, &mut carve, work)?;
         let hidden = carve.take::<A>(self.hidden_max)?;
         let ys = carve.take::<A>(self.slots() * self.out_dim)?;
 
@@ -268,26 +276,27 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
         for c in &sel {
             let expert = self.experts.expert(c.expert as usize)?;
             let y = slots.next().ok_or(short)?;
-            expert.forward(x, y, hidden);
+            expert.forward_in(x, y, hidden, work);
             let _ = rows.push((&*y, c.weight));
         }
         if let (Some(shared), Some(y)) = (&self.shared, slots.next()) {
-            shared.expert.forward(x, y, hidden);
-            let _ = rows.push((&*y, self.shared_weight(x)));
+            shared.expert.forward_in(x, y, hidden, work);
+            let _ = rows.push((&*y, self.shared_weight(x, work)));
         }
         self.combine(&rows, out);
         Ok(sel)
     }
 
-    /// Chooses experts for one token, with Q15 weights; work buffers from `carve`.
-    pub(crate) fn route(&self, x: &[A], carve: &mut Carve<'_>) -> Result<Selection<i32>> {
+    /// Chooses experts for one token, with Q15 weights; work buffers from
+    /// `carve`, the kernels' from `work`.
+    pub(crate) fn route(&self, x: &[A], carve: &mut Carve<'_>, work: &mut [u32]) -> Result<Selection<i32>> {
         let n = self.gate.rule().experts;
         let mut sel = Selection::new();
         match &self.gate {
             Gate::Int(gate, router) => {
                 // logits: (experts,) in Q.LOGIT_FRAC_BITS = gate (experts, in) @ x
                 let logits = carve.take::<i32>(n)?;
-                gate.forward_wide(x, logits);
+                gate.forward_wide_in(x, logits, work);
                 router.route(logits, &mut sel)?;
             }
             // Without a float type the float router is not linked: such a
@@ -314,11 +323,11 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
     }
 
     /// The shared expert's Q15 weight for `x`: `sigmoid(shared_gate x)` or 1.
-    pub(crate) fn shared_weight(&self, x: &[A]) -> i32 {
+    pub(crate) fn shared_weight(&self, x: &[A], work: &mut [u32]) -> i32 {
         match self.shared.as_ref().and_then(|s| s.gate.as_ref()) {
             Some(gate) => {
                 let mut l = [0i32];
-                gate.forward_wide(x, &mut l);
+                gate.forward_wide_in(x, &mut l, work);
                 ((sigmoid_q30(l[0], LOGIT_FRAC_BITS) + (1 << 14)) >> 15) as i32
             }
             None => ONE_Q15,

@@ -144,7 +144,7 @@ fn f16_rows(r: &mut Rng) -> (usize, usize) {
         let mut x = [0.0f32; 80];
         for (wv, xv) in w.iter_mut().zip(x.iter_mut()) {
             // Exponent field 31 (infinities, NaNs) left out.
-            *wv = f16::from_bits((r.next() as u16) % 0x7c00 | (r.next() as u16 & 0x8000));
+            *wv = f16::from_bits(((r.next() as u16) % 0x7c00) | (r.next() as u16 & 0x8000));
             *xv = (r.below(2001) as f32 - 1000.0) / 37.0;
         }
         let (w, x) = (core::hint::black_box(&w[off..off + n]), &x[..n]);
