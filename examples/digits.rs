@@ -6,7 +6,7 @@
 //! cargo run --release --example digits [-- --json]
 //! ```
 
-use micromoe::format::Model;
+use micromoe::Model;
 use micromoe::include_model;
 use safetensors::SafeTensors;
 use serde_json::json;

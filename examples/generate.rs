@@ -16,7 +16,7 @@
 use std::io::Write;
 use std::time::Instant;
 
-use micromoe::format::Model;
+use micromoe::Model;
 use micromoe::format::write::AlignedBytes;
 use micromoe::model::{Decoder, Sampler};
 

@@ -24,6 +24,6 @@ pub mod scratch;
 
 pub use error::{Error, Result, What};
 pub use expert::Expert;
-pub use format::{Model, argmax};
+pub use model::{Model, argmax};
 pub use moe::{MoeLayer, QMoeLayer, Stats};
 pub use router::{Choice, Router, Rule, Selection};

@@ -8,7 +8,7 @@
 //! width, u32 output width, u32 reserved, then inputs (f32), outputs (f32),
 //! and the first chosen expert of each sample (u32).
 
-use micromoe::format::Model;
+use micromoe::Model;
 use micromoe::include_model;
 use safetensors::SafeTensors;
 

@@ -1,6 +1,6 @@
 //! The committed digits models against PyTorch's test-set logits.
 
-use micromoe::format::Model;
+use micromoe::Model;
 use micromoe::{include_model, scratch_len};
 use safetensors::SafeTensors;
 

@@ -4,9 +4,11 @@
 mod common;
 
 use common::{Fixture, model, to_f16};
+use micromoe::Model;
 use micromoe::error::{Error, Field, What};
 use micromoe::format::write::{AlignedBytes, LayerSpec, ModelSpec, Task, write};
-use micromoe::format::{LayerDtype, Model, layout, required_scratch};
+use micromoe::format::{LayerDtype, layout};
+use micromoe::model::required_scratch;
 use micromoe::moe::build::QMoeBuf;
 
 fn float_spec(name: &str, gate: LayerDtype, experts: LayerDtype) -> (Fixture, ModelSpec) {
@@ -97,7 +99,7 @@ fn float_models_round_trip_bit_for_bit() {
         if conv.is_none() {
             let views = m.expert_views().unwrap();
             let mem = m.layer(&views).unwrap();
-            let Ok(micromoe::format::Layer::F32(file)) = parsed.layer(0) else { panic!("an f32 layer") };
+            let Ok(micromoe::model::Layer::F32(file)) = parsed.layer(0) else { panic!("an f32 layer") };
             assert_eq!(file.scratch_bytes(), mem.scratch_bytes());
             let sel = mem.infer(fx.row("x", 0), &mut vec![0.0; mem.out_dim()], &mut scratch).unwrap();
             assert_eq!(file.macs(&sel), mem.macs(&sel));
@@ -135,7 +137,7 @@ fn integer_views_from_a_file_have_the_sizes_of_the_layer_in_memory() {
     let LayerSpec::Q15(q) = &spec.layers[0] else { unreachable!() };
     let views = q.expert_views().unwrap();
     let mem = q.layer(&views).unwrap();
-    let Ok(micromoe::format::Layer::Q15(file, input, _)) = parsed.layer(0) else { panic!("a Q15 layer") };
+    let Ok(micromoe::model::Layer::Q15(file, input, _)) = parsed.layer(0) else { panic!("a Q15 layer") };
     assert_eq!(file.scratch_bytes(), mem.scratch_bytes());
     let mut x = vec![0i16; 24];
     input.quantize_slice(fx.row("x", 0), &mut x).unwrap();

@@ -267,7 +267,8 @@ fn eval_json_streams_a_large_vocabulary() {
 
 #[test]
 fn expert_ids_never_reach_the_shared_and_layer_keys() {
-    use micromoe::format::{Model, layout, write::AlignedBytes};
+    use micromoe::Model;
+    use micromoe::format::{layout, write::AlignedBytes};
     let mut b =
         std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/digits/digits_f32.moe")).unwrap();
     // The first layer record follows the header; its word 3 is the expert

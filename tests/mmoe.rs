@@ -2,8 +2,9 @@
 
 use std::path::Path;
 
+use micromoe::Model;
+use micromoe::format::layout;
 use micromoe::format::write::AlignedBytes;
-use micromoe::format::{Model, layout};
 use micromoe::host::{Dtype, convert};
 use safetensors::SafeTensors;
 

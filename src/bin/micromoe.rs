@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use micromoe::format::Model;
+use micromoe::Model;
 use micromoe::format::write::AlignedBytes;
 use micromoe::host::{
     DecoderOptions, Dtype, HostError, convert_decoder, convert_with_progress, read_inputs, read_moe,

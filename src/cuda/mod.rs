@@ -338,7 +338,7 @@ impl CudaMoe {
         model: &crate::Model<'_>,
         index: usize,
     ) -> Result<Self, CudaError> {
-        use crate::format::Layer;
+        use crate::model::Layer;
         match model.layer(index)? {
             Layer::F32(l) => Self::on(target, &l, Precision::F32),
             Layer::F16(l) => Self::on(target, &l, Precision::F16),

@@ -176,7 +176,7 @@ impl<'a> Table<'a> {
         allow(dead_code)
     )]
     /// Entry `i`'s data as `T`, found by position, without looking at its
-    /// dtype or shape: for entries [`Model::parse`](super::Model::parse)
+    /// dtype or shape: for entries [`Model::parse`](crate::Model::parse)
     /// has checked to be `T` of the right shape (the resolved views of a
     /// parsed model). `None` past the end or if the bytes are not `T`s.
     pub(crate) fn data<T: Elem>(&self, i: usize) -> Option<&'a [T]> {

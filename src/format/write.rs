@@ -450,12 +450,12 @@ fn assemble(
     }
     let crc = crc32(&b[..total - CRC_LEN]);
     put_u32(&mut b, total - CRC_LEN, crc);
-    super::Model::parse(&AlignedBytes::from(&b[..]))?;
+    crate::Model::parse(&AlignedBytes::from(&b[..]))?;
     Ok(b)
 }
 
 /// Bytes on the heap starting at a 16-byte aligned address, for
-/// [`Model::parse`](super::Model::parse) of a file read at run time.
+/// [`Model::parse`](crate::Model::parse) of a file read at run time.
 #[derive(Debug, Clone)]
 pub struct AlignedBytes {
     buf: Vec<u8>,

@@ -3,7 +3,7 @@
 use serde_json::{Value, json};
 
 use crate::format::layout::{LAYER_LEVEL, SHARED_EXPERT, flags, part, role};
-use crate::format::{LayerInfo, Model};
+use crate::model::{LayerInfo, Model};
 
 /// One layer, described.
 #[derive(Debug, Clone)]

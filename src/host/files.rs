@@ -96,7 +96,7 @@ pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, HostError> {
 
 /// A `.moe` file, read straight into an aligned buffer once its header has
 /// been checked: the magic, the version and a total length equal to the
-/// file's size ([`Model::parse`](crate::format::Model::parse) then checks
+/// file's size ([`Model::parse`](crate::Model::parse) then checks
 /// everything else).
 pub fn read_moe(path: &Path) -> Result<AlignedBytes, HostError> {
     use crate::format::layout::{HEADER_LEN, MAGIC, header, u16_at, u32_at};

@@ -9,8 +9,9 @@ use super::state::{Kv, Slabs, State, Work};
 use crate::error::{Error, Field, Result, What, check_len};
 use crate::format::layout::decoder::{self as dl, MODEL_LEVEL, SCALE_PART, role as drole};
 use crate::format::layout::{self, LAYER_LEN, LAYER_LEVEL, SHARED_EXPERT, dtype, part, role};
-use crate::format::{Key, Model, Table};
+use crate::format::{Key, Table};
 use crate::kernels::{Activation, FloatWeight};
+use crate::model::Model;
 use crate::quant::f16;
 use crate::router::{MAX_K, Router, Rule, Selection};
 

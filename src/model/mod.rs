@@ -34,13 +34,17 @@
 //! ```
 
 mod decoder;
+mod layers;
 mod matrix;
 mod sample;
+mod stack;
 mod state;
 
 pub use decoder::{Config, Decoder, LayerConfig, MAX_EXPERTS, MAX_WIDTH};
+pub use layers::{Experts, FloatExperts, IntExperts, Layer};
 pub use matrix::{Input, MAX_INT8_COLS, Matrix, Weights, quantize_vector};
-pub use sample::{Rng, Sampler, argmax};
+pub use sample::{Rng, Sampler};
+pub use stack::{LayerInfo, Model, Step, argmax, required_scratch};
 pub use state::{State, bytes_for_dims};
 
 #[cfg(feature = "decoder")]

@@ -69,7 +69,8 @@ impl Sampler {
             return Err(Error::OutOfRange { what: What::TopP, index: 0 });
         }
         if self.temperature == 0.0 {
-            return Ok(argmax(logits));
+            // The logits are finite (the decoder checks), so there is one.
+            return Ok(super::argmax(logits).unwrap_or(0) as u32);
         }
         check_len(What::Scratch, logits.len(), order.len())?;
         let max = logits.iter().fold(f32::MIN, |m, &v| m.max(v));
@@ -113,17 +114,6 @@ fn pick(probs: &[f32], tokens: impl Iterator<Item = u32>, target: f32) -> u32 {
         }
     }
     last
-}
-
-/// Index of the largest value; ties to the lower index.
-pub fn argmax(xs: &[f32]) -> u32 {
-    let mut best = (0, xs.first().copied().unwrap_or(0.0));
-    for (i, &v) in xs.iter().enumerate() {
-        if v > best.1 {
-            best = (i, v);
-        }
-    }
-    best.0 as u32
 }
 
 /// Sorts `v` so that `first(a, b)` holds for every earlier `a` and later

@@ -117,7 +117,10 @@ fn run(b: &mut Buffers) -> bool {
         .count();
     println!("mps2-an386 f16 conversion: {}/65536 halves as half converts them", same);
     let (f16_ok, f16_cases) = f16_rows(&mut r);
-    println!("mps2-an386 f16 dot and axpy: {}/{} random rows bit-identical to the portable loops", f16_ok, f16_cases);
+    println!(
+        "mps2-an386 f16 dot and axpy: {}/{} random rows bit-identical to the portable loops",
+        f16_ok, f16_cases
+    );
     for dsp in [true, false] {
         for q15 in [false, true] {
             for &(rows, cols) in &SHAPES {

@@ -19,10 +19,10 @@
 )]
 
 use super::LayerInfo;
-use super::layout::{LAYER_LEVEL, LayerDtype, SHARED_EXPERT, flags, part, role};
-use super::table::{Elem, Key, Table};
 use crate::error::{Error, Result, TensorProblem, What};
 use crate::expert::{Expert, QActivation, QExpert};
+use crate::format::layout::{LAYER_LEVEL, LayerDtype, SHARED_EXPERT, flags, part, role};
+use crate::format::{Elem, Key, Table};
 use crate::kernels::{Activation, FloatWeight, IntKernel, Linear, MulParams, QLinear};
 use crate::moe::{
     Combine, Dims, ExpertSource, FloatGate, Gate, MoeLayer, QMoeLayer, QSharedExpert, SharedExpert,
