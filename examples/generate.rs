@@ -16,7 +16,6 @@
 use std::io::Write;
 use std::time::Instant;
 
-use micromoe::Model;
 use micromoe::format::write::AlignedBytes;
 use micromoe::model::{Decoder, Sampler};
 
@@ -60,8 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = args()?;
     let bytes = std::fs::read(&args.model).map_err(|e| format!("{}: {e}", args.model))?;
     let bytes = AlignedBytes::from(&bytes[..]);
-    let model = Model::parse(&bytes)?;
-    let dec = Decoder::new(&model)?;
+    let dec = Decoder::parse(&bytes)?;
     let vocab = dec.config().vocab;
     if vocab != 128 {
         return Err(
@@ -124,7 +122,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         secs * 1e3,
         fed as f64 / secs,
         dec.state_bytes(),
-        model.bytes().len()
+        dec.bytes().len()
     );
     for (l, u) in uses.iter().enumerate() {
         let n = dec.layer_config(l)?.experts;

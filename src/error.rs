@@ -246,8 +246,10 @@ pub enum Error {
         /// The feature to enable.
         feature: &'static str,
     },
-    /// The model is not of the architecture this call runs (e.g.
-    /// [`Model::infer`](crate::Model::infer) on a decoder).
+    /// The model is not of the architecture this parse or call takes: a
+    /// decoder given to [`Model::parse`](crate::Model::parse), a stack to
+    /// [`Decoder::parse`](crate::model::Decoder::parse), a regressor to
+    /// [`Model::classify`](crate::Model::classify).
     WrongArchitecture {
         /// Architecture code of the model.
         found: u32,
@@ -348,7 +350,10 @@ impl fmt::Display for Error {
                 write!(f, "the model needs micromoe's `{feature}` cargo feature, which this build leaves out")
             }
             Error::WrongArchitecture { found } => {
-                write!(f, "this call does not run models of architecture {found}")
+                write!(
+                    f,
+                    "this parse or call does not take models of architecture {found} (decoders are Decoder::parse's, stacks and multi-gate models Model::parse's)"
+                )
             }
             Error::StatsTooSmall { experts, capacity } => {
                 write!(f, "stats hold {capacity} experts, the layer has {experts}")

@@ -96,8 +96,7 @@ const GENERATED: usize = 60;
 
 fn tinylm_vectors() -> Vec<u8> {
     use micromoe::model::{Decoder, Sampler};
-    let model = Model::parse(TINYLM).unwrap();
-    let dec = Decoder::new(&model).unwrap();
+    let dec = Decoder::parse(TINYLM).unwrap();
     let mut buf = vec![0u8; dec.state_bytes()];
     let mut state = dec.state(&mut buf).unwrap();
     let mut logits = vec![0.0f32; dec.config().vocab];

@@ -24,13 +24,13 @@ fn truncations_and_bit_flips_are_refused() {
     let bytes = model_bytes("qwen2_moe_shared", Dtype::Int8);
     for n in (0..bytes.len()).filter(|&n| n < 4096 || n % 7 == 0) {
         let b = AlignedBytes::from(&bytes[..n]);
-        assert!(Model::parse(&b).is_err(), "truncated to {n} accepted");
+        assert!(Decoder::parse(&b).is_err(), "truncated to {n} accepted");
     }
     for at in (0..bytes.len()).step_by(13) {
         let mut b = bytes.clone();
         b[at] ^= 1 << (at % 8);
         let b = AlignedBytes::from(&b[..]);
-        let r = Model::parse(&b);
+        let r = Decoder::parse(&b);
         // Magic, version and length are read before the CRC.
         assert!(
             if at < 16 { r.is_err() } else { matches!(r, Err(Error::Crc { .. })) },
@@ -42,14 +42,14 @@ fn truncations_and_bit_flips_are_refused() {
 #[test]
 fn bad_calls_get_specific_errors() {
     let bytes = AlignedBytes::from(&model_bytes("mixtral_tied", Dtype::F32)[..]);
-    let model = Model::parse(&bytes).unwrap();
-    assert_eq!(
-        model.infer(&[0.0; 96], &mut [0.0; 96], &mut [0; 64]).unwrap_err(),
-        Error::WrongArchitecture { found: 3 }
-    );
-    let dec = Decoder::new(&model).unwrap();
+    // Each graph type parses its own architecture.
+    assert_eq!(Model::parse(&bytes).unwrap_err(), Error::WrongArchitecture { found: 3 });
+    let digits =
+        micromoe::include_model!(concat!(env!("CARGO_MANIFEST_DIR"), "/models/digits/digits_int8.moe"));
+    assert_eq!(Decoder::parse(digits).unwrap_err(), Error::WrongArchitecture { found: 1 });
+    let dec = Decoder::parse(&bytes).unwrap();
     let need = dec.state_bytes();
-    assert_eq!(model.scratch_bytes(), need);
+    assert_eq!(micromoe::model::required_scratch(&bytes), Ok(need), "scratch_len! sizes a decoder's state");
     let mut buf = vec![0u8; need];
     assert_eq!(
         dec.state(&mut buf[..need - 1]).unwrap_err(),
@@ -73,8 +73,7 @@ fn bad_calls_get_specific_errors() {
     dec.step(&mut state, 1, &mut logits, |_, _| {}).unwrap();
     // A state belongs to the decoder that made it.
     let other_bytes = AlignedBytes::from(&model_bytes("qwen2_moe_shared", Dtype::F32)[..]);
-    let other = Model::parse(&other_bytes).unwrap();
-    let other = Decoder::new(&other).unwrap();
+    let other = Decoder::parse(&other_bytes).unwrap();
     let mut l2 = vec![0.0; other.config().vocab];
     assert_eq!(other.step(&mut state, 1, &mut l2, |_, _| {}).unwrap_err(), Error::WrongState);
     // Sampling refuses NaN logits and nonsense parameters.
@@ -86,7 +85,7 @@ fn bad_calls_get_specific_errors() {
     let mut shifted = vec![0u8; bytes.len() + 1];
     shifted[1..].copy_from_slice(&bytes);
     let base = AlignedBytes::from(&shifted[..]);
-    assert!(matches!(Model::parse(&base[1..]), Err(Error::Misaligned { offset: 1 })));
+    assert!(matches!(Decoder::parse(&base[1..]), Err(Error::Misaligned { offset: 1 })));
 }
 
 /// Random CRC-valid edits aimed at the header, records and table; whatever
@@ -97,8 +96,8 @@ fn random_edits_never_panic() {
     for (name, dtype) in [("qwen2_moe_dense_layers", Dtype::Int8), ("mixtral_tied", Dtype::F16)] {
         let bytes = model_bytes(name, dtype);
         let model = AlignedBytes::from(&bytes[..]);
-        let n_tensors = Model::parse(&model).unwrap().table().len();
-        let layers = Model::parse(&model).unwrap().layers();
+        let dec = Decoder::parse(&model).unwrap();
+        let (n_tensors, layers) = (dec.table().len(), dec.config().layers);
         let meta = 64 + 64 + 96 * layers + 32 * n_tensors;
         let mut seed = 0x2545_F491_4F6C_DD1Du64;
         let mut next = move || {
@@ -116,12 +115,11 @@ fn random_edits_never_panic() {
             }
             fix_crc(&mut b);
             let aligned = AlignedBytes::from(&b[..]);
-            let Ok(model) = Model::parse(&aligned) else {
+            let Ok(dec) = Decoder::parse(&aligned) else {
                 refused += 1;
                 continue;
             };
             accepted += 1;
-            let Ok(dec) = Decoder::new(&model) else { continue };
             if dec.state_bytes() > 1 << 24 {
                 continue;
             }

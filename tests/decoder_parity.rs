@@ -59,10 +59,9 @@ type Run = (Vec<Vec<f32>>, Vec<Vec<Vec<u16>>>);
 
 fn run(bytes: &[u8], tokens: &[u32]) -> Run {
     let bytes = AlignedBytes::from(bytes);
-    let model = micromoe::Model::parse(&bytes).unwrap();
-    let dec = Decoder::new(&model).unwrap();
+    let dec = Decoder::parse(&bytes).unwrap();
     let mut buf = vec![0u8; dec.state_bytes()];
-    assert_eq!(buf.len(), model.scratch_bytes());
+    assert_eq!(Ok(buf.len()), micromoe::model::required_scratch(&bytes));
     let mut state = dec.state(&mut buf).unwrap();
     let moe_layers: Vec<usize> =
         (0..dec.config().layers).filter(|&l| dec.layer_config(l).unwrap().experts > 0).collect();

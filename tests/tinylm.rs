@@ -31,8 +31,7 @@ fn reference() -> Vec<(String, Vec<u32>)> {
 
 fn greedy(bytes: &[u8], prompt: &str, n: usize) -> Vec<u32> {
     let bytes = AlignedBytes::from(bytes);
-    let model = micromoe::Model::parse(&bytes).unwrap();
-    let dec = Decoder::new(&model).unwrap();
+    let dec = Decoder::parse(&bytes).unwrap();
     let mut buf = vec![0u8; dec.state_bytes()];
     let mut state = dec.state(&mut buf).unwrap();
     let mut logits = vec![0.0; dec.config().vocab];

@@ -34,9 +34,6 @@ pub fn repair(data: &[u8]) -> AlignedBytes {
 pub fn stack(data: &[u8]) {
     let bytes = repair(data);
     let Ok(model) = Model::parse(&bytes) else { return };
-    if model.arch() == micromoe::format::arch::DECODER {
-        return;
-    }
     if model.scratch_bytes() > MAX_BUFFER || model.input_dim() > 1 << 16 || model.output_dim() > 1 << 16 {
         return;
     }
@@ -87,8 +84,7 @@ fn batch(layer: &Layer<'_>) {
 pub fn decoder(data: &[u8]) {
     let Some((&ctrl, model_bytes)) = data.split_first() else { return };
     let bytes = repair(model_bytes);
-    let Ok(model) = Model::parse(&bytes) else { return };
-    let Ok(dec) = Decoder::new(&model) else { return };
+    let Ok(dec) = Decoder::parse(&bytes) else { return };
     let (vocab, context) = (dec.config().vocab, dec.config().context);
     if dec.state_bytes() > MAX_BUFFER || vocab > 1 << 16 || context > 256 {
         return;
@@ -154,11 +150,12 @@ pub fn checkpoint(data: &[u8]) {
     }
     for bytes in outputs.into_iter().flatten() {
         let aligned = AlignedBytes::from(&bytes[..]);
-        let model = Model::parse(&aligned).expect("the converter wrote a model parse refuses");
         if decoder {
-            let _ = micromoe::host::summarize_decoder(&model).map(|s| s.to_json());
+            let dec = Decoder::parse(&aligned).expect("the converter wrote a decoder parse refuses");
+            let _ = micromoe::host::summarize_decoder(&dec).map(|s| s.to_json());
             decoder_prefixed(&bytes);
         } else {
+            let model = Model::parse(&aligned).expect("the converter wrote a model parse refuses");
             let _ = micromoe::host::summarize(&model).map(|s| s.to_json());
             stack(&bytes);
         }

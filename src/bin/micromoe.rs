@@ -133,9 +133,8 @@ fn run(cli: Cli) -> Result<(), HostError> {
             let bytes = bytes?;
             std::fs::write(&output, &bytes).map_err(|e| HostError::Io(output.clone(), e))?;
             let model_bytes = AlignedBytes::from(&bytes[..]);
-            let model = Model::parse(&model_bytes)?;
-            if model.arch() == micromoe::format::arch::DECODER {
-                let s = summarize_decoder(&model)?;
+            if decoder_bytes(&model_bytes)? {
+                let s = summarize_decoder(&Decoder::parse(&model_bytes)?)?;
                 eprintln!(
                     "wrote {} ({} bytes, {} parameters, {} active per token, state {} bytes)",
                     output.display(),
@@ -146,7 +145,7 @@ fn run(cli: Cli) -> Result<(), HostError> {
                 );
                 return Ok(());
             }
-            let s = summarize(&model)?;
+            let s = summarize(&Model::parse(&model_bytes)?)?;
             eprintln!(
                 "wrote {} ({} bytes, {} parameters, {} active, scratch {} bytes)",
                 output.display(),
@@ -159,9 +158,8 @@ fn run(cli: Cli) -> Result<(), HostError> {
         Command::Eval { model, tokens, json } => eval(&model, &tokens, json)?,
         Command::Info { model, json } => {
             let bytes = load(&model)?;
-            let m = Model::parse(&bytes)?;
-            if m.arch() == micromoe::format::arch::DECODER {
-                let s = summarize_decoder(&m)?;
+            if decoder_bytes(&bytes)? {
+                let s = summarize_decoder(&Decoder::parse(&bytes)?)?;
                 if json {
                     println!("{}", s.to_json());
                 } else {
@@ -169,7 +167,7 @@ fn run(cli: Cli) -> Result<(), HostError> {
                 }
                 return Ok(());
             }
-            let s = summarize(&m)?;
+            let s = summarize(&Model::parse(&bytes)?)?;
             if json {
                 println!("{}", s.to_json());
             } else {
@@ -178,12 +176,12 @@ fn run(cli: Cli) -> Result<(), HostError> {
         }
         Command::Run { model, input, json } => {
             let bytes = load(&model)?;
-            let m = Model::parse(&bytes)?;
-            if m.arch() == micromoe::format::arch::DECODER {
+            if decoder_bytes(&bytes)? {
                 return Err(HostError::Input(
                     "a decoder takes tokens: use `micromoe eval MODEL --tokens 1,2,3`".into(),
                 ));
             }
+            let m = Model::parse(&bytes)?;
             let xs = read_inputs(&input, m.input_dim())?;
             let mut scratch = zeroed::<u8>(m.scratch_bytes(), "scratch")?;
             let mut results = Vec::new();
@@ -221,8 +219,12 @@ fn run(cli: Cli) -> Result<(), HostError> {
 /// stays one vocabulary row whatever the number of tokens.
 fn eval(path: &Path, tokens: &[u32], as_json: bool) -> Result<(), HostError> {
     let bytes = load(path)?;
-    let m = Model::parse(&bytes)?;
-    let dec = Decoder::new(&m)?;
+    if !decoder_bytes(&bytes)? {
+        return Err(HostError::Input(
+            "a stack or multi-gate model takes inputs: use `micromoe run MODEL --input FILE`".into(),
+        ));
+    }
+    let dec = Decoder::parse(&bytes)?;
     // The step's own checks, before anything is printed.
     if let Some(&t) = tokens.iter().find(|&&t| t as usize >= dec.config().vocab) {
         return Err(
@@ -274,4 +276,10 @@ fn argmax(y: &[f32]) -> usize {
         .enumerate()
         .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
         .0
+}
+
+/// Whether `bytes` hold a decoder (the header alone; each graph's parse
+/// checks the rest).
+fn decoder_bytes(bytes: &[u8]) -> Result<bool, HostError> {
+    Ok(micromoe::format::Header::parse(bytes)?.arch == micromoe::format::arch::DECODER)
 }

@@ -450,7 +450,13 @@ fn assemble(
     }
     let crc = crc32(&b[..total - CRC_LEN]);
     put_u32(&mut b, total - CRC_LEN, crc);
-    crate::Model::parse(&AlignedBytes::from(&b[..]))?;
+    // What was written must read back: each architecture by its graph's parse.
+    let written = AlignedBytes::from(&b[..]);
+    if head.arch == super::arch::DECODER {
+        crate::model::Decoder::parse(&written)?;
+    } else {
+        crate::Model::parse(&written)?;
+    }
     Ok(b)
 }
 

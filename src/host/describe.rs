@@ -234,10 +234,10 @@ fn dtype_name(code: u8) -> &'static str {
     }
 }
 
-/// Counts what a decoder `model` holds.
-pub fn summarize_decoder(model: &Model<'_>) -> crate::Result<DecoderSummary> {
+/// Counts what a decoder holds.
+pub fn summarize_decoder(dec: &crate::model::Decoder<'_>) -> crate::Result<DecoderSummary> {
     use crate::format::layout::decoder::role as drole;
-    let dec = crate::model::Decoder::new(model)?;
+    let model = dec;
     let config = *dec.config();
     let layers = (0..config.layers).map(|l| dec.layer_config(l)).collect::<crate::Result<Vec<_>>>()?;
     let (mut total_params, mut inactive) = (0, 0);

@@ -9,9 +9,8 @@ use super::state::{Kv, Slabs, State, Work};
 use crate::error::{Error, Field, Result, What, check_len};
 use crate::format::layout::decoder::{self as dl, MODEL_LEVEL, SCALE_PART, role as drole};
 use crate::format::layout::{self, LAYER_LEN, LAYER_LEVEL, SHARED_EXPERT, dtype, part, role};
-use crate::format::{Key, Table};
+use crate::format::{Header, Key, Table, check_entries};
 use crate::kernels::{Activation, FloatWeight};
-use crate::model::Model;
 use crate::quant::f16;
 use crate::router::{MAX_K, Router, Rule, Selection};
 
@@ -176,8 +175,7 @@ impl LayerConfig {
 
 /// Whether a tensor key may appear in a decoder with `cfg` (codes and
 /// indices only; shapes are checked when layers are built).
-#[cfg_attr(not(feature = "decoder"), allow(dead_code))]
-pub(crate) fn key_allowed(bytes: &[u8], cfg: &Config, key: Key) -> Result<bool> {
+fn key_allowed(bytes: &[u8], cfg: &Config, key: Key) -> Result<bool> {
     let part_ok = key.part == part::WEIGHT || key.part == part::BIAS || key.part == SCALE_PART;
     if !part_ok || key.role >= drole::COUNT {
         return Ok(false);
@@ -364,18 +362,53 @@ fn vector<'a>(t: Loc<'_, 'a>, key: Key, n: usize) -> Result<&'a [f32]> {
 }
 
 impl<'a> Decoder<'a> {
-    /// The decoder in `model` (architecture 3); validates every layer and
-    /// expert the first time (also done by [`Model::parse`]).
-    pub fn new(model: &Model<'a>) -> Result<Self> {
-        if model.arch() != crate::format::arch::DECODER {
-            return Err(Error::BadField { field: Field::Arch, layer: 0 });
+    /// Validates `bytes` as a decoder (architecture 3) in full: the
+    /// container ([`Header::parse`]: length, magic, version, CRC, offsets),
+    /// the decoder and layer records, every tensor entry, and every layer and
+    /// expert view built once with its shapes and types. Any other
+    /// architecture is [`Error::WrongArchitecture`]: stacks and multi-gate
+    /// models are [`Model::parse`](crate::Model::parse)'s. Without the
+    /// `decoder` cargo feature, [`Error::Disabled`].
+    // Out of line, as `Model::parse`: its locals stay out of the caller's frame.
+    #[inline(never)]
+    pub fn parse(bytes: &'a [u8]) -> Result<Self> {
+        let h = Header::parse(bytes)?;
+        if h.arch != crate::format::arch::DECODER {
+            return Err(Error::WrongArchitecture { found: h.arch });
         }
-        let bytes = model.bytes();
-        let cfg = Config::read(bytes, model.layers())?;
-        Self::build(bytes, *model.table(), cfg)
+        if !cfg!(feature = "decoder") {
+            return Err(Error::Disabled { feature: "decoder" });
+        }
+        let cfg = Config::read(bytes, h.n_layers)?;
+        for l in 0..h.n_layers {
+            LayerConfig::read(bytes, l)?;
+        }
+        if h.input_dim != cfg.vocab || h.output_dim != cfg.vocab || h.task != 0 || h.tasks != 1 {
+            return Err(Error::BadField { field: Field::Dims, layer: 0 });
+        }
+        check_entries(bytes, (h.table_offset, h.n_tensors, h.data_offset, h.payload), |key| {
+            key_allowed(bytes, &cfg, key)
+        })?;
+        let dec = Self::build(bytes, Table::new(bytes, h.table_offset, h.n_tensors), cfg)?;
+        dec.validate()?;
+        // Saturated arithmetic means a state no machine could hold.
+        if dec.state_bytes() > isize::MAX as usize / 2 {
+            return Err(Error::Overflow);
+        }
+        Ok(dec)
     }
 
-    pub(crate) fn build(bytes: &'a [u8], table: Table<'a>, cfg: Config) -> Result<Self> {
+    /// The tensor table.
+    pub fn table(&self) -> &Table<'a> {
+        &self.table
+    }
+
+    /// The bytes the decoder was parsed from.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    fn build(bytes: &'a [u8], table: Table<'a>, cfg: Config) -> Result<Self> {
         let embed = matrix::<true>(
             Loc { t: &table, block: None, shift: 0 },
             key(MODEL_LEVEL, LAYER_LEVEL, drole::EMBED),
@@ -409,8 +442,7 @@ impl<'a> Decoder<'a> {
 
     /// Builds every layer and expert view once: each tensor present with
     /// its shape and type.
-    #[cfg_attr(not(feature = "decoder"), allow(dead_code))]
-    pub(crate) fn validate(&self) -> Result<()> {
+    fn validate(&self) -> Result<()> {
         for l in 0..self.cfg.layers {
             let layer = self.layer::<true>(l)?;
             for e in 0..layer.cfg.experts {

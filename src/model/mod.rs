@@ -18,8 +18,7 @@
 //! # let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/decoders/mixtral_tied");
 //! # let bytes = micromoe::host::convert(&dir, micromoe::host::Dtype::F32, None, None).unwrap();
 //! # let bytes = micromoe::format::write::AlignedBytes::from(&bytes[..]);
-//! let model = micromoe::Model::parse(&bytes).unwrap();
-//! let decoder = Decoder::new(&model).unwrap();
+//! let decoder = Decoder::parse(&bytes).unwrap();
 //! let mut buf = vec![0u8; decoder.state_bytes()];
 //! let mut state = decoder.state(&mut buf).unwrap();
 //! let mut logits = vec![0.0; decoder.config().vocab];
@@ -46,6 +45,3 @@ pub use matrix::{Input, MAX_INT8_COLS, Matrix, Weights, quantize_vector};
 pub use sample::{Rng, Sampler};
 pub use stack::{LayerInfo, Model, Step, argmax, required_scratch};
 pub use state::{State, bytes_for_dims};
-
-#[cfg(feature = "decoder")]
-pub(crate) use decoder::key_allowed;

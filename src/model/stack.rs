@@ -262,19 +262,13 @@ impl<'a> Model<'a> {
             tasks,
         } = h;
         if arch == arch::DECODER {
-            #[cfg(not(feature = "decoder"))]
-            return Err(Error::Disabled { feature: "decoder" });
-            #[cfg(feature = "decoder")]
-            return Self::parse_decoder(
-                bytes,
-                (table_offset, n_tensors, data_offset, payload),
-                n_layers,
-                task,
-            );
+            // A decoder is `Decoder::parse`'s (the graphs differ by type).
+            return Err(Error::WrongArchitecture { found: arch });
         }
-        // At least 1 (n_layers >= 1 is a multiple of tasks); `max` says so
-        // to the compiler, which then needs no division-by-zero check.
-        let per_task = (n_layers / tasks).max(1);
+        // At least 1 (`Header::parse` checked tasks >= 1 divides n_layers >=
+        // 1); the `max`es say so to the compiler, which then links no
+        // division-by-zero panic.
+        let per_task = (n_layers / tasks.max(1)).max(1);
         // Layer records are re-read where needed rather than kept: parsing
         // must not cost a microcontroller kilobytes of stack.
         let mut total_out = 0usize;
@@ -348,48 +342,6 @@ impl<'a> Model<'a> {
         Ok(model)
     }
 
-    #[cfg(feature = "decoder")]
-    /// The rest of [`Model::parse`] for a decoder: the decoder record, every
-    /// tensor entry, and every layer and expert built once.
-    fn parse_decoder(
-        bytes: &'a [u8],
-        (table_offset, n_tensors, data_offset, payload): (usize, usize, usize, usize),
-        n_layers: usize,
-        task: u32,
-    ) -> Result<Self> {
-        let cfg = crate::model::Config::read(bytes, n_layers)?;
-        for l in 0..n_layers {
-            crate::model::LayerConfig::read(bytes, l)?;
-        }
-        let input_dim = h_usize(bytes, header::INPUT_DIM)?;
-        let output_dim = h_usize(bytes, header::OUTPUT_DIM)?;
-        if input_dim != cfg.vocab || output_dim != cfg.vocab || task != 0 {
-            return Err(Error::BadField { field: Field::Dims, layer: 0 });
-        }
-        check_entries(bytes, (table_offset, n_tensors, data_offset, payload), |key| {
-            crate::model::key_allowed(bytes, &cfg, key)
-        })?;
-        let table = Table::new(bytes, table_offset, n_tensors);
-        crate::model::Decoder::build(bytes, table, cfg)?.validate()?;
-        let scratch = required_scratch(bytes)?;
-        // Saturated arithmetic means a state no machine could hold.
-        if scratch > isize::MAX as usize / 2 {
-            return Err(Error::Overflow);
-        }
-        Ok(Model {
-            bytes,
-            table,
-            scratch,
-            max_dim: cfg.hidden,
-            n_layers,
-            tasks: 1,
-            input_dim,
-            output_dim,
-            task,
-            arch: arch::DECODER,
-        })
-    }
-
     /// Architecture code ([`arch`]).
     pub fn arch(&self) -> u32 {
         self.arch
@@ -431,12 +383,8 @@ impl<'a> Model<'a> {
         self.task == 0
     }
 
-    /// Layer `i`'s record (MoE stacks and multi-gate MoE; a decoder's
-    /// layers are described by [`model::Decoder`](crate::model::Decoder)).
+    /// Layer `i`'s record.
     pub fn layer_info(&self, i: usize) -> Result<LayerInfo> {
-        if self.arch == arch::DECODER {
-            return Err(Error::WrongArchitecture { found: self.arch });
-        }
         if i >= self.n_layers {
             return Err(Error::OutOfRange { what: What::Layer, index: i });
         }
@@ -446,17 +394,13 @@ impl<'a> Model<'a> {
     /// Layer `i`, runnable. Building it costs a few table look-ups; keep it
     /// for many tokens.
     pub fn layer(&self, i: usize) -> Result<Layer<'a>> {
-        if self.arch == arch::DECODER {
-            return Err(Error::WrongArchitecture { found: self.arch });
-        }
         if i >= self.n_layers {
             return Err(Error::OutOfRange { what: What::Layer, index: i });
         }
         layers::build::<false>(&self.table, i, &read_layer::<false>(self.bytes, i)?)
     }
 
-    /// Scratch bytes [`Model::infer`] needs (= [`required_scratch`]; for a
-    /// decoder, its state bytes).
+    /// Scratch bytes [`Model::infer`] needs (= [`required_scratch`]).
     pub fn scratch_bytes(&self) -> usize {
         self.scratch
     }
@@ -478,9 +422,6 @@ impl<'a> Model<'a> {
         scratch: &mut [u8],
         mut on_step: impl FnMut(Step<'_>),
     ) -> Result<()> {
-        if self.arch == arch::DECODER {
-            return Err(Error::WrongArchitecture { found: self.arch });
-        }
         check_len(What::Input, self.input_dim, x.len())?;
         check_len(What::Output, self.output_dim, out.len())?;
         crate::error::check_finite(What::Input, x)?;
@@ -646,16 +587,10 @@ fn same_experts(a: &LayerInfo, b: &LayerInfo) -> bool {
         && (!a.is_int() || a.combine.expert_zp == b.combine.expert_zp)
 }
 
-#[cfg_attr(not(feature = "decoder"), allow(dead_code))]
-fn h_usize(bytes: &[u8], at: usize) -> Result<usize> {
-    header_usize(bytes, at, Field::Dims)
-}
-
 impl Model<'_> {
     /// Quantization of the model input on the integer path: layer 0's
     /// input parameters (`q = clamp(round(x / scale) + zero_point)`, as
-    /// [`QuantParams::quantize`]), `None` for a float first layer or a
-    /// decoder. The digits model, for example, takes `pixel / 16`.
+    /// [`QuantParams::quantize`]), `None` for a float first layer. The digits model, for example, takes `pixel / 16`.
     pub fn input_quant(&self) -> Option<QuantParams> {
         let info = self.layer_info(0).ok()?;
         info.is_int().then_some(info.input)

@@ -41,8 +41,8 @@ pub fn generate(board: &str) -> bool {
     }
     let want = |i: usize| word(v, 4 + i);
     let want_hash = word(v, 4 + prompt_len + n_gen) as u64 | (word(v, 5 + prompt_len + n_gen) as u64) << 32;
-    let model = match Model::parse(MODEL).and_then(|m| Decoder::new(&m).map(|d| (m, d))) {
-        Ok((_, d)) => d,
+    let model = match Decoder::parse(MODEL) {
+        Ok(d) => d,
         Err(e) => {
             println!("{board} tinylm: model refused: {}", e);
             return false;

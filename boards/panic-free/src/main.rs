@@ -94,8 +94,7 @@ fn stacks(scratch: &mut [u8]) -> usize {
 /// The decoder: parse, steps fed by sampled tokens, a reset.
 #[inline(never)]
 fn decoder(state: &mut [u8]) -> usize {
-    let Ok(model) = Model::parse(black_box(TINYLM)) else { return 0 };
-    let Ok(dec) = Decoder::new(&model) else { return 0 };
+    let Ok(dec) = Decoder::parse(black_box(TINYLM)) else { return 0 };
     let Ok(mut st) = dec.state(state) else { return 0 };
     let mut logits = [0.0f32; 128];
     let Some(logits) = logits.get_mut(..dec.config().vocab) else { return 0 };
