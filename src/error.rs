@@ -254,6 +254,14 @@ pub enum Error {
         /// Architecture code of the model.
         found: u32,
     },
+    /// The model has more layers than a [`Resolved`](crate::model::Resolved)
+    /// holds.
+    TooManyLayers {
+        /// Layers in the model.
+        layers: usize,
+        /// Layers the `Resolved` has room for.
+        capacity: usize,
+    },
     /// The statistics buffer has room for fewer experts than the layer has.
     StatsTooSmall {
         /// Experts in the layer.
@@ -354,6 +362,9 @@ impl fmt::Display for Error {
                     f,
                     "this parse or call does not take models of architecture {found} (decoders are Decoder::parse's, stacks and multi-gate models Model::parse's)"
                 )
+            }
+            Error::TooManyLayers { layers, capacity } => {
+                write!(f, "the model has {layers} layers, the Resolved holds {capacity}")
             }
             Error::StatsTooSmall { experts, capacity } => {
                 write!(f, "stats hold {capacity} experts, the layer has {experts}")

@@ -8,7 +8,7 @@ use micromoe::Model;
 use micromoe::error::{Error, Field, What};
 use micromoe::format::write::{AlignedBytes, LayerSpec, ModelSpec, Task, write};
 use micromoe::format::{LayerDtype, layout};
-use micromoe::model::required_scratch;
+use micromoe::model::{Resolved, required_scratch};
 use micromoe::moe::build::QMoeBuf;
 
 fn float_spec(name: &str, gate: LayerDtype, experts: LayerDtype) -> (Fixture, ModelSpec) {
@@ -427,7 +427,7 @@ fn the_writer_refuses_experts_with_different_biases() {
 /// or the type differs.
 #[test]
 fn infer_int_is_infer_without_the_float_edges() {
-    fn check<A: micromoe::kernels::IntKernel + micromoe::format::Elem + Default>(q15: bool)
+    fn check<A: micromoe::model::IntPath + Default>(q15: bool)
     where
         A::Bias: micromoe::format::Elem,
     {
@@ -461,7 +461,12 @@ fn infer_int_is_infer_without_the_float_edges() {
             let mut got = vec![0.0f32; yq.len()];
             qout.dequantize_slice(&yq, &mut got).unwrap();
             assert_eq!(got, want, "token {t}");
+            // The layers built once run the same bits.
+            let mut built = vec![A::default(); yq.len()];
+            Resolved::<2>::new(&model).unwrap().infer_int(&xq, &mut built, &mut scratch).unwrap();
+            assert_eq!(built, yq, "token {t}, built layers");
         }
+        assert_eq!(Resolved::<1>::new(&model).unwrap_err(), Error::TooManyLayers { layers: 2, capacity: 1 });
         // The second layer taking its own input quantization does not chain.
         let unchained = ModelSpec::stack(Task::Regress, vec![first.clone(), first]);
         let bytes = AlignedBytes::from(&write(&unchained).unwrap()[..]);
@@ -469,6 +474,8 @@ fn infer_int_is_infer_without_the_float_edges() {
         let mut yq = vec![A::default(); model.output_dim()];
         let xq = vec![A::default(); model.input_dim()];
         assert_eq!(model.infer_int(&xq, &mut yq, &mut scratch), Err(Error::IntegerPath { layer: 1 }));
+        let built = Resolved::<2>::new(&model).unwrap();
+        assert_eq!(built.infer_int(&xq, &mut yq, &mut scratch), Err(Error::IntegerPath { layer: 1 }));
     }
     check::<i8>(false);
     check::<i16>(true);

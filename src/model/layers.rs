@@ -370,6 +370,35 @@ pub enum Layer<'a> {
     Q15(QMoeLayer<'a, i16, IntExperts<'a, i16>>, QuantParams, QuantParams),
 }
 
+/// The activation types a stack runs on integers end to end: `i8`
+/// (int8 layers) and `i16` (Q15 layers); see
+/// [`Model::infer_int`](crate::Model::infer_int).
+pub trait IntPath: IntKernel + Elem
+where
+    Self::Bias: Elem,
+{
+    /// The layer's MoE layer, if its experts are of this type.
+    fn layer<'l, 'a>(layer: &'l Layer<'a>) -> Option<&'l QMoeLayer<'a, Self, IntExperts<'a, Self>>>;
+}
+
+impl IntPath for i8 {
+    fn layer<'l, 'a>(layer: &'l Layer<'a>) -> Option<&'l QMoeLayer<'a, i8, IntExperts<'a, i8>>> {
+        match layer {
+            Layer::Int8(q, ..) => Some(q),
+            _ => None,
+        }
+    }
+}
+
+impl IntPath for i16 {
+    fn layer<'l, 'a>(layer: &'l Layer<'a>) -> Option<&'l QMoeLayer<'a, i16, IntExperts<'a, i16>>> {
+        match layer {
+            Layer::Q15(q, ..) => Some(q),
+            _ => None,
+        }
+    }
+}
+
 /// The sizes a layer's constructor would find by visiting every expert,
 /// from its record (the same formulas as `Ffn::macs` and `hidden_len`).
 fn dims(info: &LayerInfo) -> Dims {
@@ -620,9 +649,9 @@ macro_rules! by_type {
 /// Builds layer `layer`; with `CHECK` (at parse) every tensor of every
 /// expert is checked, without it (views rebuilt for an inference) only what
 /// O(1) checks cover.
-// Kept out of line: inlined into `Model::infer`, every layer type's locals
-// would share one frame and multiply the stack a model needs.
-#[inline(never)]
+// Inlined into its two callers (`Model::layer`, `Resolved::new`): the
+// layer is then built where it is stored instead of copied there.
+#[inline(always)]
 pub(crate) fn build<'a, const CHECK: bool>(
     t: &Table<'a>,
     layer: usize,

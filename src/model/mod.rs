@@ -40,8 +40,8 @@ mod stack;
 mod state;
 
 pub use decoder::{Config, Decoder, LayerConfig, MAX_EXPERTS, MAX_WIDTH};
-pub use layers::{Experts, FloatExperts, IntExperts, Layer};
+pub use layers::{Experts, FloatExperts, IntExperts, IntPath, Layer};
 pub use matrix::{Input, MAX_INT8_COLS, Matrix, Weights, quantize_vector};
 pub use sample::{Rng, Sampler};
-pub use stack::{LayerInfo, Model, Step, argmax, required_scratch};
+pub use stack::{LayerInfo, Model, Resolved, Step, argmax, required_scratch};
 pub use state::{State, bytes_for_dims};

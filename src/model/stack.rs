@@ -1,7 +1,7 @@
 //! The stack and multi-gate graphs over a parsed container: [`Model`]
 //! validates every layer record and tensor a graph needs, and runs them.
 
-use super::layers::{self, Layer};
+use super::layers::{self, IntPath, Layer};
 use crate::error::{Error, Field, Result, What, check_len};
 use crate::format::layout::{self, HEADER_LEN, LAYER_LEN, header, header_usize, layer as lw, layer_word};
 use crate::format::{Elem, Header, LayerDtype, MAGIC, MAX_DIM, MAX_LAYERS, Table, arch, check_entries};
@@ -613,7 +613,24 @@ impl Model<'_> {
     /// every layer has experts of type `A` and takes the quantization the
     /// previous one gives ([`Error::IntegerPath`] names the first layer that
     /// does not). The class of a classifier is [`argmax`] of `out`.
-    pub fn infer_int<A: IntKernel + Elem>(&self, x: &[A], out: &mut [A], scratch: &mut [u8]) -> Result<()>
+    pub fn infer_int<A: IntPath>(&self, x: &[A], out: &mut [A], scratch: &mut [u8]) -> Result<()>
+    where
+        A::Bias: Elem,
+    {
+        self.int_path(x, out, scratch, |l, info, x, y, rest| {
+            layers::run_int_only(&self.table, l, info, x, y, rest)
+        })
+    }
+
+    /// The integer path's checks, buffers and layer loop; `run(l, info, x,
+    /// y, scratch)` runs layer `l` (`y` at least its output width).
+    fn int_path<A: IntPath>(
+        &self,
+        x: &[A],
+        out: &mut [A],
+        scratch: &mut [u8],
+        mut run: impl FnMut(usize, &LayerInfo, &[A], &mut [A], &mut [u8]) -> Result<()>,
+    ) -> Result<()>
     where
         A::Bias: Elem,
     {
@@ -644,7 +661,7 @@ impl Model<'_> {
             if info.expert_dtype != int_dtype::<A>() || prev.is_some_and(|p| p != info.input) {
                 return Err(Error::IntegerPath { layer: l });
             }
-            layers::run_int_only(&self.table, l, &info, a.get(..width).ok_or(short(width))?, b, rest)?;
+            run(l, &info, a.get(..width).ok_or(short(width))?, b, rest)?;
             (width, prev) = (info.out_dim, Some(info.output));
             core::mem::swap(&mut a, &mut b);
         }
@@ -653,6 +670,80 @@ impl Model<'_> {
             out.get_mut(..width).ok_or(Error::Shape { what: What::Output, expected: width, actual: len })?;
         dst.copy_from_slice(a.get(..width).ok_or(short(width))?);
         Ok(())
+    }
+}
+
+/// A stack model with every layer's views built once, when it is made: an
+/// inference then searches no table and builds no view, it runs the layers
+/// (the firmware path; [`Model`]'s own calls rebuild each layer's views
+/// from their positions in the table on every call, in no RAM). Room for
+/// `L` layers in place: `L * size_of::<Layer>()` bytes wherever the
+/// `Resolved` lives (a `static`, or `main`'s stack), known at compile time;
+/// about 330 bytes per layer for an int8-only build on a 32-bit MCU.
+///
+/// ```
+/// const MODEL: &[u8] = micromoe::include_model!(concat!(env!("CARGO_MANIFEST_DIR"), "/models/digits/digits_int8.moe"));
+/// let model = micromoe::Model::parse(MODEL).unwrap();
+/// let resolved = micromoe::model::Resolved::<1>::new(&model).unwrap();
+/// let input = model.input_quant().unwrap();
+/// let x: Vec<i8> = (0..64).map(|i| input.quantize((i % 17) as f32 / 16.0)).collect();
+/// let (mut a, mut b) = ([0i8; 10], [0i8; 10]);
+/// let mut scratch = [0u8; micromoe::scratch_len!(MODEL)];
+/// resolved.infer_int(&x, &mut a, &mut scratch).unwrap();
+/// model.infer_int(&x, &mut b, &mut scratch).unwrap();
+/// assert_eq!(a, b);
+/// ```
+#[derive(Debug)]
+pub struct Resolved<'a, const L: usize> {
+    model: Model<'a>,
+    layers: heapless::Vec<Layer<'a>, L>,
+}
+
+impl<'a, const L: usize> Resolved<'a, L> {
+    /// Builds every layer of `model` ([`Error::TooManyLayers`] if it has
+    /// more than `L`).
+    // Out of line, as `Model::parse`: the building's locals stay out of the
+    // caller's frame.
+    #[inline(never)]
+    pub fn new(model: &Model<'a>) -> Result<Self> {
+        if model.n_layers > L {
+            return Err(Error::TooManyLayers { layers: model.n_layers, capacity: L });
+        }
+        let mut built = heapless::Vec::new();
+        for l in 0..model.n_layers {
+            let layer = layers::build::<false>(&model.table, l, &read_layer::<false>(model.bytes, l)?)?;
+            // Cannot fail: n_layers <= L.
+            let _ = built.push(layer);
+        }
+        Ok(Resolved { model: *model, layers: built })
+    }
+
+    /// The model the layers were built from.
+    pub fn model(&self) -> &Model<'a> {
+        &self.model
+    }
+
+    /// The built layers.
+    pub fn layers(&self) -> &[Layer<'a>] {
+        &self.layers
+    }
+
+    /// [`Model::infer_int`] on the built layers: the same checks and bits.
+    // Out of line: its frame is the inference's, not the caller's.
+    #[inline(never)]
+    pub fn infer_int<A: IntPath>(&self, x: &[A], out: &mut [A], scratch: &mut [u8]) -> Result<()>
+    where
+        A::Bias: Elem,
+    {
+        self.model.int_path(x, out, scratch, |l, info, x, y, rest| {
+            let q = self.layers.get(l).and_then(A::layer).ok_or(Error::IntegerPath { layer: l })?;
+            let y = y.get_mut(..info.out_dim).ok_or(Error::Shape {
+                what: What::Output,
+                expected: info.out_dim,
+                actual: 0,
+            })?;
+            q.infer(x, y, rest).map(|_| ())
+        })
     }
 }
 

@@ -1,13 +1,15 @@
 //! The README's firmware example, built as a user would build it: the int8
-//! digits classifier in flash, scratch sized at compile time, parse once,
-//! classify eight test images on the integer path (quantized pixels in,
-//! quantized scores out), exit code 0 if every class is the host's.
+//! digits classifier in flash, scratch sized at compile time, parse and
+//! build the layer once (`Resolved`), classify eight test images on the
+//! integer path (quantized pixels in, quantized scores out), exit code 0 if
+//! every class is the host's.
 //! No formatting, no heap, opt-level "s", LTO. `boards/measure.sh` reports
 //! its flash beyond the model, the instructions per inference and the stack.
 #![no_std]
 #![no_main]
 
 use cortex_m_rt::entry;
+use micromoe::model::Resolved;
 use micromoe::{Model, include_model, scratch_len};
 
 /// 64 pixels (8x8, each 0..=16) -> 4 experts, top-1 -> 10 class scores.
@@ -32,12 +34,14 @@ fn main() -> ! {
 fn classify_all(scratch: &mut [u8]) -> micromoe::Result<bool> {
     #[cfg(feature = "parse")]
     measure::start();
-    let model = Model::parse(MODEL)?;
+    let parsed = Model::parse(MODEL)?;
     #[cfg(feature = "parse")]
     measure::stop();
+    // Every layer's views built once, so that an inference only runs them.
+    let model = Resolved::<1>::new(&parsed)?;
     // The model takes pixel / 16 (0.0..=1.0), quantized with its input
     // parameters: 17 possible pixels, so quantize them once.
-    let input = model.input_quant().ok_or(micromoe::Error::IntegerPath { layer: 0 })?;
+    let input = parsed.input_quant().ok_or(micromoe::Error::IntegerPath { layer: 0 })?;
     let mut pixel_q = [0i8; 17];
     for (p, q) in pixel_q.iter_mut().enumerate() {
         *q = input.quantize(p as f32 / 16.0);
