@@ -4,10 +4,10 @@
 //!
 //! Nothing here may panic on any input: a panic is a finding.
 
-use micromoe::format::write::AlignedBytes;
-use micromoe::format::layout;
-use micromoe::model::Layer;
 use micromoe::Model;
+use micromoe::format::layout;
+use micromoe::format::write::AlignedBytes;
+use micromoe::model::Layer;
 use micromoe::model::{Decoder, Sampler};
 
 /// Largest buffer a target allocates for one input (a model asking for

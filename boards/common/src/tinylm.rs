@@ -3,7 +3,7 @@
 //! (`boards/vectors/tinylm.bin`, kept in step by `tests/board_vectors.rs`).
 
 use micromoe::model::{Decoder, Sampler};
-use micromoe::{Model, include_model};
+use micromoe::include_model;
 use semihosting::{print, println};
 
 /// int8 weights, f16 KV cache of 128 positions.
