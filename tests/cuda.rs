@@ -249,8 +249,9 @@ fn deepseek_style_layer_matches_the_cpu() {
 #[test]
 fn layers_of_a_moe_file_run_on_the_device() {
     use micromoe::format::LayerDtype;
-    use micromoe::format::write::{AlignedBytes, LayerSpec, ModelSpec, Task, write};
+    use micromoe::format::write::AlignedBytes;
     use micromoe::model::Layer;
+    use micromoe::model::write::{LayerSpec, ModelSpec, Task, write};
     let (f32_, f16_) = (LayerDtype::F32, LayerDtype::F16);
     for (target_name, target) in targets() {
         for (gate, experts_dtype) in [(f32_, f32_), (f16_, f16_), (f32_, f16_), (f16_, f32_)] {

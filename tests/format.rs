@@ -6,8 +6,9 @@ mod common;
 use common::{Fixture, model, to_f16};
 use micromoe::Model;
 use micromoe::error::{Error, Field, What};
-use micromoe::format::write::{AlignedBytes, LayerSpec, ModelSpec, Task, write};
+use micromoe::format::write::AlignedBytes;
 use micromoe::format::{LayerDtype, layout};
+use micromoe::model::write::{LayerSpec, ModelSpec, Task, write};
 use micromoe::model::{Resolved, required_scratch};
 use micromoe::moe::build::QMoeBuf;
 

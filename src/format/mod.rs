@@ -96,7 +96,7 @@
 //! ```
 //! # #[cfg(feature = "alloc")] {
 //! use micromoe::Model;
-//! use micromoe::format::write::{LayerSpec, ModelSpec, Task};
+//! use micromoe::model::write::{LayerSpec, ModelSpec, Task};
 //! use micromoe::kernels::Activation;
 //! use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
 //! use micromoe::format::LayerDtype;
@@ -108,7 +108,7 @@
 //! ];
 //! let layer = MoeBuf::new(LinearBuf::new(vec![1.0, 1.0, -1.0, -1.0], None, 2, 2), experts, Rule::switch(2));
 //! let spec = ModelSpec::stack(Task::Classify, vec![LayerSpec::Float { layer, gate: LayerDtype::F32, experts: LayerDtype::F16 }]);
-//! let bytes = micromoe::format::write::write(&spec).unwrap();
+//! let bytes = micromoe::model::write::write(&spec).unwrap();
 //! let bytes = micromoe::format::write::AlignedBytes::from(&bytes[..]);
 //! let model = Model::parse(&bytes).unwrap();
 //! let mut scratch = vec![0u8; model.scratch_bytes()];

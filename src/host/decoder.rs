@@ -9,7 +9,7 @@ use crate::format::Key;
 use crate::format::LayerDtype;
 use crate::format::layout::decoder::{MODEL_LEVEL, role as drole};
 use crate::format::layout::{LAYER_LEVEL, SHARED_EXPERT, part, role};
-use crate::format::write::DecoderSpec;
+use crate::model::write::DecoderSpec;
 use crate::model::{Config, LayerConfig};
 
 /// Options of a decoder conversion.

@@ -38,6 +38,8 @@ mod matrix;
 mod sample;
 mod stack;
 mod state;
+#[cfg(feature = "alloc")]
+pub mod write;
 
 pub use decoder::{Config, Decoder, LayerConfig, MAX_EXPERTS, MAX_WIDTH};
 pub use layers::{Experts, FloatExperts, IntExperts, IntPath, Layer};

@@ -2,17 +2,17 @@
 
 use alloc::vec::Vec;
 
-use super::{Entry, Head, assemble, entry};
 use crate::error::{Error, Field, Result};
+use crate::format::Key;
 use crate::format::arch;
 use crate::format::layout::decoder::{self as dl, SCALE_PART};
 use crate::format::layout::{LayerDtype, layer as lw, part};
-use crate::format::table::Key;
+use crate::format::write::{AlignedBytes, Entry, Head, assemble, entry};
 use crate::model::{Config, LayerConfig};
 use crate::quant::f16;
 
 /// A whole decoder to write: the decoder record, the layer records (the
-/// very types [`Model::parse`](crate::Model::parse) reads back), tensors.
+/// very types [`Decoder::parse`](crate::model::Decoder::parse) reads back), tensors.
 #[derive(Debug, Clone)]
 pub struct DecoderSpec {
     /// Hyper-parameters (`config.layers` must equal `layers.len()`).
@@ -87,7 +87,10 @@ impl DecoderSpec {
         }
         let vocab = u(c.vocab)?;
         let head = Head { arch: arch::DECODER, tasks: 1, task: 0, input_dim: vocab, output_dim: vocab };
-        assemble(&head, &d, &records, self.entries)
+        let bytes = assemble(&head, &d, &records, self.entries)?;
+        // What was written must read back.
+        crate::model::Decoder::parse(&AlignedBytes::from(&bytes[..]))?;
+        Ok(bytes)
     }
 }
 
