@@ -16,8 +16,8 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use micromoe::Rule;
 
+use micromoe::build::{ExpertBuf, LinearBuf, MoeBuf};
 use micromoe::kernels::{Activation, matmul, matvec, matvec_i8, matvec_q15};
-use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
 use std::hint::black_box;
 
 const D: usize = 256;

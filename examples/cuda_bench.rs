@@ -14,9 +14,9 @@
 use std::time::Instant;
 
 use micromoe::Rule;
+use micromoe::build::{ExpertBuf, LinearBuf, MoeBuf};
 use micromoe::cuda::{CudaMoe, Emulator, Precision, Target, available};
 use micromoe::kernels::Activation;
-use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
 
 const E: usize = 8;
 

@@ -8,9 +8,9 @@
 //! cargo run --release --example moe_layer [-- --json]
 //! ```
 
+use micromoe::build::QMoeBuf;
+use micromoe::build::{ExpertBuf, LinearBuf, MoeBuf};
 use micromoe::kernels::{Activation, IntKernel};
-use micromoe::moe::build::QMoeBuf;
-use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
 use micromoe::quant::f16;
 use micromoe::{Rule, Stats};
 
@@ -123,10 +123,10 @@ fn run_int<A: IntKernel>(q: &QMoeBuf<A>, xs: &[f32]) -> (usize, usize, Vec<Token
         })
         .collect();
     let bias = size_of::<A::Bias>();
-    let lin = |l: &micromoe::quant::build::QLinearBuf<A>| {
+    let lin = |l: &micromoe::build::QLinearBuf<A>| {
         l.weights.len() + l.multipliers.len() * 8 + l.bias.as_ref().map_or(0, |b| b.len() * bias)
     };
-    let expert = |e: &micromoe::moe::build::QExpertBuf<A>| {
+    let expert = |e: &micromoe::build::QExpertBuf<A>| {
         lin(&e.up)
             + lin(&e.down)
             + e.gate.as_ref().map_or(0, |g| lin(&g.0))

@@ -8,6 +8,8 @@
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+#[cfg(feature = "alloc")]
+pub mod build;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;

@@ -1,11 +1,11 @@
 //! Bad input gets a specific error, never a panic: short or misaligned
 //! scratch, wrong lengths, NaN, too-small statistics, inconsistent layers.
 
+use micromoe::build::QMoeBuf;
+use micromoe::build::{ExpertBuf, LinearBuf, MoeBuf};
 use micromoe::error::{Error, What};
 use micromoe::expert::Expert;
 use micromoe::kernels::{Activation, Linear};
-use micromoe::moe::build::QMoeBuf;
-use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
 use micromoe::{MoeLayer, Router, Rule, Stats};
 
 fn model() -> MoeBuf<f32> {

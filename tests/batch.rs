@@ -76,7 +76,7 @@ where
 {
     let fx = Fixture::load(name);
     with_layer(&fx, to_f32, |float| {
-        let q = micromoe::moe::build::QMoeBuf::<A>::quantize(float, fx.f32("x")).unwrap();
+        let q = micromoe::build::QMoeBuf::<A>::quantize(float, fx.f32("x")).unwrap();
         let views = q.expert_views().unwrap();
         let layer = q.layer(&views).unwrap();
         let mut xs = vec![A::default(); fx.f32("x").len()];

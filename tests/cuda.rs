@@ -14,9 +14,9 @@ mod common;
 use std::sync::OnceLock;
 
 use common::{Fixture, MOE_CASES, rel_err, to_f16, to_f32, with_layer};
+use micromoe::build::{ExpertBuf, LinearBuf, MoeBuf};
 use micromoe::cuda::{CudaError, CudaMoe, Emulator, Precision, Target, available};
 use micromoe::kernels::{Activation, FloatWeight};
-use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
 use micromoe::{MoeLayer, Rule, Selection};
 
 /// The PyTorch fixtures with gated SiLU experts: Mixtral, and Qwen2-MoE with

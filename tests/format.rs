@@ -5,12 +5,12 @@ mod common;
 
 use common::{Fixture, model, to_f16};
 use micromoe::Model;
+use micromoe::build::QMoeBuf;
 use micromoe::error::{Error, Field, What};
 use micromoe::format::write::AlignedBytes;
 use micromoe::format::{LayerDtype, layout};
 use micromoe::model::write::{LayerSpec, ModelSpec, Task, write};
 use micromoe::model::{Resolved, required_scratch};
-use micromoe::moe::build::QMoeBuf;
 
 fn float_spec(name: &str, gate: LayerDtype, experts: LayerDtype) -> (Fixture, ModelSpec) {
     let fx = Fixture::load(name);
@@ -405,8 +405,8 @@ fn an_expert_with_other_tensors_than_expert_0_is_refused() {
 #[test]
 fn the_writer_refuses_experts_with_different_biases() {
     use micromoe::Rule;
+    use micromoe::build::{ExpertBuf, LinearBuf, MoeBuf};
     use micromoe::kernels::Activation;
-    use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
     let lin = |rows, cols, bias: bool| {
         LinearBuf::new(vec![0.5; rows * cols], bias.then(|| vec![0.1; rows]), rows, cols)
     };

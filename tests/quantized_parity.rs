@@ -29,10 +29,10 @@
 mod common;
 
 use common::{Fixture, MOE_CASES, to_f32, with_layer};
+use micromoe::build::QLinearBuf;
+use micromoe::build::{QExpertBuf, QMoeBuf};
 use micromoe::kernels::{Activation, IntKernel};
-use micromoe::moe::build::{QExpertBuf, QMoeBuf};
 use micromoe::quant::QuantParams;
-use micromoe::quant::build::QLinearBuf;
 
 /// A non-linearity for the bound: the function, its largest slope and its
 /// largest |second derivative|.

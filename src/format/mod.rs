@@ -98,7 +98,7 @@
 //! use micromoe::Model;
 //! use micromoe::model::write::{LayerSpec, ModelSpec, Task};
 //! use micromoe::kernels::Activation;
-//! use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
+//! use micromoe::build::{ExpertBuf, LinearBuf, MoeBuf};
 //! use micromoe::format::LayerDtype;
 //! use micromoe::Rule;
 //! let lin = |v: f32, rows, cols| LinearBuf::new(vec![v; rows * cols], None, rows, cols);

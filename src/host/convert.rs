@@ -6,12 +6,12 @@ use serde_json::Value;
 
 use super::checkpoint::{Checkpoint, HostError, read_inputs, read_json};
 use super::decoder::DecoderOptions;
+use crate::build::QMoeBuf;
+use crate::build::{ExpertBuf, LinearBuf, MoeBuf};
 use crate::format::LayerDtype;
 use crate::kernels::{Activation, IntKernel};
 use crate::model::write::{LayerSpec, ModelSpec, Task, write};
 use crate::moe::MoeLayer;
-use crate::moe::build::QMoeBuf;
-use crate::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
 use crate::router::Rule;
 
 /// Numeric type to convert to.

@@ -5,14 +5,14 @@
 
 use alloc::vec::Vec;
 
+use crate::build::QLinearBuf;
+use crate::build::{ExpertBuf, LinearBuf, MoeBuf};
+use crate::build::{FloatWeights, QExpertBuf, QMoeBuf};
 use crate::error::{Error, Field, Result};
 use crate::format::layout::{LAYER_LEVEL, LayerDtype, SHARED_EXPERT, flags, layer as lw, part, role};
 use crate::format::write::{Entry, Head, assemble, entry};
 use crate::format::{Elem, Key, MAX_LAYERS, arch};
 use crate::kernels::{Activation, IntKernel};
-use crate::moe::build::{FloatWeights, QExpertBuf, QMoeBuf};
-use crate::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
-use crate::quant::build::QLinearBuf;
 use crate::quant::f16;
 use crate::router::{Rule, Scoring};
 

@@ -5,7 +5,7 @@
 //!
 //! ```
 //! use micromoe::kernels::Activation;
-//! use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
+//! use micromoe::build::{ExpertBuf, LinearBuf, MoeBuf};
 //! use micromoe::Rule;
 //! let lin = |v: f32, rows, cols| LinearBuf::new(vec![v; rows * cols], None, rows, cols);
 //! let experts = vec![

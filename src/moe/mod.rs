@@ -38,10 +38,6 @@ mod source;
 
 #[cfg(feature = "std")]
 mod batch;
-#[cfg(feature = "alloc")]
-pub mod build;
-#[cfg(feature = "alloc")]
-pub mod owned;
 
 pub use float::{MoeLayer, SharedExpert};
 pub(crate) use int::Gate;

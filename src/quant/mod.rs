@@ -22,9 +22,6 @@
 
 mod requant;
 
-#[cfg(feature = "alloc")]
-pub mod build;
-
 pub use half::f16;
 pub use requant::{
     Multiplier, WIDE_MAX_SHIFT, reduce_multiplier, requantize, requantize_wide, rounding_divide_by_pot,

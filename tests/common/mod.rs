@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 
+use micromoe::build::{ExpertBuf, LinearBuf, MoeBuf};
 use micromoe::kernels::{Activation, FloatWeight};
-use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
 use micromoe::quant::f16;
 use micromoe::{MoeLayer, Rule};
 use safetensors::{Dtype, SafeTensors};

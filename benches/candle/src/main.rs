@@ -14,8 +14,8 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use micromoe::Rule;
+use micromoe::build::{ExpertBuf, LinearBuf, MoeBuf};
 use micromoe::kernels::Activation;
-use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
 
 const D: usize = 256;
 const H: usize = 512;

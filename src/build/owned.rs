@@ -3,7 +3,7 @@
 //!
 //! ```
 //! use micromoe::kernels::Activation;
-//! use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
+//! use micromoe::build::{ExpertBuf, LinearBuf, MoeBuf};
 //! use micromoe::Rule;
 //! // 2 experts, in = out = 2, hidden 3, gated SiLU; all weights 0.1.
 //! let lin = |rows, cols| LinearBuf::new(vec![0.1f32; rows * cols], None, rows, cols);
@@ -21,10 +21,10 @@
 
 use alloc::vec::Vec;
 
-use super::{MoeLayer, SharedExpert};
 use crate::error::Result;
 use crate::expert::Expert;
 use crate::kernels::{Activation, FloatWeight, Linear};
+use crate::moe::{MoeLayer, SharedExpert};
 use crate::router::{Router, Rule};
 
 /// A fully-connected layer's weights, `(rows, cols)` row-major, and bias.

@@ -12,11 +12,11 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use super::owned::LinearBuf;
-use super::{Combine, ExpertSource, FloatGate, MoeLayer, QMoeLayer, QSharedExpert};
+use crate::build::{QLinearBuf, act_params, mul_params};
 use crate::error::{Error, Result, What};
 use crate::expert::{Expert, Ffn, QActivation, QExpert};
 use crate::kernels::{Activation, FloatWeight, IntKernel, Linear, MulParams};
-use crate::quant::build::{QLinearBuf, act_params, mul_params};
+use crate::moe::{Combine, ExpertSource, FloatGate, MoeLayer, QMoeLayer, QSharedExpert};
 use crate::quant::{Multiplier, QuantParams, build_lut, f16};
 use crate::router::{IntRouter, LOGIT_FRAC_BITS, ONE_Q15, Router, Rule};
 
@@ -184,8 +184,8 @@ fn quantize_expert<A: IntKernel, W: FloatWeight>(
 ///
 /// ```
 /// use micromoe::kernels::Activation;
-/// use micromoe::moe::build::QMoeBuf;
-/// use micromoe::moe::owned::{ExpertBuf, LinearBuf, MoeBuf};
+/// use micromoe::build::QMoeBuf;
+/// use micromoe::build::{ExpertBuf, LinearBuf, MoeBuf};
 /// use micromoe::Rule;
 /// let lin = |v: f32, rows, cols| LinearBuf::new(vec![v; rows * cols], None, rows, cols);
 /// let experts = vec![

@@ -1,7 +1,8 @@
 //! Owned quantized layers, made from f32 weights on the host (`alloc`).
 //!
 //! ```
-//! use micromoe::quant::{QuantParams, build::QLinearBuf};
+//! use micromoe::build::QLinearBuf;
+//! use micromoe::quant::QuantParams;
 //! let w = [0.5f32, -1.0, 0.25, 2.0]; // (2, 2)
 //! let input = QuantParams::from_range(-1.0, 1.0).unwrap();
 //! let output = QuantParams::from_range(-3.0, 3.0).unwrap();
