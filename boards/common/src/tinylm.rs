@@ -2,8 +2,8 @@
 //! prompt, checked against the host's tokens and the bits of every logit
 //! (`boards/vectors/tinylm.bin`, kept in step by `tests/board_vectors.rs`).
 
-use micromoe::model::{Decoder, Sampler};
 use micromoe::include_model;
+use micromoe::model::{Decoder, Sampler};
 use semihosting::{print, println};
 
 /// int8 weights, f16 KV cache of 128 positions.
