@@ -67,6 +67,11 @@ run_window() {
 elf=$(minimal)
 qemu-system-arm -M mps2-an386 -nographic -monitor none -serial none -semihosting-config enable=on,target=native \
   -kernel "$elf" || { echo "minimal: check failed" >&2; exit 1; }
+# No formatting machinery in a firmware that formats nothing: an error type's
+# Display or a panic message reaching the inference path would link core::fmt.
+if "$bin/llvm-nm" -C "$elf" | grep -q 'core::fmt'; then
+  echo "minimal: core::fmt is linked:" >&2; "$bin/llvm-nm" -C "$elf" | grep 'core::fmt' | head >&2; exit 1
+fi
 sizes=$("$bin/llvm-size" -A "$elf")
 flash=$(echo "$sizes" | awk '$1 == ".vector_table" || $1 == ".text" || $1 == ".rodata" || $1 == ".data" { t += $2 } END { print t }')
 model=$(stat -c %s ../models/digits/digits_int8.moe)

@@ -48,3 +48,42 @@ fn a_model_needing_a_left_out_feature_is_refused_by_name() {
         }
     }
 }
+
+/// Multi-gate MoE is the `mmoe` feature's: without it the writer's own
+/// read-back (and any parse) refuses such a model by name.
+#[test]
+fn a_multi_gate_model_needs_mmoe() {
+    use micromoe::Rule;
+    use micromoe::build::{ExpertBuf, LinearBuf, MoeBuf};
+    use micromoe::format::LayerDtype;
+    use micromoe::kernels::Activation;
+    use micromoe::model::write::{LayerSpec, ModelSpec, Task, write};
+    let lin = |v: f32, rows, cols| LinearBuf::new(vec![v; rows * cols], None, rows, cols);
+    let layer = |g: f32| {
+        let experts = vec![
+            ExpertBuf::mlp(lin(0.5, 4, 2), lin(0.25, 1, 4), Activation::Relu),
+            ExpertBuf::mlp(lin(-0.5, 4, 2), lin(0.25, 1, 4), Activation::Relu),
+        ];
+        let layer = MoeBuf::new(lin(g, 2, 2), experts, Rule::switch(2));
+        LayerSpec::Float { layer, gate: LayerDtype::F32, experts: LayerDtype::F32 }
+    };
+    // Two tasks over one pool of experts (layer 1 routes over layer 0's).
+    let spec = ModelSpec {
+        task: Task::Regress,
+        layers: vec![layer(1.0), layer(-1.0)],
+        multi_gate: Some(2),
+        experts_from: vec![0, 0],
+    };
+    match write(&spec) {
+        Ok(bytes) => {
+            assert!(cfg!(feature = "mmoe") && cfg!(feature = "f32"));
+            let bytes = micromoe::format::write::AlignedBytes::from(&bytes[..]);
+            let model = Model::parse(&bytes).unwrap();
+            let mut scratch = vec![0u8; model.scratch_bytes()];
+            let mut y = [0.0f32; 2];
+            model.infer(&[1.0, 2.0], &mut y, &mut scratch).unwrap();
+        }
+        Err(e) if !cfg!(feature = "mmoe") => assert_eq!(e, Error::Disabled { feature: "mmoe" }),
+        Err(e) => assert_eq!(e, Error::Disabled { feature: "f32" }),
+    }
+}

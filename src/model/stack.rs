@@ -265,6 +265,9 @@ impl<'a> Model<'a> {
             // A decoder is `Decoder::parse`'s (the graphs differ by type).
             return Err(Error::WrongArchitecture { found: arch });
         }
+        if arch == arch::MULTI_GATE && !cfg!(feature = "mmoe") {
+            return Err(Error::Disabled { feature: "mmoe" });
+        }
         // At least 1 (`Header::parse` checked tasks >= 1 divides n_layers >=
         // 1); the `max`es say so to the compiler, which then links no
         // division-by-zero panic.
