@@ -22,6 +22,7 @@ fn enabled(feature: &str) -> bool {
         "f16" => cfg!(feature = "f16"),
         "int8" => cfg!(feature = "int8"),
         "q15" => cfg!(feature = "q15"),
+        "mmoe" => cfg!(feature = "mmoe"),
         _ => cfg!(feature = "decoder"),
     }
 }
@@ -76,14 +77,14 @@ fn a_multi_gate_model_needs_mmoe() {
     };
     match write(&spec) {
         Ok(bytes) => {
-            assert!(cfg!(feature = "mmoe") && cfg!(feature = "f32"));
+            assert!(enabled("mmoe") && enabled("f32"), "written without its features");
             let bytes = micromoe::format::write::AlignedBytes::from(&bytes[..]);
             let model = Model::parse(&bytes).unwrap();
             let mut scratch = vec![0u8; model.scratch_bytes()];
             let mut y = [0.0f32; 2];
             model.infer(&[1.0, 2.0], &mut y, &mut scratch).unwrap();
         }
-        Err(e) if !cfg!(feature = "mmoe") => assert_eq!(e, Error::Disabled { feature: "mmoe" }),
+        Err(e) if !enabled("mmoe") => assert_eq!(e, Error::Disabled { feature: "mmoe" }),
         Err(e) => assert_eq!(e, Error::Disabled { feature: "f32" }),
     }
 }
