@@ -24,6 +24,7 @@ use crate::expert::{Expert, QActivation, QExpert};
 use crate::format::layout::{LAYER_LEVEL, LayerDtype, SHARED_EXPERT, flags, part, role};
 use crate::format::{Elem, Key, Table};
 use crate::kernels::{Activation, FloatWeight, IntKernel, Linear, MulParams, QLinear};
+use crate::moe::SharedSource;
 use crate::moe::{
     Combine, Dims, ExpertSource, FloatGate, Gate, MoeLayer, QMoeLayer, QSharedExpert, SharedExpert,
 };
@@ -353,6 +354,44 @@ pub type FloatExperts<'a, W> = Experts<'a, Expert<'a, W>>;
 /// Integer experts (int8 or Q15) made on demand.
 pub type IntExperts<'a, A> = Experts<'a, QExpert<'a, A>>;
 
+/// Where a parsed integer layer's shared expert (and its gate) sits: its
+/// views are made when an inference needs them, so a built layer carries
+/// these positions (about 80 bytes on a 32-bit MCU) instead of the views
+/// (220 bytes, held even by layers without one).
+#[derive(Debug, Clone, Copy)]
+pub struct IntShared<'a> {
+    table: Table<'a>,
+    first: usize,
+    at: BlockAt,
+    shape: Shape,
+    gate: bool,
+}
+
+impl<'a, A: IntKernel + Elem> SharedSource<'a, A> for Option<IntShared<'a>>
+where
+    A::Bias: Elem,
+{
+    fn has_shared(&self) -> bool {
+        self.is_some()
+    }
+
+    fn shared(&self) -> Result<Option<QSharedExpert<'a, A>>> {
+        let Some(s) = self else { return Ok(None) };
+        let expert = int_expert::<A, false>(&s.table, s.first, &s.at, &s.shape, SHARED_EXPERT)?;
+        let gate = if s.gate {
+            let site = Site { layer: s.shape.layer, expert: SHARED_EXPERT, role: role::SHARED_GATE };
+            let lin = s.at.lin(role::SHARED_GATE);
+            Some(int_linear::<A, false>(&s.table, s.first, lin, site, 1, s.shape.in_dim)?)
+        } else {
+            None
+        };
+        Ok(Some(QSharedExpert { expert, gate }))
+    }
+}
+
+/// An integer layer of a parsed model.
+pub type IntLayer<'a, A> = QMoeLayer<'a, A, IntExperts<'a, A>, Option<IntShared<'a>>>;
+
 /// One MoE layer of a model, in its numeric type.
 #[derive(Debug, Clone, Copy)]
 pub enum Layer<'a> {
@@ -365,9 +404,9 @@ pub enum Layer<'a> {
     /// f16 gate, f32 experts.
     F16GateF32(MoeLayer<'a, f16, f32, FloatExperts<'a, f32>>),
     /// int8 end to end; input and output quantization.
-    Int8(QMoeLayer<'a, i8, IntExperts<'a, i8>>, QuantParams, QuantParams),
+    Int8(IntLayer<'a, i8>, QuantParams, QuantParams),
     /// Q15 end to end; input and output quantization.
-    Q15(QMoeLayer<'a, i16, IntExperts<'a, i16>>, QuantParams, QuantParams),
+    Q15(IntLayer<'a, i16>, QuantParams, QuantParams),
 }
 
 /// The activation types a stack runs on integers end to end: `i8`
@@ -378,11 +417,11 @@ where
     Self::Bias: Elem,
 {
     /// The layer's MoE layer, if its experts are of this type.
-    fn layer<'l, 'a>(layer: &'l Layer<'a>) -> Option<&'l QMoeLayer<'a, Self, IntExperts<'a, Self>>>;
+    fn layer<'l, 'a>(layer: &'l Layer<'a>) -> Option<&'l IntLayer<'a, Self>>;
 }
 
 impl IntPath for i8 {
-    fn layer<'l, 'a>(layer: &'l Layer<'a>) -> Option<&'l QMoeLayer<'a, i8, IntExperts<'a, i8>>> {
+    fn layer<'l, 'a>(layer: &'l Layer<'a>) -> Option<&'l IntLayer<'a, i8>> {
         match layer {
             Layer::Int8(q, ..) => Some(q),
             _ => None,
@@ -391,7 +430,7 @@ impl IntPath for i8 {
 }
 
 impl IntPath for i16 {
-    fn layer<'l, 'a>(layer: &'l Layer<'a>) -> Option<&'l QMoeLayer<'a, i16, IntExperts<'a, i16>>> {
+    fn layer<'l, 'a>(layer: &'l Layer<'a>) -> Option<&'l IntLayer<'a, i16>> {
         match layer {
             Layer::Q15(q, ..) => Some(q),
             _ => None,
@@ -501,27 +540,40 @@ fn int_layer<'a, A: IntKernel + Elem, const CHECK: bool>(
     layer: usize,
     info: &LayerInfo,
     at: &LayerAt,
-) -> Result<QMoeLayer<'a, A, IntExperts<'a, A>>>
+) -> Result<IntLayer<'a, A>>
 where
     A::Bias: Elem,
 {
-    let shared = if info.flags & flags::SHARED != 0 {
-        let sh = shape(info, info.shared_hidden, layer);
-        let expert = int_expert::<A, CHECK>(t, at.shared_first, &at.shared, &sh, SHARED_EXPERT)?;
-        let gate = if info.flags & flags::SHARED_GATE != 0 {
-            let site = Site { layer, expert: SHARED_EXPERT, role: role::SHARED_GATE };
-            Some(int_linear::<A, CHECK>(
-                t,
-                at.shared_first,
-                at.shared.lin(role::SHARED_GATE),
-                site,
-                1,
-                info.in_dim,
-            )?)
-        } else {
-            None
-        };
-        Some(QSharedExpert { expert, gate })
+    let shared_at = (info.flags & flags::SHARED != 0).then(|| IntShared {
+        table: *t,
+        first: at.shared_first,
+        at: at.shared,
+        shape: shape(info, info.shared_hidden, layer),
+        gate: info.flags & flags::SHARED_GATE != 0,
+    });
+    // At parse, the shared expert's views are made and checked with the
+    // layer's constructor; at inference, made when needed.
+    let shared = if CHECK {
+        match &shared_at {
+            Some(s) => {
+                let expert = int_expert::<A, true>(t, s.first, &s.at, &s.shape, SHARED_EXPERT)?;
+                let gate = if s.gate {
+                    let site = Site { layer, expert: SHARED_EXPERT, role: role::SHARED_GATE };
+                    Some(int_linear::<A, true>(
+                        t,
+                        s.first,
+                        s.at.lin(role::SHARED_GATE),
+                        site,
+                        1,
+                        info.in_dim,
+                    )?)
+                } else {
+                    None
+                };
+                Some(QSharedExpert { expert, gate })
+            }
+            None => None,
+        }
     } else {
         None
     };
@@ -550,11 +602,12 @@ where
         let router = Router::new(rule(info), bias, info.scaling)?;
         if CHECK {
             QMoeLayer::with_float_gate(g, router, info.input, experts, shared, info.combine)
+                .map(|q| q.with_shared_source(shared_at))
         } else {
             Ok(QMoeLayer::from_dims(
                 Gate::Float(g, router, info.input),
                 experts,
-                shared,
+                shared_at,
                 info.combine,
                 dims(info),
             ))
@@ -581,8 +634,15 @@ where
             let router = IntRouter::new(rule(info), bias, info.scaling_q15)?;
             if CHECK {
                 QMoeLayer::new(gate, router, experts, shared, info.combine)
+                    .map(|q| q.with_shared_source(shared_at))
             } else {
-                Ok(QMoeLayer::from_dims(Gate::Int(gate, router), experts, shared, info.combine, dims(info)))
+                Ok(QMoeLayer::from_dims(
+                    Gate::Int(gate, router),
+                    experts,
+                    shared_at,
+                    info.combine,
+                    dims(info),
+                ))
             }
         }
         #[cfg(feature = "f32")]

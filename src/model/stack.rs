@@ -704,21 +704,36 @@ pub struct Resolved<'a, const L: usize> {
 
 impl<'a, const L: usize> Resolved<'a, L> {
     /// Builds every layer of `model` ([`Error::TooManyLayers`] if it has
-    /// more than `L`).
+    /// more than `L`). Returned by value: where the stack is tight,
+    /// [`Resolved::build`] into an `empty` one saves the copy.
+    pub fn new(model: &Model<'a>) -> Result<Self> {
+        let mut r = Self::empty(*model);
+        r.build()?;
+        Ok(r)
+    }
+
+    /// `model` with no layer built yet: [`Resolved::build`] builds them
+    /// in place.
+    pub const fn empty(model: Model<'a>) -> Self {
+        Resolved { model, layers: heapless::Vec::new() }
+    }
+
+    /// Builds every layer of the model in place (again, if they were).
     // Out of line, as `Model::parse`: the building's locals stay out of the
     // caller's frame.
     #[inline(never)]
-    pub fn new(model: &Model<'a>) -> Result<Self> {
+    pub fn build(&mut self) -> Result<()> {
+        let model = self.model;
+        self.layers.clear();
         if model.n_layers > L {
             return Err(Error::TooManyLayers { layers: model.n_layers, capacity: L });
         }
-        let mut built = heapless::Vec::new();
         for l in 0..model.n_layers {
             let layer = layers::build::<false>(&model.table, l, &read_layer::<false>(model.bytes, l)?)?;
             // Cannot fail: n_layers <= L.
-            let _ = built.push(layer);
+            let _ = self.layers.push(layer);
         }
-        Ok(Resolved { model: *model, layers: built })
+        Ok(())
     }
 
     /// The model the layers were built from.

@@ -24,7 +24,7 @@
 use std::vec;
 use std::vec::Vec;
 
-use super::{ExpertSource, MoeLayer, QMoeLayer};
+use super::{ExpertSource, MoeLayer, QMoeLayer, SharedSource};
 use crate::error::{Error, Result, What, check_finite, check_len};
 use crate::expert::{Expert, QExpert};
 use crate::kernels::{FloatWeight, IntKernel, expand_words};
@@ -96,11 +96,12 @@ where
     }
 }
 
-impl<'a, A, S> QMoeLayer<'a, A, S>
+impl<'a, A, S, H> QMoeLayer<'a, A, S, H>
 where
     A: IntKernel + Send + Sync,
     A::Bias: Sync,
     S: ExpertSource<Expert = QExpert<'a, A>> + Sync,
+    H: SharedSource<'a, A>,
 {
     /// Runs a batch of quantized tokens: `xs` `(tokens, in)`, `out`
     /// `(tokens, out)`; the same bits as [`QMoeLayer::infer`] token by token.
@@ -140,9 +141,9 @@ where
                     row(&ys, entry[t * self.rule().k + slot], d_out).map(|y| (y, c.weight))
                 })
                 .collect();
-            if let Some(shared) = self.shared() {
+            if let Some(shared) = self.shared_source().shared()? {
                 shared.expert.forward(x, &mut shared_y, &mut hidden);
-                rows.push((&shared_y, self.shared_weight(x, &mut work)));
+                rows.push((&shared_y, super::int::shared_weight(&shared, x, &mut work)));
             }
             self.combine(&rows, o);
         }

@@ -40,6 +40,29 @@ pub struct QSharedExpert<'a, A: IntKernel> {
     pub gate: Option<QLinear<'a, A>>,
 }
 
+/// Where an integer layer finds its always-on shared expert: held in the
+/// layer (`Option<QSharedExpert>`, what [`QMoeLayer::new`] takes), or made
+/// on demand from a parsed model's bytes, so that a layer's RAM does not
+/// carry a shared expert's views, nor room for one it does not have.
+pub trait SharedSource<'a, A: IntKernel> {
+    /// Whether the layer has a shared expert.
+    fn has_shared(&self) -> bool;
+
+    /// The shared expert with its gate, if the layer has one, or why it
+    /// cannot be had (an error of the inference, never a skipped expert).
+    fn shared(&self) -> Result<Option<QSharedExpert<'a, A>>>;
+}
+
+impl<'a, A: IntKernel> SharedSource<'a, A> for Option<QSharedExpert<'a, A>> {
+    fn has_shared(&self) -> bool {
+        self.is_some()
+    }
+
+    fn shared(&self) -> Result<Option<QSharedExpert<'a, A>>> {
+        Ok(*self)
+    }
+}
+
 /// Float gate weights of a mixed layer.
 #[derive(Debug, Clone, Copy)]
 pub enum FloatGate<'a> {
@@ -116,10 +139,10 @@ impl<A: IntKernel> Gate<'_, A> {
 /// The gate emits fixed-point logits (zero point 0, scale
 /// `2^-LOGIT_FRAC_BITS`) for the [`IntRouter`].
 #[derive(Debug, Clone, Copy)]
-pub struct QMoeLayer<'a, A: IntKernel, S = &'a [QExpert<'a, A>]> {
+pub struct QMoeLayer<'a, A: IntKernel, S = &'a [QExpert<'a, A>], H = Option<QSharedExpert<'a, A>>> {
     gate: Gate<'a, A>,
     experts: S,
-    shared: Option<QSharedExpert<'a, A>>,
+    shared: H,
     combine: Combine,
     out_dim: usize,
     hidden_max: usize,
@@ -202,15 +225,18 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
         Ok(Self::from_dims(gate, experts, shared, combine, Dims { out_dim, hidden_max, macs_experts }))
     }
 
+    /// The shared expert, if any.
+    pub fn shared(&self) -> Option<&QSharedExpert<'a, A>> {
+        self.shared.as_ref()
+    }
+}
+
+impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>, H: SharedSource<'a, A>>
+    QMoeLayer<'a, A, S, H>
+{
     /// A layer over parts that were checked before (a parsed model), with
     /// the sizes its records give: no walk over every expert.
-    pub(crate) fn from_dims(
-        gate: Gate<'a, A>,
-        experts: S,
-        shared: Option<QSharedExpert<'a, A>>,
-        combine: Combine,
-        dims: Dims,
-    ) -> Self {
+    pub(crate) fn from_dims(gate: Gate<'a, A>, experts: S, shared: H, combine: Combine, dims: Dims) -> Self {
         let Dims { out_dim, hidden_max, macs_experts } = dims;
         QMoeLayer { gate, experts, shared, combine, out_dim, hidden_max, macs_experts }
     }
@@ -253,7 +279,12 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
     /// and with all of them (dense).
     pub fn macs(&self, sel: &Selection<i32>) -> (u64, u64) {
         let base = (self.gate.rows() * self.gate.cols()) as u64
-            + self.shared.as_ref().map_or(0, |s| s.expert.macs() + s.gate.map_or(0, |g| g.cols() as u64));
+            + self
+                .shared
+                .shared()
+                .ok()
+                .flatten()
+                .map_or(0, |s| s.expert.macs() + s.gate.map_or(0, |g| g.cols() as u64));
         let chosen: u64 =
             sel.iter().map(|c| self.experts.expert(c.expert as usize).map_or(0, |e| e.macs())).sum();
         (base + chosen, base + self.macs_experts)
@@ -279,9 +310,10 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
             expert.forward_in(x, y, hidden, work);
             let _ = rows.push((&*y, c.weight));
         }
-        if let (Some(shared), Some(y)) = (&self.shared, slots.next()) {
-            shared.expert.forward_in(x, y, hidden, work);
-            let _ = rows.push((&*y, self.shared_weight(x, work)));
+        if self.shared.has_shared() {
+            let y = slots.next().ok_or(short)?;
+            let w = self.run_shared(x, y, hidden, work)?;
+            let _ = rows.push((&*y, w));
         }
         self.combine(&rows, out);
         Ok(sel)
@@ -322,18 +354,6 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
         Ok(sel)
     }
 
-    /// The shared expert's Q15 weight for `x`: `sigmoid(shared_gate x)` or 1.
-    pub(crate) fn shared_weight(&self, x: &[A], work: &mut [u32]) -> i32 {
-        match self.shared.as_ref().and_then(|s| s.gate.as_ref()) {
-            Some(gate) => {
-                let mut l = [0i32];
-                gate.forward_wide_in(x, &mut l, work);
-                ((sigmoid_q30(l[0], LOGIT_FRAC_BITS) + (1 << 14)) >> 15) as i32
-            }
-            None => ONE_Q15,
-        }
-    }
-
     /// `out = requant(sum_i w_i (y_i - expert_zp)) + out_zp` over the expert
     /// outputs `rows` (integer sums: the order does not matter).
     pub(crate) fn combine(&self, rows: &[(&[A], i32)], out: &mut [A]) {
@@ -369,9 +389,27 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
         self.gate.rule()
     }
 
-    /// The shared expert, if any.
-    pub fn shared(&self) -> Option<&QSharedExpert<'a, A>> {
-        self.shared.as_ref()
+    /// Runs the shared expert into `y`; returns its Q15 weight. Out of line:
+    /// its views live in this frame, not in every inference's.
+    #[inline(never)]
+    fn run_shared(&self, x: &[A], y: &mut [A], hidden: &mut [A], work: &mut [u32]) -> Result<i32> {
+        // `has_shared` said there is one; were it not, the shared slot is
+        // the one after the routed experts.
+        let missing = Error::OutOfRange { what: What::Experts, index: self.gate.rule().experts };
+        let shared = self.shared.shared()?.ok_or(missing)?;
+        shared.expert.forward_in(x, y, hidden, work);
+        Ok(shared_weight(&shared, x, work))
+    }
+
+    /// Where the shared expert comes from.
+    pub fn shared_source(&self) -> &H {
+        &self.shared
+    }
+
+    /// The same layer with its shared expert found through `shared`.
+    pub(crate) fn with_shared_source<H2: SharedSource<'a, A>>(self, shared: H2) -> QMoeLayer<'a, A, S, H2> {
+        let QMoeLayer { gate, experts, shared: _, combine, out_dim, hidden_max, macs_experts } = self;
+        QMoeLayer { gate, experts, shared, combine, out_dim, hidden_max, macs_experts }
     }
 
     /// [`QMoeLayer::infer`], and records the choice and the work in `stats`.
@@ -387,5 +425,17 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
         let (macs, dense) = self.macs(&sel);
         stats.record(&sel, macs, dense);
         Ok(sel)
+    }
+}
+
+/// The shared expert's Q15 weight for `x`: `sigmoid(shared_gate x)` or 1.
+pub(crate) fn shared_weight<A: IntKernel>(shared: &QSharedExpert<'_, A>, x: &[A], work: &mut [u32]) -> i32 {
+    match shared.gate.as_ref() {
+        Some(gate) => {
+            let mut l = [0i32];
+            gate.forward_wide_in(x, &mut l, work);
+            ((sigmoid_q30(l[0], LOGIT_FRAC_BITS) + (1 << 14)) >> 15) as i32
+        }
+        None => ONE_Q15,
     }
 }

@@ -41,7 +41,7 @@ mod batch;
 
 pub use float::{MoeLayer, SharedExpert};
 pub(crate) use int::Gate;
-pub use int::{Combine, FloatGate, QMoeLayer, QSharedExpert};
+pub use int::{Combine, FloatGate, QMoeLayer, QSharedExpert, SharedSource};
 pub use source::ExpertSource;
 
 use crate::error::{Error, Result};

@@ -37,8 +37,10 @@ fn classify_all(scratch: &mut [u8]) -> micromoe::Result<bool> {
     let parsed = Model::parse(MODEL)?;
     #[cfg(feature = "parse")]
     measure::stop();
-    // Every layer's views built once, so that an inference only runs them.
-    let model = Resolved::<1>::new(&parsed)?;
+    // Every layer's views built once, in place, so that an inference only
+    // runs them.
+    let mut model = Resolved::<1>::empty(parsed);
+    model.build()?;
     // The model takes pixel / 16 (0.0..=1.0), quantized with its input
     // parameters: 17 possible pixels, so quantize them once.
     let input = parsed.input_quant().ok_or(micromoe::Error::IntegerPath { layer: 0 })?;
