@@ -389,6 +389,28 @@ where
     }
 }
 
+/// At parse: the shared expert at `s` with every check (its tensors, and
+/// against the layer as `QMoeLayer::new` checks one), in a frame of its own.
+#[inline(never)]
+fn check_shared_at<A: IntKernel + Elem>(
+    t: &Table<'_>,
+    s: &IntShared<'_>,
+    input: (usize, i32),
+    info: &LayerInfo,
+) -> Result<()>
+where
+    A::Bias: Elem,
+{
+    let expert = int_expert::<A, true>(t, s.first, &s.at, &s.shape, SHARED_EXPERT)?;
+    let gate = if s.gate {
+        let site = Site { layer: s.shape.layer, expert: SHARED_EXPERT, role: role::SHARED_GATE };
+        Some(int_linear::<A, true>(t, s.first, s.at.lin(role::SHARED_GATE), site, 1, s.shape.in_dim)?)
+    } else {
+        None
+    };
+    crate::moe::check_shared(&QSharedExpert { expert, gate }, input, (info.out_dim, info.combine.expert_zp))
+}
+
 /// An integer layer of a parsed model.
 pub type IntLayer<'a, A> = QMoeLayer<'a, A, IntExperts<'a, A>, Option<IntShared<'a>>>;
 
@@ -551,32 +573,9 @@ where
         shape: shape(info, info.shared_hidden, layer),
         gate: info.flags & flags::SHARED_GATE != 0,
     });
-    // At parse, the shared expert's views are made and checked with the
-    // layer's constructor; at inference, made when needed.
-    let shared = if CHECK {
-        match &shared_at {
-            Some(s) => {
-                let expert = int_expert::<A, true>(t, s.first, &s.at, &s.shape, SHARED_EXPERT)?;
-                let gate = if s.gate {
-                    let site = Site { layer, expert: SHARED_EXPERT, role: role::SHARED_GATE };
-                    Some(int_linear::<A, true>(
-                        t,
-                        s.first,
-                        s.at.lin(role::SHARED_GATE),
-                        site,
-                        1,
-                        info.in_dim,
-                    )?)
-                } else {
-                    None
-                };
-                Some(QSharedExpert { expert, gate })
-            }
-            None => None,
-        }
-    } else {
-        None
-    };
+    // At parse, the shared expert's views are made and checked out of line
+    // (`check_shared_at`, after the gate); at inference, made when needed.
+    let shared = None;
     let experts = experts(t, info, at, int_expert::<A, false>);
     if CHECK {
         check_experts(t, layer, info, at)?;
@@ -601,6 +600,9 @@ where
         };
         let router = Router::new(rule(info), bias, info.scaling)?;
         if CHECK {
+            if let Some(s) = &shared_at {
+                check_shared_at::<A>(t, s, (info.in_dim, info.input.zero_point), info)?;
+            }
             QMoeLayer::with_float_gate(g, router, info.input, experts, shared, info.combine)
                 .map(|q| q.with_shared_source(shared_at))
         } else {
@@ -633,6 +635,9 @@ where
             };
             let router = IntRouter::new(rule(info), bias, info.scaling_q15)?;
             if CHECK {
+                if let Some(s) = &shared_at {
+                    check_shared_at::<A>(t, s, (gate.cols(), gate.input_zp()), info)?;
+                }
                 QMoeLayer::new(gate, router, experts, shared, info.combine)
                     .map(|q| q.with_shared_source(shared_at))
             } else {

@@ -195,25 +195,15 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
         let zp_err = Error::OutOfRange { what: What::ZeroPoint, index: 0 };
         let out_dim = experts.expert(0).map_or(0, |e| e.out_dim());
         let (mut hidden_max, mut macs_experts) = (0, 0);
-        let routed = (0..n).map(|i| experts.expert(i));
-        for (i, e) in routed.chain(shared.as_ref().map(|s| Ok(s.expert))).enumerate() {
-            let e = e?;
-            check_dim(What::Input, gate.cols(), e.in_dim())?;
-            check_dim(What::Output, out_dim, e.out_dim())?;
-            if e.input_zp() != gate.input_zp() || e.down().output_zp() != combine.expert_zp {
-                return Err(zp_err);
-            }
+        for i in 0..n {
+            let e = experts.expert(i)?;
+            check_expert(&e, (gate.cols(), gate.input_zp()), (out_dim, combine.expert_zp))?;
             hidden_max = hidden_max.max(e.hidden_len());
-            if i < n {
-                macs_experts += e.macs();
-            }
+            macs_experts += e.macs();
         }
-        if let Some(g) = shared.as_ref().and_then(|s| s.gate.as_ref()) {
-            check_dim(What::Weight, 1, g.rows())?;
-            check_dim(What::Input, gate.cols(), g.cols())?;
-            if g.input_zp() != gate.input_zp() || g.output_zp() != 0 {
-                return Err(zp_err);
-            }
+        if let Some(s) = &shared {
+            check_shared(s, (gate.cols(), gate.input_zp()), (out_dim, combine.expert_zp))?;
+            hidden_max = hidden_max.max(s.expert.hidden_len());
         }
         if !(A::MIN..=A::MAX).contains(&combine.out_zp) {
             return Err(zp_err);
@@ -438,4 +428,33 @@ pub(crate) fn shared_weight<A: IntKernel>(shared: &QSharedExpert<'_, A>, x: &[A]
         }
         None => ONE_Q15,
     }
+}
+
+/// An expert of a layer whose input has `(width, zero point)` = `input`
+/// and whose experts emit `(width, zero point)` = `output`.
+fn check_expert<A: IntKernel>(e: &QExpert<'_, A>, input: (usize, i32), output: (usize, i32)) -> Result<()> {
+    check_dim(What::Input, input.0, e.in_dim())?;
+    check_dim(What::Output, output.0, e.out_dim())?;
+    if e.input_zp() != input.1 || e.down().output_zp() != output.1 {
+        return Err(Error::OutOfRange { what: What::ZeroPoint, index: 0 });
+    }
+    Ok(())
+}
+
+/// A shared expert, as [`check_expert`], and its gate: one row over the
+/// layer's input, logits with zero point 0.
+pub(crate) fn check_shared<A: IntKernel>(
+    s: &QSharedExpert<'_, A>,
+    input: (usize, i32),
+    output: (usize, i32),
+) -> Result<()> {
+    check_expert(&s.expert, input, output)?;
+    if let Some(g) = s.gate.as_ref() {
+        check_dim(What::Weight, 1, g.rows())?;
+        check_dim(What::Input, input.0, g.cols())?;
+        if g.input_zp() != input.1 || g.output_zp() != 0 {
+            return Err(Error::OutOfRange { what: What::ZeroPoint, index: 0 });
+        }
+    }
+    Ok(())
 }

@@ -41,6 +41,7 @@ mod batch;
 
 pub use float::{MoeLayer, SharedExpert};
 pub(crate) use int::Gate;
+pub(crate) use int::check_shared;
 pub use int::{Combine, FloatGate, QMoeLayer, QSharedExpert, SharedSource};
 pub use source::ExpertSource;
 
