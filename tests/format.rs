@@ -468,6 +468,18 @@ fn infer_int_is_infer_without_the_float_edges() {
             assert_eq!(built, yq, "token {t}, built layers");
         }
         assert_eq!(Resolved::<1>::new(&model).unwrap_err(), Error::TooManyLayers { layers: 2, capacity: 1 });
+        // Built in place, and again: the same layers.
+        let mut in_place = Resolved::<2>::empty(model);
+        in_place.build().unwrap();
+        in_place.build().unwrap();
+        assert_eq!(in_place.layers().len(), 2);
+        let x = fx.row("x", 0);
+        let mut xq = vec![A::default(); x.len()];
+        qin.quantize_slice(x, &mut xq).unwrap();
+        let (mut a, mut b) = (vec![A::default(); model.output_dim()], vec![A::default(); model.output_dim()]);
+        in_place.infer_int(&xq, &mut a, &mut scratch).unwrap();
+        model.infer_int(&xq, &mut b, &mut scratch).unwrap();
+        assert_eq!(a, b);
         // The second layer taking its own input quantization does not chain.
         let unchained = ModelSpec::stack(Task::Regress, vec![first.clone(), first]);
         let bytes = AlignedBytes::from(&write(&unchained).unwrap()[..]);

@@ -682,7 +682,8 @@ impl Model<'_> {
 /// from their positions in the table on every call, in no RAM). Room for
 /// `L` layers in place: `L * size_of::<Layer>()` bytes wherever the
 /// `Resolved` lives (a `static`, or `main`'s stack), known at compile time;
-/// about 330 bytes per layer for an int8-only build on a 32-bit MCU.
+/// about 300 bytes per int8 or Q15 layer on a 32-bit MCU (a shared expert's
+/// views are made when needed, not held).
 ///
 /// ```
 /// const MODEL: &[u8] = micromoe::include_model!(concat!(env!("CARGO_MANIFEST_DIR"), "/models/digits/digits_int8.moe"));
