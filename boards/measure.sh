@@ -81,7 +81,7 @@ stack=$(echo "$out" | sed -n 's/^minimal: stack_bytes \([0-9]*\)/\1/p')
 w=$(echo "$out" | sed -n 's/.*windows=\([0-9]*\).*/\1/p'); i=$(echo "$out" | sed -n 's/.*insns=\([0-9]*\).*/\1/p')
 out=$(run_window "$(minimal --features parse)")
 parse=$(echo "$out" | sed -n 's/.*insns=\([0-9]*\).*/\1/p')
-scratch=$(cd .. && cargo run --release --quiet --bin micromoe -- info models/digits/digits_int8.moe | sed -n 's/.*scratch RAM: \([0-9]*\) bytes.*/\1/p')
+scratch=$(cd .. && cargo run --release --quiet --bin micromoe -- info models/digits/digits_int8.moe | sed -n 's/.*(\([0-9]*\) on the integer path).*/\1/p')
 printf '{"board":"mps2-an386","firmware":"minimal-int8","flash_beyond_model_bytes":%d,"scratch_bytes":%d,"stack_bytes":%d,"insns_per_inference":%d,"insns_parse":%d}\n' \
   $((flash - model)) "$scratch" "$stack" $((i / w)) "$parse"
 

@@ -480,6 +480,17 @@ fn infer_int_is_infer_without_the_float_edges() {
         in_place.infer_int(&xq, &mut a, &mut scratch).unwrap();
         model.infer_int(&xq, &mut b, &mut scratch).unwrap();
         assert_eq!(a, b);
+        // The integer path needs no room for float edges: its own, smaller size.
+        let need = model.int_scratch_bytes();
+        assert_eq!(Ok(need), micromoe::model::required_scratch_int(&bytes));
+        assert!(need < model.scratch_bytes());
+        let mut small = vec![0u8; need];
+        in_place.infer_int(&xq, &mut a, &mut small).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(
+            model.infer_int(&xq, &mut a, &mut small[..need - 1]),
+            Err(Error::ScratchTooSmall { needed: need, actual: need - 1 })
+        );
         // The second layer taking its own input quantization does not chain.
         let unchained = ModelSpec::stack(Task::Regress, vec![first.clone(), first]);
         let bytes = AlignedBytes::from(&write(&unchained).unwrap()[..]);

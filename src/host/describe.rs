@@ -35,6 +35,8 @@ pub struct ModelSummary {
     pub flash_bytes: usize,
     /// Scratch RAM bytes for `Model::infer`.
     pub scratch_bytes: usize,
+    /// Scratch bytes of the integer path alone (`Model::infer_int`).
+    pub int_scratch_bytes: usize,
     /// Input width.
     pub input_dim: usize,
     /// Output width.
@@ -126,6 +128,7 @@ pub fn summarize(model: &Model<'_>) -> crate::Result<ModelSummary> {
         active_params,
         flash_bytes: model.bytes().len(),
         scratch_bytes: model.scratch_bytes(),
+        int_scratch_bytes: model.int_scratch_bytes(),
         input_dim: model.input_dim(),
         output_dim: model.output_dim(),
         classifier: model.is_classifier(),
@@ -165,6 +168,7 @@ impl ModelSummary {
             "active_params": self.active_params,
             "flash_bytes": self.flash_bytes,
             "scratch_bytes": self.scratch_bytes,
+            "int_scratch_bytes": self.int_scratch_bytes,
             "layers": layers,
         })
     }
@@ -175,7 +179,11 @@ impl core::fmt::Display for ModelSummary {
         let task = if self.classifier { "classifier" } else { "regressor" };
         writeln!(f, "{task}: {} -> {}, {} MoE layer(s)", self.input_dim, self.output_dim, self.layers.len())?;
         writeln!(f, "parameters: {} total, {} active per inference", self.total_params, self.active_params)?;
-        writeln!(f, "flash: {} bytes, scratch RAM: {} bytes", self.flash_bytes, self.scratch_bytes)?;
+        writeln!(
+            f,
+            "flash: {} bytes, scratch RAM: {} bytes ({} on the integer path)",
+            self.flash_bytes, self.scratch_bytes, self.int_scratch_bytes
+        )?;
         for (l, s) in self.layers.iter().enumerate() {
             let i = &s.info;
             let kind = if i.flags & flags::GATED != 0 { "gated" } else { "MLP" };

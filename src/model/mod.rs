@@ -45,5 +45,5 @@ pub use decoder::{Config, Decoder, LayerConfig, MAX_EXPERTS, MAX_WIDTH};
 pub use layers::{Experts, FloatExperts, IntExperts, IntLayer, IntPath, IntShared, Layer};
 pub use matrix::{Input, MAX_INT8_COLS, Matrix, Weights, quantize_vector};
 pub use sample::{Rng, Sampler};
-pub use stack::{LayerInfo, Model, Resolved, Step, argmax, required_scratch};
+pub use stack::{LayerInfo, Model, Resolved, Step, argmax, required_scratch, required_scratch_int};
 pub use state::{State, bytes_for_dims};

@@ -76,6 +76,18 @@ fn act_from(code: u32) -> Option<Activation> {
 /// Malformed records give an error here and a full diagnosis in
 /// [`Model::parse`].
 pub const fn required_scratch(bytes: &[u8]) -> core::result::Result<usize, Error> {
+    scratch_for(bytes, true)
+}
+
+/// Scratch bytes [`Model::infer_int`] (and [`Resolved::infer_int`]) need:
+/// [`required_scratch`] without the two f32 activation buffers of the float
+/// edges (see [`scratch_len_int!`](crate::scratch_len_int)). For a decoder,
+/// its state bytes, as [`required_scratch`].
+pub const fn required_scratch_int(bytes: &[u8]) -> core::result::Result<usize, Error> {
+    scratch_for(bytes, false)
+}
+
+const fn scratch_for(bytes: &[u8], float_edges: bool) -> core::result::Result<usize, Error> {
     let mut i = 0;
     while i < 8 {
         if bytes.len() <= i || bytes[i] != MAGIC[i] {
@@ -149,9 +161,8 @@ pub const fn required_scratch(bytes: &[u8]) -> core::result::Result<usize, Error
         }
         l += 1;
     }
-    let acts = bytes_for::<f32>(max_dim)
-        .saturating_mul(2)
-        .saturating_add(bytes_for::<i16>(max_dim).saturating_mul(2));
+    let floats = if float_edges { bytes_for::<f32>(max_dim).saturating_mul(2) } else { 0 };
+    let acts = floats.saturating_add(bytes_for::<i16>(max_dim).saturating_mul(2));
     Ok(acts.saturating_add(layer_max))
 }
 
@@ -216,6 +227,8 @@ pub struct Model<'a> {
     table: Table<'a>,
     /// `required_scratch` of the bytes, computed once.
     scratch: usize,
+    /// `required_scratch_int` of the bytes.
+    scratch_int: usize,
     /// Widest activation between layers.
     max_dim: usize,
     n_layers: usize,
@@ -331,6 +344,7 @@ impl<'a> Model<'a> {
             bytes,
             table: Table::new(bytes, table_offset, n_tensors),
             scratch: required_scratch(bytes)?,
+            scratch_int: required_scratch_int(bytes)?,
             max_dim,
             n_layers,
             tasks,
@@ -406,6 +420,12 @@ impl<'a> Model<'a> {
     /// Scratch bytes [`Model::infer`] needs (= [`required_scratch`]).
     pub fn scratch_bytes(&self) -> usize {
         self.scratch
+    }
+
+    /// Scratch bytes [`Model::infer_int`] needs (= [`required_scratch_int`]:
+    /// no room for float edges; any buffer of [`Model::scratch_bytes`] does too).
+    pub fn int_scratch_bytes(&self) -> usize {
+        self.scratch_int
     }
 
     /// Runs one input through every layer: `x` (input width) to `out`
@@ -642,15 +662,13 @@ impl Model<'_> {
         }
         check_len(What::Input, self.input_dim, x.len())?;
         check_len(What::Output, self.output_dim, out.len())?;
-        let need = self.scratch_bytes();
+        let need = self.int_scratch_bytes();
         if scratch.len() < need {
             return Err(Error::ScratchTooSmall { needed: need, actual: scratch.len() });
         }
-        // The layout `infer` uses: two f32 buffers (unused here), then the
-        // two quantized ones, then the layers' scratch.
+        // The two quantized activation buffers, then the layers' scratch
+        // (`infer`'s layout without its two f32 buffers).
         let mut carve = Carve::new(scratch);
-        carve.take::<f32>(self.max_dim)?;
-        carve.take::<f32>(self.max_dim)?;
         let qa = carve.take::<u8>(bytes_for::<i16>(self.max_dim))?;
         let qb = carve.take::<u8>(bytes_for::<i16>(self.max_dim))?;
         let rest = carve.rest();
@@ -820,6 +838,28 @@ impl Model<'_> {
 macro_rules! scratch_len {
     ($model:expr) => {
         match $crate::model::required_scratch($model) {
+            Ok(n) => n,
+            Err(_) => panic!("not a valid .moe model"),
+        }
+    };
+}
+
+/// [`scratch_len!`] for the integer path only ([`Model::infer_int`],
+/// [`Resolved::infer_int`]): without room for float edges.
+///
+/// ```
+/// const MODEL: &[u8] = micromoe::include_model!(concat!(env!("CARGO_MANIFEST_DIR"), "/models/digits/digits_int8.moe"));
+/// const SCRATCH: usize = micromoe::scratch_len_int!(MODEL);
+/// assert!(SCRATCH < micromoe::scratch_len!(MODEL));
+/// let mut scratch = [0u8; SCRATCH];
+/// let model = micromoe::Model::parse(MODEL).unwrap();
+/// let (x, mut y) = ([0i8; 64], [0i8; 10]);
+/// model.infer_int(&x, &mut y, &mut scratch).unwrap();
+/// ```
+#[macro_export]
+macro_rules! scratch_len_int {
+    ($model:expr) => {
+        match $crate::model::required_scratch_int($model) {
             Ok(n) => n,
             Err(_) => panic!("not a valid .moe model"),
         }

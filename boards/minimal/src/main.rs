@@ -10,12 +10,12 @@
 
 use cortex_m_rt::entry;
 use micromoe::model::Resolved;
-use micromoe::{Model, include_model, scratch_len};
+use micromoe::{Model, include_model, scratch_len_int};
 
 /// 64 pixels (8x8, each 0..=16) -> 4 experts, top-1 -> 10 class scores.
 const MODEL: &[u8] = include_model!("../../../models/digits/digits_int8.moe");
-/// Scratch RAM the model needs, known at compile time.
-const SCRATCH: usize = scratch_len!(MODEL);
+/// Scratch RAM the model needs on the integer path, known at compile time.
+const SCRATCH: usize = scratch_len_int!(MODEL);
 /// Eight test images, 64 pixels each followed by the class the host gives
 /// it (kept in step with the host by `tests/board_vectors.rs`).
 static IMAGES: [u8; 8 * 65] = *include_bytes!("../images.bin");
