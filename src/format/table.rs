@@ -159,6 +159,33 @@ impl<'a> Table<'a> {
         lo
     }
 
+    /// The block of entries from `start` whose key is `(layer, expert, ..)`:
+    /// for each `(role, part)` its offset from `start` at slot
+    /// `role * PARTS + part` of `N` (`u8::MAX` where absent), and the
+    /// block's length (at most `N` entries are read: keys are distinct and
+    /// sorted, so a block whose codes fit the slots is no longer).
+    pub(crate) fn scan_block<const N: usize, const PARTS: usize>(
+        &self,
+        start: usize,
+        layer: u16,
+        expert: u16,
+    ) -> ([u8; N], usize) {
+        let mut at = [u8::MAX; N];
+        let id = layer as u32 | (expert as u32) << 16;
+        let mut n = 0usize;
+        for e in self.entries_from(start).iter().take(N.min(u8::MAX as usize)) {
+            // Bytes 0..4 of an entry: layer, expert (u16 each); then role, part.
+            if u32::from_le_bytes([e[0], e[1], e[2], e[3]]) != id {
+                break;
+            }
+            if let Some(slot) = at.get_mut(PARTS * e[entry::ROLE] as usize + e[entry::PART] as usize) {
+                *slot = n as u8;
+            }
+            n += 1;
+        }
+        (at, n)
+    }
+
     /// The entries from `start` to the end (empty past it), 32 bytes each.
     pub(crate) fn entries_from(&self, start: usize) -> &'a [[u8; ENTRY_LEN]] {
         let from = start.min(self.n).saturating_mul(ENTRY_LEN).saturating_add(self.table_offset);
@@ -214,7 +241,14 @@ impl<'a> Table<'a> {
         Self::typed(self.find(key), key, rows, cols)
     }
 
-    fn typed<T: Elem>(t: Option<Tensor<'a>>, key: Key, rows: usize, cols: usize) -> Result<Typed<'a, T>> {
+    /// [`Table::need`]'s checks of a tensor found some other way (the
+    /// decoder finds its tensors by position).
+    pub(crate) fn typed<T: Elem>(
+        t: Option<Tensor<'a>>,
+        key: Key,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Typed<'a, T>> {
         let t = t.ok_or(key.missing())?;
         let data = t.slice::<T>().ok_or(key.missing())?;
         if t.rows != rows || t.cols != cols {

@@ -274,20 +274,8 @@ struct Block {
 impl Block {
     /// The block of `(layer, expert)` from entry `first`, and its length.
     fn scan(t: &Table<'_>, first: usize, layer: u16, expert: u16) -> (Block, usize) {
-        let mut b = Block { first, at: [u8::MAX; drole::COUNT as usize * PARTS] };
-        let mut n = 0;
-        while n < 64 {
-            match t.key(first + n) {
-                Some(k) if k.layer == layer && k.expert == expert => {
-                    if let Some(slot) = b.at.get_mut(k.role as usize * PARTS + k.part as usize) {
-                        *slot = n as u8;
-                    }
-                    n += 1;
-                }
-                _ => break,
-            }
-        }
-        (b, n)
+        let (at, n) = t.scan_block::<{ drole::COUNT as usize * PARTS }, PARTS>(first, layer, expert);
+        (Block { first, at }, n)
     }
 }
 
@@ -317,10 +305,7 @@ impl<'a> Loc<'_, 'a> {
     }
 
     fn need(&self, key: Key, rows: usize) -> Result<&'a [f32]> {
-        let missing =
-            Error::MissingTensor { layer: key.layer, expert: key.expert, role: key.role, part: key.part };
-        let found = self.find(key).filter(|f| f.rows == rows && f.cols == 1).ok_or(missing)?;
-        found.slice::<f32>().ok_or(missing)
+        Ok(Table::typed::<f32>(self.find(key), key, rows, 1)?.data)
     }
 }
 

@@ -76,20 +76,8 @@ impl BlockAt {
 /// ..)`: where each part sits, and how many entries it has. A block has at
 /// most `role::COUNT * part::COUNT` (32) entries, so offsets fit a byte.
 fn scan(t: &Table<'_>, start: usize, layer: usize, expert: u16) -> (BlockAt, usize) {
-    let mut at = BlockAt([NONE; 32]);
-    let id = (layer as u32 & 0xFFFF) | (expert as u32) << 16;
-    let mut n = 0usize;
-    for e in t.entries_from(start).iter().take(32) {
-        // Bytes 0..4 of an entry: layer, expert (u16 each); then role, part.
-        if u32::from_le_bytes([e[0], e[1], e[2], e[3]]) != id {
-            break;
-        }
-        if let Some(slot) = at.0.get_mut(4 * e[4] as usize + e[5] as usize) {
-            *slot = n as u8;
-        }
-        n += 1;
-    }
-    (at, n)
+    let (at, n) = t.scan_block::<32, { part::COUNT as usize }>(start, layer as u16, expert);
+    (BlockAt(at), n)
 }
 
 /// Where a layer's tensors sit: its routed experts' blocks (possibly
