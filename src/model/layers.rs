@@ -851,7 +851,7 @@ where
 }
 
 /// [`run_q`] for [`Model::infer_int`](super::Model::infer_int): `x` is
-/// the layer's input, `y` at least its output width.
+/// the layer's input, `y` its output.
 #[inline(never)]
 pub(crate) fn run_int_only<A: IntKernel + Elem>(
     t: &Table<'_>,
@@ -865,12 +865,6 @@ where
     A::Bias: Elem,
 {
     let at = &locate(t, layer, info);
-    let len = y.len();
-    let y = y.get_mut(..info.out_dim).ok_or(Error::Shape {
-        what: What::Output,
-        expected: info.out_dim,
-        actual: len,
-    })?;
     run_q(t, layer, info, at, x, y, scratch).map(|_| ())
 }
 

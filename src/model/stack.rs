@@ -646,7 +646,7 @@ impl Model<'_> {
     }
 
     /// The integer path's checks, buffers and layer loop; `run(l, info, x,
-    /// y, scratch)` runs layer `l` (`y` at least its output width).
+    /// y, scratch)` runs layer `l` (`y` its output width).
     fn int_path<A: IntPath>(
         &self,
         x: &[A],
@@ -682,7 +682,8 @@ impl Model<'_> {
             if info.expert_dtype != int_dtype::<A>() || prev.is_some_and(|p| p != info.input) {
                 return Err(Error::IntegerPath { layer: l });
             }
-            run(l, &info, a.get(..width).ok_or(short(width))?, b, rest)?;
+            let y = b.get_mut(..info.out_dim).ok_or(short(info.out_dim))?;
+            run(l, &info, a.get(..width).ok_or(short(width))?, y, rest)?;
             (width, prev) = (info.out_dim, Some(info.output));
             core::mem::swap(&mut a, &mut b);
         }
@@ -772,13 +773,8 @@ impl<'a, const L: usize> Resolved<'a, L> {
     where
         A::Bias: Elem,
     {
-        self.model.int_path(x, out, scratch, |l, info, x, y, rest| {
+        self.model.int_path(x, out, scratch, |l, _, x, y, rest| {
             let q = self.layers.get(l).and_then(A::layer).ok_or(Error::IntegerPath { layer: l })?;
-            let y = y.get_mut(..info.out_dim).ok_or(Error::Shape {
-                what: What::Output,
-                expected: info.out_dim,
-                actual: 0,
-            })?;
             q.infer(x, y, rest).map(|_| ())
         })
     }
