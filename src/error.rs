@@ -188,11 +188,17 @@ pub enum Error {
         /// Bytes given.
         actual: usize,
     },
-    /// The CRC32 over header and payload does not match: corrupted bytes.
-    Crc {
-        /// CRC stored in the file.
+    /// The trailer's checksum over header and payload does not match:
+    /// corrupted bytes. Version 2's [`checksum`](crate::format::layout::checksum)
+    /// has two 32-bit lanes: the first that differs is reported (`lane` 0
+    /// or 1); version 1's CRC-32 is lane 0. (32-bit fields keep `Error`,
+    /// and every `Result` on the inference path, small.)
+    Checksum {
+        /// Which lane.
+        lane: u8,
+        /// The lane stored in the file.
         stored: u32,
-        /// CRC of the bytes given.
+        /// The lane computed over the bytes given.
         computed: u32,
     },
     /// Model bytes must start at a 16-byte aligned address for zero-copy
@@ -334,8 +340,11 @@ impl fmt::Display for Error {
             Error::Truncated { needed, actual } => {
                 write!(f, "model truncated: need {needed} bytes, got {actual}")
             }
-            Error::Crc { stored, computed } => {
-                write!(f, "model corrupted: CRC32 {computed:#010x}, file says {stored:#010x}")
+            Error::Checksum { lane, stored, computed } => {
+                write!(
+                    f,
+                    "model corrupted: checksum lane {lane} is {computed:#010x}, the file says {stored:#010x}"
+                )
             }
             Error::Misaligned { offset } => {
                 write!(f, "model bytes start {offset} bytes past a 16-byte boundary; zero-copy needs 16")

@@ -276,9 +276,7 @@ fn expert_ids_never_reach_the_shared_and_layer_keys() {
     let at = layout::HEADER_LEN + 4 * 3;
     for experts in [0xFFFFu32, 0xFFFE] {
         b[at..at + 4].copy_from_slice(&experts.to_le_bytes());
-        let n = b.len();
-        let crc = layout::crc32(&b[..n - 4]);
-        b[n - 4..].copy_from_slice(&crc.to_le_bytes());
+        assert!(layout::seal(&mut b));
         let err = Model::parse(&AlignedBytes::from(&b[..])).unwrap_err();
         assert_eq!(
             err,

@@ -94,9 +94,7 @@ fn sharing_experts_with_a_different_pool_is_refused() {
     let mut b = bytes.clone();
     let at = layout::HEADER_LEN + 2 * layout::LAYER_LEN + 21 * 4;
     b[at..at + 4].copy_from_slice(&1u32.to_le_bytes());
-    let n = b.len() - 4;
-    let crc = layout::crc32(&b[..n]);
-    b[n..].copy_from_slice(&crc.to_le_bytes());
+    assert!(layout::seal(&mut b));
     let aligned = AlignedBytes::from(&b[..]);
     assert!(matches!(
         Model::parse(&aligned),

@@ -14,17 +14,16 @@ use micromoe::model::{Decoder, Sampler};
 /// more is skipped: the CLI refuses those, see tests/hostile.rs).
 const MAX_BUFFER: usize = 1 << 24;
 
-/// The input as a model: the declared length and the CRC are rewritten to
-/// match whatever the mutator produced, so mutations reach the checks
-/// behind the CRC. Inputs shorter than a header stay as they are.
+/// The input as a model: the declared length and the checksum are
+/// rewritten to match whatever the mutator produced, so mutations reach
+/// the checks behind it. Inputs shorter than a header stay as they are.
 pub fn repair(data: &[u8]) -> AlignedBytes {
     let mut bytes = AlignedBytes::from(data);
     let n = bytes.len();
-    if n >= layout::HEADER_LEN + layout::CRC_LEN {
+    if n >= layout::HEADER_LEN + layout::CHECK_LEN {
         // The total length: header bytes 12..16.
         bytes[12..16].copy_from_slice(&(n as u32).to_le_bytes());
-        let crc = layout::crc32(&bytes[..n - 4]);
-        bytes[n - 4..].copy_from_slice(&crc.to_le_bytes());
+        layout::seal(&mut bytes);
     }
     bytes
 }

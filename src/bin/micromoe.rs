@@ -65,6 +65,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Rewrite a version 1 .moe (CRC-32 trailer) as version 2 (the checksum
+    /// that parses in a fraction of the time on a microcontroller); the
+    /// model itself is unchanged, byte for byte.
+    Upgrade {
+        /// The model to read.
+        model: PathBuf,
+        /// Output file (may be the input).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Feed tokens one at a time through a decoder (KV cache) and print the
     /// logits at every position and the experts every MoE layer chose.
     Eval {
@@ -156,6 +166,13 @@ fn run(cli: Cli) -> Result<(), HostError> {
             );
         }
         Command::Eval { model, tokens, json } => eval(&model, &tokens, json)?,
+        Command::Upgrade { model, output } => {
+            let bytes = load(&model)?;
+            let new = micromoe::format::write::upgrade(&bytes)?;
+            let what = if new.len() == bytes.len() { "already version 2" } else { "version 1 -> 2" };
+            std::fs::write(&output, &new).map_err(|e| HostError::Io(output.clone(), e))?;
+            eprintln!("wrote {} ({what}, {} bytes)", output.display(), new.len());
+        }
         Command::Info { model, json } => {
             let bytes = load(&model)?;
             if decoder_bytes(&bytes)? {

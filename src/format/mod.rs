@@ -2,7 +2,7 @@
 //! from `&[u8]` (flash, a file, or a heap buffer) and validated in full
 //! before use.
 //!
-//! # Byte layout (version 1)
+//! # Byte layout (version 2)
 //!
 //! All integers little-endian. The buffer must start 16-byte aligned
 //! ([`include_model!`](crate::include_model) does that for flash).
@@ -10,9 +10,9 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `MICROMOE` |
-//! | 8 | 2 | version (1) |
+//! | 8 | 2 | version (2; 1 is read too, see the trailer) |
 //! | 10 | 2 | header bytes (64) |
-//! | 12 | 4 | total length in bytes, CRC included |
+//! | 12 | 4 | total length in bytes, trailer included |
 //! | 16 | 4 | architecture: 1 = stack of MoE layers (classifier / regressor); 2 = multi-gate MoE (one chain of layers per task, see below); 3 = decoder language model (see the end) |
 //! | 20 | 4 | task: 0 = classify (argmax of the output), 1 = regress |
 //! | 24 | 4 | input width |
@@ -63,7 +63,10 @@
 //! Integer linears store int8 weights (symmetric per row), a bias (`i32`
 //! for int8, `i64` for Q15), and per-row multipliers and shifts (`i32`).
 //!
-//! **Trailer**: CRC-32 (IEEE) of every byte before it.
+//! **Trailer** (8 bytes): the [`checksum`](layout::checksum) of every byte
+//! before it, lane `a` then lane `b`, each a little-endian `u32`. Version 1
+//! files (otherwise identical) end in a 4-byte CRC-32 (IEEE) instead; they
+//! parse, at about 20x the boot cost, and `micromoe upgrade` rewrites them.
 //!
 //! # Decoders (architecture 3)
 //!
@@ -146,7 +149,7 @@ pub mod arch {
     pub const DECODER: u32 = 3;
 }
 
-/// A container's header, checked: length, magic, version, CRC, alignment,
+/// A container's header, checked: length, magic, version, checksum, alignment,
 /// offsets and codes. What the records and tensors mean is the graphs'
 /// business ([`crate::model`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,7 +166,7 @@ pub struct Header {
     pub table_offset: usize,
     /// Offset of the data section.
     pub data_offset: usize,
-    /// Bytes before the CRC trailer.
+    /// Bytes before the checksum trailer.
     pub payload: usize,
     /// Input width.
     pub input_dim: usize,
@@ -174,7 +177,7 @@ pub struct Header {
 }
 
 impl Header {
-    /// Checks the header of `bytes` and the CRC over them.
+    /// Checks the header of `bytes` and the checksum over them.
     pub fn parse(bytes: &[u8]) -> Result<Header> {
         if bytes.len() < HEADER_LEN + CRC_LEN {
             return Err(Error::Truncated { needed: HEADER_LEN + CRC_LEN, actual: bytes.len() });
@@ -183,22 +186,28 @@ impl Header {
             return Err(Error::BadMagic);
         }
         let version = layout::u16_at(bytes, header::VERSION).unwrap_or(0);
-        if version != VERSION {
+        let Some(trailer) = layout::trailer_len(version) else {
             return Err(Error::Version { found: version });
-        }
+        };
         let h = |at, field| header_usize(bytes, at, field);
         let total = h(header::TOTAL_LEN, Field::Offsets)?;
         if total > bytes.len() {
             return Err(Error::Truncated { needed: total, actual: bytes.len() });
         }
-        if total < HEADER_LEN + CRC_LEN || total != bytes.len() {
+        if total < HEADER_LEN + trailer || total != bytes.len() {
             return Err(Error::BadField { field: Field::Offsets, layer: 0 });
         }
-        let payload = total - CRC_LEN;
-        let stored = layout::u32_at(bytes, payload).unwrap_or(0);
-        let computed = layout::crc32(&bytes[..payload]);
+        let payload = total - trailer;
+        let lane = |at| layout::u32_at(bytes, at).unwrap_or(0);
+        let (stored, computed) = if version == VERSION {
+            ((lane(payload), lane(payload + 4)), layout::checksum(&bytes[..payload]))
+        } else {
+            ((lane(payload), 0), (layout::crc32(&bytes[..payload]), 0))
+        };
         if stored != computed {
-            return Err(Error::Crc { stored, computed });
+            let (lane, stored, computed) =
+                if stored.0 != computed.0 { (0, stored.0, computed.0) } else { (1, stored.1, computed.1) };
+            return Err(Error::Checksum { lane, stored, computed });
         }
         let misaligned = bytes.as_ptr() as usize % ALIGN;
         if misaligned != 0 {

@@ -7,7 +7,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use super::layout::{
-    ALIGN, CRC_LEN, ENTRY_LEN, HEADER_LEN, LAYER_LEN, MAGIC, VERSION, crc32, entry, header, layer as lw,
+    ALIGN, CHECK_LEN, ENTRY_LEN, HEADER_LEN, LAYER_LEN, MAGIC, VERSION, VERSION_CRC32, checksum, entry,
+    header, layer as lw,
 };
 use super::table::{Elem, Key};
 use crate::error::{Error, Field, Result};
@@ -62,7 +63,7 @@ pub struct Head {
 }
 
 /// Lays out header, `prelude` words (the decoder record), layer records,
-/// the sorted table and the data, and appends the CRC. What the records
+/// the sorted table and the data, and appends the checksum. What the records
 /// and tensors mean is not checked here: the graphs' writers
 /// ([`model::write`](crate::model::write)) parse what they wrote.
 pub fn assemble(
@@ -82,7 +83,7 @@ pub fn assemble(
         offsets.push(end);
         end = align(end + e.data.len());
     }
-    let total = end + CRC_LEN;
+    let total = end + CHECK_LEN;
     let too_big = |_| Error::BadField { field: Field::Offsets, layer: 0 };
     let total_u32 = u32::try_from(total).map_err(too_big)?;
     let mut b = vec![0u8; total];
@@ -123,8 +124,31 @@ pub fn assemble(
         put_u32(&mut b, at + entry::OUT_ZP, e.out_zp as u32);
         b[offset..offset + e.data.len()].copy_from_slice(&e.data);
     }
-    let crc = crc32(&b[..total - CRC_LEN]);
-    put_u32(&mut b, total - CRC_LEN, crc);
+    let (lane_a, lane_b) = checksum(&b[..total - CHECK_LEN]);
+    put_u32(&mut b, total - CHECK_LEN, lane_a);
+    put_u32(&mut b, total - CHECK_LEN + 4, lane_b);
+    Ok(b)
+}
+
+/// A version 1 container (CRC-32 trailer) rewritten as version 2: the
+/// same header, records, table and data, byte for byte, with the version,
+/// the total length and the trailer changed. The CRC is checked first (a
+/// corrupted file is refused, not resealed); a version 2 file comes back
+/// as it is.
+pub fn upgrade(bytes: &[u8]) -> Result<Vec<u8>> {
+    let h = super::Header::parse(bytes)?;
+    if super::layout::u16_at(bytes, header::VERSION) != Some(VERSION_CRC32) {
+        return Ok(bytes.to_vec());
+    }
+    let total = h.payload + CHECK_LEN;
+    let total_u32 = u32::try_from(total).map_err(|_| Error::BadField { field: Field::Offsets, layer: 0 })?;
+    let mut b = vec![0u8; total];
+    b[..h.payload].copy_from_slice(&bytes[..h.payload]);
+    b[header::VERSION..header::VERSION + 2].copy_from_slice(&VERSION.to_le_bytes());
+    put_u32(&mut b, header::TOTAL_LEN, total_u32);
+    let (lane_a, lane_b) = checksum(&b[..h.payload]);
+    put_u32(&mut b, h.payload, lane_a);
+    put_u32(&mut b, h.payload + 4, lane_b);
     Ok(b)
 }
 

@@ -99,7 +99,7 @@ pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, HostError> {
 /// file's size ([`Model::parse`](crate::Model::parse) then checks
 /// everything else).
 pub fn read_moe(path: &Path) -> Result<AlignedBytes, HostError> {
-    use crate::format::layout::{HEADER_LEN, MAGIC, header, u16_at, u32_at};
+    use crate::format::layout::{HEADER_LEN, MAGIC, header, trailer_len, u16_at, u32_at};
     let (mut file, len) = open_regular(path, max_alloc())?;
     let mut head = [0u8; HEADER_LEN];
     let have = (len as usize).min(HEADER_LEN);
@@ -112,7 +112,7 @@ pub fn read_moe(path: &Path) -> Result<AlignedBytes, HostError> {
         return Err(refused(crate::Error::BadMagic));
     }
     let version = u16_at(&head, header::VERSION).unwrap_or(0);
-    if version != crate::format::VERSION {
+    if trailer_len(version).is_none() {
         return Err(refused(crate::Error::Version { found: version }));
     }
     let total = u64::from(u32_at(&head, header::TOTAL_LEN).unwrap_or(0));

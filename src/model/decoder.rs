@@ -348,7 +348,7 @@ fn vector<'a>(t: Loc<'_, 'a>, key: Key, n: usize) -> Result<&'a [f32]> {
 
 impl<'a> Decoder<'a> {
     /// Validates `bytes` as a decoder (architecture 3) in full: the
-    /// container ([`Header::parse`]: length, magic, version, CRC, offsets),
+    /// container ([`Header::parse`]: length, magic, version, checksum, offsets),
     /// the decoder and layer records, every tensor entry, and every layer and
     /// expert view built once with its shapes and types. Any other
     /// architecture is [`Error::WrongArchitecture`]: stacks and multi-gate

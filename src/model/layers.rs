@@ -165,6 +165,16 @@ fn optional<'a, T: Elem, const CHECK: bool>(
     if slot == NONE { Ok(None) } else { need::<T, CHECK>(t, base, slot, k, shape).map(|(d, _)| Some(d)) }
 }
 
+/// A router's selection bias: required where the record's flag says so.
+fn selection_bias<'a, T: Elem, const CHECK: bool>(
+    t: &Table<'a>,
+    base: usize,
+    present: bool,
+    (slot, k, shape): (u8, Key, (usize, usize)),
+) -> Result<Option<&'a [T]>> {
+    if present { need::<T, CHECK>(t, base, slot, k, shape).map(|(d, _)| Some(d)) } else { Ok(None) }
+}
+
 /// Which linear of which block: for error messages and checks.
 #[derive(Clone, Copy)]
 struct Site {
@@ -561,95 +571,54 @@ where
         shape: shape(info, info.shared_hidden, layer),
         gate: info.flags & flags::SHARED_GATE != 0,
     });
-    // At parse, the shared expert's views are made and checked out of line
-    // (`check_shared_at`, after the gate); at inference, made when needed.
-    let shared = None;
     let experts = experts(t, info, at, int_expert::<A, false>);
-    if CHECK {
-        check_experts(t, layer, info, at)?;
-        for e in 0..info.experts {
-            int_expert::<A, true>(t, at.first + e * at.stride, &at.expert, &experts.shape, e as u16)?;
-        }
-    }
     let level = |role| Site { layer, expert: LAYER_LEVEL, role };
     let has_bias = info.flags & flags::SELECTION_BIAS != 0;
     let (base, gate_at, gate_site) = (at.level_first, at.level.lin(role::GATE), level(role::GATE));
     let bias_key = level(role::SELECTION_BIAS).key(part::WEIGHT);
-    let rows_cols = (info.experts, info.in_dim);
+    let (rows, cols) = (info.experts, info.in_dim);
+    let bias_at = (at.level.one(role::SELECTION_BIAS), bias_key, (info.experts, 1));
     // A float gate (f32 or f16) may route integer experts.
-    let float_gate = |g| -> Result<_> {
-        let bias = if has_bias {
-            Some(
-                need::<f32, CHECK>(t, base, at.level.one(role::SELECTION_BIAS), bias_key, (info.experts, 1))?
-                    .0,
-            )
-        } else {
-            None
-        };
-        let router = Router::new(rule(info), bias, info.scaling)?;
-        if CHECK {
-            if let Some(s) = &shared_at {
-                check_shared_at::<A>(t, s, (info.in_dim, info.input.zero_point), info)?;
-            }
-            QMoeLayer::with_float_gate(g, router, info.input, experts, shared, info.combine)
-                .map(|q| q.with_shared_source(shared_at))
-        } else {
-            Ok(QMoeLayer::from_dims(
-                Gate::Float(g, router, info.input),
-                experts,
-                shared_at,
-                info.combine,
-                dims(info),
-            ))
-        }
+    let float_gate = |g| -> Result<Gate<'a, A>> {
+        let bias = selection_bias::<f32, CHECK>(t, base, has_bias, bias_at)?;
+        Ok(Gate::Float(g, Router::new(rule(info), bias, info.scaling)?, info.input))
     };
-    let (rows, cols) = rows_cols;
-    match info.gate_dtype {
+    let gate = match info.gate_dtype {
         LayerDtype::Int8 | LayerDtype::Q15 => {
             let gate = int_linear::<A, CHECK>(t, base, gate_at, gate_site, rows, cols)?;
-            let bias = if has_bias {
-                Some(
-                    need::<i32, CHECK>(
-                        t,
-                        base,
-                        at.level.one(role::SELECTION_BIAS),
-                        bias_key,
-                        (info.experts, 1),
-                    )?
-                    .0,
-                )
-            } else {
-                None
-            };
-            let router = IntRouter::new(rule(info), bias, info.scaling_q15)?;
-            if CHECK {
-                if let Some(s) = &shared_at {
-                    check_shared_at::<A>(t, s, (gate.cols(), gate.input_zp()), info)?;
-                }
-                QMoeLayer::new(gate, router, experts, shared, info.combine)
-                    .map(|q| q.with_shared_source(shared_at))
-            } else {
-                Ok(QMoeLayer::from_dims(
-                    Gate::Int(gate, router),
-                    experts,
-                    shared_at,
-                    info.combine,
-                    dims(info),
-                ))
-            }
+            let bias = selection_bias::<i32, CHECK>(t, base, has_bias, bias_at)?;
+            Gate::Int(gate, IntRouter::new(rule(info), bias, info.scaling_q15)?)
         }
         #[cfg(feature = "f32")]
         LayerDtype::F32 => {
-            float_gate(FloatGate::F32(float_linear::<_, CHECK>(t, base, gate_at, gate_site, rows, cols)?))
+            float_gate(FloatGate::F32(float_linear::<_, CHECK>(t, base, gate_at, gate_site, rows, cols)?))?
         }
         #[cfg(feature = "f16")]
         LayerDtype::F16 => {
-            float_gate(FloatGate::F16(float_linear::<_, CHECK>(t, base, gate_at, gate_site, rows, cols)?))
+            float_gate(FloatGate::F16(float_linear::<_, CHECK>(t, base, gate_at, gate_site, rows, cols)?))?
         }
         // A float gate this build leaves out: refused at parse.
         #[allow(unreachable_patterns)]
-        _ => Err(Error::BadField { field: crate::error::Field::Dtype, layer }),
+        _ => return Err(Error::BadField { field: crate::error::Field::Dtype, layer }),
+    };
+    if CHECK {
+        // Every expert built once with every check, then held to the
+        // layer's input and output (as `QMoeLayer::new` does, without
+        // building each a second time); the shared expert's views are made
+        // and checked out of line.
+        crate::moe::check_parts(&gate, info.experts, &info.combine)?;
+        check_experts(t, layer, info, at)?;
+        let input = (gate.cols(), gate.input_zp());
+        let output = (info.out_dim, info.combine.expert_zp);
+        for e in 0..info.experts {
+            let x = int_expert::<A, true>(t, at.first + e * at.stride, &at.expert, &experts.shape, e as u16)?;
+            crate::moe::check_expert(&x, input, output)?;
+        }
+        if let Some(s) = &shared_at {
+            check_shared_at::<A>(t, s, input, info)?;
+        }
     }
+    Ok(QMoeLayer::from_dims(gate, experts, shared_at, info.combine, dims(info)))
 }
 
 /// One match over a layer's (gate, experts) types with the arms this build

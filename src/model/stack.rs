@@ -219,7 +219,7 @@ const fn decoder_state_bytes(bytes: &[u8], n_layers: usize) -> core::result::Res
     ))
 }
 
-/// A validated model: every offset, size, shape, code and the CRC checked.
+/// A validated model: every offset, size, shape, code and the checksum checked.
 /// Nothing reachable from it panics.
 #[derive(Debug, Clone, Copy)]
 pub struct Model<'a> {
@@ -253,7 +253,7 @@ pub struct Step<'s> {
 }
 
 impl<'a> Model<'a> {
-    /// Validates `bytes` in full: length, magic, version, CRC, alignment,
+    /// Validates `bytes` in full: length, magic, version, checksum, alignment,
     /// header and layer fields, every tensor entry's codes, order, alignment,
     /// bounds and size, and that every layer finds each tensor it needs with
     /// the right shape and type (no size arithmetic can overflow).

@@ -113,7 +113,7 @@ impl<A: IntKernel> Gate<'_, A> {
         }
     }
 
-    fn cols(&self) -> usize {
+    pub(crate) fn cols(&self) -> usize {
         match self {
             Gate::Int(g, _) => g.cols(),
             Gate::Float(g, _, _) => g.cols(),
@@ -127,7 +127,7 @@ impl<A: IntKernel> Gate<'_, A> {
         }
     }
 
-    fn input_zp(&self) -> i32 {
+    pub(crate) fn input_zp(&self) -> i32 {
         match self {
             Gate::Int(g, _) => g.input_zp(),
             Gate::Float(_, _, p) => p.zero_point,
@@ -160,9 +160,6 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
         shared: Option<QSharedExpert<'a, A>>,
         combine: Combine,
     ) -> Result<Self> {
-        if gate.output_zp() != 0 {
-            return Err(Error::OutOfRange { what: What::ZeroPoint, index: 0 });
-        }
         Self::with_gate(Gate::Int(gate, router), experts, shared, combine)
     }
 
@@ -189,28 +186,19 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>> QMoeLayer<'a, A
         shared: Option<QSharedExpert<'a, A>>,
         combine: Combine,
     ) -> Result<Self> {
-        let n = gate.rule().experts;
-        check_len(What::Experts, n, experts.count())?;
-        check_dim(What::Experts, n, gate.rows())?;
-        let zp_err = Error::OutOfRange { what: What::ZeroPoint, index: 0 };
+        check_parts(&gate, experts.count(), &combine)?;
         let out_dim = experts.expert(0).map_or(0, |e| e.out_dim());
+        let (input, output) = ((gate.cols(), gate.input_zp()), (out_dim, combine.expert_zp));
         let (mut hidden_max, mut macs_experts) = (0, 0);
-        for i in 0..n {
+        for i in 0..experts.count() {
             let e = experts.expert(i)?;
-            check_expert(&e, (gate.cols(), gate.input_zp()), (out_dim, combine.expert_zp))?;
+            check_expert(&e, input, output)?;
             hidden_max = hidden_max.max(e.hidden_len());
             macs_experts += e.macs();
         }
         if let Some(s) = &shared {
-            check_shared(s, (gate.cols(), gate.input_zp()), (out_dim, combine.expert_zp))?;
+            check_shared(s, input, output)?;
             hidden_max = hidden_max.max(s.expert.hidden_len());
-        }
-        if !(A::MIN..=A::MAX).contains(&combine.out_zp) {
-            return Err(zp_err);
-        }
-        let m = combine.multiplier;
-        if Multiplier::new(m.multiplier, m.shift).is_err() || m.shift > WIDE_MAX_SHIFT {
-            return Err(Error::OutOfRange { what: What::Requant, index: 0 });
         }
         Ok(Self::from_dims(gate, experts, shared, combine, Dims { out_dim, hidden_max, macs_experts }))
     }
@@ -396,12 +384,6 @@ impl<'a, A: IntKernel, S: ExpertSource<Expert = QExpert<'a, A>>, H: SharedSource
         &self.shared
     }
 
-    /// The same layer with its shared expert found through `shared`.
-    pub(crate) fn with_shared_source<H2: SharedSource<'a, A>>(self, shared: H2) -> QMoeLayer<'a, A, S, H2> {
-        let QMoeLayer { gate, experts, shared: _, combine, out_dim, hidden_max, macs_experts } = self;
-        QMoeLayer { gate, experts, shared, combine, out_dim, hidden_max, macs_experts }
-    }
-
     /// [`QMoeLayer::infer`], and records the choice and the work in `stats`.
     pub fn infer_with_stats<const N: usize>(
         &self,
@@ -430,9 +412,31 @@ pub(crate) fn shared_weight<A: IntKernel>(shared: &QSharedExpert<'_, A>, x: &[A]
     }
 }
 
+/// What a layer needs of its parts beside the experts: `experts` sources
+/// for the gate's rows, logits with zero point 0, an output zero point of
+/// the type and a combine multiplier in range.
+pub(crate) fn check_parts<A: IntKernel>(gate: &Gate<'_, A>, experts: usize, combine: &Combine) -> Result<()> {
+    let n = gate.rule().experts;
+    check_len(What::Experts, n, experts)?;
+    check_dim(What::Experts, n, gate.rows())?;
+    let zp_err = Error::OutOfRange { what: What::ZeroPoint, index: 0 };
+    if matches!(gate, Gate::Int(g, _) if g.output_zp() != 0) || !(A::MIN..=A::MAX).contains(&combine.out_zp) {
+        return Err(zp_err);
+    }
+    let m = combine.multiplier;
+    if Multiplier::new(m.multiplier, m.shift).is_err() || m.shift > WIDE_MAX_SHIFT {
+        return Err(Error::OutOfRange { what: What::Requant, index: 0 });
+    }
+    Ok(())
+}
+
 /// An expert of a layer whose input has `(width, zero point)` = `input`
 /// and whose experts emit `(width, zero point)` = `output`.
-fn check_expert<A: IntKernel>(e: &QExpert<'_, A>, input: (usize, i32), output: (usize, i32)) -> Result<()> {
+pub(crate) fn check_expert<A: IntKernel>(
+    e: &QExpert<'_, A>,
+    input: (usize, i32),
+    output: (usize, i32),
+) -> Result<()> {
     check_dim(What::Input, input.0, e.in_dim())?;
     check_dim(What::Output, output.0, e.out_dim())?;
     if e.input_zp() != input.1 || e.down().output_zp() != output.1 {

@@ -41,8 +41,8 @@ mod batch;
 
 pub use float::{MoeLayer, SharedExpert};
 pub(crate) use int::Gate;
-pub(crate) use int::check_shared;
 pub use int::{Combine, FloatGate, QMoeLayer, QSharedExpert, SharedSource};
+pub(crate) use int::{check_expert, check_parts, check_shared};
 pub use source::ExpertSource;
 
 use crate::error::{Error, Result};

@@ -7,7 +7,7 @@
 //! dense layers, ...), converted by the crate's own converter.
 //!
 //! `cargo run --release --bin seeds -- check [N]` runs every seed, and N
-//! random mutations of each (bit flips, byte edits, truncations; the CRC
+//! random mutations of each (bit flips, byte edits, truncations; the checksum
 //! is repaired by the targets), through the targets' bodies: no coverage
 //! guidance, but it runs on stable Rust and CI runs it.
 
