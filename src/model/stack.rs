@@ -327,7 +327,7 @@ impl<'a> Model<'a> {
             let (experts, experts_from, flags) = match last {
                 Some((l, fields)) if l == key.layer => fields,
                 _ => {
-                    let i = read_layer::<false>(bytes, key.layer as usize)?;
+                    let i = read_layer(bytes, key.layer as usize)?;
                     (i.experts, i.experts_from, i.flags)
                 }
             };
@@ -338,7 +338,7 @@ impl<'a> Model<'a> {
             Ok(expert_ok && key.role < layout::role::COUNT && key.part < layout::part::COUNT)
         })?;
         let max_dim = (0..n_layers)
-            .map(|l| read_layer::<false>(bytes, l).map(|i| i.out_dim))
+            .map(|l| read_layer(bytes, l).map(|i| i.out_dim))
             .try_fold(input_dim, |m, d| d.map(|d| m.max(d)))?;
         let model = Model {
             bytes,
@@ -354,7 +354,7 @@ impl<'a> Model<'a> {
             arch,
         };
         for l in 0..n_layers {
-            layers::validate(&model.table, l, &read_layer::<false>(bytes, l)?)?;
+            layers::validate(&model.table, l, &read_layer(bytes, l)?)?;
         }
         Ok(model)
     }
@@ -414,7 +414,7 @@ impl<'a> Model<'a> {
         if i >= self.n_layers {
             return Err(Error::OutOfRange { what: What::Layer, index: i });
         }
-        layers::build::<false>(&self.table, i, &read_layer::<false>(self.bytes, i)?)
+        layers::build::<false>(&self.table, i, &read_layer(self.bytes, i)?)
     }
 
     /// Scratch bytes [`Model::infer`] needs (= [`required_scratch`]).
@@ -467,7 +467,7 @@ impl<'a> Model<'a> {
             let mut width = x.len();
             for l in task * per_task..(task + 1) * per_task {
                 // Records and tensors were checked at parse: read, not re-validated.
-                let info = read_layer::<false>(self.bytes, l)?;
+                let info = read_layer(self.bytes, l)?;
                 let (x, y) = (a.get(..width).ok_or(short(width))?, &mut *b);
                 let (sel, out_w, macs) = layers::run(&self.table, l, &info, x, y, (qa, qb), layer_scratch)?;
                 on_step(Step { layer: l, selection: &sel, macs: macs.0, macs_dense: macs.1 });
@@ -506,54 +506,33 @@ fn int_dtype<A: IntKernel>() -> LayerDtype {
     if A::LUT_LEN == 256 { LayerDtype::Int8 } else { LayerDtype::Q15 }
 }
 
+/// Layer `l`'s record, every field validated (parse, and the public
+/// accessor).
 fn layer_info(bytes: &[u8], l: usize) -> Result<LayerInfo> {
-    read_layer::<true>(bytes, l)
+    let info = read_layer(bytes, l)?;
+    check_record(bytes, l, &info)?;
+    Ok(info)
 }
 
-/// Layer `l`'s record; with `CHECK` (parse, and the public accessor) every
-/// field is validated, without it (every inference, records parse has
-/// checked) the words are only read.
-fn read_layer<const CHECK: bool>(bytes: &[u8], l: usize) -> Result<LayerInfo> {
+/// Layer `l`'s record as it is (every inference reads records parse has
+/// checked): only the codes that become enums are refused.
+fn read_layer(bytes: &[u8], l: usize) -> Result<LayerInfo> {
     let w = |word| {
         layer_word(bytes, HEADER_LEN, l, word)
             .ok_or(Error::Truncated { needed: HEADER_LEN + (l + 1) * LAYER_LEN, actual: bytes.len() })
     };
     let bad = |field| Error::BadField { field, layer: l };
-    let dim = |word| -> Result<usize> {
-        let v = w(word)? as usize;
-        if !CHECK || (1..=MAX_DIM).contains(&v) { Ok(v) } else { Err(bad(Field::Dims)) }
-    };
     let flags = w(lw::FLAGS)?;
-    if CHECK && flags & !layout::flags::ALL != 0 {
-        return Err(bad(Field::Routing));
-    }
     let dtype = |word| LayerDtype::from_code(w(word).unwrap_or(u32::MAX)).ok_or(bad(Field::Dtype));
     let (gate_dtype, expert_dtype) = (dtype(lw::GATE_DTYPE)?, dtype(lw::EXPERT_DTYPE)?);
-    // An integer gate routes only its own type of experts; a float gate routes any.
-    if CHECK && gate_dtype.is_int() && gate_dtype != expert_dtype {
-        return Err(bad(Field::Dtype));
-    }
-    let experts = w(lw::EXPERTS)? as usize;
-    // Expert ids 0xFFFE and 0xFFFF name the shared expert and the layer.
-    if CHECK && experts >= layout::SHARED_EXPERT as usize {
-        return Err(bad(Field::Routing));
-    }
-    let shared_hidden = if flags & layout::flags::SHARED != 0 { dim(lw::SHARED_HIDDEN)? } else { 0 };
+    let shared_hidden = if flags & layout::flags::SHARED != 0 { w(lw::SHARED_HIDDEN)? as usize } else { 0 };
     let f32_at = |word| w(word).map(f32::from_bits);
-    let scaling = f32_at(lw::SCALING)?;
-    if CHECK && !scaling.is_finite() {
-        return Err(bad(Field::Quant));
-    }
     let is_int = expert_dtype.is_int();
     let quant = |scale_word, zp_word| -> Result<QuantParams> {
         if !is_int {
             return Ok(QuantParams { scale: 1.0, zero_point: 0 });
         }
-        let (scale, zero_point) = (f32_at(scale_word)?, w(zp_word)? as i32);
-        if !CHECK {
-            return Ok(QuantParams { scale, zero_point });
-        }
-        QuantParams::new(scale, zero_point).map_err(|_| bad(Field::Quant))
+        Ok(QuantParams { scale: f32_at(scale_word)?, zero_point: w(zp_word)? as i32 })
     };
     let combine = layers::combine(
         w(lw::EXPERT_ZP)? as i32,
@@ -561,21 +540,11 @@ fn read_layer<const CHECK: bool>(bytes: &[u8], l: usize) -> Result<LayerInfo> {
         w(lw::COMBINE_SHIFT)? as i32,
         w(lw::OUT_ZP)? as i32,
     );
-    if CHECK && is_int && Multiplier::new(combine.multiplier.multiplier, combine.multiplier.shift).is_err() {
-        return Err(bad(Field::Quant));
-    }
-    let experts_from = w(lw::EXPERTS_FROM)? as usize;
-    if CHECK && experts_from > l {
-        return Err(bad(Field::Routing));
-    }
-    if CHECK && (lw::RESERVED..lw::WORDS).any(|word| w(word).ok() != Some(0)) {
-        return Err(bad(Field::Reserved));
-    }
-    let info = LayerInfo {
-        in_dim: dim(lw::IN_DIM)?,
-        out_dim: dim(lw::OUT_DIM)?,
-        hidden: dim(lw::HIDDEN)?,
-        experts,
+    Ok(LayerInfo {
+        in_dim: w(lw::IN_DIM)? as usize,
+        out_dim: w(lw::OUT_DIM)? as usize,
+        hidden: w(lw::HIDDEN)? as usize,
+        experts: w(lw::EXPERTS)? as usize,
         k: w(lw::K)? as usize,
         flags,
         act: act_from(w(lw::ACT)?).ok_or(bad(Field::Activation))?,
@@ -584,17 +553,57 @@ fn read_layer<const CHECK: bool>(bytes: &[u8], l: usize) -> Result<LayerInfo> {
         shared_hidden,
         n_group: w(lw::N_GROUP)? as usize,
         topk_group: w(lw::TOPK_GROUP)? as usize,
-        scaling,
+        scaling: f32_at(lw::SCALING)?,
         scaling_q15: w(lw::SCALING_Q15)? as i32,
         input: quant(lw::IN_SCALE, lw::IN_ZP)?,
         output: quant(lw::OUT_SCALE, lw::OUT_ZP)?,
         combine,
-        experts_from,
-    };
-    if CHECK {
-        layers::rule(&info).validate().map_err(|_| bad(Field::Routing))?;
+        experts_from: w(lw::EXPERTS_FROM)? as usize,
+    })
+}
+
+/// What parse holds a record `info` (layer `l`, read by [`read_layer`]) to:
+/// widths, flags, codes, quantization, routing and zero reserved words.
+#[inline(never)]
+fn check_record(bytes: &[u8], l: usize, info: &LayerInfo) -> Result<()> {
+    let bad = |field| Err(Error::BadField { field, layer: l });
+    let dim_ok = |v: usize| (1..=MAX_DIM).contains(&v);
+    let shared = info.flags & layout::flags::SHARED != 0;
+    if ![info.in_dim, info.out_dim, info.hidden].into_iter().all(dim_ok)
+        || (shared && !dim_ok(info.shared_hidden))
+    {
+        return bad(Field::Dims);
     }
-    Ok(info)
+    if info.flags & !layout::flags::ALL != 0 {
+        return bad(Field::Routing);
+    }
+    // An integer gate routes only its own type of experts; a float gate routes any.
+    if info.gate_dtype.is_int() && info.gate_dtype != info.expert_dtype {
+        return bad(Field::Dtype);
+    }
+    // Expert ids 0xFFFE and 0xFFFF name the shared expert and the layer.
+    if info.experts >= layout::SHARED_EXPERT as usize || info.experts_from > l {
+        return bad(Field::Routing);
+    }
+    if !info.scaling.is_finite() {
+        return bad(Field::Quant);
+    }
+    if info.expert_dtype.is_int() {
+        let m = info.combine.multiplier;
+        let quant_ok = |q: QuantParams| QuantParams::new(q.scale, q.zero_point).is_ok();
+        if !quant_ok(info.input) || !quant_ok(info.output) || Multiplier::new(m.multiplier, m.shift).is_err()
+        {
+            return bad(Field::Quant);
+        }
+    }
+    let w = |word| layer_word(bytes, HEADER_LEN, l, word);
+    if (lw::RESERVED..lw::WORDS).any(|word| w(word) != Some(0)) {
+        return bad(Field::Reserved);
+    }
+    if layers::rule(info).validate().is_err() {
+        return bad(Field::Routing);
+    }
+    Ok(())
 }
 
 /// Layer `b` may route over layer `a`'s experts.
@@ -678,7 +687,7 @@ impl Model<'_> {
         a.get_mut(..x.len()).ok_or(short(x.len()))?.copy_from_slice(x);
         let (mut width, mut prev) = (x.len(), None);
         for l in 0..self.n_layers {
-            let info = read_layer::<false>(self.bytes, l)?;
+            let info = read_layer(self.bytes, l)?;
             if info.expert_dtype != int_dtype::<A>() || prev.is_some_and(|p| p != info.input) {
                 return Err(Error::IntegerPath { layer: l });
             }
@@ -749,7 +758,7 @@ impl<'a, const L: usize> Resolved<'a, L> {
             return Err(Error::TooManyLayers { layers: model.n_layers, capacity: L });
         }
         for l in 0..model.n_layers {
-            let layer = layers::build::<false>(&model.table, l, &read_layer::<false>(model.bytes, l)?)?;
+            let layer = layers::build::<false>(&model.table, l, &read_layer(model.bytes, l)?)?;
             // Cannot fail: n_layers <= L.
             let _ = self.layers.push(layer);
         }

@@ -56,12 +56,76 @@ pub fn sigmoid_q30(x: i32, frac_bits: u32) -> u32 {
     let e = exp_neg_q30(x.unsigned_abs() as u64, frac_bits) as u64;
     let den = (1u64 << 30) + e;
     let num = if x >= 0 { 1u64 << 60 } else { e << 30 };
-    ((num + den / 2) / den) as u32
+    div_u64(num + den / 2, den) as u32
+}
+
+/// `num / den` rounded down, 0 for `den == 0`: shift and subtract, one step
+/// per bit of the quotient (16 for a routing weight, 31 for a sigmoid), so
+/// the integer router links no 64-bit division routine (864 bytes of a
+/// Cortex-M4 firmware; the M-profile divider is 32-bit).
+pub(crate) fn div_u64(num: u64, den: u64) -> u64 {
+    if den == 0 || num < den {
+        return 0;
+    }
+    // `den << shift` has `num`'s leading bit: it cannot overflow.
+    let shift = den.leading_zeros() - num.leading_zeros();
+    let (mut d, mut rem) = (den << shift, num);
+    if shift < 32 {
+        // The quotient has at most 32 bits (every use in the crate): a
+        // 32-bit one is two instructions a step cheaper on a 32-bit core.
+        let mut q = 0u32;
+        for _ in 0..shift + 1 {
+            let take = rem >= d;
+            q = q << 1 | take as u32;
+            rem -= if take { d } else { 0 };
+            d >>= 1;
+        }
+        return q as u64;
+    }
+    let mut q = 0u64;
+    for _ in 0..shift + 1 {
+        let take = rem >= d;
+        q = q << 1 | take as u64;
+        rem -= if take { d } else { 0 };
+        d >>= 1;
+    }
+    q
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn div_u64_is_integer_division() {
+        let edges = [
+            0u64,
+            1,
+            2,
+            3,
+            15,
+            1 << 15,
+            (1 << 30) - 1,
+            1 << 30,
+            u32::MAX as u64,
+            1 << 45,
+            u64::MAX - 1,
+            u64::MAX,
+        ];
+        for &n in &edges {
+            for &d in &edges {
+                assert_eq!(div_u64(n, d), n.checked_div(d).unwrap_or(0), "{n} / {d}");
+            }
+        }
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..if cfg!(miri) { 200 } else { 200_000 } {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let (n, d) = (x, x.rotate_left(23) >> (x % 64));
+            assert_eq!(div_u64(n, d), n.checked_div(d).unwrap_or(0), "{n} / {d}");
+        }
+    }
 
     #[test]
     fn tables_hold_powers_of_two() {

@@ -324,7 +324,7 @@ impl<'a> IntRouter<'a> {
         };
         sel.clear();
         for &(e, _) in &best {
-            let w = ((value(e) << 15) + den / 2).checked_div(den).unwrap_or(0);
+            let w = fixed::div_u64((value(e) << 15) + den / 2, den);
             let w = ((w * self.scaling_q15 as u64 + (1 << 14)) >> 15) as i32;
             // Cannot fail: best.len() <= k <= MAX_K.
             let _ = sel.push(Choice { expert: e as u16, weight: w });
