@@ -19,7 +19,7 @@
 use core::arch::asm;
 use core::mem::MaybeUninit;
 
-use crate::quant::{IntAct, Multiplier, requantize, requantize_wide};
+use crate::quant::{IntAct, Multiplier, requantize_valid, requantize_wide};
 
 #[inline(always)]
 fn sxtb16(x: u32) -> u32 {
@@ -301,6 +301,11 @@ pub(super) fn matvec_i8(
     output_zp: i32,
     y: &mut [i8],
 ) -> Option<()> {
+    // Raw parameters: the DSP epilogue assumes checked ones
+    // (`requantize_valid`); any other takes the portable path.
+    if !multipliers.iter().zip(shifts).all(|(&m, &s)| crate::quant::Multiplier::new(m, s).is_ok()) {
+        return None;
+    }
     on_stack!(x.len(), |pairs| matvec_i8_in(w, bias, multipliers, shifts, x, offset, output_zp, y, pairs))
 }
 
@@ -308,7 +313,9 @@ pub(super) fn matvec_i8(
 /// requantization of each four done on arrays, so no bounds checks; the
 /// input expanded into `pairs`. `None` when the lengths disagree or `pairs`
 /// is shorter than [`expand_words`](super::expand_words) (the caller then
-/// takes the general path).
+/// takes the general path). `multipliers` and `shifts` must be pairs
+/// [`Multiplier::new`] accepts (a `QLinear`'s are); others give some
+/// output, not [`requantize`](crate::quant::requantize)'s.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn matvec_i8_in(
     w: &[i8],
@@ -325,10 +332,11 @@ pub(super) fn matvec_i8_in(
     if !fits(w.len(), (rows, cols), multipliers.len(), shifts.len(), bias.map(<[_]>::len), pairs.len()) {
         return None;
     }
-    let requant = |acc: i32, m: i32, s: i32| {
-        let v = requantize(acc, Multiplier { multiplier: m, shift: s });
-        i8::saturate(v.saturating_add(output_zp))
-    };
+    // Multipliers and shifts were checked when the product was made
+    // (`requantize_valid`). `move`: the zero point is held, not re-read
+    // through two pointers each row.
+    let requant =
+        move |acc: i32, m: i32, s: i32| i8::saturate(requantize_valid(acc, m, s).saturating_add(output_zp));
     {
         // Rows in fours: one index check per array and pass.
         let (ys, ms, ss) =
@@ -342,7 +350,7 @@ pub(super) fn matvec_i8_in(
                 yv[r] = requant(acc[r].wrapping_add(b[r]), m[r], s[r]);
             }
         };
-        quads_i8(w, x, offset, pairs, epilogue);
+        quads_i8(w, x, offset, pairs, &mut { epilogue });
     }
     let done = rows / 4 * 4;
     let rest = w.chunks_exact(cols.max(1)).zip(y.iter_mut()).zip(multipliers.iter().zip(shifts));
@@ -445,14 +453,18 @@ fn quads_q15(w: &[i8], x: &[i16], pairs: &mut [MaybeUninit<u32>], mut f: impl Fn
 }
 
 /// Four rows' sums at a time: `f(first_row, sums)`; rows past the last
-/// multiple of four are left to the caller.
-#[inline(always)]
+/// multiple of four are left to the caller. Out of line, the epilogue
+/// called through `dyn`: one copy serves the requantizing product and the
+/// wide one (a copy each cost 1.9 KB of flash; the indirect call, a few
+/// instructions per four rows). A `pairs` shorter than the expansion
+/// leaves the inputs past it to the scalar tail.
+#[inline(never)]
 fn quads_i8(
     w: &[i8],
     x: &[i8],
     offset: i32,
     pairs: &mut [MaybeUninit<u32>],
-    mut f: impl FnMut(usize, [i32; 4]),
+    f: &mut dyn FnMut(usize, [i32; 4]),
 ) {
     let cols = x.len().max(1);
     let groups = expand_i8(x, offset, pairs);
@@ -470,6 +482,22 @@ fn quads_i8(
             }
         }
         f(4 * i, acc);
+    }
+}
+
+/// [`each_dot_i8_in`] through [`quads_i8`], the requantizing product's
+/// loop (the wide products of the integer path: router logits).
+pub(super) fn dots_i8_in(
+    w: &[i8],
+    x: &[i8],
+    offset: i32,
+    pairs: &mut [MaybeUninit<u32>],
+    mut f: impl FnMut(i32),
+) {
+    let cols = x.len().max(1);
+    quads_i8(w, x, offset, pairs, &mut |_, acc| acc.into_iter().for_each(&mut f));
+    for row in w.chunks_exact(four_rows(cols)).remainder().chunks_exact(cols) {
+        f(dot_i8(row, x, offset));
     }
 }
 

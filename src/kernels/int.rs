@@ -410,13 +410,7 @@ impl IntKernel for i8 {
     fn matvec_wide_in(lin: &QLinear<'_, i8>, x: &[i8], y: &mut [i32], work: &mut [u32]) {
         let x = x.get(..lin.cols).unwrap_or(x);
         #[cfg(micromoe_dsp)]
-        super::arm::each_dot_i8_in(
-            lin.w,
-            x,
-            -lin.input_zp,
-            super::arm::uninit(work),
-            wide_epilogue_i8(lin, y),
-        );
+        super::arm::dots_i8_in(lin.w, x, -lin.input_zp, super::arm::uninit(work), wide_epilogue_i8(lin, y));
         #[cfg(not(micromoe_dsp))]
         {
             let _ = work;

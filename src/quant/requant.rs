@@ -132,6 +132,25 @@ pub const fn requantize(x: i32, m: Multiplier) -> i32 {
     (high >> right) + ((high & mask) > threshold) as i32
 }
 
+/// [`requantize`] for the parameters a product holds once it is made
+/// ([`Multiplier::new`]: a multiplier of 0 or in `[2^30, 2^31 - 1]`, a
+/// shift in `[-31, 30]`): the same result for every such pair and every
+/// `x`, without the clamps and the `i32::MIN * i32::MIN` case those ranges
+/// exclude (about 10 instructions of a row's 40 on a Cortex-M4).
+/// Parameters outside them give some `i32`, never a panic.
+// The Arm DSP epilogue's; the portable kernels keep `requantize` (their
+// raw public forms take any parameters).
+#[cfg_attr(not(micromoe_dsp), allow(dead_code))]
+#[inline(always)]
+pub(crate) const fn requantize_valid(x: i32, multiplier: i32, shift: i32) -> i32 {
+    let left = (if shift > 0 { shift } else { 0 }) as u32 & 31;
+    let right = (if shift < 0 { -(shift as i64) } else { 0 }) as u32 & 31;
+    let high = ((x.wrapping_shl(left) as i64 * multiplier as i64 + (1 << 30)) >> 31) as i32;
+    let mask = (1u32.wrapping_shl(right) as i32).wrapping_sub(1);
+    let threshold = (mask >> 1) + (high < 0) as i32;
+    (high >> right) + ((high & mask) > threshold) as i32
+}
+
 /// Largest shift [`requantize_wide`] accepts.
 pub const WIDE_MAX_SHIFT: i32 = 14;
 
@@ -175,6 +194,40 @@ mod tests {
         let right = if m.shift > 0 { 0 } else { m.shift.unsigned_abs() };
         let scaled = x.wrapping_mul(1i32.wrapping_shl(left));
         rounding_divide_by_pot(saturating_rounding_doubling_high_mul(scaled, m.multiplier), right)
+    }
+
+    #[test]
+    fn requantize_valid_is_requantize_for_valid_parameters() {
+        let mut seed = 0x9E37_79B9u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let xs = [i32::MIN, i32::MIN + 1, -65_536, -3, -1, 0, 1, 2, 65_535, i32::MAX];
+        let ms = [0, 1 << 30, (1 << 30) + 1, 0x5555_5555, i32::MAX];
+        for shift in -31..=30 {
+            for &m in &ms {
+                let mult = Multiplier::new(m, if m == 0 { 0 } else { shift }).unwrap();
+                for &x in &xs {
+                    assert_eq!(
+                        requantize_valid(x, mult.multiplier, mult.shift),
+                        requantize(x, mult),
+                        "{x} {m} {shift}"
+                    );
+                }
+            }
+        }
+        for _ in 0..if cfg!(miri) { 500 } else { 500_000 } {
+            let r = next();
+            let m = (1 << 30) + (r as i32 & 0x3FFF_FFFF);
+            let shift = (r >> 32) as i32 % 31 - (((r >> 40) & 1) as i32 * 31).min(31);
+            let shift = shift.clamp(-31, 30);
+            let x = if r >> 63 == 1 { (r >> 8) as i32 } else { (r >> 20) as i32 >> 12 };
+            let mult = Multiplier { multiplier: m, shift };
+            assert_eq!(requantize_valid(x, m, shift), requantize(x, mult), "{x} {m} {shift}");
+        }
     }
 
     #[test]

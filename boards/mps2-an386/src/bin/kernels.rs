@@ -107,6 +107,19 @@ fn run(b: &mut Buffers) -> bool {
         cases += 1;
         ok += check(b, rows, cols, 5) as usize;
     }
+    // Parameters no checked product holds (a multiplier below 2^30, of
+    // i32::MIN, a shift past -31): the raw kernel must still give the
+    // portable kernel's bits (it takes the portable path for them).
+    for bad in 0..3 {
+        fill(b, &mut r, 8, 64, false);
+        match bad {
+            0 => b.mult[3] = 12_345,
+            1 => b.mult[0] = i32::MIN,
+            _ => b.shift[5] = -40,
+        }
+        cases += 1;
+        ok += check(b, 8, 64, 7) as usize;
+    }
     println!("mps2-an386 kernels: {}/{} random cases bit-identical to the portable kernels", ok, cases);
     // The FPU's half-to-single conversion against `half`'s software one.
     let same = (0..=u16::MAX)
