@@ -485,8 +485,9 @@ fn quads_i8(
     }
 }
 
-/// [`each_dot_i8_in`] through [`quads_i8`], the requantizing product's
-/// loop (the wide products of the integer path: router logits).
+/// Every row's sum through [`quads_i8`], the requantizing product's loop
+/// (the wide products: router logits); a `pairs` shorter than the
+/// expansion leaves the inputs past it to the scalar tail.
 pub(super) fn dots_i8_in(
     w: &[i8],
     x: &[i8],
@@ -508,8 +509,8 @@ pub(super) fn each_dot_i8(w: &[i8], x: &[i8], offset: i32, f: impl FnMut(i32)) {
     on_stack!(x.len(), |pairs| each_dot_i8_in(w, x, offset, pairs, f))
 }
 
-/// [`each_dot_i8`] with the input expanded into `pairs`; rows one at a
-/// time (registers only) when `pairs` is too short.
+/// [`each_dot_i8`] with the input expanded into `pairs` ([`dots_i8_in`]);
+/// rows one at a time (registers only) when `pairs` is too short.
 #[inline(always)]
 pub(super) fn each_dot_i8_in(
     w: &[i8],
@@ -518,36 +519,10 @@ pub(super) fn each_dot_i8_in(
     pairs: &mut [MaybeUninit<u32>],
     mut f: impl FnMut(i32),
 ) {
-    let cols = x.len().max(1);
-    let mut quads = w.chunks_exact(four_rows(cols));
     if super::expand_words(x.len()) <= pairs.len() {
-        let groups = expand_i8(x, offset, pairs);
-        let done = groups * 4;
-        for q in &mut quads {
-            let mut acc = [0i32; 4];
-            // SAFETY: `expand_i8` wrote the first `2 * groups` words of `pairs`,
-            // the only ones read; `q` holds four rows of
-            // `cols >= 4 * groups` bytes, `cols` apart.
-            unsafe { quad_loop(pairs.as_ptr().cast::<u32>(), groups, q.as_ptr(), cols, &mut acc) };
-            if done < x.len() {
-                for (a, row) in acc.iter_mut().zip(q.chunks_exact(cols)) {
-                    let tail = row.get(done..).unwrap_or(&[]).iter().zip(x.get(done..).unwrap_or(&[]));
-                    *a = tail.fold(*a, |s, (&w, &xv)| s.wrapping_add((xv as i32 + offset) * w as i32));
-                }
-            }
-            f(acc[0]);
-            f(acc[1]);
-            f(acc[2]);
-            f(acc[3]);
-        }
+        dots_i8_in(w, x, offset, pairs, f);
     } else {
-        // Wider than the expansion buffer: one row at a time.
-        for q in &mut quads {
-            q.chunks_exact(cols).for_each(|row| f(dot_i8(row, x, offset)));
-        }
-    }
-    for row in quads.remainder().chunks_exact(cols) {
-        f(dot_i8(row, x, offset));
+        w.chunks_exact(x.len().max(1)).for_each(|row| f(dot_i8(row, x, offset)));
     }
 }
 

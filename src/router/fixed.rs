@@ -70,24 +70,24 @@ pub(crate) fn div_u64(num: u64, den: u64) -> u64 {
     // `den << shift` has `num`'s leading bit: it cannot overflow.
     let shift = den.leading_zeros() - num.leading_zeros();
     let (mut d, mut rem) = (den << shift, num);
+    let mut bit = || {
+        let take = rem >= d;
+        rem -= if take { d } else { 0 };
+        d >>= 1;
+        take
+    };
     if shift < 32 {
         // The quotient has at most 32 bits (every use in the crate): a
         // 32-bit one is two instructions a step cheaper on a 32-bit core.
         let mut q = 0u32;
         for _ in 0..shift + 1 {
-            let take = rem >= d;
-            q = q << 1 | take as u32;
-            rem -= if take { d } else { 0 };
-            d >>= 1;
+            q = q << 1 | bit() as u32;
         }
         return q as u64;
     }
     let mut q = 0u64;
     for _ in 0..shift + 1 {
-        let take = rem >= d;
-        q = q << 1 | take as u64;
-        rem -= if take { d } else { 0 };
-        d >>= 1;
+        q = q << 1 | bit() as u64;
     }
     q
 }
