@@ -284,7 +284,7 @@ mod avx2 {
 /// The portable kernels, one multiply-accumulate at a time: the reference
 /// every fast path is checked against (on every target).
 pub mod reference {
-    use super::{dot_i8, dot_q15};
+    use super::dot_q15;
 
     /// [`matvec_i8`](super::matvec_i8), portable.
     #[allow(clippy::too_many_arguments)]
@@ -298,14 +298,8 @@ pub mod reference {
         output_zp: i32,
         y: &mut [i8],
     ) {
-        let bias = bias.unwrap_or(&[]);
-        let requant = multipliers.iter().zip(shifts);
-        for (o, ((yo, row), (&m, &s))) in
-            y.iter_mut().zip(w.chunks_exact(x.len().max(1))).zip(requant).enumerate()
-        {
-            let acc = dot_i8(row, x, input_offset).wrapping_add(bias.get(o).copied().unwrap_or(0));
-            *yo = super::out_i8(acc, m, s, output_zp);
-        }
+        let out = |acc, m, s| super::out_i8(acc, m, s, output_zp);
+        super::rows_i8(w, bias, multipliers, shifts, x, input_offset, y, out);
     }
 
     /// [`matvec_q15`](super::matvec_q15), portable.
@@ -326,6 +320,54 @@ pub mod reference {
             *yo = super::out_q15(acc, m, s);
         }
     }
+}
+
+/// The portable int8 product's loop: each row's sum plus bias, through
+/// `out(sum, multiplier, shift)`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn rows_i8(
+    w: &[i8],
+    bias: Option<&[i32]>,
+    multipliers: &[i32],
+    shifts: &[i32],
+    x: &[i8],
+    input_offset: i32,
+    y: &mut [i8],
+    out: impl Fn(i32, i32, i32) -> i8,
+) {
+    let bias = bias.unwrap_or(&[]);
+    let requant = multipliers.iter().zip(shifts);
+    for (o, ((yo, row), (&m, &s))) in
+        y.iter_mut().zip(w.chunks_exact(x.len().max(1))).zip(requant).enumerate()
+    {
+        let acc = dot_i8(row, x, input_offset).wrapping_add(bias.get(o).copied().unwrap_or(0));
+        *yo = out(acc, m, s);
+    }
+}
+
+/// A checked `QLinear`'s int8 product off the DSP path: the host's AVX2
+/// kernel where it runs, else the portable loop with the epilogue for
+/// checked parameters (`requantize_valid`: the same bits, fewer
+/// instructions on the Cortex-M0 and RISC-V).
+#[cfg(not(micromoe_dsp))]
+#[allow(clippy::too_many_arguments)]
+fn matvec_i8_checked(
+    w: &[i8],
+    bias: Option<&[i32]>,
+    multipliers: &[i32],
+    shifts: &[i32],
+    x: &[i8],
+    input_offset: i32,
+    output_zp: i32,
+    y: &mut [i8],
+) {
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if avx2::matvec_i8(w, bias, multipliers, shifts, x, input_offset, output_zp, y) {
+        return;
+    }
+    let out = |acc, m, s| i8::saturate(crate::quant::requantize_valid(acc, m, s).saturating_add(output_zp));
+    rows_i8(w, bias, multipliers, shifts, x, input_offset, y, out);
 }
 
 /// An int8 output from its i32 sum (bias included): requantized, shifted
@@ -385,7 +427,12 @@ impl IntKernel for i8 {
     }
 
     fn matvec(lin: &QLinear<'_, i8>, x: &[i8], y: &mut [i8]) {
-        matvec_i8(lin.w, lin.bias, lin.multipliers, lin.shifts, x, -lin.input_zp, lin.output_zp, y)
+        let (w, b, m, s, off, zp) =
+            (lin.w, lin.bias, lin.multipliers, lin.shifts, -lin.input_zp, lin.output_zp);
+        #[cfg(micromoe_dsp)]
+        matvec_i8(w, b, m, s, x, off, zp, y);
+        #[cfg(not(micromoe_dsp))]
+        matvec_i8_checked(w, b, m, s, x, off, zp, y);
     }
 
     fn matvec_wide(lin: &QLinear<'_, i8>, x: &[i8], y: &mut [i32]) {
@@ -403,7 +450,7 @@ impl IntKernel for i8 {
         #[cfg(not(micromoe_dsp))]
         {
             let _ = work;
-            matvec_i8(w, b, m, s, x, off, zp, y);
+            matvec_i8_checked(w, b, m, s, x, off, zp, y);
         }
     }
 

@@ -23,7 +23,6 @@
 mod requant;
 
 pub use half::f16;
-#[cfg(micromoe_dsp)]
 pub(crate) use requant::requantize_valid;
 pub use requant::{
     Multiplier, WIDE_MAX_SHIFT, reduce_multiplier, requantize, requantize_wide, rounding_divide_by_pot,

@@ -138,9 +138,8 @@ pub const fn requantize(x: i32, m: Multiplier) -> i32 {
 /// `x`, without the clamps and the `i32::MIN * i32::MIN` case those ranges
 /// exclude (about 10 instructions of a row's 40 on a Cortex-M4).
 /// Parameters outside them give some `i32`, never a panic.
-// The Arm DSP epilogue's; the portable kernels keep `requantize` (their
-// raw public forms take any parameters).
-#[cfg_attr(not(micromoe_dsp), allow(dead_code))]
+// The epilogue of checked products; the raw public kernels keep
+// `requantize` (they take any parameters).
 #[inline(always)]
 pub(crate) const fn requantize_valid(x: i32, multiplier: i32, shift: i32) -> i32 {
     let left = (if shift > 0 { shift } else { 0 }) as u32 & 31;
