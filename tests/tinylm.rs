@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use micromoe::format::write::AlignedBytes;
 use micromoe::host::{DecoderOptions, Dtype, convert_decoder};
-use micromoe::model::{Decoder, Sampler};
+use micromoe::model::{Decoder, ResolvedDecoder, Sampler};
 use serde_json::Value;
 
 fn dir() -> PathBuf {
@@ -86,4 +86,35 @@ fn committed_int8_model_is_the_conversion() {
         committed == fresh,
         "models/tinylm/tinylm_int8.moe is stale: re-run micromoe convert (see README)"
     );
+}
+
+#[test]
+fn resolved_views_give_the_same_logits_bit_for_bit() {
+    let bytes = std::fs::read(dir().join("tinylm_int8.moe")).unwrap();
+    let bytes = AlignedBytes::from(&bytes[..]);
+    let dec = Decoder::parse(&bytes).unwrap();
+    let resolved = ResolvedDecoder::<2>::new(&dec).unwrap();
+    assert!(matches!(
+        ResolvedDecoder::<1>::new(&dec),
+        Err(micromoe::Error::TooManyLayers { layers: 2, capacity: 1 })
+    ));
+    let (mut a, mut b) = (vec![0u8; dec.state_bytes()], vec![0u8; dec.state_bytes()]);
+    let (mut sa, mut sb) = (dec.state(&mut a).unwrap(), dec.state(&mut b).unwrap());
+    let vocab = dec.config().vocab;
+    let (mut la, mut lb) = (vec![0.0f32; vocab], vec![0.0f32; vocab]);
+    let (mut ea, mut eb) = (Vec::new(), Vec::new());
+    for t in "The quick brown fox".bytes() {
+        dec.step(&mut sa, t as u32, &mut la, |l, s| {
+            ea.push((l, s.iter().map(|c| c.expert).collect::<Vec<_>>()))
+        })
+        .unwrap();
+        resolved
+            .step(&mut sb, t as u32, &mut lb, |l, s| {
+                eb.push((l, s.iter().map(|c| c.expert).collect::<Vec<_>>()))
+            })
+            .unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&la), bits(&lb));
+    }
+    assert_eq!(ea, eb);
 }

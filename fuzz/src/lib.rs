@@ -110,6 +110,20 @@ pub fn decoder(data: &[u8]) {
     for t in 0..2u32 {
         let _ = dec.step(&mut state, t % vocab as u32, &mut logits, |_, _| {});
     }
+    // Views built once: the same logits as views made per token.
+    if let Ok(resolved) = micromoe::model::ResolvedDecoder::<8>::new(&dec) {
+        let mut again = vec![0.0f32; vocab];
+        state.reset();
+        let mut buf2 = vec![0u8; dec.state_bytes()];
+        let Ok(mut other) = dec.state(&mut buf2) else { return };
+        for t in 0..2u32 {
+            let a = dec.step(&mut state, t % vocab as u32, &mut logits, |_, _| {});
+            let b = resolved.step(&mut other, t % vocab as u32, &mut again, |_, _| {});
+            assert_eq!(a.is_ok(), b.is_ok(), "resolved and per-token views disagree");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(a.is_err() || bits(&logits) == bits(&again), "resolved views changed the logits");
+        }
+    }
 }
 
 /// The host input path: `[config length: u16 LE][config.json][safetensors]`

@@ -41,7 +41,7 @@ mod state;
 #[cfg(feature = "alloc")]
 pub mod write;
 
-pub use decoder::{Config, Decoder, LayerConfig, MAX_EXPERTS, MAX_WIDTH};
+pub use decoder::{Config, Decoder, LayerConfig, MAX_EXPERTS, MAX_WIDTH, ResolvedDecoder};
 pub use layers::{Experts, FloatExperts, IntExperts, IntLayer, IntPath, IntShared, Layer};
 pub use matrix::{Input, MAX_INT8_COLS, Matrix, Weights, quantize_vector};
 pub use sample::{Rng, Sampler};

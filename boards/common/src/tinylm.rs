@@ -3,7 +3,7 @@
 //! (`boards/vectors/tinylm.bin`, kept in step by `tests/board_vectors.rs`).
 
 use micromoe::include_model;
-use micromoe::model::{Decoder, Sampler};
+use micromoe::model::{Decoder, ResolvedDecoder, Sampler};
 use semihosting::{print, println};
 
 /// int8 weights, f16 KV cache of 128 positions.
@@ -48,8 +48,17 @@ pub fn generate(board: &str) -> bool {
             return false;
         }
     };
+    // Every layer's views built once (2 layers, 492 B each): a token then
+    // searches no table.
+    let model = match ResolvedDecoder::<2>::new(&model) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("{board} tinylm: {}", e);
+            return false;
+        }
+    };
     let mut buf = [0u8; STATE];
-    let mut state = match model.state(&mut buf) {
+    let mut state = match model.decoder().state(&mut buf) {
         Ok(s) => s,
         Err(e) => {
             println!("{board} tinylm: {}", e);
