@@ -554,52 +554,6 @@ fn float_layer<'a, G: FloatWeight + Elem, W: FloatWeight + Elem, const CHECK: bo
     }
 }
 
-/// A layer's gate and router, every check made (its entries' keys and
-/// shapes, each row's multiplier, the routing rule): one out-of-line
-/// function for parse and for the views built to run (a copy per mode cost
-/// half a kilobyte of flash; checking the `experts` rows of a gate is
-/// little beside a layer, and `Resolved` builds it once).
-#[inline(never)]
-fn int_gate<'a, A: IntKernel + Elem>(
-    t: &Table<'a>,
-    layer: usize,
-    info: &LayerInfo,
-    at: &LayerAt,
-) -> Result<Gate<'a, A>>
-where
-    A::Bias: Elem,
-{
-    let level = |role| Site { layer, expert: LAYER_LEVEL, role };
-    let has_bias = info.flags & flags::SELECTION_BIAS != 0;
-    let (base, gate_at, gate_site) = (at.level_first, at.level.lin(role::GATE), level(role::GATE));
-    let bias_key = level(role::SELECTION_BIAS).key(part::WEIGHT);
-    let (rows, cols) = (info.experts, info.in_dim);
-    let bias_at = (at.level.one(role::SELECTION_BIAS), bias_key, (info.experts, 1));
-    // A float gate (f32 or f16) may route integer experts.
-    let float_gate = |g| -> Result<Gate<'a, A>> {
-        let bias = selection_bias::<f32, true>(t, base, has_bias, bias_at)?;
-        Ok(Gate::Float(g, Router::new(rule(info), bias, info.scaling)?, info.input))
-    };
-    Ok(match info.gate_dtype {
-        LayerDtype::Int8 | LayerDtype::Q15 => {
-            let gate = int_linear::<A, true>(t, base, gate_at, gate_site, rows, cols)?;
-            let bias = selection_bias::<i32, true>(t, base, has_bias, bias_at)?;
-            Gate::Int(gate, IntRouter::new(rule(info), bias, info.scaling_q15)?)
-        }
-        #[cfg(feature = "f32")]
-        LayerDtype::F32 => {
-            float_gate(FloatGate::F32(float_linear::<_, true>(t, base, gate_at, gate_site, rows, cols)?))?
-        }
-        #[cfg(feature = "f16")]
-        LayerDtype::F16 => {
-            float_gate(FloatGate::F16(float_linear::<_, true>(t, base, gate_at, gate_site, rows, cols)?))?
-        }
-        // A float gate this build leaves out: refused at parse.
-        #[allow(unreachable_patterns)]
-        _ => return Err(Error::BadField { field: crate::error::Field::Dtype, layer }),
-    })
-}
-
 #[inline(always)]
 fn int_layer<'a, A: IntKernel + Elem, const CHECK: bool>(
     t: &Table<'a>,
@@ -618,7 +572,35 @@ where
         gate: info.flags & flags::SHARED_GATE != 0,
     });
     let experts = experts(t, info, at, int_expert::<A, false>);
-    let gate = int_gate::<A>(t, layer, info, at)?;
+    let level = |role| Site { layer, expert: LAYER_LEVEL, role };
+    let has_bias = info.flags & flags::SELECTION_BIAS != 0;
+    let (base, gate_at, gate_site) = (at.level_first, at.level.lin(role::GATE), level(role::GATE));
+    let bias_key = level(role::SELECTION_BIAS).key(part::WEIGHT);
+    let (rows, cols) = (info.experts, info.in_dim);
+    let bias_at = (at.level.one(role::SELECTION_BIAS), bias_key, (info.experts, 1));
+    // A float gate (f32 or f16) may route integer experts.
+    let float_gate = |g| -> Result<Gate<'a, A>> {
+        let bias = selection_bias::<f32, CHECK>(t, base, has_bias, bias_at)?;
+        Ok(Gate::Float(g, Router::new(rule(info), bias, info.scaling)?, info.input))
+    };
+    let gate = match info.gate_dtype {
+        LayerDtype::Int8 | LayerDtype::Q15 => {
+            let gate = int_linear::<A, CHECK>(t, base, gate_at, gate_site, rows, cols)?;
+            let bias = selection_bias::<i32, CHECK>(t, base, has_bias, bias_at)?;
+            Gate::Int(gate, IntRouter::new(rule(info), bias, info.scaling_q15)?)
+        }
+        #[cfg(feature = "f32")]
+        LayerDtype::F32 => {
+            float_gate(FloatGate::F32(float_linear::<_, CHECK>(t, base, gate_at, gate_site, rows, cols)?))?
+        }
+        #[cfg(feature = "f16")]
+        LayerDtype::F16 => {
+            float_gate(FloatGate::F16(float_linear::<_, CHECK>(t, base, gate_at, gate_site, rows, cols)?))?
+        }
+        // A float gate this build leaves out: refused at parse.
+        #[allow(unreachable_patterns)]
+        _ => return Err(Error::BadField { field: crate::error::Field::Dtype, layer }),
+    };
     if CHECK {
         // Every expert built once with every check, then held to the
         // layer's input and output (as `QMoeLayer::new` does, without
