@@ -247,7 +247,7 @@ pub enum Error {
         layer: usize,
     },
     /// The model needs a part of the crate this build leaves out: the cargo
-    /// feature `feature` (`f32`, `f16`, `int8`, `q15` or `decoder`).
+    /// feature `feature` (`f32`, `f16`, `int8`, `q15`, `decoder`, `mmoe` or `shared`).
     Disabled {
         /// The feature to enable.
         feature: &'static str,

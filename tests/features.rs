@@ -23,6 +23,7 @@ fn enabled(feature: &str) -> bool {
         "int8" => cfg!(feature = "int8"),
         "q15" => cfg!(feature = "q15"),
         "mmoe" => cfg!(feature = "mmoe"),
+        "shared" => cfg!(feature = "shared"),
         _ => cfg!(feature = "decoder"),
     }
 }
@@ -86,5 +87,39 @@ fn a_multi_gate_model_needs_mmoe() {
         }
         Err(e) if !enabled("mmoe") => assert_eq!(e, Error::Disabled { feature: "mmoe" }),
         Err(e) => assert_eq!(e, Error::Disabled { feature: "f32" }),
+    }
+}
+
+/// A layer with an always-on shared expert (Qwen-MoE / DeepSeek style) is
+/// the `shared` feature's: without it such a model is refused by name.
+#[test]
+fn a_shared_expert_model_needs_shared() {
+    use micromoe::Rule;
+    use micromoe::build::{ExpertBuf, LinearBuf, MoeBuf};
+    use micromoe::format::LayerDtype;
+    use micromoe::kernels::Activation;
+    use micromoe::model::write::{LayerSpec, ModelSpec, Task, write};
+    let lin = |v: f32, rows, cols| LinearBuf::new(vec![v; rows * cols], None, rows, cols);
+    let expert = |v: f32| ExpertBuf::mlp(lin(v, 4, 2), lin(0.25, 1, 4), Activation::Relu);
+    let mut layer = MoeBuf::new(lin(1.0, 2, 2), vec![expert(0.5), expert(-0.5)], Rule::switch(2));
+    layer.shared = Some((expert(0.125), None));
+    let spec = ModelSpec::stack(
+        Task::Regress,
+        vec![LayerSpec::Float { layer, gate: LayerDtype::F32, experts: LayerDtype::F32 }],
+    );
+    match write(&spec) {
+        Ok(bytes) => {
+            assert!(enabled("shared") && enabled("f32"), "written without its features");
+            let bytes = micromoe::format::write::AlignedBytes::from(&bytes[..]);
+            let model = Model::parse(&bytes).unwrap();
+            let mut scratch = vec![0u8; model.scratch_bytes()];
+            let mut y = [0.0f32; 1];
+            model.infer(&[1.0, 2.0], &mut y, &mut scratch).unwrap();
+        }
+        Err(e) if !enabled("f32") => assert_eq!(e, Error::Disabled { feature: "f32" }),
+        Err(e) => {
+            assert!(!enabled("shared"), "{e}");
+            assert_eq!(e, Error::Disabled { feature: "shared" });
+        }
     }
 }

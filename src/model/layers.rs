@@ -369,12 +369,14 @@ impl<'a, A: IntKernel + Elem> SharedSource<'a, A> for Option<IntShared<'a>>
 where
     A::Bias: Elem,
 {
+    // Without the `shared` feature parse refuses a layer with one, and
+    // none of the code that runs it is linked.
     fn has_shared(&self) -> bool {
-        self.is_some()
+        cfg!(feature = "shared") && self.is_some()
     }
 
     fn shared(&self) -> Result<Option<QSharedExpert<'a, A>>> {
-        let Some(s) = self else { return Ok(None) };
+        let Some(s) = self.filter(|_| cfg!(feature = "shared")) else { return Ok(None) };
         let expert = int_expert::<A, false>(&s.table, s.first, &s.at, &s.shape, SHARED_EXPERT)?;
         let gate = if s.gate {
             let site = Site { layer: s.shape.layer, expert: SHARED_EXPERT, role: role::SHARED_GATE };
@@ -614,7 +616,7 @@ where
             let x = int_expert::<A, true>(t, at.first + e * at.stride, &at.expert, &experts.shape, e as u16)?;
             crate::moe::check_expert(&x, input, output)?;
         }
-        if let Some(s) = &shared_at {
+        if let Some(s) = shared_at.as_ref().filter(|_| cfg!(feature = "shared")) {
             check_shared_at::<A>(t, s, input, info)?;
         }
     }

@@ -296,6 +296,9 @@ impl<'a> Model<'a> {
                     return Err(Error::Disabled { feature });
                 }
             }
+            if info.flags & layout::flags::SHARED != 0 && !cfg!(feature = "shared") {
+                return Err(Error::Disabled { feature: "shared" });
+            }
             if l % per_task == 0 {
                 prev_out = input_dim;
             }
