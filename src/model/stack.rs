@@ -520,49 +520,60 @@ fn layer_info(bytes: &[u8], l: usize) -> Result<LayerInfo> {
 /// Layer `l`'s record as it is (every inference reads records parse has
 /// checked): only the codes that become enums are refused.
 fn read_layer(bytes: &[u8], l: usize) -> Result<LayerInfo> {
-    let w = |word| {
-        layer_word(bytes, HEADER_LEN, l, word)
-            .ok_or(Error::Truncated { needed: HEADER_LEN + (l + 1) * LAYER_LEN, actual: bytes.len() })
+    let rec = record(bytes, l)?;
+    // Word `i` of the record: a fixed offset into a 96-byte array, so no
+    // bounds check and no `Result` per word.
+    let w = |i: usize| {
+        let b = rec.as_chunks::<4>().0.get(i).copied().unwrap_or([0; 4]);
+        u32::from_le_bytes(b)
     };
     let bad = |field| Error::BadField { field, layer: l };
-    let flags = w(lw::FLAGS)?;
-    let dtype = |word| LayerDtype::from_code(w(word).unwrap_or(u32::MAX)).ok_or(bad(Field::Dtype));
+    let flags = w(lw::FLAGS);
+    let dtype = |word| LayerDtype::from_code(w(word)).ok_or(bad(Field::Dtype));
     let (gate_dtype, expert_dtype) = (dtype(lw::GATE_DTYPE)?, dtype(lw::EXPERT_DTYPE)?);
-    let shared_hidden = if flags & layout::flags::SHARED != 0 { w(lw::SHARED_HIDDEN)? as usize } else { 0 };
-    let f32_at = |word| w(word).map(f32::from_bits);
+    let shared_hidden = if flags & layout::flags::SHARED != 0 { w(lw::SHARED_HIDDEN) as usize } else { 0 };
+    let f32_at = |word| f32::from_bits(w(word));
     let is_int = expert_dtype.is_int();
-    let quant = |scale_word, zp_word| -> Result<QuantParams> {
-        if !is_int {
-            return Ok(QuantParams { scale: 1.0, zero_point: 0 });
+    let quant = |scale_word, zp_word| {
+        if is_int {
+            QuantParams { scale: f32_at(scale_word), zero_point: w(zp_word) as i32 }
+        } else {
+            QuantParams { scale: 1.0, zero_point: 0 }
         }
-        Ok(QuantParams { scale: f32_at(scale_word)?, zero_point: w(zp_word)? as i32 })
     };
     let combine = layers::combine(
-        w(lw::EXPERT_ZP)? as i32,
-        w(lw::COMBINE_MULT)? as i32,
-        w(lw::COMBINE_SHIFT)? as i32,
-        w(lw::OUT_ZP)? as i32,
+        w(lw::EXPERT_ZP) as i32,
+        w(lw::COMBINE_MULT) as i32,
+        w(lw::COMBINE_SHIFT) as i32,
+        w(lw::OUT_ZP) as i32,
     );
     Ok(LayerInfo {
-        in_dim: w(lw::IN_DIM)? as usize,
-        out_dim: w(lw::OUT_DIM)? as usize,
-        hidden: w(lw::HIDDEN)? as usize,
-        experts: w(lw::EXPERTS)? as usize,
-        k: w(lw::K)? as usize,
+        in_dim: w(lw::IN_DIM) as usize,
+        out_dim: w(lw::OUT_DIM) as usize,
+        hidden: w(lw::HIDDEN) as usize,
+        experts: w(lw::EXPERTS) as usize,
+        k: w(lw::K) as usize,
         flags,
-        act: act_from(w(lw::ACT)?).ok_or(bad(Field::Activation))?,
+        act: act_from(w(lw::ACT)).ok_or(bad(Field::Activation))?,
         gate_dtype,
         expert_dtype,
         shared_hidden,
-        n_group: w(lw::N_GROUP)? as usize,
-        topk_group: w(lw::TOPK_GROUP)? as usize,
-        scaling: f32_at(lw::SCALING)?,
-        scaling_q15: w(lw::SCALING_Q15)? as i32,
-        input: quant(lw::IN_SCALE, lw::IN_ZP)?,
-        output: quant(lw::OUT_SCALE, lw::OUT_ZP)?,
+        n_group: w(lw::N_GROUP) as usize,
+        topk_group: w(lw::TOPK_GROUP) as usize,
+        scaling: f32_at(lw::SCALING),
+        scaling_q15: w(lw::SCALING_Q15) as i32,
+        input: quant(lw::IN_SCALE, lw::IN_ZP),
+        output: quant(lw::OUT_SCALE, lw::OUT_ZP),
         combine,
-        experts_from: w(lw::EXPERTS_FROM)? as usize,
+        experts_from: w(lw::EXPERTS_FROM) as usize,
     })
+}
+
+/// Layer `l`'s 96-byte record, or `Truncated` past the end of `bytes`.
+fn record(bytes: &[u8], l: usize) -> Result<&[u8; LAYER_LEN]> {
+    let truncated = || Error::Truncated { needed: HEADER_LEN + (l + 1) * LAYER_LEN, actual: bytes.len() };
+    let at = l.checked_mul(LAYER_LEN).and_then(|o| o.checked_add(HEADER_LEN)).ok_or_else(truncated)?;
+    bytes.get(at..).and_then(|b| b.first_chunk::<LAYER_LEN>()).ok_or_else(truncated)
 }
 
 /// What parse holds a record `info` (layer `l`, read by [`read_layer`]) to:
@@ -599,8 +610,7 @@ fn check_record(bytes: &[u8], l: usize, info: &LayerInfo) -> Result<()> {
             return bad(Field::Quant);
         }
     }
-    let w = |word| layer_word(bytes, HEADER_LEN, l, word);
-    if (lw::RESERVED..lw::WORDS).any(|word| w(word) != Some(0)) {
+    if record(bytes, l)?.get(4 * lw::RESERVED..).is_none_or(|r| r.iter().any(|&b| b != 0)) {
         return bad(Field::Reserved);
     }
     if layers::rule(info).validate().is_err() {
