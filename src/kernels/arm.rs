@@ -352,9 +352,14 @@ pub(super) fn matvec_i8_in(
         };
         quads_i8(w, x, offset, pairs, &mut { epilogue });
     }
+    // The last rows (fewer than four), from slices that start there (an
+    // `enumerate().skip()` linked an out-of-line `nth`).
     let done = rows / 4 * 4;
-    let rest = w.chunks_exact(cols.max(1)).zip(y.iter_mut()).zip(multipliers.iter().zip(shifts));
-    for (o, ((row, yo), (&m, &s))) in rest.enumerate().skip(done) {
+    let from = |n: usize| n.min(done);
+    let rest = w.get(done.saturating_mul(cols)..).unwrap_or(&[]).chunks_exact(cols.max(1));
+    let params = multipliers[from(multipliers.len())..].iter().zip(&shifts[from(shifts.len())..]);
+    let bias = bias.map(|b| &b[from(b.len())..]);
+    for (o, ((row, yo), (&m, &s))) in rest.zip(&mut y[from(rows)..]).zip(params).enumerate() {
         let b = bias.and_then(|b| b.get(o)).copied().unwrap_or(0);
         *yo = requant(dot_i8(row, x, offset).wrapping_add(b), m, s);
     }
@@ -405,9 +410,14 @@ pub(super) fn matvec_q15_in(
         }
     };
     quads_q15(w, x, pairs, |o, acc| epilogue(y, o, acc));
+    // The last rows (fewer than four), from slices that start there (an
+    // `enumerate().skip()` linked an out-of-line `nth`).
     let done = rows / 4 * 4;
-    let rest = w.chunks_exact(cols.max(1)).zip(y.iter_mut()).zip(multipliers.iter().zip(shifts));
-    for (o, ((row, yo), (&m, &s))) in rest.enumerate().skip(done) {
+    let from = |n: usize| n.min(done);
+    let rest = w.get(done.saturating_mul(cols)..).unwrap_or(&[]).chunks_exact(cols.max(1));
+    let params = multipliers[from(multipliers.len())..].iter().zip(&shifts[from(shifts.len())..]);
+    let bias = bias.map(|b| &b[from(b.len())..]);
+    for (o, ((row, yo), (&m, &s))) in rest.zip(&mut y[from(rows)..]).zip(params).enumerate() {
         let b = bias.and_then(|b| b.get(o)).copied().unwrap_or(0);
         *yo = requant(dot_q15(row, x).wrapping_add(b), m, s);
     }
