@@ -51,75 +51,64 @@ fn a_model_needing_a_left_out_feature_is_refused_by_name() {
     }
 }
 
-/// Multi-gate MoE is the `mmoe` feature's: without it the writer's own
-/// read-back (and any parse) refuses such a model by name.
-#[test]
-fn a_multi_gate_model_needs_mmoe() {
+/// Writes `spec` (the writer parses back what it wrote): with every
+/// feature of `needs` on, the model parses and runs; otherwise it is
+/// refused naming the first one left out, in the order parse checks them.
+fn runs_or_is_refused(spec: &micromoe::model::write::ModelSpec, needs: &[&'static str]) {
+    match micromoe::model::write::write(spec) {
+        Ok(bytes) => {
+            assert!(needs.iter().all(|f| enabled(f)), "written without one of {needs:?}");
+            let bytes = micromoe::format::write::AlignedBytes::from(&bytes[..]);
+            let model = Model::parse(&bytes).unwrap();
+            let mut scratch = vec![0u8; model.scratch_bytes()];
+            let mut y = vec![0.0f32; model.output_dim()];
+            let x: Vec<f32> = (0..model.input_dim()).map(|i| i as f32 + 1.0).collect();
+            model.infer(&x, &mut y, &mut scratch).unwrap();
+        }
+        Err(e) => {
+            let missing = needs.iter().find(|f| !enabled(f));
+            assert_eq!(Some(e), missing.map(|&feature| Error::Disabled { feature }));
+        }
+    }
+}
+
+/// A float layer of two ReLU experts over 2 inputs, 1 output.
+fn float_layer(gate: f32, shared: bool) -> micromoe::model::write::LayerSpec {
     use micromoe::Rule;
     use micromoe::build::{ExpertBuf, LinearBuf, MoeBuf};
     use micromoe::format::LayerDtype;
     use micromoe::kernels::Activation;
-    use micromoe::model::write::{LayerSpec, ModelSpec, Task, write};
     let lin = |v: f32, rows, cols| LinearBuf::new(vec![v; rows * cols], None, rows, cols);
-    let layer = |g: f32| {
-        let experts = vec![
-            ExpertBuf::mlp(lin(0.5, 4, 2), lin(0.25, 1, 4), Activation::Relu),
-            ExpertBuf::mlp(lin(-0.5, 4, 2), lin(0.25, 1, 4), Activation::Relu),
-        ];
-        let layer = MoeBuf::new(lin(g, 2, 2), experts, Rule::switch(2));
-        LayerSpec::Float { layer, gate: LayerDtype::F32, experts: LayerDtype::F32 }
-    };
+    let expert = |v: f32| ExpertBuf::mlp(lin(v, 4, 2), lin(0.25, 1, 4), Activation::Relu);
+    let mut layer = MoeBuf::new(lin(gate, 2, 2), vec![expert(0.5), expert(-0.5)], Rule::switch(2));
+    if shared {
+        layer.shared = Some((expert(0.125), None));
+    }
+    micromoe::model::write::LayerSpec::Float { layer, gate: LayerDtype::F32, experts: LayerDtype::F32 }
+}
+
+/// Multi-gate MoE is the `mmoe` feature's: without it the writer's own
+/// read-back (and any parse) refuses such a model by name.
+#[test]
+fn a_multi_gate_model_needs_mmoe() {
+    use micromoe::model::write::{ModelSpec, Task};
     // Two tasks over one pool of experts (layer 1 routes over layer 0's).
     let spec = ModelSpec {
         task: Task::Regress,
-        layers: vec![layer(1.0), layer(-1.0)],
+        layers: vec![float_layer(1.0, false), float_layer(-1.0, false)],
         multi_gate: Some(2),
         experts_from: vec![0, 0],
     };
-    match write(&spec) {
-        Ok(bytes) => {
-            assert!(enabled("mmoe") && enabled("f32"), "written without its features");
-            let bytes = micromoe::format::write::AlignedBytes::from(&bytes[..]);
-            let model = Model::parse(&bytes).unwrap();
-            let mut scratch = vec![0u8; model.scratch_bytes()];
-            let mut y = [0.0f32; 2];
-            model.infer(&[1.0, 2.0], &mut y, &mut scratch).unwrap();
-        }
-        Err(e) if !enabled("mmoe") => assert_eq!(e, Error::Disabled { feature: "mmoe" }),
-        Err(e) => assert_eq!(e, Error::Disabled { feature: "f32" }),
-    }
+    // The architecture is checked before the layers' types.
+    runs_or_is_refused(&spec, &["mmoe", "f32"]);
 }
 
 /// A layer with an always-on shared expert (Qwen-MoE / DeepSeek style) is
 /// the `shared` feature's: without it such a model is refused by name.
 #[test]
 fn a_shared_expert_model_needs_shared() {
-    use micromoe::Rule;
-    use micromoe::build::{ExpertBuf, LinearBuf, MoeBuf};
-    use micromoe::format::LayerDtype;
-    use micromoe::kernels::Activation;
-    use micromoe::model::write::{LayerSpec, ModelSpec, Task, write};
-    let lin = |v: f32, rows, cols| LinearBuf::new(vec![v; rows * cols], None, rows, cols);
-    let expert = |v: f32| ExpertBuf::mlp(lin(v, 4, 2), lin(0.25, 1, 4), Activation::Relu);
-    let mut layer = MoeBuf::new(lin(1.0, 2, 2), vec![expert(0.5), expert(-0.5)], Rule::switch(2));
-    layer.shared = Some((expert(0.125), None));
-    let spec = ModelSpec::stack(
-        Task::Regress,
-        vec![LayerSpec::Float { layer, gate: LayerDtype::F32, experts: LayerDtype::F32 }],
-    );
-    match write(&spec) {
-        Ok(bytes) => {
-            assert!(enabled("shared") && enabled("f32"), "written without its features");
-            let bytes = micromoe::format::write::AlignedBytes::from(&bytes[..]);
-            let model = Model::parse(&bytes).unwrap();
-            let mut scratch = vec![0u8; model.scratch_bytes()];
-            let mut y = [0.0f32; 1];
-            model.infer(&[1.0, 2.0], &mut y, &mut scratch).unwrap();
-        }
-        Err(e) if !enabled("f32") => assert_eq!(e, Error::Disabled { feature: "f32" }),
-        Err(e) => {
-            assert!(!enabled("shared"), "{e}");
-            assert_eq!(e, Error::Disabled { feature: "shared" });
-        }
-    }
+    use micromoe::model::write::{ModelSpec, Task};
+    let spec = ModelSpec::stack(Task::Regress, vec![float_layer(1.0, true)]);
+    // A layer's types are checked before its shared expert.
+    runs_or_is_refused(&spec, &["f32", "shared"]);
 }

@@ -712,13 +712,7 @@ impl<'a, const L: usize> ResolvedDecoder<'a, L> {
     /// has more than `L`).
     pub fn new(decoder: &Decoder<'a>) -> Result<Self> {
         let mut r = ResolvedDecoder { decoder: *decoder, layers: heapless::Vec::new() };
-        if decoder.cfg.layers > L {
-            return Err(Error::TooManyLayers { layers: decoder.cfg.layers, capacity: L });
-        }
-        for l in 0..decoder.cfg.layers {
-            // Cannot fail: layers <= L.
-            let _ = r.layers.push(decoder.layer::<false>(l)?);
-        }
+        super::build_layers(&mut r.layers, decoder.cfg.layers, |l| decoder.layer::<false>(l))?;
         Ok(r)
     }
 

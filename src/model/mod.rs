@@ -47,3 +47,23 @@ pub use matrix::{Input, MAX_INT8_COLS, Matrix, Weights, quantize_vector};
 pub use sample::{Rng, Sampler};
 pub use stack::{LayerInfo, Model, Resolved, Step, argmax, required_scratch, required_scratch_int};
 pub use state::{State, bytes_for_dims};
+
+/// Fills `layers` with `n` views made by `make` in order, each pushed where
+/// it is made ([`Resolved`], [`ResolvedDecoder`]); `TooManyLayers` if `n`
+/// is past the capacity `L`.
+#[inline(always)]
+fn build_layers<T, const L: usize>(
+    layers: &mut heapless::Vec<T, L>,
+    n: usize,
+    mut make: impl FnMut(usize) -> crate::Result<T>,
+) -> crate::Result<()> {
+    layers.clear();
+    if n > L {
+        return Err(crate::Error::TooManyLayers { layers: n, capacity: L });
+    }
+    for l in 0..n {
+        // Cannot fail: n <= L.
+        let _ = layers.push(make(l)?);
+    }
+    Ok(())
+}

@@ -766,16 +766,9 @@ impl<'a, const L: usize> Resolved<'a, L> {
     #[inline(never)]
     pub fn build(&mut self) -> Result<()> {
         let model = self.model;
-        self.layers.clear();
-        if model.n_layers > L {
-            return Err(Error::TooManyLayers { layers: model.n_layers, capacity: L });
-        }
-        for l in 0..model.n_layers {
-            let layer = layers::build::<false>(&model.table, l, &read_layer(model.bytes, l)?)?;
-            // Cannot fail: n_layers <= L.
-            let _ = self.layers.push(layer);
-        }
-        Ok(())
+        super::build_layers(&mut self.layers, model.n_layers, |l| {
+            layers::build::<false>(&model.table, l, &read_layer(model.bytes, l)?)
+        })
     }
 
     /// The model the layers were built from.

@@ -59,37 +59,67 @@ pub fn sigmoid_q30(x: i32, frac_bits: u32) -> u32 {
     div_u64(num + den / 2, den) as u32
 }
 
-/// `num / den` rounded down, 0 for `den == 0`: shift and subtract, one step
-/// per bit of the quotient (16 for a routing weight, 31 for a sigmoid), so
-/// the integer router links no 64-bit division routine (864 bytes of a
-/// Cortex-M4 firmware; the M-profile divider is 32-bit).
+/// `num / den` rounded down, 0 for `den == 0`, so that the integer router
+/// links no 64-bit division routine (864 bytes of a Cortex-M4 firmware;
+/// the M-profile divider is 32-bit). A 32-bit `den` whose quotient fits 32
+/// bits (every sigmoid, and the routing weights of up to four experts) takes
+/// two 32-bit divisions ([`div_u64_by_u32`]); any other pair, shift and
+/// subtract, one step per bit of the quotient (17 for a routing weight).
 pub(crate) fn div_u64(num: u64, den: u64) -> u64 {
     if den == 0 || num < den {
         return 0;
     }
+    if let Ok(d) = u32::try_from(den)
+        && (num >> 32) < den
+    {
+        return div_u64_by_u32(num, d) as u64;
+    }
     // `den << shift` has `num`'s leading bit: it cannot overflow.
     let shift = den.leading_zeros() - num.leading_zeros();
     let (mut d, mut rem) = (den << shift, num);
-    let mut bit = || {
+    let mut q = 0u64;
+    for _ in 0..shift + 1 {
         let take = rem >= d;
         rem -= if take { d } else { 0 };
         d >>= 1;
-        take
-    };
-    if shift < 32 {
-        // The quotient has at most 32 bits (every use in the crate): a
-        // 32-bit one is two instructions a step cheaper on a 32-bit core.
-        let mut q = 0u32;
-        for _ in 0..shift + 1 {
-            q = q << 1 | bit() as u32;
-        }
-        return q as u64;
-    }
-    let mut q = 0u64;
-    for _ in 0..shift + 1 {
-        q = q << 1 | bit() as u64;
+        q = q << 1 | take as u64;
     }
     q
+}
+
+/// `n / d` rounded down for `n >> 32 < d` (the quotient fits 32 bits), in
+/// base 2^16: `d` normalized to its top bit, each 16-bit digit of the
+/// quotient estimated from the divisor's top half by one 32-bit division,
+/// then lowered while its product overshoots (at most twice).
+fn div_u64_by_u32(n: u64, d: u32) -> u32 {
+    let s = d.leading_zeros();
+    let d = d << s;
+    // `n >> 32 < d` before the shift, so `n << s` loses nothing and its
+    // high word stays below the shifted `d`.
+    let n = n << s;
+    let (hi, lo) = ((n >> 32) as u32, n as u32);
+    let (q1, r1) = digit(hi, lo >> 16, d);
+    let (q0, _) = digit(r1, lo & 0xFFFF, d);
+    q1 << 16 | q0
+}
+
+/// One 16-bit digit of `(top * 2^16 + next) / d` for a normalized `d`
+/// (top bit set) and `top < d`, and the remainder (wrapping arithmetic:
+/// the true value is below `d`). Out of line: called twice.
+#[inline(never)]
+fn digit(top: u32, next: u32, d: u32) -> (u32, u32) {
+    // `max`: `d` has its top bit set, so `dh >= 2^15`; said for the compiler
+    // (no division-by-zero panic path).
+    let (dh, dl) = ((d >> 16).max(1), d & 0xFFFF);
+    let (mut q, mut r) = (top / dh, top % dh);
+    while q > 0xFFFF || q * dl > (r << 16 | next) {
+        q -= 1;
+        r += dh;
+        if r > 0xFFFF {
+            break;
+        }
+    }
+    (q, (top << 16 | next).wrapping_sub(q.wrapping_mul(d)))
 }
 
 #[cfg(test)]
@@ -124,6 +154,29 @@ mod tests {
             x ^= x << 17;
             let (n, d) = (x, x.rotate_left(23) >> (x % 64));
             assert_eq!(div_u64(n, d), n.checked_div(d).unwrap_or(0), "{n} / {d}");
+        }
+        // The two-division path: quotients of every width up to 32 bits,
+        // divisors of every width, and the shapes the router divides.
+        for _ in 0..if cfg!(miri) { 200 } else { 200_000 } {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let d = ((x as u32) >> (x >> 59)).max(1);
+            let n = (x >> 7) % ((d as u64) << 32);
+            assert_eq!(div_u64_by_u32(n, d) as u64, n / d as u64, "{n} / {d}");
+        }
+        for d in [1u32, 2, 3, 0xFFFF, 0x1_0000, 0x8000_0000, 0x8000_0001, u32::MAX - 1, u32::MAX] {
+            for n in [0u64, 1, d as u64 - 1, d as u64, ((d as u64) << 32) - 1, (d as u64) << 31 | 0x7FFF_FFFF]
+            {
+                assert_eq!(div_u64_by_u32(n, d) as u64, n / d as u64, "{n} / {d}");
+            }
+        }
+        // Every sigmoid's division.
+        for e in (0..=1u64 << 30).step_by(if cfg!(miri) { 1 << 24 } else { 4093 }) {
+            let den = (1u64 << 30) + e;
+            for num in [1u64 << 60, e << 30] {
+                assert_eq!(div_u64(num + den / 2, den), (num + den / 2) / den);
+            }
         }
     }
 
