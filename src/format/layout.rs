@@ -387,8 +387,7 @@ const CHECK_MUL: u32 = 0x9E37_79B1;
 /// Version 2's trailer: two 32-bit lanes over the little-endian words `w`
 /// of the payload (its length is a multiple of 16 in any file this crate
 /// writes; a shorter last word counts as zero-padded), returned as `(a, b)`
-/// and stored as lane `a`
-/// then lane `b`:
+/// and stored as lane `a` then lane `b` ([`seal`]):
 ///
 /// ```text
 /// a <- rotl(a, 5) + w        b <- b * 0x9E3779B1 + a      (mod 2^32)

@@ -7,8 +7,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use super::layout::{
-    ALIGN, CHECK_LEN, ENTRY_LEN, HEADER_LEN, LAYER_LEN, MAGIC, VERSION, VERSION_CRC32, checksum, entry,
-    header, layer as lw,
+    ALIGN, CHECK_LEN, ENTRY_LEN, HEADER_LEN, LAYER_LEN, MAGIC, VERSION, VERSION_CRC32, entry, header,
+    layer as lw, seal,
 };
 use super::table::{Elem, Key};
 use crate::error::{Error, Field, Result};
@@ -124,9 +124,7 @@ pub fn assemble(
         put_u32(&mut b, at + entry::OUT_ZP, e.out_zp as u32);
         b[offset..offset + e.data.len()].copy_from_slice(&e.data);
     }
-    let (lane_a, lane_b) = checksum(&b[..total - CHECK_LEN]);
-    put_u32(&mut b, total - CHECK_LEN, lane_a);
-    put_u32(&mut b, total - CHECK_LEN + 4, lane_b);
+    seal(&mut b);
     Ok(b)
 }
 
@@ -146,9 +144,7 @@ pub fn upgrade(bytes: &[u8]) -> Result<Vec<u8>> {
     b[..h.payload].copy_from_slice(&bytes[..h.payload]);
     b[header::VERSION..header::VERSION + 2].copy_from_slice(&VERSION.to_le_bytes());
     put_u32(&mut b, header::TOTAL_LEN, total_u32);
-    let (lane_a, lane_b) = checksum(&b[..h.payload]);
-    put_u32(&mut b, h.payload, lane_a);
-    put_u32(&mut b, h.payload + 4, lane_b);
+    seal(&mut b);
     Ok(b)
 }
 
