@@ -120,6 +120,66 @@ impl<L: Dims> Ffn<L> {
     }
 }
 
+/// A linear layer as an [`Ffn`] drives it on the float path: `input`
+/// multiplies the FFN's input `X` (a slice; the decoder's
+/// [`Input`](crate::model::Input), quantized once for every int8 product
+/// that reads it), `hidden` the FFN's hidden vector, with `B` as work space
+/// (the decoder's int8 matrices quantize the hidden vector there).
+pub(crate) trait Product<X, B: ?Sized> {
+    /// `y = W x (+ b)`.
+    fn input(&self, x: &mut X, y: &mut [f32]);
+    /// `y = W h (+ b)`.
+    fn hidden(&self, h: &[f32], y: &mut [f32], work: &mut B);
+}
+
+impl<'x, W: FloatWeight> Product<&'x [f32], ()> for Linear<'_, W> {
+    #[inline(always)]
+    fn input(&self, x: &mut &'x [f32], y: &mut [f32]) {
+        self.forward(x, y);
+    }
+    #[inline(always)]
+    fn hidden(&self, h: &[f32], y: &mut [f32], _: &mut ()) {
+        self.forward(h, y);
+    }
+}
+
+impl<L> Ffn<L> {
+    /// `y = ffn(x)` on the float path, the one FFN body of every float
+    /// expert (the stack's [`Expert`], the decoder's SwiGLU experts):
+    /// `h1` and `h2` hold the hidden vectors (at least
+    /// [`Ffn::hidden_dim`] each, `h2` for gated units only; the caller
+    /// checks: a short buffer computes garbage, never panics).
+    #[inline(always)]
+    pub(crate) fn forward_with<X, B: ?Sized>(
+        &self,
+        x: &mut X,
+        y: &mut [f32],
+        (h1, h2): (&mut [f32], &mut [f32]),
+        work: &mut B,
+    ) where
+        L: Product<X, B> + Dims,
+    {
+        let inner = self.hidden_dim();
+        let n1 = inner.min(h1.len());
+        let h1 = &mut h1[..n1];
+        match self {
+            Ffn::Mlp { up, act, down } => {
+                up.input(x, h1);
+                act.apply(h1);
+                down.hidden(h1, y, work);
+            }
+            Ffn::Gated { gate, up, act, down } => {
+                let n2 = inner.min(h2.len());
+                let h2 = &mut h2[..n2];
+                gate.input(x, h1);
+                up.input(x, h2);
+                act.gate(h1, h2);
+                down.hidden(h1, y, work);
+            }
+        }
+    }
+}
+
 /// An expert with f32 or f16 weights (f32 arithmetic).
 #[derive(Debug, Clone, Copy)]
 pub struct Expert<'a, W> {
@@ -160,22 +220,8 @@ impl<'a, W: FloatWeight> Expert<'a, W> {
     /// elements (checked by the caller; a short buffer computes garbage,
     /// never panics).
     pub fn forward(&self, x: &[f32], y: &mut [f32], hidden: &mut [f32]) {
-        let (h1, h2) = hidden.split_at_mut(self.ffn.hidden_dim().min(hidden.len()));
-        match &self.ffn {
-            Ffn::Mlp { up, act, down } => {
-                up.forward(x, h1);
-                act.apply(h1);
-                down.forward(h1, y);
-            }
-            Ffn::Gated { gate, up, act, down } => {
-                gate.forward(x, h1);
-                up.forward(x, h2);
-                for (g, &u) in h1.iter_mut().zip(h2.iter()) {
-                    *g = act.eval(*g) * u;
-                }
-                down.forward(h1, y);
-            }
-        }
+        let halves = hidden.split_at_mut(self.ffn.hidden_dim().min(hidden.len()));
+        self.ffn.forward_with(&mut { x }, y, halves, &mut ());
     }
 
     /// [`Expert::forward`] for several tokens at once (host batches): `xs`
@@ -195,9 +241,7 @@ impl<'a, W: FloatWeight> Expert<'a, W> {
             Ffn::Gated { gate, up, act, down } => {
                 gate.forward_batch(xs, h1);
                 up.forward_batch(xs, h2);
-                for (g, &u) in h1.iter_mut().zip(h2.iter()) {
-                    *g = act.eval(*g) * u;
-                }
+                act.gate(h1, h2);
                 down.forward_batch(h1, ys);
             }
         }

@@ -424,7 +424,7 @@ impl CudaMoe {
             // sigmoid(shared gate . x) on the host from the device's logit:
             // the CPU's formula on the CPU's bits.
             let scale: Vec<f32> = match sh.gated {
-                true => logits.chunks_exact(rows).map(|r| 1.0 / (1.0 + libm::expf(-r[e]))).collect(),
+                true => logits.chunks_exact(rows).map(|r| crate::router::sigmoid(r[e])).collect(),
                 false => vec![1.0; tokens],
             };
             let scale_dev = dev.upload(Host::F32(&scale))?;

@@ -7,10 +7,12 @@
 use super::matrix::{Input, Matrix, Weights};
 use super::state::{Kv, Slabs, State, Work};
 use crate::error::{Error, Field, Result, What, check_len};
+use crate::expert::Ffn;
 use crate::format::layout::decoder::{self as dl, MODEL_LEVEL, SCALE_PART, role as drole};
 use crate::format::layout::{self, LAYER_LEN, LAYER_LEVEL, SHARED_EXPERT, dtype, part, role};
 use crate::format::{Header, Key, Table, check_entries};
 use crate::kernels::{Activation, FloatWeight};
+use crate::moe;
 use crate::quant::f16;
 use crate::router::{MAX_K, Router, Rule, Selection};
 
@@ -196,34 +198,49 @@ fn key_allowed(bytes: &[u8], cfg: &Config, key: Key) -> Result<bool> {
     })
 }
 
-/// A gated SwiGLU FFN: `down(silu(gate_proj x) * up x)`.
-#[derive(Debug, Clone, Copy)]
-struct SwiGlu<'a> {
-    gate: Matrix<'a>,
-    up: Matrix<'a>,
-    down: Matrix<'a>,
+/// A decoder expert: a gated SwiGLU FFN, `down(silu(gate_proj x) * up x)`,
+/// the same [`Ffn`] (and the same float forward) as the stack's experts.
+type SwiGlu<'a> = Ffn<Matrix<'a>>;
+
+/// The work space of one decoder expert: its gate and up halves `(inner,)`
+/// and the hidden vector quantized for an int8 `down`.
+struct FfnWork<'w> {
+    g: &'w mut [f32],
+    u: &'w mut [f32],
+    xq: &'w mut [i8],
 }
 
-impl SwiGlu<'_> {
-    // x: (hidden,) -> y: (hidden,), via g, u: (inner,); `xq` quantizes the hidden vector.
-    fn forward(
-        &self,
-        x: &mut Input<'_>,
-        y: &mut [f32],
-        g: &mut [f32],
-        u: &mut [f32],
-        xq: &mut [i8],
-    ) -> Result<()> {
-        let inner = self.up.rows();
-        let short = Error::ScratchTooSmall { needed: inner, actual: g.len().min(u.len()) };
-        let (Some(g), Some(u)) = (g.get_mut(..inner), u.get_mut(..inner)) else { return Err(short) };
-        self.gate.forward_input(x, g);
-        self.up.forward_input(x, u);
-        for (gv, &uv) in g.iter_mut().zip(u.iter()) {
-            *gv = Activation::Silu.eval(*gv) * uv;
+/// A decoder layer's FFN as the one float MoE ([`moe::forward`]) runs it.
+struct LayerFfn<'d, 'a> {
+    decoder: &'d Decoder<'a>,
+    layer: &'d Layer<'a>,
+    l: usize,
+}
+
+impl<'x> moe::Parts<Input<'x>, FfnWork<'_>> for LayerFfn<'_, '_> {
+    #[inline(always)]
+    fn logits(&self, x: &mut Input<'x>, logits: &mut [f32]) {
+        if let Some((gate, _)) = &self.layer.gate {
+            gate.forward_input(x, logits);
         }
-        self.down.forward(g, y, xq);
+    }
+
+    #[inline(always)]
+    fn expert(&self, e: usize, x: &mut Input<'x>, y: &mut [f32], w: &mut FfnWork<'_>) -> Result<()> {
+        let expert = self.decoder.expert::<false>(self.layer, self.l, e)?;
+        expert.forward_with(x, y, (w.g, w.u), w.xq);
         Ok(())
+    }
+
+    #[inline(always)]
+    fn shared(&self, x: &mut Input<'x>, y: &mut [f32], w: &mut FfnWork<'_>) -> Option<Option<f32>> {
+        let (shared, gate) = self.layer.shared.as_ref()?;
+        shared.forward_with(x, y, (w.g, w.u), w.xq);
+        Some(gate.map(|gate| {
+            let mut l = [0.0f32];
+            gate.forward_input(x, &mut l);
+            l[0]
+        }))
     }
 }
 
@@ -502,9 +519,10 @@ impl<'a> Decoder<'a> {
     ) -> Result<SwiGlu<'a>> {
         let h = self.cfg.hidden;
         let at = |role| key(l as u16, e, role);
-        Ok(SwiGlu {
+        Ok(Ffn::Gated {
             gate: matrix::<CHECK>(t, at(role::GATE_PROJ), inner, h, false)?,
             up: matrix::<CHECK>(t, at(role::UP), inner, h, false)?,
+            act: Activation::Silu,
             down: matrix::<CHECK>(t, at(role::DOWN), h, inner, false)?,
         })
     }
@@ -639,35 +657,17 @@ impl<'a> Decoder<'a> {
         Ok(())
     }
 
-    /// `x += moe(xb)`: routed experts, then the shared expert.
+    /// `x += moe(xb)`: routed experts, then the shared expert, through the
+    /// one float MoE ([`moe::forward`]).
     fn ffn(&self, layer: &Layer<'_>, l: usize, w: &mut Work<'_>) -> Result<Selection<f32>> {
-        let mut sel = Selection::new();
-        w.acc.fill(0.0);
+        let short = Error::ScratchTooSmall { needed: layer.cfg.experts, actual: w.router.len() };
+        let logits = w.router.get_mut(..layer.cfg.experts).ok_or(short)?;
         // Every product below reads xb: int8 ones share one quantization.
         let mut input = Input::new(w.xb, w.xbq);
-        if let Some((gate, router)) = &layer.gate {
-            let short = Error::ScratchTooSmall { needed: layer.cfg.experts, actual: w.router.len() };
-            let logits = w.router.get_mut(..layer.cfg.experts).ok_or(short)?;
-            gate.forward_input(&mut input, logits);
-            router.route(logits, &mut sel)?;
-            for ch in &sel {
-                let expert = self.expert::<false>(layer, l, ch.expert as usize)?;
-                expert.forward(&mut input, w.y, w.g, w.u, w.xq)?;
-                w.acc.iter_mut().zip(w.y.iter()).for_each(|(a, &v)| *a += ch.weight * v);
-            }
-        }
-        if let Some((shared, gate)) = &layer.shared {
-            shared.forward(&mut input, w.y, w.g, w.u, w.xq)?;
-            let g = match gate {
-                Some(gate) => {
-                    let mut s = [0.0f32];
-                    gate.forward_input(&mut input, &mut s);
-                    1.0 / (1.0 + libm::expf(-s[0]))
-                }
-                None => 1.0,
-            };
-            w.acc.iter_mut().zip(w.y.iter()).for_each(|(a, &v)| *a += g * v);
-        }
+        let parts = LayerFfn { decoder: self, layer, l };
+        let mut work = FfnWork { g: w.g, u: w.u, xq: w.xq };
+        let router = layer.gate.as_ref().map(|(_, r)| r);
+        let sel = moe::forward(&parts, router, &mut input, w.acc, (logits, w.y), &mut work)?;
         w.x.iter_mut().zip(w.acc.iter()).for_each(|(x, &d)| *x += d);
         Ok(sel)
     }
@@ -676,7 +676,7 @@ impl<'a> Decoder<'a> {
 /// A decoder with every layer's views built once (its matrices, norms,
 /// router and shared expert as borrowed slices, like llama2.c's weights
 /// struct), so that a token searches no table for them; routed experts are
-/// taken by position from expert 0's block. RAM: `L` layer views, 492
+/// taken by position from expert 0's block. RAM: `L` layer views, 496
 /// bytes each on a 32-bit Cortex-M ([`ResolvedDecoder::layer_bytes`]),
 /// known at compile time. Tokens give the same logits as
 /// [`Decoder::step`], bit for bit; the tiny LM on the Cortex-M4F takes

@@ -150,6 +150,28 @@ impl<'a> Matrix<'a> {
     }
 }
 
+impl crate::expert::Dims for Matrix<'_> {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+/// A decoder FFN's products: the FFN input quantized once, the hidden
+/// vector quantized into the work bytes.
+impl<'x> crate::expert::Product<Input<'x>, [i8]> for Matrix<'_> {
+    #[inline(always)]
+    fn input(&self, x: &mut Input<'x>, y: &mut [f32]) {
+        self.forward_input(x, y);
+    }
+    #[inline(always)]
+    fn hidden(&self, h: &[f32], y: &mut [f32], xq: &mut [i8]) {
+        self.forward(h, y, xq);
+    }
+}
+
 /// An f32 vector as matrices read it: int8 matrices take its int8
 /// quantization ([`quantize_vector`]), made by the first such product and
 /// reused by the next (the same bits as quantizing it for each).

@@ -90,7 +90,7 @@ where
                     *v += c.weight * yv;
                 }
             }
-            self.add_shared(&xs[t * d_in..(t + 1) * d_in], o, &mut shared_y, &mut hidden);
+            super::add_shared(self, &mut &xs[t * d_in..(t + 1) * d_in], o, &mut shared_y, &mut hidden);
         }
         Ok(selections)
     }

@@ -6,7 +6,7 @@ use crate::kernels::{FloatWeight, Linear};
 use crate::router::{Router, Selection};
 use crate::scratch::{Carve, bytes_for};
 
-use super::{Dims, ExpertSource, Stats};
+use super::{Dims, ExpertSource, Parts, Stats};
 
 /// An always-on expert, optionally scaled by `sigmoid(gate x)` (`gate`: one
 /// row, Qwen2-MoE's `shared_expert_gate`).
@@ -138,40 +138,7 @@ impl<'a, G: FloatWeight, W: FloatWeight, S: ExpertSource<Expert = Expert<'a, W>>
         let logits = carve.take::<f32>(self.router.rule().experts)?;
         let hidden = carve.take::<f32>(self.hidden_max)?;
         let y = carve.take::<f32>(self.out_dim)?;
-
-        // logits: (experts,) = gate (experts, in) @ x
-        self.gate.forward(x, logits);
-        let mut sel = Selection::new();
-        self.router.route(logits, &mut sel)?;
-
-        out.fill(0.0);
-        for c in &sel {
-            let expert = self.experts.expert(c.expert as usize)?;
-            expert.forward(x, y, hidden);
-            for (o, &v) in out.iter_mut().zip(y.iter()) {
-                *o += c.weight * v;
-            }
-        }
-        self.add_shared(x, out, y, hidden);
-        Ok(sel)
-    }
-
-    /// `out += g * shared(x)`, `g = sigmoid(shared_gate x)` or 1; `y` and
-    /// `hidden` are work buffers.
-    pub(crate) fn add_shared(&self, x: &[f32], out: &mut [f32], y: &mut [f32], hidden: &mut [f32]) {
-        let Some(shared) = &self.shared else { return };
-        shared.expert.forward(x, y, hidden);
-        let g = match &shared.gate {
-            Some(gate) => {
-                let mut l = [0.0f32];
-                gate.forward(x, &mut l);
-                1.0 / (1.0 + libm::expf(-l[0]))
-            }
-            None => 1.0,
-        };
-        for (o, &v) in out.iter_mut().zip(y.iter()) {
-            *o += g * v;
-        }
+        super::forward(self, Some(&self.router), &mut { x }, out, (logits, y), hidden)
     }
 
     /// f32 values of the largest expert's hidden buffers.
@@ -193,5 +160,34 @@ impl<'a, G: FloatWeight, W: FloatWeight, S: ExpertSource<Expert = Expert<'a, W>>
         let (macs, dense) = self.macs(&sel);
         stats.record(&sel, macs, dense);
         Ok(sel)
+    }
+}
+
+impl<'a, 'x, G, W, S> Parts<&'x [f32], [f32]> for MoeLayer<'a, G, W, S>
+where
+    G: FloatWeight,
+    W: FloatWeight,
+    S: ExpertSource<Expert = Expert<'a, W>>,
+{
+    #[inline(always)]
+    fn logits(&self, x: &mut &'x [f32], logits: &mut [f32]) {
+        self.gate.forward(x, logits);
+    }
+
+    #[inline(always)]
+    fn expert(&self, e: usize, x: &mut &'x [f32], y: &mut [f32], hidden: &mut [f32]) -> Result<()> {
+        self.experts.expert(e)?.forward(x, y, hidden);
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn shared(&self, x: &mut &'x [f32], y: &mut [f32], hidden: &mut [f32]) -> Option<Option<f32>> {
+        let shared = self.shared.as_ref()?;
+        shared.expert.forward(x, y, hidden);
+        Some(shared.gate.map(|gate| {
+            let mut l = [0.0f32];
+            gate.forward(x, &mut l);
+            l[0]
+        }))
     }
 }

@@ -7,7 +7,9 @@
 //!
 //! [`MoeLayer`] runs f32/f16 weights in f32; [`QMoeLayer`] runs int8 or Q15
 //! end to end in integers, including the router. Both work in a
-//! caller-provided scratch buffer of `scratch_bytes()` bytes.
+//! caller-provided scratch buffer of `scratch_bytes()` bytes. The float
+//! token path (gate, route, combine, shared expert) is written once and
+//! also runs the decoder's FFN ([`Decoder`](crate::model::Decoder)).
 //!
 //! ```
 //! use micromoe::expert::Expert;
@@ -46,7 +48,75 @@ pub(crate) use int::{check_expert, check_parts, check_shared};
 pub use source::ExpertSource;
 
 use crate::error::{Error, Result};
-use crate::router::Choice;
+use crate::router::{Choice, Router, Selection, sigmoid};
+
+/// One MoE layer's parts as [`forward`] runs them on the float path: the
+/// stack's [`MoeLayer`] and the decoder's FFN. `X` is the layer input as
+/// its products read it (a slice; the decoder's
+/// [`Input`](crate::model::Input), quantized once for all its int8
+/// products), `B` an expert's work space.
+pub(crate) trait Parts<X, B: ?Sized> {
+    /// The gate's logits, one per routed expert.
+    fn logits(&self, x: &mut X, logits: &mut [f32]);
+
+    /// Routed expert `e` into `y`, or why it cannot be had: the token's
+    /// error, never a skipped expert.
+    fn expert(&self, e: usize, x: &mut X, y: &mut [f32], work: &mut B) -> Result<()>;
+
+    /// The shared expert into `y` and its gate's logit: `None` without a
+    /// shared expert, `Some(None)` to add it unscaled (DeepSeek),
+    /// `Some(Some(l))` to scale it by `sigmoid(l)` (Qwen2-MoE).
+    fn shared(&self, x: &mut X, y: &mut [f32], work: &mut B) -> Option<Option<f32>>;
+}
+
+/// One token through a float MoE layer, the one combine of every float
+/// graph: `out = sum_i w_i expert_i(x)` over the experts `router` picks
+/// from the gate's logits (in router order), then `out += g shared(x)`.
+/// `router: None` is a dense layer (the shared expert alone, a decoder's
+/// dense FFN). `logits` holds one value per routed expert and `y` one
+/// output (callers size both).
+#[inline(always)]
+pub(crate) fn forward<X, B: ?Sized>(
+    parts: &impl Parts<X, B>,
+    router: Option<&Router<'_>>,
+    x: &mut X,
+    out: &mut [f32],
+    (logits, y): (&mut [f32], &mut [f32]),
+    work: &mut B,
+) -> Result<Selection<f32>> {
+    let mut sel = Selection::new();
+    out.fill(0.0);
+    if let Some(router) = router {
+        // logits: (experts,) = gate (experts, in) @ x
+        parts.logits(x, logits);
+        router.route(logits, &mut sel)?;
+        for c in &sel {
+            parts.expert(c.expert as usize, x, y, work)?;
+            for (o, &v) in out.iter_mut().zip(y.iter()) {
+                *o += c.weight * v;
+            }
+        }
+    }
+    add_shared(parts, x, out, y, work);
+    Ok(sel)
+}
+
+/// `out += g shared(x)`: `g = sigmoid(shared_gate x)`, or 1 for an
+/// ungated shared expert; nothing without one. `y` is work space.
+#[inline(always)]
+pub(crate) fn add_shared<X, B: ?Sized>(
+    parts: &impl Parts<X, B>,
+    x: &mut X,
+    out: &mut [f32],
+    y: &mut [f32],
+    work: &mut B,
+) {
+    let Some(logit) = parts.shared(x, y, work) else { return };
+    let g = logit.map_or(1.0, sigmoid);
+    for (o, &v) in out.iter_mut().zip(y.iter()) {
+        *o += g * v;
+    }
+}
 
 /// Sizes a layer derives from its experts. The public constructors compute
 /// them by visiting (and checking) every expert; a parsed model knows them

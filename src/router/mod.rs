@@ -166,7 +166,9 @@ fn sanitize(l: f32) -> f32 {
     if l.is_nan() { -LIM } else { l.clamp(-LIM, LIM) }
 }
 
-fn sigmoid(l: f32) -> f32 {
+/// `1 / (1 + e^-l)` in f32: routing scores and shared-expert gates on the
+/// float path (the GPU's host side too), one formula for the same bits.
+pub(crate) fn sigmoid(l: f32) -> f32 {
     1.0 / (1.0 + libm::expf(-l))
 }
 
