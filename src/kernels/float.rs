@@ -490,16 +490,74 @@ fn matmul_tiles<W: FloatWeight, const R: usize, const T: usize, const M: usize>(
 #[allow(unsafe_code)]
 mod avx2 {
     use super::FloatWeight;
+    use crate::quant::f16;
 
-    /// [`matvec`](super::matvec) compiled for AVX2; false (nothing done)
-    /// on a CPU without it.
+    /// [`matvec`](super::matvec) compiled for AVX2 (f16 weights: with
+    /// F16C too, where the CPU has it); false (nothing done) on a CPU
+    /// without AVX2.
     pub(super) fn matvec<W: FloatWeight>(w: &[W], b: Option<&[f32]>, x: &[f32], y: &mut [f32]) -> bool {
         if !std::is_x86_feature_detected!("avx2") {
             return false;
         }
+        if let Some(w) = as_f16c(w) {
+            // SAFETY: the CPU has AVX2 and F16C (`as_f16c` checked), the
+            // features the function enables.
+            unsafe { matvec_f16c(w, b, x, y) };
+            return true;
+        }
         // SAFETY: the CPU has AVX2, the only feature the function enables.
         unsafe { matvec_avx2(w, b, x, y) };
         true
+    }
+
+    /// `w` as [`F16c`] weights if they are [`f16`] and the CPU has F16C.
+    pub(super) fn as_f16c<W: FloatWeight>(w: &[W]) -> Option<&[F16c]> {
+        let is_f16 = core::any::TypeId::of::<W>() == core::any::TypeId::of::<f16>();
+        (is_f16 && std::is_x86_feature_detected!("f16c")).then(|| bytemuck::cast_slice(w))
+    }
+
+    /// An f16 widened by F16C's `vcvtph2ps`: exact, NaNs quieted with their
+    /// payload kept, so the values are `half`'s (and [`widen_f16_bits`]'s,
+    /// tested on all 65,536 halves). Made only by [`as_f16c`], after
+    /// run-time detection, and used only inside functions compiled for F16C.
+    #[derive(Clone, Copy)]
+    #[repr(transparent)]
+    pub(super) struct F16c(u16);
+
+    // SAFETY: a transparent `u16`: every bit pattern is a value, zero too,
+    // no padding.
+    unsafe impl bytemuck::Zeroable for F16c {}
+    // SAFETY: as above.
+    unsafe impl bytemuck::Pod for F16c {}
+
+    impl FloatWeight for F16c {
+        #[inline(always)]
+        fn to_f32(self) -> f32 {
+            super::widen_f16_bits(self.0)
+        }
+
+        #[inline(always)]
+        fn widen(block: &[Self; super::LANES]) -> [f32; super::LANES] {
+            use core::arch::x86_64::{__m256, _mm_loadu_si128, _mm256_cvtph_ps};
+            // SAFETY: an `F16c` exists only where the CPU has F16C
+            // (`as_f16c`), and this inlines into the F16C-compiled kernels
+            // below; the load reads the block's 16 bytes (unaligned allowed);
+            // `__m256` and `[f32; 8]` have the same size and any bits are both.
+            unsafe {
+                let v = _mm256_cvtph_ps(_mm_loadu_si128(block.as_ptr().cast()));
+                core::mem::transmute::<__m256, [f32; 8]>(v)
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    fn matvec_f16c(w: &[F16c], b: Option<&[f32]>, x: &[f32], y: &mut [f32]) {
+        super::matvec_rows::<F16c, 8>(w, b, x, y)
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    fn matmul_f16c(w: &[F16c], b: Option<&[f32]>, xs: &[f32], cols: usize, ys: &mut [f32]) {
+        super::matmul_tiles::<F16c, 1, 4, 8>(w, b, xs, cols, ys)
     }
 
     /// [`matmul`](super::matmul) compiled for AVX2, as [`matvec`].
@@ -512,6 +570,11 @@ mod avx2 {
     ) -> bool {
         if !std::is_x86_feature_detected!("avx2") {
             return false;
+        }
+        if let Some(w) = as_f16c(w) {
+            // SAFETY: as in `matvec`.
+            unsafe { matmul_f16c(w, b, xs, cols, ys) };
+            return true;
         }
         // SAFETY: as in `matvec`.
         unsafe { matmul_avx2(w, b, xs, cols, ys) };
@@ -783,6 +846,21 @@ mod tests {
         for bits in (0..=u16::MAX).step_by(if cfg!(miri) { 97 } else { 1 }) {
             let want = f16::from_bits(bits).to_f32();
             assert_eq!(widen_f16_bits(bits).to_bits(), want.to_bits(), "{bits:#06x}");
+        }
+    }
+
+    /// F16C's widening (the AVX2 f16 kernels' where the CPU has it) gives
+    /// `half`'s value for every half; skipped where the CPU lacks F16C.
+    #[test]
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    fn f16c_widening_equals_half_for_every_value() {
+        let all: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+        let Some(halves) = avx2::as_f16c(&all) else { return };
+        for (i, block) in halves.as_chunks::<LANES>().0.iter().enumerate() {
+            for (j, got) in avx2::F16c::widen(block).iter().enumerate() {
+                let want = all[i * LANES + j].to_f32();
+                assert_eq!(got.to_bits(), want.to_bits(), "{:#06x}", i * LANES + j);
+            }
         }
     }
 
