@@ -1,12 +1,14 @@
 //! Host decoding speed of the decoder (`model::Decoder`) on random
 //! Mixtral-style models of realistic width, one core: tokens/s for a
-//! 64-token prompt (fed token by token) and for 64 decoded tokens, for f32,
-//! f16 and int8 weights.
+//! 64-token prompt (`Decoder::prefill`, one batch per layer; `--sequential`:
+//! `Decoder::step` token by token) and for 64 decoded tokens, for f32, f16
+//! and int8 weights.
 //!
 //! ```text
 //! cargo run --release --example decode_bench                 # hidden 512 and 1024
 //! cargo run --release --example decode_bench -- 512 --runs 5 # one width
 //! cargo run --release --example decode_bench -- 1024 --type f16 # one type
+//! cargo run --release --example decode_bench -- --sequential    # prompt token by token
 //! taskset -c 0 cargo run --release --example decode_bench    # pinned, as README's figures
 //! ```
 //!
@@ -114,14 +116,18 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Tokens/s of the prompt and of the decoded tokens (greedy).
-fn run(decoder: &Decoder<'_>) -> (f64, f64) {
+fn run(decoder: &Decoder<'_>, sequential: bool) -> (f64, f64) {
     let mut buf = vec![0u8; decoder.state_bytes()];
     let mut state = decoder.state(&mut buf).unwrap();
     let mut logits = vec![0.0f32; VOCAB];
     let prompt: Vec<u32> = (0..TOKENS as u32).map(|i| (i * 7919 + 13) % VOCAB as u32).collect();
     let t = Instant::now();
-    for &tok in &prompt {
-        decoder.step(&mut state, tok, &mut logits, |_, _| {}).unwrap();
+    if sequential {
+        for &tok in &prompt {
+            decoder.step(&mut state, tok, &mut logits, |_, _| {}).unwrap();
+        }
+    } else {
+        decoder.prefill(&mut state, &prompt, &mut logits, |_, _, _| {}).unwrap();
     }
     let prefill = TOKENS as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
@@ -136,10 +142,12 @@ fn main() {
     let mut widths = Vec::new();
     let mut runs = 3;
     let mut only: Option<String> = None;
+    let mut sequential = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--runs" => runs = it.next().and_then(|v| v.parse().ok()).expect("--runs N"),
+            "--sequential" => sequential = true,
             "--type" => only = Some(it.next().expect("--type f32|f16|int8")),
             w => widths.push(w.parse::<usize>().expect("a width (multiple of 8) or --runs N")),
         }
@@ -156,7 +164,7 @@ fn main() {
             }
             let bytes = AlignedBytes::from(&model(hidden, dtype)[..]);
             let decoder = Decoder::parse(&bytes).unwrap();
-            let (p, d): (Vec<f64>, Vec<f64>) = (0..runs).map(|_| run(&decoder)).unzip();
+            let (p, d): (Vec<f64>, Vec<f64>) = (0..runs).map(|_| run(&decoder, sequential)).unzip();
             println!("{hidden:5}  {name:4}  {:12.1}  {:12.1}", median(p), median(d));
         }
     }

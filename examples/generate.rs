@@ -83,12 +83,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let start = Instant::now();
     let mut fed = 0;
     let mut next = 0;
-    for (i, &t) in prompt.iter().enumerate() {
-        dec.step(&mut state, t, &mut logits, |_, _| {})?;
-        fed += 1;
-        if i + 1 == prompt.len() {
-            next = state.sample(&mut sampler, &mut logits)?;
-        }
+    // The prompt in one batch per layer (the same logits as token by token).
+    if !prompt.is_empty() {
+        dec.prefill(&mut state, &prompt, &mut logits, |_, _, _| {})?;
+        fed += prompt.len();
+        next = state.sample(&mut sampler, &mut logits)?;
     }
     let mut history = prompt.clone();
     for _ in 0..args.tokens {
@@ -100,9 +99,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             // (positions beyond the context were never trained).
             state.reset();
             let keep = history.len() - context / 2;
-            for &t in &history[keep..history.len() - 1] {
-                dec.step(&mut state, t, &mut logits, |_, _| {})?;
-                fed += 1;
+            let again = &history[keep..history.len() - 1];
+            if !again.is_empty() {
+                dec.prefill(&mut state, again, &mut logits, |_, _, _| {})?;
+                fed += again.len();
             }
         }
         dec.step(&mut state, next, &mut logits, |l, sel| {

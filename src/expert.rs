@@ -143,23 +143,30 @@ impl<'x, W: FloatWeight> Product<&'x [f32], ()> for Linear<'_, W> {
     }
 }
 
+/// Several tokens' inputs, `(tokens, in)` row-major, as an [`Ffn`] reads
+/// them in one pass (the decoder's prefill): products over the batch.
+#[cfg(feature = "alloc")]
+pub(crate) struct Batch<'x>(pub &'x [f32]);
+
 impl<L> Ffn<L> {
     /// `y = ffn(x)` on the float path, the one FFN body of every float
     /// expert (the stack's [`Expert`], the decoder's SwiGLU experts):
-    /// `h1` and `h2` hold the hidden vectors (at least
+    /// `x` holds `tokens` inputs (1, or a prefill's [`Batch`]); `h1` and
+    /// `h2` hold their hidden vectors (at least `tokens *`
     /// [`Ffn::hidden_dim`] each, `h2` for gated units only; the caller
     /// checks: a short buffer computes garbage, never panics).
     #[inline(always)]
     pub(crate) fn forward_with<X, B: ?Sized>(
         &self,
         x: &mut X,
+        tokens: usize,
         y: &mut [f32],
         (h1, h2): (&mut [f32], &mut [f32]),
         work: &mut B,
     ) where
         L: Product<X, B> + Dims,
     {
-        let inner = self.hidden_dim();
+        let inner = self.hidden_dim().saturating_mul(tokens);
         let n1 = inner.min(h1.len());
         let h1 = &mut h1[..n1];
         match self {
@@ -221,7 +228,7 @@ impl<'a, W: FloatWeight> Expert<'a, W> {
     /// never panics).
     pub fn forward(&self, x: &[f32], y: &mut [f32], hidden: &mut [f32]) {
         let halves = hidden.split_at_mut(self.ffn.hidden_dim().min(hidden.len()));
-        self.ffn.forward_with(&mut { x }, y, halves, &mut ());
+        self.ffn.forward_with(&mut { x }, 1, y, halves, &mut ());
     }
 
     /// [`Expert::forward`] for several tokens at once (host batches): `xs`

@@ -124,6 +124,21 @@ pub fn decoder(data: &[u8]) {
             assert!(a.is_err() || bits(&logits) == bits(&again), "resolved views changed the logits");
         }
     }
+    // The same two tokens as one prefill: the same logits wherever the steps
+    // succeed (the steps also check the first token's logits, which a
+    // prefill does not compute).
+    state.reset();
+    let two = [0, 1 % vocab as u32];
+    let a = two.iter().try_for_each(|&t| dec.step(&mut state, t, &mut logits, |_, _| {}));
+    let mut buf3 = vec![0u8; dec.state_bytes()];
+    let Ok(mut third) = dec.state(&mut buf3) else { return };
+    let mut pre = vec![0.0f32; vocab];
+    let b = dec.prefill(&mut third, &two, &mut pre, |_, _, _| {});
+    if a.is_ok() {
+        assert!(b.is_ok(), "a prefill refused what the steps took: {b:?}");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(bits(&logits) == bits(&pre), "a prefill changed the logits");
+    }
 }
 
 /// The host input path: `[config length: u16 LE][config.json][safetensors]`

@@ -4,6 +4,9 @@
 //! embed -> per layer [RMSNorm -> q,k,v -> RoPE -> cache -> attention -> o
 //! -> residual -> RMSNorm -> MoE FFN -> residual] -> RMSNorm -> output.
 
+#[cfg(feature = "alloc")]
+mod prefill;
+
 use super::matrix::{Input, Matrix, Weights};
 use super::state::{Kv, Slabs, State, Work};
 use crate::error::{Error, Field, Result, What, check_len};
@@ -228,14 +231,14 @@ impl<'x> moe::Parts<Input<'x>, FfnWork<'_>> for LayerFfn<'_, '_> {
     #[inline(always)]
     fn expert(&self, e: usize, x: &mut Input<'x>, y: &mut [f32], w: &mut FfnWork<'_>) -> Result<()> {
         let expert = self.decoder.expert::<false>(self.layer, self.l, e)?;
-        expert.forward_with(x, y, (w.g, w.u), w.xq);
+        expert.forward_with(x, 1, y, (w.g, w.u), w.xq);
         Ok(())
     }
 
     #[inline(always)]
     fn shared(&self, x: &mut Input<'x>, y: &mut [f32], w: &mut FfnWork<'_>) -> Option<Option<f32>> {
         let (shared, gate) = self.layer.shared.as_ref()?;
-        shared.forward_with(x, y, (w.g, w.u), w.xq);
+        shared.forward_with(x, 1, y, (w.g, w.u), w.xq);
         Some(gate.map(|gate| {
             let mut l = [0.0f32];
             gate.forward_input(x, &mut l);
@@ -632,16 +635,37 @@ impl<'a> Decoder<'a> {
             rope(head, w.cos, w.sin);
         }
         kv.store(c, l, pos, w.k, w.v)?;
+        self.heads(l, pos, kv, w.q, w.scores, w.att)?;
+        layer.o.forward(w.att, w.xb, w.xq);
+        w.x.iter_mut().zip(w.xb.iter()).for_each(|(x, &d)| *x += d);
+        Ok(())
+    }
+
+    /// Every head's attention of the rotated queries `q` at `pos` over
+    /// layer `l`'s cache up to `pos` (stored) into `att`; `scores` is work
+    /// space of at least `pos + 1` values.
+    fn heads(
+        &self,
+        l: usize,
+        pos: usize,
+        kv: &Kv<'_>,
+        q: &[f32],
+        scores: &mut [f32],
+        att: &mut [f32],
+    ) -> Result<()> {
+        let c = &self.cfg;
+        // `max(1)`: validated non-zero at parse (no panic path below).
+        let hd = c.head_dim.max(1);
         let group = (c.heads / c.kv_heads.max(1)).max(1);
         let scale = 1.0 / libm::sqrtf(hd as f32);
-        let short = Error::ScratchTooSmall { needed: pos + 1, actual: w.scores.len() };
-        let scores = w.scores.get_mut(..=pos).ok_or(short)?;
+        let short = Error::ScratchTooSmall { needed: pos + 1, actual: scores.len() };
+        let scores = scores.get_mut(..=pos).ok_or(short)?;
         let slabs = kv.layer(c, l, pos + 1)?;
         let kvd = c.kv_dim();
         // Not a zip of two `chunks_exact`: its out-of-line constructor divides
         // by a chunk size it cannot see is non-zero (a panic path).
-        for (h, out) in w.att.chunks_exact_mut(hd).enumerate() {
-            let qh = w.q.get(h * hd..).and_then(|q| q.get(..hd)).ok_or(Error::WrongState)?;
+        for (h, out) in att.chunks_exact_mut(hd).enumerate() {
+            let qh = q.get(h * hd..).and_then(|q| q.get(..hd)).ok_or(Error::WrongState)?;
             // This head's columns within a cached row.
             let off = h / group * hd;
             if off + hd > kvd {
@@ -652,8 +676,6 @@ impl<'a> Decoder<'a> {
                 Slabs::F16(k, v) => attend(k, v, (kvd, off), qh, scores, out, scale),
             }
         }
-        layer.o.forward(w.att, w.xb, w.xq);
-        w.x.iter_mut().zip(w.xb.iter()).for_each(|(x, &d)| *x += d);
         Ok(())
     }
 

@@ -150,6 +150,65 @@ impl<'a> Matrix<'a> {
     }
 }
 
+#[cfg(feature = "alloc")]
+impl Matrix<'_> {
+    /// [`Matrix::forward`] for `tokens` inputs at once (`xs`: `(tokens,
+    /// cols)`, `ys`: `(tokens, rows)`, row-major), each weight row read
+    /// once for all of them while cached: the same bits as token by token
+    /// (f32 and f16 through [`matmul`](crate::kernels::matmul); int8 with
+    /// each input quantized as [`Input`] does, integer sums, the same
+    /// scaling).
+    pub(crate) fn forward_batch(&self, xs: &[f32], ys: &mut [f32]) {
+        let (rows, cols) = (self.rows, self.cols);
+        match self.w {
+            Weights::F32(w) => crate::kernels::matmul(w, self.bias, xs, cols, ys),
+            Weights::F16(w) => crate::kernels::matmul(w, self.bias, xs, cols, ys),
+            Weights::I8 { w, scales } => {
+                let tokens = (xs.len() / cols).min(ys.len() / rows);
+                let mut xq = alloc::vec![0i8; tokens * cols];
+                let sx: alloc::vec::Vec<f32> = xs
+                    .chunks_exact(cols)
+                    .zip(xq.chunks_exact_mut(cols))
+                    .map(|(x, q)| quantize_vector(x, q))
+                    .collect();
+                // Blocks of rows that stay in L2 (64 KB) across the tokens.
+                let per = (64 << 10) / cols.max(1);
+                let per = per.clamp(1, rows);
+                for (b, block) in w.chunks(per * cols).enumerate() {
+                    let first = b * per;
+                    for (t, (q, &sx)) in xq.chunks_exact(cols).zip(&sx).enumerate() {
+                        let y = &mut ys[t * rows..(t + 1) * rows];
+                        let mut out = y[first..].iter_mut().zip(&scales[first..]);
+                        for_each_dot_i8(block, q, 0, |acc| {
+                            if let Some((yo, &s)) = out.next() {
+                                *yo = acc as f32 * (s * sx);
+                            }
+                        });
+                    }
+                }
+                if let Some(b) = self.bias {
+                    for y in ys.chunks_exact_mut(rows).take(tokens) {
+                        y.iter_mut().zip(b).for_each(|(yo, &bo)| *yo += bo);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A decoder FFN's products over a batch of tokens (prefill).
+#[cfg(feature = "alloc")]
+impl crate::expert::Product<crate::expert::Batch<'_>, ()> for Matrix<'_> {
+    #[inline(always)]
+    fn input(&self, x: &mut crate::expert::Batch<'_>, y: &mut [f32]) {
+        self.forward_batch(x.0, y);
+    }
+    #[inline(always)]
+    fn hidden(&self, h: &[f32], y: &mut [f32], _: &mut ()) {
+        self.forward_batch(h, y);
+    }
+}
+
 impl crate::expert::Dims for Matrix<'_> {
     fn rows(&self) -> usize {
         self.rows
