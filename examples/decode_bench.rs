@@ -9,6 +9,7 @@
 //! cargo run --release --example decode_bench -- 512 --runs 5 # one width
 //! cargo run --release --example decode_bench -- 1024 --type f16 # one type
 //! cargo run --release --example decode_bench -- --sequential    # prompt token by token
+//! cargo run --release --example decode_bench -- --model m.moe   # a converted decoder
 //! taskset -c 0 cargo run --release --example decode_bench    # pinned, as README's figures
 //! ```
 //!
@@ -119,8 +120,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn run(decoder: &Decoder<'_>, sequential: bool) -> (f64, f64) {
     let mut buf = vec![0u8; decoder.state_bytes()];
     let mut state = decoder.state(&mut buf).unwrap();
-    let mut logits = vec![0.0f32; VOCAB];
-    let prompt: Vec<u32> = (0..TOKENS as u32).map(|i| (i * 7919 + 13) % VOCAB as u32).collect();
+    let vocab = decoder.config().vocab;
+    assert!(decoder.config().context > 2 * TOKENS, "the model's context must exceed {} positions", 2 * TOKENS);
+    let mut logits = vec![0.0f32; vocab];
+    let prompt: Vec<u32> = (0..TOKENS as u32).map(|i| (i * 7919 + 13) % vocab as u32).collect();
     let t = Instant::now();
     if sequential {
         for &tok in &prompt {
@@ -143,19 +146,31 @@ fn main() {
     let mut runs = 3;
     let mut only: Option<String> = None;
     let mut sequential = false;
+    let mut models: Vec<String> = Vec::new();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--runs" => runs = it.next().and_then(|v| v.parse().ok()).expect("--runs N"),
             "--sequential" => sequential = true,
+            "--model" => models.push(it.next().expect("--model PATH")),
             "--type" => only = Some(it.next().expect("--type f32|f16|int8")),
             w => widths.push(w.parse::<usize>().expect("a width (multiple of 8) or --runs N")),
         }
     }
+    println!("width  type  prompt tok/s  decode tok/s  (median of {runs}, {TOKENS} tokens each)");
+    // A converted model instead of the built-in ones (its own vocabulary and context).
+    for path in &models {
+        let bytes = AlignedBytes::from(&std::fs::read(path).expect("a readable .moe")[..]);
+        let decoder = Decoder::parse(&bytes).expect("a decoder .moe");
+        let (p, d): (Vec<f64>, Vec<f64>) = (0..runs).map(|_| run(&decoder, sequential)).unzip();
+        println!("{:5}  {path}  {:12.1}  {:12.1}", decoder.config().hidden, median(p), median(d));
+    }
+    if !models.is_empty() && widths.is_empty() {
+        return;
+    }
     if widths.is_empty() {
         widths = vec![512, 1024];
     }
-    println!("width  type  prompt tok/s  decode tok/s  (median of {runs}, {TOKENS} tokens each)");
     for &hidden in &widths {
         for (name, dtype) in [("f32", LayerDtype::F32), ("f16", LayerDtype::F16), ("int8", LayerDtype::Int8)]
         {
