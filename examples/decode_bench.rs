@@ -10,6 +10,7 @@
 //! cargo run --release --example decode_bench -- 1024 --type f16 # one type
 //! cargo run --release --example decode_bench -- --sequential    # prompt token by token
 //! cargo run --release --example decode_bench -- --model m.moe   # a converted decoder
+//! cargo run --release --example decode_bench -- --threads 2     # prefill's experts on 2 threads
 //! taskset -c 0 cargo run --release --example decode_bench    # pinned, as README's figures
 //! ```
 //!
@@ -117,11 +118,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Tokens/s of the prompt and of the decoded tokens (greedy).
-fn run(decoder: &Decoder<'_>, sequential: bool) -> (f64, f64) {
+fn run(decoder: &Decoder<'_>, sequential: bool, threads: usize) -> (f64, f64) {
     let mut buf = vec![0u8; decoder.state_bytes()];
     let mut state = decoder.state(&mut buf).unwrap();
     let vocab = decoder.config().vocab;
-    assert!(decoder.config().context > 2 * TOKENS, "the model's context must exceed {} positions", 2 * TOKENS);
+    assert!(
+        decoder.config().context > 2 * TOKENS,
+        "the model's context must exceed {} positions",
+        2 * TOKENS
+    );
     let mut logits = vec![0.0f32; vocab];
     let prompt: Vec<u32> = (0..TOKENS as u32).map(|i| (i * 7919 + 13) % vocab as u32).collect();
     let t = Instant::now();
@@ -130,7 +135,7 @@ fn run(decoder: &Decoder<'_>, sequential: bool) -> (f64, f64) {
             decoder.step(&mut state, tok, &mut logits, |_, _| {}).unwrap();
         }
     } else {
-        decoder.prefill(&mut state, &prompt, &mut logits, |_, _, _| {}).unwrap();
+        decoder.prefill(&mut state, &prompt, &mut logits, threads, |_, _, _| {}).unwrap();
     }
     let prefill = TOKENS as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
@@ -146,12 +151,14 @@ fn main() {
     let mut runs = 3;
     let mut only: Option<String> = None;
     let mut sequential = false;
+    let mut threads = 1;
     let mut models: Vec<String> = Vec::new();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--runs" => runs = it.next().and_then(|v| v.parse().ok()).expect("--runs N"),
             "--sequential" => sequential = true,
+            "--threads" => threads = it.next().and_then(|v| v.parse().ok()).expect("--threads N"),
             "--model" => models.push(it.next().expect("--model PATH")),
             "--type" => only = Some(it.next().expect("--type f32|f16|int8")),
             w => widths.push(w.parse::<usize>().expect("a width (multiple of 8) or --runs N")),
@@ -162,7 +169,7 @@ fn main() {
     for path in &models {
         let bytes = AlignedBytes::from(&std::fs::read(path).expect("a readable .moe")[..]);
         let decoder = Decoder::parse(&bytes).expect("a decoder .moe");
-        let (p, d): (Vec<f64>, Vec<f64>) = (0..runs).map(|_| run(&decoder, sequential)).unzip();
+        let (p, d): (Vec<f64>, Vec<f64>) = (0..runs).map(|_| run(&decoder, sequential, threads)).unzip();
         println!("{:5}  {path}  {:12.1}  {:12.1}", decoder.config().hidden, median(p), median(d));
     }
     if !models.is_empty() && widths.is_empty() {
@@ -179,7 +186,7 @@ fn main() {
             }
             let bytes = AlignedBytes::from(&model(hidden, dtype)[..]);
             let decoder = Decoder::parse(&bytes).unwrap();
-            let (p, d): (Vec<f64>, Vec<f64>) = (0..runs).map(|_| run(&decoder, sequential)).unzip();
+            let (p, d): (Vec<f64>, Vec<f64>) = (0..runs).map(|_| run(&decoder, sequential, threads)).unzip();
             println!("{hidden:5}  {name:4}  {:12.1}  {:12.1}", median(p), median(d));
         }
     }

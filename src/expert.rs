@@ -145,7 +145,7 @@ impl<'x, W: FloatWeight> Product<&'x [f32], ()> for Linear<'_, W> {
 
 /// Several tokens' inputs, `(tokens, in)` row-major, as an [`Ffn`] reads
 /// them in one pass (the decoder's prefill): products over the batch.
-#[cfg(feature = "alloc")]
+#[cfg(feature = "std")]
 pub(crate) struct Batch<'x>(pub &'x [f32]);
 
 impl<L> Ffn<L> {

@@ -36,15 +36,21 @@ fn stepped(dec: &Decoder<'_>, prompt: &[u32], after: &[u32]) -> (Vec<Vec<f32>>, 
     (out, chosen)
 }
 
-/// The same through prefill (the prompt in `parts` batches), then steps.
-fn prefilled(dec: &Decoder<'_>, prompt: &[u32], parts: usize, after: &[u32]) -> (Vec<Vec<f32>>, Chosen) {
+/// The same through prefill (the prompt in `parts` batches, the experts on
+/// `threads`), then steps.
+fn prefilled(
+    dec: &Decoder<'_>,
+    prompt: &[u32],
+    (parts, threads): (usize, usize),
+    after: &[u32],
+) -> (Vec<Vec<f32>>, Chosen) {
     let mut buf = vec![0u8; dec.state_bytes()];
     let mut state = dec.state(&mut buf).unwrap();
     let mut logits = vec![0.0; dec.config().vocab];
     let mut chosen = Vec::new();
     let cut = prompt.len().div_ceil(parts);
     for (i, chunk) in prompt.chunks(cut).enumerate() {
-        dec.prefill(&mut state, chunk, &mut logits, |t, l, s| {
+        dec.prefill(&mut state, chunk, &mut logits, threads, |t, l, s| {
             chosen.push((i * cut + t, l, s.iter().map(|c| c.expert).collect()))
         })
         .unwrap();
@@ -72,17 +78,21 @@ fn check(bytes: &[u8], what: &str) {
         (0..n as u32).map(|i| i.wrapping_mul(2_654_435_761).wrapping_add(i) % vocab).collect();
     let after: Vec<u32> = (0..3).map(|i| (i * 7 + 1) % vocab).collect();
     let want = stepped(&dec, &prompt, &after);
-    for parts in [1, 3] {
-        let got = prefilled(&dec, &prompt, parts, &after);
-        assert_eq!(bits(&got.0), bits(&want.0), "{what}: logits, prompt in {parts} batches");
-        assert_eq!(got.1, want.1, "{what}: experts, prompt in {parts} batches");
+    for (parts, threads) in [(1, 1), (3, 1), (1, 3)] {
+        let got = prefilled(&dec, &prompt, (parts, threads), &after);
+        assert_eq!(
+            bits(&got.0),
+            bits(&want.0),
+            "{what}: logits, prompt in {parts} batches on {threads} threads"
+        );
+        assert_eq!(got.1, want.1, "{what}: experts, prompt in {parts} batches on {threads} threads");
     }
     // The built views give the same.
     let resolved = ResolvedDecoder::<8>::new(&dec).unwrap();
     let mut buf = vec![0u8; dec.state_bytes()];
     let mut state = dec.state(&mut buf).unwrap();
     let mut logits = vec![0.0; vocab as usize];
-    resolved.prefill(&mut state, &prompt, &mut logits, |_, _, _| {}).unwrap();
+    resolved.prefill(&mut state, &prompt, &mut logits, 2, |_, _, _| {}).unwrap();
     assert_eq!(bits(&[logits]), bits(&want.0[..1]), "{what}: resolved");
 }
 
@@ -118,14 +128,14 @@ fn bad_prompts_are_refused_and_leave_the_state() {
     let mut state = dec.state(&mut buf).unwrap();
     let mut logits = vec![0.0; vocab];
     let none = |_: usize, _: usize, _: &micromoe::Selection<f32>| {};
-    assert!(matches!(dec.prefill(&mut state, &[], &mut logits, none), Err(Error::Shape { .. })));
+    assert!(matches!(dec.prefill(&mut state, &[], &mut logits, 1, none), Err(Error::Shape { .. })));
     let bad = [0, vocab as u32];
-    assert!(matches!(dec.prefill(&mut state, &bad, &mut logits, none), Err(Error::OutOfRange { .. })));
+    assert!(matches!(dec.prefill(&mut state, &bad, &mut logits, 1, none), Err(Error::OutOfRange { .. })));
     let long = vec![1u32; context + 1];
-    assert!(matches!(dec.prefill(&mut state, &long, &mut logits, none), Err(Error::ContextFull { .. })));
-    assert!(matches!(dec.prefill(&mut state, &[1], &mut logits[1..], none), Err(Error::Shape { .. })));
+    assert!(matches!(dec.prefill(&mut state, &long, &mut logits, 1, none), Err(Error::ContextFull { .. })));
+    assert!(matches!(dec.prefill(&mut state, &[1], &mut logits[1..], 1, none), Err(Error::Shape { .. })));
     assert_eq!(state.pos(), 0);
     // Exactly the context fits; then nothing more.
-    dec.prefill(&mut state, &vec![1u32; context], &mut logits, none).unwrap();
-    assert!(matches!(dec.prefill(&mut state, &[1], &mut logits, none), Err(Error::ContextFull { .. })));
+    dec.prefill(&mut state, &vec![1u32; context], &mut logits, 1, none).unwrap();
+    assert!(matches!(dec.prefill(&mut state, &[1], &mut logits, 1, none), Err(Error::ContextFull { .. })));
 }

@@ -133,7 +133,7 @@ pub fn decoder(data: &[u8]) {
     let mut buf3 = vec![0u8; dec.state_bytes()];
     let Ok(mut third) = dec.state(&mut buf3) else { return };
     let mut pre = vec![0.0f32; vocab];
-    let b = dec.prefill(&mut third, &two, &mut pre, |_, _, _| {});
+    let b = dec.prefill(&mut third, &two, &mut pre, 1, |_, _, _| {});
     if a.is_ok() {
         assert!(b.is_ok(), "a prefill refused what the steps took: {b:?}");
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

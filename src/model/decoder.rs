@@ -4,7 +4,7 @@
 //! embed -> per layer [RMSNorm -> q,k,v -> RoPE -> cache -> attention -> o
 //! -> residual -> RMSNorm -> MoE FFN -> residual] -> RMSNorm -> output.
 
-#[cfg(feature = "alloc")]
+#[cfg(feature = "std")]
 mod prefill;
 
 use super::matrix::{Input, Matrix, Weights};

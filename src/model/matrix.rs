@@ -150,7 +150,7 @@ impl<'a> Matrix<'a> {
     }
 }
 
-#[cfg(feature = "alloc")]
+#[cfg(feature = "std")]
 impl Matrix<'_> {
     /// [`Matrix::forward`] for `tokens` inputs at once (`xs`: `(tokens,
     /// cols)`, `ys`: `(tokens, rows)`, row-major), each weight row read
@@ -197,7 +197,7 @@ impl Matrix<'_> {
 }
 
 /// A decoder FFN's products over a batch of tokens (prefill).
-#[cfg(feature = "alloc")]
+#[cfg(feature = "std")]
 impl crate::expert::Product<crate::expert::Batch<'_>, ()> for Matrix<'_> {
     #[inline(always)]
     fn input(&self, x: &mut crate::expert::Batch<'_>, y: &mut [f32]) {

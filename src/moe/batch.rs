@@ -152,7 +152,7 @@ where
 }
 
 /// The view of every expert the plan gives tokens to (`None` for the rest).
-fn resolve<E>(
+pub(crate) fn resolve<E>(
     plan: &DispatchPlan<impl Copy + Default>,
     expert: impl Fn(usize) -> Result<E>,
 ) -> Result<Vec<Option<E>>> {
@@ -162,7 +162,7 @@ fn resolve<E>(
 /// Runs `work(expert, tokens, rows)` for every expert's group of the plan,
 /// the experts spread over `threads` workers; returns the rows, `(entries,
 /// width)` in plan order.
-fn run_groups<T: Copy + Send>(
+pub(crate) fn run_groups<T: Copy + Send>(
     plan: &DispatchPlan<impl Copy + Default + Sync>,
     width: usize,
     threads: usize,
@@ -213,7 +213,7 @@ fn run_groups<T: Copy + Send>(
 }
 
 /// `entry[t * k + slot]`: where token `t`'s choice `slot` is in the plan.
-fn entries<W: Copy + Default>(plan: &DispatchPlan<W>, tokens: usize, k: usize) -> Vec<usize> {
+pub(crate) fn entries<W: Copy + Default>(plan: &DispatchPlan<W>, tokens: usize, k: usize) -> Vec<usize> {
     let mut entry = vec![usize::MAX; tokens * k];
     for (i, (&t, &slot)) in plan.tokens.iter().zip(&plan.slots).enumerate() {
         if let Some(e) = entry.get_mut(t as usize * k + slot as usize) {
@@ -224,6 +224,6 @@ fn entries<W: Copy + Default>(plan: &DispatchPlan<W>, tokens: usize, k: usize) -
 }
 
 /// Row `i` of a `(rows, width)` buffer.
-fn row<T>(ys: &[T], i: usize, width: usize) -> Option<&[T]> {
+pub(crate) fn row<T>(ys: &[T], i: usize, width: usize) -> Option<&[T]> {
     ys.get(i.checked_mul(width)?..)?.get(..width)
 }

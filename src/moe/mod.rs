@@ -39,7 +39,7 @@ mod int;
 mod source;
 
 #[cfg(feature = "std")]
-mod batch;
+pub(crate) mod batch;
 
 pub use float::{MoeLayer, SharedExpert};
 pub(crate) use int::Gate;

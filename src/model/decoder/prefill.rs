@@ -1,8 +1,9 @@
-//! Prefill (`alloc`): a prompt through the decoder as one batch per layer.
+//! Prefill (`std`): a prompt through the decoder as one batch per layer.
 //!
 //! Every matrix multiplies all prompt tokens in one pass (each weight row
 //! read once for all of them), each routed expert runs once over the
-//! tokens routed to it, the shared expert once over all; attention runs per
+//! tokens routed to it (grouped by a [`DispatchPlan`], the experts spread
+//! over threads as the batched layers do), the shared expert once over all; attention runs per
 //! token over the cache up to its position (the causal mask). The combine
 //! is the one float MoE's ([`moe::forward`]) per token, over the outputs
 //! computed here. Every product gives the bits of its one-token twin, so a
@@ -18,15 +19,18 @@ use crate::error::{Error, Result, What, check_len};
 use crate::expert::Batch;
 use crate::model::state::{State, Work};
 use crate::moe;
-use crate::router::Selection;
+use crate::moe::batch::{entries, resolve, row, run_groups};
+use crate::router::{DispatchPlan, Selection};
 
 /// One token's share of a layer's FFN, computed over the batch: what
 /// [`moe::forward`] combines.
 struct Done<'d> {
     /// The gate's logits `(experts,)`.
     logits: &'d [f32],
-    /// The token's selection, and each slot's expert output `(k, hidden)`.
+    /// The token's selection, where each slot's output is in `ys` (`(entries,
+    /// hidden)` in plan order), and `ys`.
     sel: &'d Selection<f32>,
+    entry: &'d [usize],
     ys: &'d [f32],
     /// The shared expert's output and its gate's logit, if the layer has one.
     shared: Option<(&'d [f32], Option<f32>)>,
@@ -40,9 +44,8 @@ impl moe::Parts<(), ()> for Done<'_> {
     fn expert(&self, e: usize, _: &mut (), y: &mut [f32], _: &mut ()) -> Result<()> {
         // The router picks from the same logits what it picked before.
         let slot = self.sel.iter().position(|c| c.expert as usize == e).ok_or(Error::WrongState)?;
-        let n = y.len();
-        let row = self.ys.get(slot * n..(slot + 1) * n).ok_or(Error::WrongState)?;
-        y.copy_from_slice(row);
+        let at = self.entry.get(slot).copied().ok_or(Error::WrongState)?;
+        y.copy_from_slice(row(self.ys, at, y.len()).ok_or(Error::WrongState)?);
         Ok(())
     }
 
@@ -69,8 +72,9 @@ impl<'a> Decoder<'a> {
     /// wide): the same bits, logits and cache, as [`Decoder::step`] over
     /// each token in turn, at a fraction of the time (each weight row read
     /// once for the whole prompt; the output projection for the last token
-    /// only). `on_layer(token, layer, selection)` sees each token's experts,
-    /// layer by layer. Buffers of `tokens.len()` rows are allocated; a
+    /// only). The routed experts run on `threads` workers (at least 1; the
+    /// same bits for any number). `on_layer(token, layer, selection)` sees
+    /// each token's experts, layer by layer. Buffers of `tokens.len()` rows are allocated; a
     /// prompt longer than the context left is [`Error::ContextFull`] and
     /// leaves the state as it was.
     pub fn prefill(
@@ -78,9 +82,10 @@ impl<'a> Decoder<'a> {
         state: &mut State<'_>,
         tokens: &[u32],
         logits: &mut [f32],
+        threads: usize,
         on_layer: impl FnMut(usize, usize, &Selection<f32>),
     ) -> Result<()> {
-        self.prefill_over(None, state, tokens, logits, on_layer)
+        self.prefill_over(None, state, tokens, logits, threads, on_layer)
     }
 
     fn prefill_over(
@@ -89,6 +94,7 @@ impl<'a> Decoder<'a> {
         state: &mut State<'_>,
         tokens: &[u32],
         logits: &mut [f32],
+        threads: usize,
         mut on_layer: impl FnMut(usize, usize, &Selection<f32>),
     ) -> Result<()> {
         let c = self.cfg;
@@ -154,7 +160,7 @@ impl<'a> Decoder<'a> {
             for (xr, br) in x.chunks_exact(h).zip(xb.chunks_exact_mut(h)) {
                 rms_norm(xr, layer.ffn_norm, c.rms_eps, br)?;
             }
-            self.ffn_batch(layer, l, &xb, &mut o, &mut w, |t, sel| on_layer(t, l, sel))?;
+            self.ffn_batch((layer, l), &xb, &mut o, &mut w, threads, |t, sel| on_layer(t, l, sel))?;
             x.iter_mut().zip(&o).for_each(|(x, &d)| *x += d);
         }
         let last = &x[(n - 1) * h..];
@@ -171,11 +177,11 @@ impl<'a> Decoder<'a> {
     /// shared expert over all, then [`moe::forward`] per token on them.
     fn ffn_batch(
         &self,
-        layer: &Layer<'_>,
-        l: usize,
+        (layer, l): (&Layer<'_>, usize),
         xb: &[f32],
         out: &mut [f32],
         w: &mut Work<'_>,
+        threads: usize,
         mut on_token: impl FnMut(usize, &Selection<f32>),
     ) -> Result<()> {
         let (h, lc) = (self.cfg.hidden, layer.cfg);
@@ -190,27 +196,17 @@ impl<'a> Decoder<'a> {
                 router.route(lt, s)?;
             }
         }
-        // ys: (token, slot) rows.
-        let mut ys = vec![0.0f32; n * k * h];
-        for e in 0..experts {
-            let users: Vec<(usize, usize)> = sels
-                .iter()
-                .enumerate()
-                .filter_map(|(t, s)| s.iter().position(|c| c.expert as usize == e).map(|slot| (t, slot)))
-                .collect();
-            if users.is_empty() {
-                continue;
-            }
-            let expert = self.expert::<false>(layer, l, e)?;
-            let xs = gather(xb, h, users.iter().map(|&(t, _)| t));
-            let m = users.len();
-            let mut ye = vec![0.0f32; m * h];
+        // Each chosen expert once over its tokens, the experts over `threads`.
+        let plan = DispatchPlan::new(&sels, experts)?;
+        let views = resolve(&plan, |e| self.expert::<false>(layer, l, e))?;
+        let ys = run_groups(&plan, h, threads, 0.0f32, |e, group, ys| {
+            let Some(Some(expert)) = views.get(e) else { return };
+            let xs = gather(xb, h, group.iter().map(|&t| t as usize));
+            let m = group.len();
             let (mut h1, mut h2) = (vec![0.0f32; m * lc.hidden], vec![0.0f32; m * lc.hidden]);
-            expert.forward_with(&mut Batch(&xs), m, &mut ye, (&mut h1, &mut h2), &mut ());
-            for (&(t, slot), y) in users.iter().zip(ye.chunks_exact(h)) {
-                ys[(t * k + slot) * h..(t * k + slot + 1) * h].copy_from_slice(y);
-            }
-        }
+            expert.forward_with(&mut Batch(&xs), m, ys, (&mut h1, &mut h2), &mut ());
+        });
+        let entry = entries(&plan, n, k);
         let mut shared_y = Vec::new();
         let mut shared_logits = Vec::new();
         if let Some((shared, gate)) = &layer.shared {
@@ -228,7 +224,8 @@ impl<'a> Decoder<'a> {
             let done = Done {
                 logits: &logits[t * experts..(t + 1) * experts],
                 sel: &sels[t],
-                ys: &ys[t * k * h..(t + 1) * k * h],
+                entry: &entry[t * k..(t + 1) * k],
+                ys: &ys,
                 shared: layer
                     .shared
                     .as_ref()
@@ -248,8 +245,9 @@ impl<const L: usize> ResolvedDecoder<'_, L> {
         state: &mut State<'_>,
         tokens: &[u32],
         logits: &mut [f32],
+        threads: usize,
         on_layer: impl FnMut(usize, usize, &Selection<f32>),
     ) -> Result<()> {
-        self.decoder.prefill_over(Some(&self.layers), state, tokens, logits, on_layer)
+        self.decoder.prefill_over(Some(&self.layers), state, tokens, logits, threads, on_layer)
     }
 }
