@@ -10,7 +10,7 @@
 //! cargo run --release --example decode_bench -- 1024 --type f16 # one type
 //! cargo run --release --example decode_bench -- --sequential    # prompt token by token
 //! cargo run --release --example decode_bench -- --model m.moe   # a converted decoder
-//! cargo run --release --example decode_bench -- --threads 2     # prefill's experts on 2 threads
+//! cargo run --release --example decode_bench -- --threads 2     # Decoder::with_threads(2)
 //! taskset -c 0 cargo run --release --example decode_bench    # pinned, as README's figures
 //! ```
 //!
@@ -118,7 +118,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Tokens/s of the prompt and of the decoded tokens (greedy).
-fn run(decoder: &Decoder<'_>, sequential: bool, threads: usize) -> (f64, f64) {
+fn run(decoder: &Decoder<'_>, sequential: bool) -> (f64, f64) {
     let mut buf = vec![0u8; decoder.state_bytes()];
     let mut state = decoder.state(&mut buf).unwrap();
     let vocab = decoder.config().vocab;
@@ -135,7 +135,7 @@ fn run(decoder: &Decoder<'_>, sequential: bool, threads: usize) -> (f64, f64) {
             decoder.step(&mut state, tok, &mut logits, |_, _| {}).unwrap();
         }
     } else {
-        decoder.prefill(&mut state, &prompt, &mut logits, threads, |_, _, _| {}).unwrap();
+        decoder.prefill(&mut state, &prompt, &mut logits, |_, _, _| {}).unwrap();
     }
     let prefill = TOKENS as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
@@ -168,8 +168,8 @@ fn main() {
     // A converted model instead of the built-in ones (its own vocabulary and context).
     for path in &models {
         let bytes = AlignedBytes::from(&std::fs::read(path).expect("a readable .moe")[..]);
-        let decoder = Decoder::parse(&bytes).expect("a decoder .moe");
-        let (p, d): (Vec<f64>, Vec<f64>) = (0..runs).map(|_| run(&decoder, sequential, threads)).unzip();
+        let decoder = Decoder::parse(&bytes).expect("a decoder .moe").with_threads(threads);
+        let (p, d): (Vec<f64>, Vec<f64>) = (0..runs).map(|_| run(&decoder, sequential)).unzip();
         println!("{:5}  {path}  {:12.1}  {:12.1}", decoder.config().hidden, median(p), median(d));
     }
     if !models.is_empty() && widths.is_empty() {
@@ -185,8 +185,8 @@ fn main() {
                 continue;
             }
             let bytes = AlignedBytes::from(&model(hidden, dtype)[..]);
-            let decoder = Decoder::parse(&bytes).unwrap();
-            let (p, d): (Vec<f64>, Vec<f64>) = (0..runs).map(|_| run(&decoder, sequential, threads)).unzip();
+            let decoder = Decoder::parse(&bytes).unwrap().with_threads(threads);
+            let (p, d): (Vec<f64>, Vec<f64>) = (0..runs).map(|_| run(&decoder, sequential)).unzip();
             println!("{hidden:5}  {name:4}  {:12.1}  {:12.1}", median(p), median(d));
         }
     }

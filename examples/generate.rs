@@ -85,7 +85,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut next = 0;
     // The prompt in one batch per layer (the same logits as token by token).
     if !prompt.is_empty() {
-        dec.prefill(&mut state, &prompt, &mut logits, 1, |_, _, _| {})?;
+        dec.prefill(&mut state, &prompt, &mut logits, |_, _, _| {})?;
         fed += prompt.len();
         next = state.sample(&mut sampler, &mut logits)?;
     }
@@ -101,7 +101,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let keep = history.len() - context / 2;
             let again = &history[keep..history.len() - 1];
             if !again.is_empty() {
-                dec.prefill(&mut state, again, &mut logits, 1, |_, _, _| {})?;
+                dec.prefill(&mut state, again, &mut logits, |_, _, _| {})?;
                 fed += again.len();
             }
         }

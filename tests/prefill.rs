@@ -1,6 +1,7 @@
-//! Prefill (`Decoder::prefill`, one batch per layer) against the decoder's
-//! own one-token path: the same logits, the same experts and the same cache
-//! (the steps after it), bit for bit, on every committed decoder in f32,
+//! Prefill (`Decoder::prefill`, one batch per layer) and threaded steps
+//! (`Decoder::with_threads`) against the decoder's own one-token path on one
+//! thread: the same logits, the same experts and the same cache (the steps
+//! after it), bit for bit, on every committed decoder in f32,
 //! f16 and int8 and on the committed tiny LM; and its bad input refused.
 //! The reference is `Decoder::step`, which the parity tests hold to
 //! transformers.
@@ -44,13 +45,14 @@ fn prefilled(
     (parts, threads): (usize, usize),
     after: &[u32],
 ) -> (Vec<Vec<f32>>, Chosen) {
+    let dec = dec.with_threads(threads);
     let mut buf = vec![0u8; dec.state_bytes()];
     let mut state = dec.state(&mut buf).unwrap();
     let mut logits = vec![0.0; dec.config().vocab];
     let mut chosen = Vec::new();
     let cut = prompt.len().div_ceil(parts);
     for (i, chunk) in prompt.chunks(cut).enumerate() {
-        dec.prefill(&mut state, chunk, &mut logits, threads, |t, l, s| {
+        dec.prefill(&mut state, chunk, &mut logits, |t, l, s| {
             chosen.push((i * cut + t, l, s.iter().map(|c| c.expert).collect()))
         })
         .unwrap();
@@ -87,12 +89,17 @@ fn check(bytes: &[u8], what: &str) {
         );
         assert_eq!(got.1, want.1, "{what}: experts, prompt in {parts} batches on {threads} threads");
     }
+    // Steps on three threads (experts side by side, the output projection
+    // split) give the same.
+    let threaded = stepped(&dec.with_threads(3), &prompt, &after);
+    assert_eq!(bits(&threaded.0), bits(&want.0), "{what}: steps on 3 threads");
+    assert_eq!(threaded.1, want.1, "{what}: experts, steps on 3 threads");
     // The built views give the same.
     let resolved = ResolvedDecoder::<8>::new(&dec).unwrap();
     let mut buf = vec![0u8; dec.state_bytes()];
     let mut state = dec.state(&mut buf).unwrap();
     let mut logits = vec![0.0; vocab as usize];
-    resolved.prefill(&mut state, &prompt, &mut logits, 2, |_, _, _| {}).unwrap();
+    resolved.prefill(&mut state, &prompt, &mut logits, |_, _, _| {}).unwrap();
     assert_eq!(bits(&[logits]), bits(&want.0[..1]), "{what}: resolved");
 }
 
@@ -128,14 +135,14 @@ fn bad_prompts_are_refused_and_leave_the_state() {
     let mut state = dec.state(&mut buf).unwrap();
     let mut logits = vec![0.0; vocab];
     let none = |_: usize, _: usize, _: &micromoe::Selection<f32>| {};
-    assert!(matches!(dec.prefill(&mut state, &[], &mut logits, 1, none), Err(Error::Shape { .. })));
+    assert!(matches!(dec.prefill(&mut state, &[], &mut logits, none), Err(Error::Shape { .. })));
     let bad = [0, vocab as u32];
-    assert!(matches!(dec.prefill(&mut state, &bad, &mut logits, 1, none), Err(Error::OutOfRange { .. })));
+    assert!(matches!(dec.prefill(&mut state, &bad, &mut logits, none), Err(Error::OutOfRange { .. })));
     let long = vec![1u32; context + 1];
-    assert!(matches!(dec.prefill(&mut state, &long, &mut logits, 1, none), Err(Error::ContextFull { .. })));
-    assert!(matches!(dec.prefill(&mut state, &[1], &mut logits[1..], 1, none), Err(Error::Shape { .. })));
+    assert!(matches!(dec.prefill(&mut state, &long, &mut logits, none), Err(Error::ContextFull { .. })));
+    assert!(matches!(dec.prefill(&mut state, &[1], &mut logits[1..], none), Err(Error::Shape { .. })));
     assert_eq!(state.pos(), 0);
     // Exactly the context fits; then nothing more.
-    dec.prefill(&mut state, &vec![1u32; context], &mut logits, 1, none).unwrap();
-    assert!(matches!(dec.prefill(&mut state, &[1], &mut logits, 1, none), Err(Error::ContextFull { .. })));
+    dec.prefill(&mut state, &vec![1u32; context], &mut logits, none).unwrap();
+    assert!(matches!(dec.prefill(&mut state, &[1], &mut logits, none), Err(Error::ContextFull { .. })));
 }

@@ -124,7 +124,7 @@ pub fn decoder(data: &[u8]) {
             assert!(a.is_err() || bits(&logits) == bits(&again), "resolved views changed the logits");
         }
     }
-    // The same two tokens as one prefill: the same logits wherever the steps
+    // The same two tokens as one prefill (on two threads): the same logits wherever the steps
     // succeed (the steps also check the first token's logits, which a
     // prefill does not compute).
     state.reset();
@@ -133,7 +133,7 @@ pub fn decoder(data: &[u8]) {
     let mut buf3 = vec![0u8; dec.state_bytes()];
     let Ok(mut third) = dec.state(&mut buf3) else { return };
     let mut pre = vec![0.0f32; vocab];
-    let b = dec.prefill(&mut third, &two, &mut pre, 1, |_, _, _| {});
+    let b = dec.with_threads(2).prefill(&mut third, &two, &mut pre, |_, _, _| {});
     if a.is_ok() {
         assert!(b.is_ok(), "a prefill refused what the steps took: {b:?}");
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

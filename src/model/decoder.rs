@@ -5,7 +5,7 @@
 //! -> residual -> RMSNorm -> MoE FFN -> residual] -> RMSNorm -> output.
 
 #[cfg(feature = "std")]
-mod prefill;
+mod host;
 
 use super::matrix::{Input, Matrix, Weights};
 use super::state::{Kv, Slabs, State, Work};
@@ -277,6 +277,9 @@ pub struct Decoder<'a> {
     lm_head: Matrix<'a>,
     /// The widest FFN and the most routed experts of any layer (the state's sizes).
     ffn: (usize, usize),
+    /// Workers a step or a prefill spreads over (`std`; 1 otherwise).
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    threads: usize,
 }
 
 /// Parts a decoder tensor key may have (weight, bias, int8 scale).
@@ -442,7 +445,7 @@ impl<'a> Decoder<'a> {
             let lc = LayerConfig::read(bytes, l)?;
             ffn = (ffn.0.max(lc.hidden).max(lc.shared_hidden), ffn.1.max(lc.experts));
         }
-        Ok(Decoder { bytes, table, cfg, embed, final_norm, lm_head, ffn })
+        Ok(Decoder { bytes, table, cfg, embed, final_norm, lm_head, ffn, threads: 1 })
     }
 
     /// Builds every layer and expert view once: each tensor present with
@@ -606,7 +609,7 @@ impl<'a> Decoder<'a> {
             on_layer(l, &sel);
         }
         rms_norm(w.x, self.final_norm, c.rms_eps, w.xb)?;
-        self.lm_head.forward(w.xb, logits, w.xq);
+        self.head(w.xb, logits, w.xq);
         state.advance();
         // Weights are not scanned at parse; overflowing ones show here.
         crate::error::check_finite(What::Output, logits)
@@ -639,6 +642,15 @@ impl<'a> Decoder<'a> {
         layer.o.forward(w.att, w.xb, w.xq);
         w.x.iter_mut().zip(w.xb.iter()).for_each(|(x, &d)| *x += d);
         Ok(())
+    }
+
+    /// `logits = lm_head x`, its rows over the decoder's threads (`std`).
+    fn head(&self, x: &[f32], logits: &mut [f32], xq: &mut [i8]) {
+        #[cfg(feature = "std")]
+        if self.threads > 1 {
+            return self.lm_head.forward_threads(x, logits, self.threads);
+        }
+        self.lm_head.forward(x, logits, xq);
     }
 
     /// Every head's attention of the rotated queries `q` at `pos` over
@@ -682,6 +694,10 @@ impl<'a> Decoder<'a> {
     /// `x += moe(xb)`: routed experts, then the shared expert, through the
     /// one float MoE ([`moe::forward`]).
     fn ffn(&self, layer: &Layer<'_>, l: usize, w: &mut Work<'_>) -> Result<Selection<f32>> {
+        #[cfg(feature = "std")]
+        if self.threads > 1 && layer.gate.is_some() {
+            return self.ffn_threads(layer, l, w);
+        }
         let short = Error::ScratchTooSmall { needed: layer.cfg.experts, actual: w.router.len() };
         let logits = w.router.get_mut(..layer.cfg.experts).ok_or(short)?;
         // Every product below reads xb: int8 ones share one quantization.

@@ -196,6 +196,48 @@ impl Matrix<'_> {
     }
 }
 
+#[cfg(feature = "std")]
+impl<'a> Matrix<'a> {
+    /// Rows `r0..r1` as a matrix of their own (`None` if empty or out of range).
+    fn rows_range(&self, r0: usize, r1: usize) -> Option<Matrix<'a>> {
+        let c = self.cols;
+        let span = r0.checked_mul(c)?..r1.checked_mul(c)?;
+        let w = match self.w {
+            Weights::F32(w) => Weights::F32(w.get(span)?),
+            Weights::F16(w) => Weights::F16(w.get(span)?),
+            Weights::I8 { w, scales } => Weights::I8 { w: w.get(span)?, scales: scales.get(r0..r1)? },
+        };
+        let bias = match self.bias {
+            Some(b) => Some(b.get(r0..r1)?),
+            None => None,
+        };
+        (r0 < r1).then_some(Matrix { w, bias, rows: r1 - r0, cols: c })
+    }
+
+    /// [`Matrix::forward`] with the rows split over `threads` workers (each
+    /// quantizing `x` for itself: the same bits).
+    pub(crate) fn forward_threads(&self, x: &[f32], y: &mut [f32], threads: usize) {
+        let per = self.rows.div_ceil(threads.max(1)).max(1);
+        let run = |(i, y): (usize, &mut [f32])| {
+            if let Some(m) = self.rows_range(i * per, (i * per + y.len()).min(self.rows)) {
+                let mut xq = std::vec![0i8; x.len()];
+                m.forward(x, y, &mut xq);
+            }
+        };
+        std::thread::scope(|scope| {
+            let mut parts = y.chunks_mut(per).enumerate();
+            let first = parts.next();
+            for part in parts {
+                let run = &run;
+                scope.spawn(move || run(part));
+            }
+            if let Some(part) = first {
+                run(part);
+            }
+        });
+    }
+}
+
 /// A decoder FFN's products over a batch of tokens (prefill).
 #[cfg(feature = "std")]
 impl crate::expert::Product<crate::expert::Batch<'_>, ()> for Matrix<'_> {

@@ -1,5 +1,7 @@
-//! Prefill (`std`): a prompt through the decoder as one batch per layer.
+//! The decoder's `std` paths: a prompt as one batch per layer (prefill),
+//! and a step's experts and output projection over threads.
 //!
+//! Prefill:
 //! Every matrix multiplies all prompt tokens in one pass (each weight row
 //! read once for all of them), each routed expert runs once over the
 //! tokens routed to it (grouped by a [`DispatchPlan`], the experts spread
@@ -72,9 +74,10 @@ impl<'a> Decoder<'a> {
     /// wide): the same bits, logits and cache, as [`Decoder::step`] over
     /// each token in turn, at a fraction of the time (each weight row read
     /// once for the whole prompt; the output projection for the last token
-    /// only). The routed experts run on `threads` workers (at least 1; the
-    /// same bits for any number). `on_layer(token, layer, selection)` sees
-    /// each token's experts, layer by layer. Buffers of `tokens.len()` rows are allocated; a
+    /// only). The routed experts run on the decoder's threads
+    /// ([`Decoder::with_threads`]; the same bits for any number).
+    /// `on_layer(token, layer, selection)` sees each token's experts, layer
+    /// by layer. Buffers of `tokens.len()` rows are allocated; a
     /// prompt longer than the context left is [`Error::ContextFull`] and
     /// leaves the state as it was.
     pub fn prefill(
@@ -82,10 +85,9 @@ impl<'a> Decoder<'a> {
         state: &mut State<'_>,
         tokens: &[u32],
         logits: &mut [f32],
-        threads: usize,
         on_layer: impl FnMut(usize, usize, &Selection<f32>),
     ) -> Result<()> {
-        self.prefill_over(None, state, tokens, logits, threads, on_layer)
+        self.prefill_over(None, state, tokens, logits, on_layer)
     }
 
     fn prefill_over(
@@ -94,7 +96,6 @@ impl<'a> Decoder<'a> {
         state: &mut State<'_>,
         tokens: &[u32],
         logits: &mut [f32],
-        threads: usize,
         mut on_layer: impl FnMut(usize, usize, &Selection<f32>),
     ) -> Result<()> {
         let c = self.cfg;
@@ -160,12 +161,12 @@ impl<'a> Decoder<'a> {
             for (xr, br) in x.chunks_exact(h).zip(xb.chunks_exact_mut(h)) {
                 rms_norm(xr, layer.ffn_norm, c.rms_eps, br)?;
             }
-            self.ffn_batch((layer, l), &xb, &mut o, &mut w, threads, |t, sel| on_layer(t, l, sel))?;
+            self.ffn_batch((layer, l), &xb, &mut o, &mut w, |t, sel| on_layer(t, l, sel))?;
             x.iter_mut().zip(&o).for_each(|(x, &d)| *x += d);
         }
         let last = &x[(n - 1) * h..];
         rms_norm(last, self.final_norm, c.rms_eps, w.xb)?;
-        self.lm_head.forward(w.xb, logits, w.xq);
+        self.head(w.xb, logits, w.xq);
         for _ in 0..n {
             state.advance();
         }
@@ -181,7 +182,6 @@ impl<'a> Decoder<'a> {
         xb: &[f32],
         out: &mut [f32],
         w: &mut Work<'_>,
-        threads: usize,
         mut on_token: impl FnMut(usize, &Selection<f32>),
     ) -> Result<()> {
         let (h, lc) = (self.cfg.hidden, layer.cfg);
@@ -196,10 +196,10 @@ impl<'a> Decoder<'a> {
                 router.route(lt, s)?;
             }
         }
-        // Each chosen expert once over its tokens, the experts over `threads`.
+        // Each chosen expert once over its tokens, the experts over the threads.
         let plan = DispatchPlan::new(&sels, experts)?;
         let views = resolve(&plan, |e| self.expert::<false>(layer, l, e))?;
-        let ys = run_groups(&plan, h, threads, 0.0f32, |e, group, ys| {
+        let ys = run_groups(&plan, h, self.threads, 0.0f32, |e, group, ys| {
             let Some(Some(expert)) = views.get(e) else { return };
             let xs = gather(xb, h, group.iter().map(|&t| t as usize));
             let m = group.len();
@@ -238,6 +238,100 @@ impl<'a> Decoder<'a> {
     }
 }
 
+impl<'a> Decoder<'a> {
+    /// This decoder with a step's and a prefill's work spread over
+    /// `threads` workers (at least 1): a step's chosen experts (and shared
+    /// expert) run side by side and the output projection's rows are split;
+    /// a prefill's experts are spread. The same bits for any number
+    /// (tests/prefill.rs); threads are started per layer, which pays from
+    /// a few hundred thousand multiply-adds per expert.
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
+    }
+
+    /// The workers a step or a prefill uses ([`Decoder::with_threads`]).
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// [`Decoder::ffn`] with the chosen experts and the shared expert run
+    /// side by side, each from its own quantization of `xb` (the same
+    /// bits), then combined by [`moe::forward`] in router order.
+    pub(super) fn ffn_threads(
+        &self,
+        layer: &Layer<'_>,
+        l: usize,
+        w: &mut Work<'_>,
+    ) -> Result<Selection<f32>> {
+        let (h, lc) = (self.cfg.hidden, layer.cfg);
+        let (gate, router) = layer.gate.as_ref().ok_or(Error::WrongState)?;
+        let xb: &[f32] = w.xb;
+        let mut input = crate::model::Input::new(xb, w.xbq);
+        let mut logits = vec![0.0f32; lc.experts];
+        gate.forward_input(&mut input, &mut logits);
+        let mut sel = Selection::new();
+        router.route(&logits, &mut sel)?;
+        let mut shared_logit = None;
+        if let Some((_, Some(g))) = &layer.shared {
+            let mut s = [0.0f32];
+            g.forward_input(&mut input, &mut s);
+            shared_logit = Some(s[0]);
+        }
+        // Jobs: the chosen experts in router order, then the shared expert.
+        let mut jobs = Vec::with_capacity(sel.len() + 1);
+        for c in &sel {
+            jobs.push((self.expert::<false>(layer, l, c.expert as usize)?, lc.hidden));
+        }
+        if let Some((shared, _)) = &layer.shared {
+            jobs.push((*shared, lc.shared_hidden));
+        }
+        let mut ys = vec![0.0f32; jobs.len() * h];
+        let run = |list: Vec<(&super::SwiGlu<'_>, usize, &mut [f32])>| {
+            for (ffn, inner, y) in list {
+                let (mut g, mut u) = (vec![0.0f32; inner], vec![0.0f32; inner]);
+                let (mut xbq, mut xq) = (vec![0i8; h], vec![0i8; inner.max(h)]);
+                ffn.forward_with(
+                    &mut crate::model::Input::new(xb, &mut xbq),
+                    1,
+                    y,
+                    (&mut g, &mut u),
+                    &mut xq[..],
+                );
+            }
+        };
+        let threads = self.threads.clamp(1, jobs.len().max(1));
+        let mut lists: Vec<Vec<_>> = (0..threads).map(|_| Vec::new()).collect();
+        for (i, ((ffn, inner), y)) in jobs.iter().zip(ys.chunks_exact_mut(h)).enumerate() {
+            lists[i % threads].push((ffn, *inner, y));
+        }
+        let mut lists = lists.into_iter();
+        let first = lists.next();
+        std::thread::scope(|scope| {
+            for list in lists {
+                let run = &run;
+                scope.spawn(move || run(list));
+            }
+            if let Some(list) = first {
+                run(list);
+            }
+        });
+        let k = sel.len();
+        let entry: Vec<usize> = (0..k).collect();
+        let done = Done {
+            logits: &logits,
+            sel: &sel,
+            entry: &entry,
+            ys: &ys,
+            shared: layer.shared.as_ref().map(|_| (&ys[k * h..(k + 1) * h], shared_logit)),
+        };
+        let lbuf = w.router.get_mut(..lc.experts).ok_or(Error::WrongState)?;
+        let sel = moe::forward(&done, Some(router), &mut (), w.acc, (lbuf, &mut *w.y), &mut ())?;
+        w.x.iter_mut().zip(w.acc.iter()).for_each(|(x, &d)| *x += d);
+        Ok(sel)
+    }
+}
+
 impl<const L: usize> ResolvedDecoder<'_, L> {
     /// [`Decoder::prefill`] on the built views: the same checks and bits.
     pub fn prefill(
@@ -245,9 +339,8 @@ impl<const L: usize> ResolvedDecoder<'_, L> {
         state: &mut State<'_>,
         tokens: &[u32],
         logits: &mut [f32],
-        threads: usize,
         on_layer: impl FnMut(usize, usize, &Selection<f32>),
     ) -> Result<()> {
-        self.decoder.prefill_over(Some(&self.layers), state, tokens, logits, threads, on_layer)
+        self.decoder.prefill_over(Some(&self.layers), state, tokens, logits, on_layer)
     }
 }
