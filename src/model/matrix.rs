@@ -224,17 +224,7 @@ impl<'a> Matrix<'a> {
                 m.forward(x, y, &mut xq);
             }
         };
-        std::thread::scope(|scope| {
-            let mut parts = y.chunks_mut(per).enumerate();
-            let first = parts.next();
-            for part in parts {
-                let run = &run;
-                scope.spawn(move || run(part));
-            }
-            if let Some(part) = first {
-                run(part);
-            }
-        });
+        crate::moe::batch::spread(y.chunks_mut(per).enumerate(), run);
     }
 }
 

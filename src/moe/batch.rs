@@ -192,24 +192,29 @@ pub(crate) fn run_groups<T: Copy + Send>(
             list.1.push((e, rows));
         }
     }
-    let run = |list: List<'_, T>| {
+    spread(lists.into_iter().map(|(_, list)| list), |list: List<'_, T>| {
         for (e, rows) in list {
             work(e, plan.group(e).tokens, rows);
         }
-    };
-    // The first list on this thread: one spawn fewer per call.
-    let mut lists = lists.into_iter().map(|(_, list)| list);
-    let first = lists.next();
-    std::thread::scope(|scope| {
-        for list in lists {
-            let run = &run;
-            scope.spawn(move || run(list));
-        }
-        if let Some(list) = first {
-            run(list);
-        }
     });
     ys
+}
+
+/// `run(part)` for every part, each on a thread of its own but the first,
+/// which runs on this one (one spawn fewer per call); returns when all are
+/// done.
+pub(crate) fn spread<P: Send>(parts: impl IntoIterator<Item = P>, run: impl Fn(P) + Sync) {
+    let mut parts = parts.into_iter();
+    let first = parts.next();
+    let run = &run;
+    std::thread::scope(|scope| {
+        for part in parts {
+            scope.spawn(move || run(part));
+        }
+        if let Some(part) = first {
+            run(part);
+        }
+    });
 }
 
 /// `entry[t * k + slot]`: where token `t`'s choice `slot` is in the plan.

@@ -21,7 +21,7 @@ use crate::error::{Error, Result, What, check_len};
 use crate::expert::Batch;
 use crate::model::state::{State, Work};
 use crate::moe;
-use crate::moe::batch::{entries, resolve, row, run_groups};
+use crate::moe::batch::{entries, resolve, row, run_groups, spread};
 use crate::router::{DispatchPlan, Selection};
 
 /// One token's share of a layer's FFN, computed over the batch: what
@@ -305,17 +305,7 @@ impl<'a> Decoder<'a> {
         for (i, ((ffn, inner), y)) in jobs.iter().zip(ys.chunks_exact_mut(h)).enumerate() {
             lists[i % threads].push((ffn, *inner, y));
         }
-        let mut lists = lists.into_iter();
-        let first = lists.next();
-        std::thread::scope(|scope| {
-            for list in lists {
-                let run = &run;
-                scope.spawn(move || run(list));
-            }
-            if let Some(list) = first {
-                run(list);
-            }
-        });
+        spread(lists, run);
         let k = sel.len();
         let entry: Vec<usize> = (0..k).collect();
         let done = Done {
