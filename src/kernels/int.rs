@@ -190,14 +190,18 @@ mod avx2 {
         // Eight rows a pass keep more loads in flight (decoder matrices
         // streamed from memory: 168 -> 282 tokens/s at width 512); short
         // rows keep four (64 x 64: 13 instead of 17 G products/s).
-        let per_pass = if cols >= 128 { 8 } else { usize::MAX / 2 };
-        let mut octs = w.chunks_exact(per_pass.saturating_mul(cols));
-        for q in &mut octs {
-            let mut rows = q.chunks_exact(cols);
-            let rows: [&[i8]; 8] = core::array::from_fn(|_| rows.next().unwrap_or(&[]));
-            dots8(rows, xw).into_iter().for_each(&mut *f);
-        }
-        let mut quads = octs.remainder().chunks_exact(4 * cols);
+        let rest = if cols >= 128 {
+            let mut octs = w.chunks_exact(8 * cols);
+            for q in &mut octs {
+                let mut rows = q.chunks_exact(cols);
+                let rows: [&[i8]; 8] = core::array::from_fn(|_| rows.next().unwrap_or(&[]));
+                dots8(rows, xw).into_iter().for_each(&mut *f);
+            }
+            octs.remainder()
+        } else {
+            w
+        };
+        let mut quads = rest.chunks_exact(4 * cols);
         for q in &mut quads {
             let (r0, q) = q.split_at(cols);
             let (r1, q) = q.split_at(cols);

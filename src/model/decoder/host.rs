@@ -1,5 +1,6 @@
 //! The decoder's `std` paths: a prompt as one batch per layer (prefill),
-//! and a step's experts and output projection over threads.
+//! and a step's experts (a prefill's FFN over one token) and output
+//! projection over threads.
 //!
 //! Prefill:
 //! Every matrix multiplies all prompt tokens in one pass (each weight row
@@ -21,7 +22,7 @@ use crate::error::{Error, Result, What, check_len};
 use crate::expert::Batch;
 use crate::model::state::{State, Work};
 use crate::moe;
-use crate::moe::batch::{entries, resolve, row, run_groups, spread};
+use crate::moe::batch::{entries, resolve, row, run_groups};
 use crate::router::{DispatchPlan, Selection};
 
 /// One token's share of a layer's FFN, computed over the batch: what
@@ -110,7 +111,7 @@ impl<'a> Decoder<'a> {
         if pos.saturating_add(n) > c.context {
             return Err(Error::ContextFull { context: c.context });
         }
-        let (kv, mut w) = state.split(&c, self.ffn)?;
+        let (kv, w) = state.split(&c, self.ffn)?;
         let (h, qd, kvd, hd) = (c.hidden, c.q_dim(), c.kv_dim(), c.head_dim.max(1));
         let mut x = vec![0.0f32; n * h];
         for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
@@ -161,7 +162,7 @@ impl<'a> Decoder<'a> {
             for (xr, br) in x.chunks_exact(h).zip(xb.chunks_exact_mut(h)) {
                 rms_norm(xr, layer.ffn_norm, c.rms_eps, br)?;
             }
-            self.ffn_batch((layer, l), &xb, &mut o, &mut w, |t, sel| on_layer(t, l, sel))?;
+            self.ffn_batch((layer, l), &xb, &mut o, (w.router, w.y), |t, sel| on_layer(t, l, sel))?;
             x.iter_mut().zip(&o).for_each(|(x, &d)| *x += d);
         }
         let last = &x[(n - 1) * h..];
@@ -181,7 +182,7 @@ impl<'a> Decoder<'a> {
         (layer, l): (&Layer<'_>, usize),
         xb: &[f32],
         out: &mut [f32],
-        w: &mut Work<'_>,
+        (router_buf, y): (&mut [f32], &mut [f32]),
         mut on_token: impl FnMut(usize, &Selection<f32>),
     ) -> Result<()> {
         let (h, lc) = (self.cfg.hidden, layer.cfg);
@@ -218,8 +219,8 @@ impl<'a> Decoder<'a> {
                 gate.forward_batch(xb, &mut shared_logits);
             }
         }
-        let short = Error::ScratchTooSmall { needed: experts, actual: w.router.len() };
-        let lbuf = w.router.get_mut(..experts).ok_or(short)?;
+        let short = Error::ScratchTooSmall { needed: experts, actual: router_buf.len() };
+        let lbuf = router_buf.get_mut(..experts).ok_or(short)?;
         for (t, out) in out.chunks_exact_mut(h).enumerate() {
             let done = Done {
                 logits: &logits[t * experts..(t + 1) * experts],
@@ -231,7 +232,7 @@ impl<'a> Decoder<'a> {
                     .as_ref()
                     .map(|_| (&shared_y[t * h..(t + 1) * h], shared_logits.get(t).copied())),
             };
-            let sel = moe::forward(&done, router, &mut (), out, (&mut *lbuf, &mut *w.y), &mut ())?;
+            let sel = moe::forward(&done, router, &mut (), out, (&mut *lbuf, &mut *y), &mut ())?;
             on_token(t, &sel);
         }
         Ok(())
@@ -240,8 +241,8 @@ impl<'a> Decoder<'a> {
 
 impl<'a> Decoder<'a> {
     /// This decoder with a step's and a prefill's work spread over
-    /// `threads` workers (at least 1): a step's chosen experts (and shared
-    /// expert) run side by side and the output projection's rows are split;
+    /// `threads` workers (at least 1): a step's chosen experts run side by
+    /// side and the output projection's rows are split;
     /// a prefill's experts are spread. The same bits for any number
     /// (tests/prefill.rs); threads are started per layer, which pays from
     /// a few hundred thousand multiply-adds per expert.
@@ -255,68 +256,17 @@ impl<'a> Decoder<'a> {
         self.threads
     }
 
-    /// [`Decoder::ffn`] with the chosen experts and the shared expert run
-    /// side by side, each from its own quantization of `xb` (the same
-    /// bits), then combined by [`moe::forward`] in router order.
+    /// [`Decoder::ffn`] as a prefill of one token: the chosen experts
+    /// spread over the threads, each from its own quantization of `xb`
+    /// (the same bits), combined by [`moe::forward`] in router order.
     pub(super) fn ffn_threads(
         &self,
         layer: &Layer<'_>,
         l: usize,
         w: &mut Work<'_>,
     ) -> Result<Selection<f32>> {
-        let (h, lc) = (self.cfg.hidden, layer.cfg);
-        let (gate, router) = layer.gate.as_ref().ok_or(Error::WrongState)?;
-        let xb: &[f32] = w.xb;
-        let mut input = crate::model::Input::new(xb, w.xbq);
-        let mut logits = vec![0.0f32; lc.experts];
-        gate.forward_input(&mut input, &mut logits);
         let mut sel = Selection::new();
-        router.route(&logits, &mut sel)?;
-        let mut shared_logit = None;
-        if let Some((_, Some(g))) = &layer.shared {
-            let mut s = [0.0f32];
-            g.forward_input(&mut input, &mut s);
-            shared_logit = Some(s[0]);
-        }
-        // Jobs: the chosen experts in router order, then the shared expert.
-        let mut jobs = Vec::with_capacity(sel.len() + 1);
-        for c in &sel {
-            jobs.push((self.expert::<false>(layer, l, c.expert as usize)?, lc.hidden));
-        }
-        if let Some((shared, _)) = &layer.shared {
-            jobs.push((*shared, lc.shared_hidden));
-        }
-        let mut ys = vec![0.0f32; jobs.len() * h];
-        let run = |list: Vec<(&super::SwiGlu<'_>, usize, &mut [f32])>| {
-            for (ffn, inner, y) in list {
-                let (mut g, mut u) = (vec![0.0f32; inner], vec![0.0f32; inner]);
-                let (mut xbq, mut xq) = (vec![0i8; h], vec![0i8; inner.max(h)]);
-                ffn.forward_with(
-                    &mut crate::model::Input::new(xb, &mut xbq),
-                    1,
-                    y,
-                    (&mut g, &mut u),
-                    &mut xq[..],
-                );
-            }
-        };
-        let threads = self.threads.clamp(1, jobs.len().max(1));
-        let mut lists: Vec<Vec<_>> = (0..threads).map(|_| Vec::new()).collect();
-        for (i, ((ffn, inner), y)) in jobs.iter().zip(ys.chunks_exact_mut(h)).enumerate() {
-            lists[i % threads].push((ffn, *inner, y));
-        }
-        spread(lists, run);
-        let k = sel.len();
-        let entry: Vec<usize> = (0..k).collect();
-        let done = Done {
-            logits: &logits,
-            sel: &sel,
-            entry: &entry,
-            ys: &ys,
-            shared: layer.shared.as_ref().map(|_| (&ys[k * h..(k + 1) * h], shared_logit)),
-        };
-        let lbuf = w.router.get_mut(..lc.experts).ok_or(Error::WrongState)?;
-        let sel = moe::forward(&done, Some(router), &mut (), w.acc, (lbuf, &mut *w.y), &mut ())?;
+        self.ffn_batch((layer, l), w.xb, w.acc, (w.router, w.y), |_, s| sel = s.clone())?;
         w.x.iter_mut().zip(w.acc.iter()).for_each(|(x, &d)| *x += d);
         Ok(sel)
     }
