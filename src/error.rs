@@ -54,6 +54,10 @@ pub enum What {
     Hidden,
     /// A layer index.
     Layer,
+    /// The columns one int8 scale covers: the whole row, or a group that
+    /// is a multiple of [`INT8_GROUP_MULTIPLE`](crate::model::INT8_GROUP_MULTIPLE)
+    /// and divides the row.
+    ScaleGroup,
 }
 
 /// A field of a `.moe` header or layer record.
@@ -293,6 +297,7 @@ impl fmt::Display for What {
             What::SelectionBias => "selection bias",
             What::Scaling => "routed scaling factor",
             What::Scale => "quantization scale",
+            What::ScaleGroup => "int8 scale group (the whole row, or a multiple of 16 columns dividing it)",
             What::ZeroPoint => "zero point",
             What::Experts => "number of experts",
             What::TopK => "top-k",

@@ -209,3 +209,36 @@ fn int8_within_tolerance() {
     );
     assert!(differ * 20 <= choices, "{differ} of {choices} choices differ");
 }
+
+/// int8 with one scale per 16 columns, inputs quantized per 16 too (the
+/// Mixtral fixtures, whose every width is a multiple of 16): the same
+/// tolerance as one scale a row; the errors beside it are printed.
+#[test]
+fn int8_groups_within_tolerance() {
+    for name in ["mixtral_tied", "mixtral_8x2_untied", "mixtral_top1_head_dim"] {
+        for (label, group) in [("int8 per row", None), ("int8 group 16", Some(16))] {
+            let c = compare(name, &DecoderOptions { int8_group: group, ..DecoderOptions::new(Dtype::Int8) });
+            println!(
+                "{name} {label}: max |logit error| {:.2e} = {:.3} of the largest, {}/{} choices differ, argmax differs at {}",
+                c.err,
+                c.err / c.scale,
+                c.differ,
+                c.choices,
+                c.argmax_differ
+            );
+            assert!(c.err <= 0.1 * c.scale, "{name} {label}: logits differ by {:e}", c.err);
+            assert!(
+                c.differ == 0 || c.differ_margin < 0.05,
+                "{name} {label}: experts differ at margin {:e}",
+                c.differ_margin
+            );
+        }
+    }
+    // Widths the group does not divide are refused with the tensor named.
+    let e = convert_decoder(
+        &dir("qwen2_moe_shared"),
+        &DecoderOptions { int8_group: Some(16), ..DecoderOptions::new(Dtype::Int8) },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("does not divide the 24 columns"), "{e}");
+}

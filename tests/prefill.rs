@@ -122,6 +122,19 @@ fn prefill_equals_steps_on_every_decoder_fixture() {
 fn prefill_equals_steps_on_the_tiny_lm() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tinylm/tinylm_int8.moe");
     check(&std::fs::read(path).unwrap(), "tinylm int8");
+    // One int8 scale per 32 columns.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tinylm");
+    let opts = DecoderOptions { int8_group: Some(32), ..DecoderOptions::new(Dtype::Int8) };
+    check(&convert_decoder(&dir, &opts).unwrap(), "tinylm int8 group 32");
+}
+
+#[test]
+fn prefill_equals_steps_with_int8_groups() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/decoders");
+    for name in ["mixtral_tied", "mixtral_8x2_untied", "mixtral_top1_head_dim"] {
+        let opts = DecoderOptions { int8_group: Some(16), ..DecoderOptions::new(Dtype::Int8) };
+        check(&convert_decoder(&root.join(name), &opts).unwrap(), &format!("{name} int8 group 16"));
+    }
 }
 
 #[test]

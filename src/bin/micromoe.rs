@@ -45,6 +45,10 @@ enum Command {
         /// Decoders: KV cache type, f32 or f16.
         #[arg(long, default_value = "f32")]
         kv_dtype: String,
+        /// int8 decoders: one scale per this many columns (a multiple of 16, e.g. 32 as
+        /// llama.cpp's Q8_0), inputs quantized per group too (default: one scale a row).
+        #[arg(long)]
+        group: Option<usize>,
     },
     /// Describe a .moe model: parameters, bytes per expert, router, flash and scratch bytes.
     Info {
@@ -109,7 +113,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), HostError> {
     match cli.command {
-        Command::Convert { dir, output, dtype: d, gate_dtype, calibration, context, kv_dtype } => {
+        Command::Convert { dir, output, dtype: d, gate_dtype, calibration, context, kv_dtype, group } => {
             let gate = gate_dtype.as_deref().map(dtype).transpose()?;
             let kv_f16 = match kv_dtype.as_str() {
                 "f32" => false,
@@ -122,8 +126,10 @@ fn run(cli: Cli) -> Result<(), HostError> {
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
             let is_decoder = micromoe::host::is_decoder_checkpoint(&dir)?;
-            if !is_decoder && (context.is_some() || kv_f16) {
-                return Err(HostError::Input("--context and --kv-dtype apply to decoders only".into()));
+            if !is_decoder && (context.is_some() || kv_f16 || group.is_some()) {
+                return Err(HostError::Input(
+                    "--context, --kv-dtype and --group apply to decoders only".into(),
+                ));
             }
             let bytes = if is_decoder {
                 if calibration.is_some() {
@@ -131,7 +137,13 @@ fn run(cli: Cli) -> Result<(), HostError> {
                         "decoders need no --calibration (int8 quantizes activations per product)".into(),
                     ));
                 }
-                let opts = DecoderOptions { dtype: dtype(&d)?, gate_dtype: gate, context, kv_f16 };
+                let opts = DecoderOptions {
+                    dtype: dtype(&d)?,
+                    gate_dtype: gate,
+                    context,
+                    kv_f16,
+                    int8_group: group,
+                };
                 convert_decoder(&dir, &opts)
             } else {
                 convert_with_progress(&dir, dtype(&d)?, gate, calibration.as_deref(), |done, total| {

@@ -23,12 +23,16 @@ pub struct DecoderOptions {
     pub context: Option<usize>,
     /// An f16 KV cache (else f32).
     pub kv_f16: bool,
+    /// int8 only: one scale per this many columns (a multiple of 16 that
+    /// divides every matrix's columns, e.g. 32 as llama.cpp's `Q8_0`),
+    /// the input quantized per group too; `None`: one scale a row.
+    pub int8_group: Option<usize>,
 }
 
 impl DecoderOptions {
     /// `dtype` weights, every other option at its default.
     pub fn new(dtype: Dtype) -> Self {
-        DecoderOptions { dtype, gate_dtype: None, context: None, kv_f16: false }
+        DecoderOptions { dtype, gate_dtype: None, context: None, kv_f16: false, int8_group: None }
     }
 }
 
@@ -213,10 +217,29 @@ pub(super) fn convert_decoder(
         kv_f16: opts.kv_f16,
         layers: n_layers,
     };
-    let mut spec = DecoderSpec::new(config, layers.clone());
     let dtype = storage(opts.dtype)?;
     let gate_dtype = storage(opts.gate_dtype.unwrap_or(opts.dtype))?;
+    let group = opts.int8_group;
+    if let Some(g) = group {
+        if opts.dtype != Dtype::Int8 {
+            return Err(HostError::Input("--group applies to int8 decoders only".into()));
+        }
+        if g == 0 || g % crate::model::INT8_GROUP_MULTIPLE != 0 {
+            return Err(HostError::Input(format!(
+                "--group {g}: int8 groups are a multiple of {} columns",
+                crate::model::INT8_GROUP_MULTIPLE
+            )));
+        }
+    }
+    let mut spec = DecoderSpec::new(config, layers.clone()).with_int8_group(group);
     let mut put = |k: Key, name: &str, rows: usize, cols: usize, d: LayerDtype| -> Result<(), HostError> {
+        if let Some(g) = group.filter(|_| d == LayerDtype::Int8)
+            && !cols.is_multiple_of(g)
+        {
+            return Err(HostError::Input(format!(
+                "--group {g} does not divide the {cols} columns of {name} (every int8 matrix's columns must be a multiple)"
+            )));
+        }
         let v = ck.tensor(name, &[rows, cols])?;
         spec.put(k, rows, cols, &v, d);
         Ok(())

@@ -513,6 +513,73 @@ pub(super) fn dots_i8_in(
     }
 }
 
+/// [`add_group_dots_i8`](super::add_group_dots_i8) on the DSP path: the
+/// input expanded once, then per four rows each group's sums by
+/// [`quad_loop`] and the same float steps as the portable loop; false
+/// (nothing done) for groups not a multiple of 4 or inputs wider than the
+/// stack buffer.
+pub(super) fn add_group_dots_i8(
+    w: &[i8],
+    g: super::int::GroupShape,
+    x: &[i8],
+    s: (&[f32], &[f32]),
+    y: &mut [f32],
+) -> bool {
+    if !g.group.is_multiple_of(4) || x.len() > MAX_EXPANDED {
+        return false;
+    }
+    on_stack!(x.len(), |pairs| group_quads(w, g, x, s, y, pairs));
+    true
+}
+
+#[inline(always)]
+fn group_quads(
+    w: &[i8],
+    g: super::int::GroupShape,
+    x: &[i8],
+    (sw, sx): (&[f32], &[f32]),
+    y: &mut [f32],
+    pairs: &mut [MaybeUninit<u32>],
+) {
+    let mut done = 0;
+    if super::expand_words(x.len()) <= pairs.len() && expand_i8(x, 0, pairs) * 4 == x.len() {
+        let words = g.group / 2;
+        let quads = w
+            .chunks_exact(four_rows(g.cols))
+            .zip(sw.chunks_exact(g.per_row.saturating_mul(4).max(1)))
+            .zip(y.chunks_exact_mut(4));
+        for ((q, s), yq) in quads {
+            let mut acc = [0.0f32; 4];
+            acc.iter_mut().zip(&*yq).for_each(|(a, &v)| *a = v);
+            for (gi, &t) in sx.iter().take(g.n).enumerate() {
+                let mut a = [0i32; 4];
+                // SAFETY: `expand_i8` wrote `x.len() / 2` words of `pairs`;
+                // group `gi < n` reads words `gi * group / 2` up to
+                // `(gi + 1) * group / 2 <= x.len() / 2`. `q` holds four rows
+                // of `cols` bytes, `cols` apart; the group's bytes of row
+                // `r` end at `r * cols + c0 + (gi + 1) * group <= (r + 1) * cols`
+                // (`c0 + x.len() <= cols`, checked by `GroupShape`).
+                unsafe {
+                    quad_loop(
+                        pairs.as_ptr().cast::<u32>().wrapping_add(gi * words),
+                        g.group / 4,
+                        q.as_ptr().wrapping_add(g.c0 + gi * g.group),
+                        g.cols,
+                        &mut a,
+                    )
+                };
+                for (r, (acc, a)) in acc.iter_mut().zip(a).enumerate() {
+                    let sw = s.get(r * g.per_row + g.g0 + gi).copied().unwrap_or(0.0);
+                    *acc += a as f32 * (sw * t);
+                }
+            }
+            yq.iter_mut().zip(acc).for_each(|(o, v)| *o = v);
+            done += 4;
+        }
+    }
+    super::int::group_rows(w, g, x, (sw, sx), y, done);
+}
+
 /// Calls `f(sum (x + offset) * w_row)` (wrapping `i32`) for every row of
 /// `w` in order (`x.len()` columns), four rows per pass.
 #[inline(always)]

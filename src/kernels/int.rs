@@ -88,6 +88,108 @@ fn each_dot_i8(w: &[i8], x: &[i8], offset: i32, mut f: impl FnMut(i32)) {
     }
 }
 
+/// Group-scaled int8 products (the decoders' `--group` matrices, as
+/// llama.cpp's `Q8_0` blocks): for every row `r` of `w` (`(y.len(), cols)`
+/// row-major) and every group `g` of `group` columns that `x` covers (`x` is
+/// columns `c0..c0 + x.len()`, quantized per group with scales `sx`),
+/// in order of `g`,
+/// `y[r] += (sum w[r, c] * x[c] over the group) as f32 * (sw[r, g] * sx[g])`,
+/// `sw` being `(rows, cols / group)` row-major. The integer sums are exact;
+/// the float steps are one multiply, one multiply, one add (no FMA) in
+/// group order, so every target gives the same bits: the DSP path on
+/// Cortex-M4/M7, AVX2 on x86-64 hosts, the portable loop elsewhere. Lengths
+/// that disagree (`group` 0 or not dividing `cols`, `c0` or `x.len()`, a
+/// short `w`, `sw` or `sx`) leave `y` as it is; never panics.
+// w: (rows, cols) @ x: (cols,) -> y: (rows,), columns c0..c0 + x.len()
+pub fn add_group_dots_i8(
+    w: &[i8],
+    cols: usize,
+    c0: usize,
+    x: &[i8],
+    group: usize,
+    (sw, sx): (&[f32], &[f32]),
+    y: &mut [f32],
+) {
+    let Some(g) = GroupShape::new(w.len(), cols, c0, x.len(), group, (sw.len(), sx.len()), y.len()) else {
+        return;
+    };
+    #[cfg(micromoe_dsp)]
+    if super::arm::add_group_dots_i8(w, g, x, (sw, sx), y) {
+        return;
+    }
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if avx2::add_group_dots_i8(w, g, x, (sw, sx), y) {
+        return;
+    }
+    group_rows(w, g, x, (sw, sx), y, 0);
+}
+
+/// A group-scaled product's checked lengths ([`add_group_dots_i8`]).
+#[derive(Clone, Copy)]
+pub(super) struct GroupShape {
+    /// Row length of `w`.
+    pub cols: usize,
+    /// First column `x` covers (a multiple of `group`).
+    pub c0: usize,
+    /// Columns a group (non-zero, divides `cols`).
+    pub group: usize,
+    /// Groups a row (`cols / group`: the row stride of `sw`).
+    pub per_row: usize,
+    /// First group `x` covers.
+    pub g0: usize,
+    /// Groups `x` covers.
+    pub n: usize,
+}
+
+impl GroupShape {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        w: usize,
+        cols: usize,
+        c0: usize,
+        x: usize,
+        group: usize,
+        (sw, sx): (usize, usize),
+        rows: usize,
+    ) -> Option<Self> {
+        if group == 0 || !cols.is_multiple_of(group) || !c0.is_multiple_of(group) || !x.is_multiple_of(group)
+        {
+            return None;
+        }
+        let (per_row, g0, n) = (cols / group, c0 / group, x / group);
+        let fits = c0.checked_add(x)? <= cols
+            && rows.checked_mul(cols)? <= w
+            && rows.checked_mul(per_row)? <= sw
+            && n <= sx;
+        fits.then_some(GroupShape { cols, c0, group, per_row, g0, n })
+    }
+}
+
+/// [`add_group_dots_i8`]'s portable loop over rows `first..` (the fast
+/// paths' remainder rows): one row at a time, its groups in order.
+#[inline(always)]
+#[cfg_attr(micromoe_dsp, allow(dead_code))]
+pub(super) fn group_rows(
+    w: &[i8],
+    g: GroupShape,
+    x: &[i8],
+    (sw, sx): (&[f32], &[f32]),
+    y: &mut [f32],
+    first: usize,
+) {
+    let rows = w.chunks_exact(g.cols.max(1)).zip(sw.chunks_exact(g.per_row.max(1))).zip(y.iter_mut());
+    for ((row, s), yo) in rows.skip(first) {
+        let (Some(row), Some(s)) = (row.get(g.c0..g.c0 + x.len()), s.get(g.g0..g.g0 + g.n)) else {
+            continue;
+        };
+        let mut acc = *yo;
+        for (((wg, xg), &s), &t) in row.chunks_exact(g.group).zip(x.chunks_exact(g.group)).zip(s).zip(sx) {
+            acc += dot_i8(wg, xg, 0) as f32 * (s * t);
+        }
+        *yo = acc;
+    }
+}
+
 /// Calls `f(sum x * w_row)` (exact `i64`) for every row of `w` in order.
 #[inline(always)]
 #[cfg_attr(micromoe_dsp, allow(unused_mut))]
@@ -279,6 +381,130 @@ mod avx2 {
         finish(acc, row, xb.len() * 16, xt)
     }
 
+    /// [`add_group_dots_i8`](super::add_group_dots_i8) for AVX2; false
+    /// (nothing done) on a CPU without it, for groups not a multiple of 16,
+    /// or for inputs wider than its buffer.
+    pub(super) fn add_group_dots_i8(
+        w: &[i8],
+        g: super::GroupShape,
+        x: &[i8],
+        s: (&[f32], &[f32]),
+        y: &mut [f32],
+    ) -> bool {
+        if !g.group.is_multiple_of(16) || x.len() > WIDENED || !std::is_x86_feature_detected!("avx2") {
+            return false;
+        }
+        // SAFETY: as in `matvec_i8`.
+        unsafe { group_dots_avx2(w, g, x, s, y) };
+        true
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn group_dots_avx2(w: &[i8], g: super::GroupShape, x: &[i8], s: (&[f32], &[f32]), y: &mut [f32]) {
+        if x.len() <= 256 {
+            group_widened::<256>(w, g, x, s, y)
+        } else {
+            group_widened::<WIDENED>(w, g, x, s, y)
+        }
+    }
+
+    /// Eight rows a pass; per group the rows' sixteen-column steps as in
+    /// [`dots8`], the eight sums reduced side by side ([`sums8`]), then in
+    /// each row's lane `acc + sum * (sw * sx)`: the portable loop's steps,
+    /// so its bits. The remaining rows by the portable loop.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn group_widened<const N: usize>(
+        w: &[i8],
+        g: super::GroupShape,
+        x: &[i8],
+        (sw, sx): (&[f32], &[f32]),
+        y: &mut [f32],
+    ) {
+        use core::arch::x86_64::{_mm256_add_ps, _mm256_cvtepi32_ps, _mm256_mul_ps, _mm256_set1_ps};
+        let mut buf = [0i16; N];
+        let xw = &mut buf[..x.len().min(N)];
+        for (o, &v) in xw.iter_mut().zip(x) {
+            *o = i16::from(v);
+        }
+        let xc = xw.as_chunks::<16>().0;
+        let (per, len) = (g.group / 16, x.len());
+        let mut done = 0;
+        let blocks = w
+            .chunks_exact(8 * g.cols.max(1))
+            .zip(sw.chunks_exact(8 * g.per_row.max(1)))
+            .zip(y.chunks_exact_mut(8));
+        for ((wb, sb), yb) in blocks {
+            let rows: [&[[i8; 16]]; 8] = core::array::from_fn(|r| {
+                let at = r * g.cols + g.c0;
+                wb.get(at..at + len).unwrap_or(&[]).as_chunks::<16>().0
+            });
+            let scales: [&[f32]; 8] = core::array::from_fn(|r| {
+                let at = r * g.per_row + g.g0;
+                sb.get(at..at + g.n).unwrap_or(&[])
+            });
+            let mut init = [0.0f32; 8];
+            init.iter_mut().zip(&*yb).for_each(|(a, &v)| *a = v);
+            let mut acc: core::arch::x86_64::__m256 = bytemuck::cast(init);
+            for (gi, &t) in sx.iter().take(g.n).enumerate() {
+                let at = gi * per;
+                let Some(xs) = xc.get(at..at + per) else {
+                    break;
+                };
+                let w: [&[[i8; 16]]; 8] = core::array::from_fn(|r| rows[r].get(at..at + per).unwrap_or(&[]));
+                let (mut a0, mut a1, mut a2, mut a3) = (zero(), zero(), zero(), zero());
+                let (mut a4, mut a5, mut a6, mut a7) = (zero(), zero(), zero(), zero());
+                for (k, xv) in xs.iter().enumerate() {
+                    let xv = bytemuck::cast(*xv);
+                    let (Some(b0), Some(b1), Some(b2), Some(b3)) =
+                        (w[0].get(k), w[1].get(k), w[2].get(k), w[3].get(k))
+                    else {
+                        break;
+                    };
+                    let (Some(b4), Some(b5), Some(b6), Some(b7)) =
+                        (w[4].get(k), w[5].get(k), w[6].get(k), w[7].get(k))
+                    else {
+                        break;
+                    };
+                    a0 = mul_add(a0, b0, xv);
+                    a1 = mul_add(a1, b1, xv);
+                    a2 = mul_add(a2, b2, xv);
+                    a3 = mul_add(a3, b3, xv);
+                    a4 = mul_add(a4, b4, xv);
+                    a5 = mul_add(a5, b5, xv);
+                    a6 = mul_add(a6, b6, xv);
+                    a7 = mul_add(a7, b7, xv);
+                }
+                let sums = _mm256_cvtepi32_ps(sums8([a0, a1, a2, a3, a4, a5, a6, a7]));
+                let s: [f32; 8] = core::array::from_fn(|r| scales[r].get(gi).copied().unwrap_or(0.0));
+                let scale = _mm256_mul_ps(bytemuck::cast(s), _mm256_set1_ps(t));
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(sums, scale));
+            }
+            let out: [f32; 8] = bytemuck::cast(acc);
+            yb.iter_mut().zip(out).for_each(|(o, v)| *o = v);
+            done += 8;
+        }
+        super::group_rows(w, g, x, (sw, sx), y, done);
+    }
+
+    /// Each of eight vectors' lanes added: lane `r` of the result is the
+    /// sum of `a[r]` (wrapping `i32`, so any order is the same).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn sums8(a: [__m256i; 8]) -> __m256i {
+        use core::arch::x86_64::{_mm256_add_epi32, _mm256_hadd_epi32, _mm256_permute2x128_si256};
+        let s01 = _mm256_hadd_epi32(a[0], a[1]);
+        let s23 = _mm256_hadd_epi32(a[2], a[3]);
+        let s45 = _mm256_hadd_epi32(a[4], a[5]);
+        let s67 = _mm256_hadd_epi32(a[6], a[7]);
+        // Per 128-bit half: rows 0-3 (t0) and 4-7 (t1), low and high lanes.
+        let t0 = _mm256_hadd_epi32(s01, s23);
+        let t1 = _mm256_hadd_epi32(s45, s67);
+        let low = _mm256_permute2x128_si256::<0x20>(t0, t1);
+        let high = _mm256_permute2x128_si256::<0x31>(t0, t1);
+        _mm256_add_epi32(low, high)
+    }
+
     use core::arch::x86_64::__m256i;
 
     #[inline]
@@ -399,6 +625,23 @@ pub mod reference {
     ) {
         let out = |acc, m, s| super::out_i8(acc, m, s, output_zp);
         super::rows_i8(w, bias, multipliers, shifts, x, input_offset, y, out);
+    }
+
+    /// [`add_group_dots_i8`](super::add_group_dots_i8), portable.
+    pub fn add_group_dots_i8(
+        w: &[i8],
+        cols: usize,
+        c0: usize,
+        x: &[i8],
+        group: usize,
+        (sw, sx): (&[f32], &[f32]),
+        y: &mut [f32],
+    ) {
+        if let Some(g) =
+            super::GroupShape::new(w.len(), cols, c0, x.len(), group, (sw.len(), sx.len()), y.len())
+        {
+            super::group_rows(w, g, x, (sw, sx), y, 0);
+        }
     }
 
     /// [`matvec_q15`](super::matvec_q15), portable.
@@ -797,6 +1040,80 @@ mod tests {
         assert!(QLinear::<i8>::new(&w, None, &m, &[15, 0], 2, 3, 0, 0).is_err());
         assert!(QLinear::<i8>::new(&w, None, &m, &s, 2, 3, 200, 0).is_err());
         assert!(QLinear::<i16>::new(&w, None, &m, &s, 2, 3, 1, 0).is_err());
+    }
+
+    /// Group-scaled products: the dispatched path (AVX2 where present)
+    /// against the portable loop bit for bit, over row tails, group sizes,
+    /// column windows and extremes; and against an exact model where
+    /// power-of-two scales make every float step exact.
+    #[test]
+    fn group_dots_equal_the_reference_and_the_exact_model() {
+        let mut seed = 11u64;
+        let mut next = move || {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) as u32
+        };
+        let cases: &[(usize, usize, usize)] = if cfg!(miri) {
+            &[(9, 32, 16), (3, 64, 32)]
+        } else {
+            &[
+                (1, 16, 16),
+                (7, 64, 16),
+                (8, 32, 16),
+                (16, 64, 16),
+                (9, 128, 16),
+                (8, 64, 32),
+                (17, 96, 32),
+                (33, 256, 64),
+                (12, 192, 48),
+                (9, 1024, 128),
+                (5, 48, 12),
+            ]
+        };
+        for &(rows, cols, group) in cases {
+            let w: Vec<i8> =
+                (0..rows * cols).map(|i| if i.is_multiple_of(97) { -128 } else { next() as i8 }).collect();
+            let x: Vec<i8> =
+                (0..cols).map(|i| if i.is_multiple_of(31) { -127 } else { next() as i8 }).collect();
+            let per = cols / group;
+            let sw: Vec<f32> = (0..rows * per).map(|_| (next() % 1000) as f32 / 7.0e4).collect();
+            let sx: Vec<f32> = (0..per).map(|_| (next() % 1000) as f32 / 3.0e3).collect();
+            // The whole row, then a window of its second half onto a nonzero start.
+            let windows = [(0, cols), ((per / 2) * group, cols)];
+            for (c0, c1) in windows {
+                let (g0, g1) = (c0 / group, c1 / group);
+                let init: Vec<f32> = (0..rows).map(|r| r as f32 * 0.25 - 1.0).collect();
+                let (mut fast, mut slow) = (init.clone(), init.clone());
+                add_group_dots_i8(&w, cols, c0, &x[c0..c1], group, (&sw, &sx[g0..g1]), &mut fast);
+                reference::add_group_dots_i8(&w, cols, c0, &x[c0..c1], group, (&sw, &sx[g0..g1]), &mut slow);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fast), bits(&slow), "{rows}x{cols} group {group} from {c0}");
+            }
+            // Scales 2^-k: each group's term and every partial sum is exact in f32.
+            let sw2: Vec<f32> = (0..rows * per).map(|i| 1.0 / (1 << (i % 5)) as f32).collect();
+            let sx2: Vec<f32> = (0..per).map(|g| 1.0 / (1 << (g % 3)) as f32).collect();
+            let mut y = vec![0.0f32; rows];
+            add_group_dots_i8(&w, cols, 0, &x, group, (&sw2, &sx2), &mut y);
+            for (r, &yr) in y.iter().enumerate() {
+                let exact: f64 = (0..per)
+                    .map(|g| {
+                        let dot: i64 = (0..group)
+                            .map(|c| w[r * cols + g * group + c] as i64 * x[g * group + c] as i64)
+                            .sum();
+                        dot as f64 * sw2[r * per + g] as f64 * sx2[g] as f64
+                    })
+                    .sum();
+                assert_eq!(yr as f64, exact, "row {r} of {rows}x{cols}");
+            }
+        }
+        // Lengths that disagree leave y alone.
+        let mut y = [1.5f32; 2];
+        add_group_dots_i8(&[1; 64], 32, 0, &[1; 32], 24, (&[1.0; 4], &[1.0; 2]), &mut y);
+        add_group_dots_i8(&[1; 64], 32, 16, &[1; 32], 16, (&[1.0; 4], &[1.0; 2]), &mut y);
+        add_group_dots_i8(&[1; 63], 32, 0, &[1; 32], 16, (&[1.0; 4], &[1.0; 2]), &mut y);
+        add_group_dots_i8(&[1; 64], 32, 0, &[1; 32], 16, (&[1.0; 3], &[1.0; 2]), &mut y);
+        add_group_dots_i8(&[1; 64], 32, 0, &[1; 32], 0, (&[1.0; 4], &[1.0; 2]), &mut y);
+        assert_eq!(y, [1.5; 2]);
     }
 
     /// The host fast paths (AVX2 where present) against the portable

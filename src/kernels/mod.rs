@@ -31,5 +31,6 @@ mod int;
 
 pub use float::{Activation, FloatWeight, LANES, Linear, dot, matmul, matvec};
 pub use int::{
-    IntKernel, MulParams, QLinear, expand_words, for_each_dot_i8, matvec_i8, matvec_q15, reference,
+    IntKernel, MulParams, QLinear, add_group_dots_i8, expand_words, for_each_dot_i8, matvec_i8, matvec_q15,
+    reference,
 };

@@ -350,15 +350,29 @@ fn matrix<'a, const CHECK: bool>(
     let w = match found.dtype {
         dtype::F32 => Weights::F32(found.slice::<f32>().ok_or(missing)?),
         dtype::F16 => Weights::F16(found.slice::<f16>().ok_or(missing)?),
-        dtype::I8 => Weights::I8 {
-            w: found.slice::<i8>().ok_or(missing)?,
-            scales: t.need(Key { part: SCALE_PART, ..key }, rows)?,
-        },
+        dtype::I8 => {
+            // One scale a row (`(rows, 1)`), or `(rows, groups)`: a group
+            // of `cols / groups` columns each (checked by `Matrix::new`).
+            let skey = Key { part: SCALE_PART, ..key };
+            let no_scales = Error::MissingTensor {
+                layer: key.layer,
+                expert: key.expert,
+                role: key.role,
+                part: SCALE_PART,
+            };
+            let st = t.find(skey).filter(|s| s.rows == rows && s.cols > 0).ok_or(no_scales)?;
+            let scales = Table::typed::<f32>(Some(st), skey, rows, st.cols)?.data;
+            Weights::I8 { w: found.slice::<i8>().ok_or(missing)?, scales }
+        }
         _ => return Err(missing),
     };
     let b = if bias { Some(t.need(Key { part: part::BIAS, ..key }, rows)?) } else { None };
-    if CHECK { Matrix::new(w, b, rows, cols) } else { Matrix::new_trusted(w, b, rows, cols) }
-        .map_err(|_| missing)
+    if CHECK { Matrix::new(w, b, rows, cols) } else { Matrix::new_trusted(w, b, rows, cols) }.map_err(|e| {
+        match e {
+            Error::OutOfRange { what: crate::error::What::ScaleGroup, .. } => e,
+            _ => missing,
+        }
+    })
 }
 
 fn key(layer: u16, expert: u16, role: u8) -> Key {

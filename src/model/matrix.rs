@@ -1,11 +1,22 @@
 //! A weight matrix of any stored type, multiplied by f32 vectors.
 
 use crate::error::{Error, Result, What, check_len, mul};
-use crate::kernels::{for_each_dot_i8, matvec};
+use crate::kernels::{add_group_dots_i8, for_each_dot_i8, matvec};
 use crate::quant::f16;
 
 /// Widest input of an int8 matrix: `cols * 127 * 127` must fit an `i32`.
 pub const MAX_INT8_COLS: usize = 1 << 17;
+
+/// Group-scaled int8 matrices ([`Weights::I8`] with more than one scale a
+/// row) have groups of a multiple of this many columns (the kernels' step).
+pub const INT8_GROUP_MULTIPLE: usize = 16;
+
+/// Columns of input a group-scaled product quantizes at a time: its group
+/// scales live on the stack (`GROUP_CHUNK / INT8_GROUP_MULTIPLE` f32s, 256
+/// bytes), the weights are read one chunk of each row after another. The
+/// result is the same for any chunk size (each row's groups are added in
+/// order).
+const GROUP_CHUNK: usize = 1024;
 
 /// How a matrix's elements are stored.
 #[derive(Debug, Clone, Copy)]
@@ -14,14 +25,22 @@ pub enum Weights<'a> {
     F32(&'a [f32]),
     /// f16, widened to f32.
     F16(&'a [f16]),
-    /// int8, symmetric per row: element `(r, c)` is `w[r, c] * scales[r]`.
-    /// The input vector is quantized to int8 per call (one scale for the
-    /// vector, `max |x| / 127`) and rows are summed in `i32`, as llama.cpp's
-    /// `Q8_0` dot products do with one scale per row instead of per block.
+    /// int8, symmetric, one scale per row or per group of columns:
+    /// element `(r, c)` is `w[r, c] * scales[r * (cols / group) + c / group]`,
+    /// the group given by the scales' length (`rows * (cols / group)`).
+    ///
+    /// `group == cols` (one scale a row, `rows` scales): the input vector is quantized to
+    /// int8 per call with one scale, `max |x| / 127`, each row is summed in
+    /// `i32` and scaled once. Otherwise `group` is a multiple of
+    /// [`INT8_GROUP_MULTIPLE`] dividing `cols`, and the input is quantized
+    /// per group too (one scale per `group` inputs); each row is the sum,
+    /// group by group in order, of the group's `i32` sum times the product
+    /// of the two scales: llama.cpp's `Q8_0` with f32 scales and any group
+    /// size. Both are the same bits on every target (`kernels::add_group_dots_i8`).
     I8 {
         /// `(rows, cols)` row-major.
         w: &'a [i8],
-        /// `rows` scales, finite and non-negative.
+        /// `(rows, cols / group)` scales, finite and non-negative.
         scales: &'a [f32],
     },
 }
@@ -36,8 +55,8 @@ pub struct Matrix<'a> {
 }
 
 impl<'a> Matrix<'a> {
-    /// Checks every length (and, for int8, that scales are finite and
-    /// non-negative and `cols <= MAX_INT8_COLS`).
+    /// Checks every length (and, for int8, the scale group, that scales
+    /// are finite and non-negative, and `cols <= MAX_INT8_COLS`).
     pub fn new(w: Weights<'a>, bias: Option<&'a [f32]>, rows: usize, cols: usize) -> Result<Self> {
         let m = Self::new_trusted(w, bias, rows, cols)?;
         if let Weights::I8 { scales, .. } = w
@@ -66,7 +85,15 @@ impl<'a> Matrix<'a> {
             Weights::F16(w) => check_len(What::Weight, n, w.len())?,
             Weights::I8 { w, scales } => {
                 check_len(What::Weight, n, w.len())?;
-                check_len(What::Scale, rows, scales.len())?;
+                // `rows` scales, or `rows * k` for `k` groups of a row.
+                let k = scales.len() / rows;
+                if k == 0 || k * rows != scales.len() {
+                    return Err(Error::Shape { what: What::Scale, expected: rows, actual: scales.len() });
+                }
+                let group = cols / k;
+                if k > 1 && (group * k != cols || !group.is_multiple_of(INT8_GROUP_MULTIPLE)) {
+                    return Err(Error::OutOfRange { what: What::ScaleGroup, index: 0 });
+                }
                 if cols > MAX_INT8_COLS {
                     return Err(Error::OutOfRange { what: What::Weight, index: 0 });
                 }
@@ -93,6 +120,15 @@ impl<'a> Matrix<'a> {
         self.w
     }
 
+    /// Columns per int8 scale: `cols` for one scale a row (and for float
+    /// matrices), else the group size.
+    pub fn group(&self) -> usize {
+        match self.w {
+            Weights::I8 { scales, .. } => self.cols / (scales.len() / self.rows.max(1)).max(1),
+            _ => self.cols,
+        }
+    }
+
     /// Row `r` as f32 into `out` (`cols` wide): an embedding look-up.
     /// Rows past the end leave `out` untouched.
     pub fn row(&self, r: usize, out: &mut [f32]) {
@@ -110,8 +146,11 @@ impl<'a> Matrix<'a> {
                 }
             }
             Weights::I8 { w, scales } => {
-                if let (Some(row), Some(&s)) = (w.get(range), scales.get(r)) {
-                    out.iter_mut().zip(row).for_each(|(o, &v)| *o = v as f32 * s);
+                let (per, group) = (scales.len() / self.rows, self.group());
+                if let (Some(row), Some(s)) = (w.get(range), scales.get(r * per..(r + 1) * per)) {
+                    for ((o, v), &s) in out.chunks_mut(group).zip(row.chunks(group)).zip(s) {
+                        o.iter_mut().zip(v).for_each(|(o, &v)| *o = v as f32 * s);
+                    }
                 }
             }
         }
@@ -131,6 +170,11 @@ impl<'a> Matrix<'a> {
         match self.w {
             Weights::F32(w) => matvec(w, self.bias, input.x, y),
             Weights::F16(w) => matvec(w, self.bias, input.x, y),
+            Weights::I8 { w, scales } if scales.len() != self.rows => {
+                self.forward_groups((w, scales), input.x, y, input.xq);
+                // Its bytes now hold this product's quantization, not the vector's.
+                input.scale = None;
+            }
             Weights::I8 { w, scales } => {
                 let (xq, sx) = input.quantized();
                 if xq.len() != self.cols {
@@ -150,6 +194,35 @@ impl<'a> Matrix<'a> {
     }
 }
 
+impl Matrix<'_> {
+    /// A group-scaled product: `x` quantized per group into `xq`, a chunk
+    /// of [`GROUP_CHUNK`] columns at a time (its scales on the stack), each
+    /// chunk's groups added to `y` by [`add_group_dots_i8`].
+    fn forward_groups(&self, (w, scales): (&[i8], &[f32]), x: &[f32], y: &mut [f32], xq: &mut [i8]) {
+        let (rows, cols, group) = (self.rows, self.cols, self.group());
+        let (Some(y), Some(xq)) = (y.get_mut(..rows), xq.get_mut(..cols)) else {
+            return;
+        };
+        if x.len() != cols {
+            return;
+        }
+        y.iter_mut().for_each(|v| *v = 0.0);
+        let chunk = (GROUP_CHUNK / group.max(1)).max(1) * group.max(1);
+        let mut sx = [0.0f32; GROUP_CHUNK / INT8_GROUP_MULTIPLE];
+        for (i, (xc, qc)) in x.chunks(chunk).zip(xq.chunks_mut(chunk)).enumerate() {
+            let groups = xc.chunks_exact(group.max(1)).zip(qc.chunks_exact_mut(group.max(1)));
+            for ((xg, qg), s) in groups.zip(sx.iter_mut()) {
+                *s = quantize_vector(xg, qg);
+            }
+            let n = xc.len() / group.max(1);
+            add_group_dots_i8(w, cols, i * chunk, qc, group, (scales, &sx[..n.min(sx.len())]), y);
+        }
+        if let Some(b) = self.bias {
+            y.iter_mut().zip(b).for_each(|(yo, &bo)| *yo += bo);
+        }
+    }
+}
+
 #[cfg(feature = "std")]
 impl Matrix<'_> {
     /// [`Matrix::forward`] for `tokens` inputs at once (`xs`: `(tokens,
@@ -163,6 +236,12 @@ impl Matrix<'_> {
         match self.w {
             Weights::F32(w) => crate::kernels::matmul(w, self.bias, xs, cols, ys),
             Weights::F16(w) => crate::kernels::matmul(w, self.bias, xs, cols, ys),
+            Weights::I8 { w, scales } if scales.len() != rows => {
+                let mut xq = alloc::vec![0i8; cols];
+                for (x, y) in xs.chunks_exact(cols).zip(ys.chunks_exact_mut(rows)) {
+                    self.forward_groups((w, scales), x, y, &mut xq);
+                }
+            }
             Weights::I8 { w, scales } => {
                 let tokens = (xs.len() / cols).min(ys.len() / rows);
                 let mut xq = alloc::vec![0i8; tokens * cols];
@@ -205,7 +284,11 @@ impl<'a> Matrix<'a> {
         let w = match self.w {
             Weights::F32(w) => Weights::F32(w.get(span)?),
             Weights::F16(w) => Weights::F16(w.get(span)?),
-            Weights::I8 { w, scales } => Weights::I8 { w: w.get(span)?, scales: scales.get(r0..r1)? },
+            Weights::I8 { w, scales } => {
+                let per = scales.len() / self.rows;
+                let scales = scales.get(r0.checked_mul(per)?..r1.checked_mul(per)?)?;
+                Weights::I8 { w: w.get(span)?, scales }
+            }
         };
         let bias = match self.bias {
             Some(b) => Some(b.get(r0..r1)?),
@@ -322,6 +405,96 @@ mod tests {
         let mut y = [0.0; 2];
         m.forward(&x, &mut y, &mut [0; 3]);
         assert_eq!(y, [(127 - 4 - 15) as f32 * 0.5 + 1.0, (127 * 127 - 254) as f32 * 0.25 - 1.0]);
+    }
+
+    #[test]
+    fn grouped_int8_matches_exact_integer_model() {
+        // Two groups of 16 a row; each input group's max |x| is 127, so its
+        // scale is 1 and it quantizes exactly.
+        let (rows, cols) = (3, 32);
+        let w: Vec<i8> = (0..rows * cols).map(|i| ((i * 37) % 255) as i8).collect();
+        let x: Vec<f32> =
+            (0..cols).map(|c| [127.0, -3.0, 5.0, -127.0][c % 4] * if c < 16 { 1.0 } else { 0.5 }).collect();
+        let scales = [0.5, 0.25, 1.0, 2.0, 0.125, 4.0];
+        let m =
+            Matrix::new(Weights::I8 { w: &w, scales: &scales }, Some(&[1.0, 0.0, -1.0]), rows, cols).unwrap();
+        assert_eq!(m.group(), 16);
+        let mut y = [0.0; 3];
+        m.forward(&x, &mut y, &mut [0; 32]);
+        for r in 0..rows {
+            // Group 1's inputs are half of 127-multiples: scale 63.5 / 127 = 0.5.
+            let dot = |g: usize| -> i32 {
+                (0..16)
+                    .map(|c| w[r * cols + g * 16 + c] as i32 * (x[g * 16 + c] / [1.0, 0.5][g]) as i32)
+                    .sum()
+            };
+            let want = (dot(0) as f32 * scales[2 * r] + dot(1) as f32 * (scales[2 * r + 1] * 0.5))
+                + [1.0, 0.0, -1.0][r];
+            assert_eq!(y[r], want, "row {r}");
+        }
+        // The embedding look-up scales each group by its own scale.
+        let mut row = [0.0f32; 32];
+        m.row(1, &mut row);
+        assert_eq!(row[3], w[32 + 3] as f32 * 1.0);
+        assert_eq!(row[20], w[32 + 20] as f32 * 2.0);
+    }
+
+    /// Wider than one chunk of quantized input: the chunked product equals
+    /// one pass of the kernel over the whole row (the same bits), and a
+    /// batch equals its tokens one by one.
+    #[test]
+    fn grouped_int8_is_the_same_in_chunks_and_batches() {
+        let (rows, cols, group) = (9, 2 * GROUP_CHUNK + 64, 32);
+        let mut seed = 3u32;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        let w: Vec<i8> = (0..rows * cols).map(|_| next() as i8).collect();
+        let per = cols / group;
+        let scales: Vec<f32> = (0..rows * per).map(|_| (next() % 1000) as f32 * 1e-5).collect();
+        let x: Vec<f32> = (0..2 * cols).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
+        let m = Matrix::new(Weights::I8 { w: &w, scales: &scales }, None, rows, cols).unwrap();
+        let mut y = vec![0.0f32; rows];
+        m.forward(&x[..cols], &mut y, &mut vec![0; cols]);
+        let mut xq = vec![0i8; cols];
+        let sx: Vec<f32> =
+            x[..cols].chunks(group).zip(xq.chunks_mut(group)).map(|(x, q)| quantize_vector(x, q)).collect();
+        let mut whole = vec![0.0f32; rows];
+        crate::kernels::reference::add_group_dots_i8(&w, cols, 0, &xq, group, (&scales, &sx), &mut whole);
+        assert_eq!(y, whole);
+        #[cfg(feature = "std")]
+        {
+            let mut ys = vec![0.0f32; 2 * rows];
+            m.forward_batch(&x, &mut ys);
+            let mut y2 = vec![0.0f32; rows];
+            m.forward(&x[cols..], &mut y2, &mut vec![0; cols]);
+            assert_eq!(&ys[..rows], &y[..]);
+            assert_eq!(&ys[rows..], &y2[..]);
+        }
+    }
+
+    #[test]
+    fn scale_groups_are_checked() {
+        let w = [0i8; 64];
+        // Two rows of 32: one scale a row, groups of 16 or 32 ...
+        for n in [2, 4] {
+            assert!(Matrix::new(Weights::I8 { w: &w, scales: &[1.0; 4][..n] }, None, 2, 32).is_ok());
+        }
+        // ... not groups of 8 (not a multiple of 16), 32 / 3, or a count
+        // that is no multiple of the rows.
+        for n in [8, 6, 3] {
+            let e = Matrix::new(Weights::I8 { w: &w, scales: &[1.0; 8][..n] }, None, 2, 32).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    Error::OutOfRange { what: What::ScaleGroup, .. } | Error::Shape { what: What::Scale, .. }
+                ),
+                "{n}: {e:?}"
+            );
+        }
     }
 
     #[test]

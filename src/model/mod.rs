@@ -43,7 +43,7 @@ pub mod write;
 
 pub use decoder::{Config, Decoder, LayerConfig, MAX_EXPERTS, MAX_WIDTH, ResolvedDecoder};
 pub use layers::{Experts, FloatExperts, IntExperts, IntLayer, IntPath, IntShared, Layer};
-pub use matrix::{Input, MAX_INT8_COLS, Matrix, Weights, quantize_vector};
+pub use matrix::{INT8_GROUP_MULTIPLE, Input, MAX_INT8_COLS, Matrix, Weights, quantize_vector};
 pub use sample::{Rng, Sampler};
 pub use stack::{LayerInfo, Model, Resolved, Step, argmax, required_scratch, required_scratch_int};
 pub use state::{State, bytes_for_dims};

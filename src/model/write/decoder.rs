@@ -19,18 +19,32 @@ pub struct DecoderSpec {
     pub config: Config,
     /// One record per layer.
     pub layers: Vec<LayerConfig>,
+    /// Columns per int8 scale (see [`DecoderSpec::with_int8_group`]).
+    int8_group: Option<usize>,
     entries: Vec<Entry>,
 }
 
 impl DecoderSpec {
     /// A decoder with no tensors yet.
     pub fn new(config: Config, layers: Vec<LayerConfig>) -> Self {
-        DecoderSpec { config, layers, entries: Vec::new() }
+        DecoderSpec { config, layers, int8_group: None, entries: Vec::new() }
+    }
+
+    /// int8 matrices put from now on get one scale per `group` columns
+    /// (a multiple of [`INT8_GROUP_MULTIPLE`](crate::model::INT8_GROUP_MULTIPLE)
+    /// that divides every int8 matrix's columns: [`DecoderSpec::write`]
+    /// refuses the model otherwise) instead of one per row; `None` goes
+    /// back to one per row.
+    pub fn with_int8_group(mut self, group: Option<usize>) -> Self {
+        self.int8_group = group;
+        self
     }
 
     /// Adds a `(rows, cols)` tensor at `key` from f32 `values`, stored as
-    /// `dtype`: f32, f16, or int8 (symmetric per row, with a scale tensor;
-    /// `Q15` is not a decoder storage type and stores int8).
+    /// `dtype`: f32, f16, or int8 (symmetric per row, or per group of
+    /// columns after [`DecoderSpec::with_int8_group`], with a `(rows,
+    /// groups)` scale tensor; `Q15` is not a decoder storage type and
+    /// stores int8).
     pub fn put(&mut self, key: Key, rows: usize, cols: usize, values: &[f32], dtype: LayerDtype) {
         match dtype {
             LayerDtype::F32 => self.entries.push(entry(key, rows, cols, values, (0, 0))),
@@ -39,9 +53,13 @@ impl DecoderSpec {
                 self.entries.push(entry(key, rows, cols, &h, (0, 0)));
             }
             LayerDtype::Int8 | LayerDtype::Q15 => {
-                let (q, scales) = quantize_rows(values, cols.max(1));
+                // Rows are contiguous and groups divide them: a group is
+                // quantized as a row of its own.
+                let group = self.int8_group.unwrap_or(cols).max(1);
+                let (q, scales) = quantize_rows(values, group);
                 self.entries.push(entry(key, rows, cols, &q, (0, 0)));
-                self.entries.push(entry(Key { part: SCALE_PART, ..key }, rows, 1, &scales, (0, 0)));
+                let per_row = scales.len() / rows.max(1);
+                self.entries.push(entry(Key { part: SCALE_PART, ..key }, rows, per_row, &scales, (0, 0)));
             }
         }
     }
