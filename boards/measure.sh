@@ -119,8 +119,9 @@ done
 # token (each decoder step, prompt and generated tokens alike, averaged over 63 steps), the
 # firmware's flash and static RAM, and the decoder state (KV cache + work buffers, on the stack).
 board=mps2-an386
-(cd "$board" && cargo build --release --quiet --bin generate)
-elf="$CARGO_TARGET_DIR/${target[$board]}/release/generate"
+tinylm() { # binary, model file, label
+(cd "$board" && cargo build --release --quiet --bin "$1")
+elf="$CARGO_TARGET_DIR/${target[$board]}/release/$1"
 sizes=$("$bin/llvm-size" -A "$elf")
 section() { echo "$sizes" | awk -v s="$1" '$1 == s { print $2 }' | head -1; }
 sum() { local t=0 v; for s in "$@"; do v=$(section "$s"); t=$((t + ${v:-0})); done; echo $t; }
@@ -131,9 +132,13 @@ start=$(( $(addr micromoe_measure_start) & ~1 ))
 stop=$(( $(addr micromoe_measure_stop) & ~1 ))
 out=$(${qemu[$board]} -nographic -monitor none -serial none \
   -semihosting-config enable=on,target=native -d plugin -plugin "$plugin,start=$start,stop=$stop" -kernel "$elf" 2>&1)
-echo "$out" | grep -q "tinylm: .*: ok" || { echo "$board tinylm: check failed" >&2; echo "$out" >&2; exit 1; }
+echo "$out" | grep -q "$3: .*: ok" || { echo "$board $3: check failed" >&2; echo "$out" >&2; exit 1; }
 windows=$(echo "$out" | sed -n 's/.*windows=\([0-9]*\).*/\1/p')
 insns=$(echo "$out" | sed -n 's/.*insns=\([0-9]*\).*/\1/p')
-state=$(cd .. && cargo run --release --quiet --bin micromoe -- info models/tinylm/tinylm_int8.moe --json | sed -n 's/.*"state_bytes":\([0-9]*\).*/\1/p')
-printf '{"board":"%s","model":"tinylm-int8","flash_bytes":%d,"static_ram_bytes":%d,"state_bytes":%d,"insns_per_token":%d}\n' \
-  "$board" "$flash" "$ram" "$state" $(( insns / windows ))
+state=$(cd .. && cargo run --release --quiet --bin micromoe -- info "models/tinylm/$2" --json | sed -n 's/.*"state_bytes":\([0-9]*\).*/\1/p')
+printf '{"board":"%s","model":"%s","flash_bytes":%d,"static_ram_bytes":%d,"state_bytes":%d,"insns_per_token":%d}\n' \
+  "$board" "$3-int8" "$flash" "$ram" "$state" $(( insns / windows ))
+}
+tinylm generate tinylm_int8.moe tinylm
+# The same model with one int8 scale per 32 columns (--group 32).
+tinylm generate_g32 tinylm_int8_g32.moe tinylm-g32

@@ -35,7 +35,7 @@ fi
 # The Arm DSP kernels against the portable ones, bit for bit (random shapes and values).
 log="$CARGO_TARGET_DIR/mps2-an386-kernels.log"
 if (cd mps2-an386 && timeout 120 cargo run --release --quiet --bin kernels) >"$log" 2>&1; then
-  echo "mps2-an386 kernels: PASS ($(sed -n 's/.*kernels: \([0-9]*\/[0-9]*\) random.*/\1 random cases/p' "$log") DSP == portable, $(sed -n 's/.*f16 conversion: \([0-9]*\/[0-9]*\) halves.*/\1/p' "$log") halves FPU == half, $(sed -n 's/.*f16 dot and axpy: \([0-9]*\/[0-9]*\) random.*/\1/p' "$log") f16 rows FPU == portable)"
+  echo "mps2-an386 kernels: PASS ($(sed -n 's/.*kernels: \([0-9]*\/[0-9]*\) random.*/\1 random cases/p' "$log") DSP == portable, $(sed -n 's/.*f16 conversion: \([0-9]*\/[0-9]*\) halves.*/\1/p' "$log") halves FPU == half, $(sed -n 's/.*f16 dot and axpy: \([0-9]*\/[0-9]*\) random.*/\1/p' "$log") f16 rows FPU == portable, $(sed -n 's/.*int8 groups: \([0-9]*\/[0-9]*\) random.*/\1/p' "$log") group-scaled int8 DSP == portable)"
 else
   echo "mps2-an386 kernels: FAIL"; sed 's/^/    /' "$log" | tail -8; failed=1
 fi
@@ -46,5 +46,11 @@ if (cd mps2-an386 && timeout 120 cargo run --release --quiet --bin generate) >"$
   echo "mps2-an386 tinylm: PASS ($(sed -n 's/.*tinylm: \([0-9]*\/[0-9]*\) generated tokens.*/\1 tokens/p' "$log"), logits bit-identical)"
 else
   echo "mps2-an386 tinylm: FAIL"; sed 's/^/    /' "$log" | tail -8; failed=1
+fi
+log="$CARGO_TARGET_DIR/mps2-an386-tinylm-g32.log"
+if (cd mps2-an386 && timeout 120 cargo run --release --quiet --bin generate_g32) >"$log" 2>&1; then
+  echo "mps2-an386 tinylm-g32: PASS ($(sed -n 's/.*tinylm-g32: \([0-9]*\/[0-9]*\) generated tokens.*/\1 tokens/p' "$log"), logits bit-identical, one int8 scale per 32 columns)"
+else
+  echo "mps2-an386 tinylm-g32: FAIL"; sed 's/^/    /' "$log" | tail -8; failed=1
 fi
 exit $failed

@@ -2,12 +2,14 @@
 //! Mixtral-style models of realistic width, one core: tokens/s for a
 //! 64-token prompt (`Decoder::prefill`, one batch per layer; `--sequential`:
 //! `Decoder::step` token by token) and for 64 decoded tokens, for f32, f16
-//! and int8 weights.
+//! and int8 weights (one scale a row, and `i8g32`: one per 32 columns,
+//! `micromoe convert --group 32`).
 //!
 //! ```text
 //! cargo run --release --example decode_bench                 # hidden 512 and 1024
 //! cargo run --release --example decode_bench -- 512 --runs 5 # one width
 //! cargo run --release --example decode_bench -- 1024 --type f16 # one type
+//! cargo run --release --example decode_bench -- --type i8g32    # int8, a scale per 32 columns
 //! cargo run --release --example decode_bench -- --sequential    # prompt token by token
 //! cargo run --release --example decode_bench -- --model m.moe   # a converted decoder
 //! cargo run --release --example decode_bench -- --threads 2     # Decoder::with_threads(2)
@@ -53,7 +55,7 @@ fn key(layer: u16, expert: u16, role: u8) -> Key {
     Key { layer, expert, role, part: part::WEIGHT }
 }
 
-fn model(hidden: usize, dtype: LayerDtype) -> Vec<u8> {
+fn model(hidden: usize, dtype: LayerDtype, group: Option<usize>) -> Vec<u8> {
     let (heads, kv_heads) = (8, 2);
     let head_dim = hidden / heads;
     let inner = hidden * 7 / 2;
@@ -79,7 +81,7 @@ fn model(hidden: usize, dtype: LayerDtype) -> Vec<u8> {
         normalize: true,
         shared_gate: false,
     };
-    let mut spec = DecoderSpec::new(config, vec![lc; LAYERS]);
+    let mut spec = DecoderSpec::new(config, vec![lc; LAYERS]).with_int8_group(group);
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ hidden as u64);
     let mut put = |spec: &mut DecoderSpec, k: Key, rows: usize, cols: usize, d: LayerDtype| {
         let a = 1.0 / (cols as f32).sqrt();
@@ -160,7 +162,7 @@ fn main() {
             "--sequential" => sequential = true,
             "--threads" => threads = it.next().and_then(|v| v.parse().ok()).expect("--threads N"),
             "--model" => models.push(it.next().expect("--model PATH")),
-            "--type" => only = Some(it.next().expect("--type f32|f16|int8")),
+            "--type" => only = Some(it.next().expect("--type f32|f16|int8|i8g32")),
             w => widths.push(w.parse::<usize>().expect("a width (multiple of 8) or --runs N")),
         }
     }
@@ -179,12 +181,17 @@ fn main() {
         widths = vec![512, 1024];
     }
     for &hidden in &widths {
-        for (name, dtype) in [("f32", LayerDtype::F32), ("f16", LayerDtype::F16), ("int8", LayerDtype::Int8)]
-        {
+        let types = [
+            ("f32", LayerDtype::F32, None),
+            ("f16", LayerDtype::F16, None),
+            ("int8", LayerDtype::Int8, None),
+            ("i8g32", LayerDtype::Int8, Some(32)),
+        ];
+        for (name, dtype, group) in types {
             if only.as_deref().is_some_and(|o| o != name) {
                 continue;
             }
-            let bytes = AlignedBytes::from(&model(hidden, dtype)[..]);
+            let bytes = AlignedBytes::from(&model(hidden, dtype, group)[..]);
             let decoder = Decoder::parse(&bytes).unwrap().with_threads(threads);
             let (p, d): (Vec<f64>, Vec<f64>) = (0..runs).map(|_| run(&decoder, sequential)).unzip();
             println!("{hidden:5}  {name:4}  {:12.1}  {:12.1}", median(p), median(d));

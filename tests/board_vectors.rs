@@ -91,12 +91,14 @@ fn minimal_firmware_images_match_the_host() {
 /// Layout: magic `MMTOK1\0\0`, u32 prompt length, u32 generated, the tokens
 /// (u32), the hash (u64).
 const TINYLM: &[u8] = include_model!("../models/tinylm/tinylm_int8.moe");
+/// The same with one int8 scale per 32 columns.
+const TINYLM_G32: &[u8] = include_model!("../models/tinylm/tinylm_int8_g32.moe");
 const PROMPT: &str = "The ";
 const GENERATED: usize = 60;
 
-fn tinylm_vectors() -> Vec<u8> {
+fn tinylm_vectors(model: &[u8]) -> Vec<u8> {
     use micromoe::model::{Decoder, Sampler};
-    let dec = Decoder::parse(TINYLM).unwrap();
+    let dec = Decoder::parse(model).unwrap();
     let mut buf = vec![0u8; dec.state_bytes()];
     let mut state = dec.state(&mut buf).unwrap();
     let mut logits = vec![0.0f32; dec.config().vocab];
@@ -123,11 +125,13 @@ fn tinylm_vectors() -> Vec<u8> {
 
 #[test]
 fn tinylm_vectors_match_the_host() {
-    let want = tinylm_vectors();
-    let path = format!("{}/boards/vectors/tinylm.bin", env!("CARGO_MANIFEST_DIR"));
-    if std::env::var_os("MICROMOE_BLESS").is_some() {
-        std::fs::write(&path, &want).unwrap();
+    for (model, file) in [(TINYLM, "tinylm.bin"), (TINYLM_G32, "tinylm_g32.bin")] {
+        let want = tinylm_vectors(model);
+        let path = format!("{}/boards/vectors/{file}", env!("CARGO_MANIFEST_DIR"));
+        if std::env::var_os("MICROMOE_BLESS").is_some() {
+            std::fs::write(&path, &want).unwrap();
+        }
+        let have = std::fs::read(&path).unwrap_or_default();
+        assert!(have == want, "{path} is stale: run MICROMOE_BLESS=1 cargo test --test board_vectors");
     }
-    let have = std::fs::read(&path).unwrap_or_default();
-    assert!(have == want, "{path} is stale: run MICROMOE_BLESS=1 cargo test --test board_vectors");
 }

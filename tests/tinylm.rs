@@ -63,7 +63,13 @@ fn f32_greedy_matches_transformers_generate() {
 
 #[test]
 fn int8_greedy_follows_transformers() {
-    let bytes = std::fs::read(dir().join("tinylm_int8.moe")).unwrap();
+    for file in ["tinylm_int8.moe", "tinylm_int8_g32.moe"] {
+        int8_follows(file);
+    }
+}
+
+fn int8_follows(file: &str) {
+    let bytes = std::fs::read(dir().join(file)).unwrap();
     let (mut same, mut total) = (0, 0);
     for (prompt, theirs) in reference() {
         let ours = greedy(&bytes, &prompt, theirs.len());
@@ -75,17 +81,17 @@ fn int8_greedy_follows_transformers() {
         same += lead;
         total += theirs.len();
     }
-    println!("int8: {same} of {total} greedy tokens before the first divergence");
+    println!("{file}: {same} of {total} greedy tokens before the first divergence");
 }
 
 #[test]
-fn committed_int8_model_is_the_conversion() {
-    let committed = std::fs::read(dir().join("tinylm_int8.moe")).unwrap();
-    let fresh = convert_decoder(&dir(), &int8_options()).unwrap();
-    assert!(
-        committed == fresh,
-        "models/tinylm/tinylm_int8.moe is stale: re-run micromoe convert (see README)"
-    );
+fn committed_int8_models_are_the_conversion() {
+    let g32 = DecoderOptions { int8_group: Some(32), ..int8_options() };
+    for (file, opts) in [("tinylm_int8.moe", int8_options()), ("tinylm_int8_g32.moe", g32)] {
+        let committed = std::fs::read(dir().join(file)).unwrap();
+        let fresh = convert_decoder(&dir(), &opts).unwrap();
+        assert!(committed == fresh, "models/tinylm/{file} is stale: re-run micromoe convert (see README)");
+    }
 }
 
 #[test]

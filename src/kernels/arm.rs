@@ -544,34 +544,35 @@ fn group_quads(
     let mut done = 0;
     if super::expand_words(x.len()) <= pairs.len() && expand_i8(x, 0, pairs) * 4 == x.len() {
         let words = g.group / 2;
-        let quads = w
-            .chunks_exact(four_rows(g.cols))
-            .zip(sw.chunks_exact(g.per_row.saturating_mul(4).max(1)))
-            .zip(y.chunks_exact_mut(4));
-        for ((q, s), yq) in quads {
+        // Indexed rather than zipped: an outlined `Zip::new` of two
+        // `ChunksExact` keeps a division-by-zero path (boards/panic-free).
+        for (i, q) in w.chunks_exact(four_rows(g.cols)).enumerate() {
+            let (Some(yq), Some(s)) = (y.get_mut(4 * i..4 * i + 4), sw.get(4 * i * g.per_row..)) else {
+                break;
+            };
             let mut acc = [0.0f32; 4];
             acc.iter_mut().zip(&*yq).for_each(|(a, &v)| *a = v);
-            for (gi, &t) in sx.iter().take(g.n).enumerate() {
-                let mut a = [0i32; 4];
+            // The four rows' scales of the groups `x` covers.
+            let [s0, s1, s2, s3]: [&[f32]; 4] = core::array::from_fn(|r| {
+                let at = r * g.per_row + g.g0;
+                s.get(at..at + g.n).unwrap_or(&[])
+            });
+            let (mut xp, mut wp) = (pairs.as_ptr().cast::<u32>(), q.as_ptr().wrapping_add(g.c0));
+            for ((((&t, &a0), &a1), &a2), &a3) in sx.iter().take(g.n).zip(s0).zip(s1).zip(s2).zip(s3) {
+                let mut d = [0i32; 4];
                 // SAFETY: `expand_i8` wrote `x.len() / 2` words of `pairs`;
-                // group `gi < n` reads words `gi * group / 2` up to
-                // `(gi + 1) * group / 2 <= x.len() / 2`. `q` holds four rows
-                // of `cols` bytes, `cols` apart; the group's bytes of row
-                // `r` end at `r * cols + c0 + (gi + 1) * group <= (r + 1) * cols`
-                // (`c0 + x.len() <= cols`, checked by `GroupShape`).
-                unsafe {
-                    quad_loop(
-                        pairs.as_ptr().cast::<u32>().wrapping_add(gi * words),
-                        g.group / 4,
-                        q.as_ptr().wrapping_add(g.c0 + gi * g.group),
-                        g.cols,
-                        &mut a,
-                    )
-                };
-                for (r, (acc, a)) in acc.iter_mut().zip(a).enumerate() {
-                    let sw = s.get(r * g.per_row + g.g0 + gi).copied().unwrap_or(0.0);
-                    *acc += a as f32 * (sw * t);
-                }
+                // the `gi`-th group (`gi < n`) reads words `gi * group / 2`
+                // up to `(gi + 1) * group / 2 <= x.len() / 2` (`xp` steps by
+                // `group / 2`). `q` holds four rows of `cols` bytes, `cols`
+                // apart; the group's bytes of row `r` end at `r * cols + c0 +
+                // (gi + 1) * group <= (r + 1) * cols` (`wp` steps by `group`;
+                // `c0 + x.len() <= cols`, checked by `GroupShape`).
+                unsafe { quad_loop(xp, g.group / 4, wp, g.cols, &mut d) };
+                (xp, wp) = (xp.wrapping_add(words), wp.wrapping_add(g.group));
+                acc[0] += d[0] as f32 * (a0 * t);
+                acc[1] += d[1] as f32 * (a1 * t);
+                acc[2] += d[2] as f32 * (a2 * t);
+                acc[3] += d[3] as f32 * (a3 * t);
             }
             yq.iter_mut().zip(acc).for_each(|(o, v)| *o = v);
             done += 4;

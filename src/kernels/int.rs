@@ -168,7 +168,6 @@ impl GroupShape {
 /// [`add_group_dots_i8`]'s portable loop over rows `first..` (the fast
 /// paths' remainder rows): one row at a time, its groups in order.
 #[inline(always)]
-#[cfg_attr(micromoe_dsp, allow(dead_code))]
 pub(super) fn group_rows(
     w: &[i8],
     g: GroupShape,
@@ -177,13 +176,21 @@ pub(super) fn group_rows(
     y: &mut [f32],
     first: usize,
 ) {
-    let rows = w.chunks_exact(g.cols.max(1)).zip(sw.chunks_exact(g.per_row.max(1))).zip(y.iter_mut());
-    for ((row, s), yo) in rows.skip(first) {
-        let (Some(row), Some(s)) = (row.get(g.c0..g.c0 + x.len()), s.get(g.g0..g.g0 + g.n)) else {
-            continue;
+    // Indexed rather than zipped: an outlined `Zip::new` of `ChunksExact`s
+    // keeps a division-by-zero path (boards/panic-free). `GroupShape`
+    // checked that no index below overflows.
+    let group = g.group.max(1);
+    for (r, yo) in y.iter_mut().enumerate().skip(first) {
+        let (at, st) = (r * g.cols + g.c0, r * g.per_row + g.g0);
+        let (Some(row), Some(s)) = (w.get(at..at + x.len()), sw.get(st..st + g.n)) else {
+            break;
         };
         let mut acc = *yo;
-        for (((wg, xg), &s), &t) in row.chunks_exact(g.group).zip(x.chunks_exact(g.group)).zip(s).zip(sx) {
+        for (i, (&s, &t)) in s.iter().zip(sx).enumerate() {
+            let span = i * group..(i + 1) * group;
+            let (Some(wg), Some(xg)) = (row.get(span.clone()), x.get(span)) else {
+                break;
+            };
             acc += dot_i8(wg, xg, 0) as f32 * (s * t);
         }
         *yo = acc;

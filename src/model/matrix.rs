@@ -124,7 +124,7 @@ impl<'a> Matrix<'a> {
     /// matrices), else the group size.
     pub fn group(&self) -> usize {
         match self.w {
-            Weights::I8 { scales, .. } => self.cols / (scales.len() / self.rows.max(1)).max(1),
+            Weights::I8 { scales, .. } => (self.cols / (scales.len() / self.rows.max(1)).max(1)).max(1),
             _ => self.cols,
         }
     }
@@ -146,7 +146,7 @@ impl<'a> Matrix<'a> {
                 }
             }
             Weights::I8 { w, scales } => {
-                let (per, group) = (scales.len() / self.rows, self.group());
+                let (per, group) = (scales.len() / self.rows.max(1), self.group());
                 if let (Some(row), Some(s)) = (w.get(range), scales.get(r * per..(r + 1) * per)) {
                     for ((o, v), &s) in out.chunks_mut(group).zip(row.chunks(group)).zip(s) {
                         o.iter_mut().zip(v).for_each(|(o, &v)| *o = v as f32 * s);
@@ -207,14 +207,15 @@ impl Matrix<'_> {
             return;
         }
         y.iter_mut().for_each(|v| *v = 0.0);
-        let chunk = (GROUP_CHUNK / group.max(1)).max(1) * group.max(1);
+        let group = group.max(1);
+        let chunk = (GROUP_CHUNK / group).max(1).saturating_mul(group).max(1);
         let mut sx = [0.0f32; GROUP_CHUNK / INT8_GROUP_MULTIPLE];
         for (i, (xc, qc)) in x.chunks(chunk).zip(xq.chunks_mut(chunk)).enumerate() {
-            let groups = xc.chunks_exact(group.max(1)).zip(qc.chunks_exact_mut(group.max(1)));
+            let groups = xc.chunks_exact(group).zip(qc.chunks_exact_mut(group));
             for ((xg, qg), s) in groups.zip(sx.iter_mut()) {
                 *s = quantize_vector(xg, qg);
             }
-            let n = xc.len() / group.max(1);
+            let n = xc.len() / group;
             add_group_dots_i8(w, cols, i * chunk, qc, group, (scales, &sx[..n.min(sx.len())]), y);
         }
         if let Some(b) = self.bias {
@@ -285,7 +286,7 @@ impl<'a> Matrix<'a> {
             Weights::F32(w) => Weights::F32(w.get(span)?),
             Weights::F16(w) => Weights::F16(w.get(span)?),
             Weights::I8 { w, scales } => {
-                let per = scales.len() / self.rows;
+                let per = scales.len() / self.rows.max(1);
                 let scales = scales.get(r0.checked_mul(per)?..r1.checked_mul(per)?)?;
                 Weights::I8 { w: w.get(span)?, scales }
             }

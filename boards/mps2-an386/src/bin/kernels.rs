@@ -129,6 +129,11 @@ fn run(b: &mut Buffers) -> bool {
         })
         .count();
     println!("mps2-an386 f16 conversion: {}/65536 halves as half converts them", same);
+    let (g_ok, g_cases) = group_rows(b, &mut r);
+    println!(
+        "mps2-an386 int8 groups: {}/{} random group-scaled products bit-identical to the portable loop",
+        g_ok, g_cases
+    );
     let (f16_ok, f16_cases) = f16_rows(&mut r);
     println!(
         "mps2-an386 f16 dot and axpy: {}/{} random rows bit-identical to the portable loops",
@@ -142,7 +147,46 @@ fn run(b: &mut Buffers) -> bool {
             }
         }
     }
-    ok == cases && same == 65536 && f16_ok == f16_cases
+    ok == cases && same == 65536 && f16_ok == f16_cases && g_ok == g_cases
+}
+
+/// The DSP path of `add_group_dots_i8` (the decoders' `--group` int8
+/// matrices) against the portable loop: random rows (row tails), groups of
+/// 16 to 128, column windows onto a later group, -128 weights, f32 sums.
+fn group_rows(b: &mut Buffers, r: &mut Rng) -> (usize, usize) {
+    use micromoe_board_common::micromoe::kernels::add_group_dots_i8;
+    let (mut ok, cases) = (0, 200);
+    let mut sw = [0.0f32; 2 * MAX_ROWS];
+    let mut sx = [0.0f32; 64];
+    for case in 0..cases {
+        let group = 16 * (1 + r.below(8) as usize);
+        let per = 1 + r.below((MAX_COLS / group).min(8) as u32) as usize;
+        let cols = group * per;
+        let rows = 1 + r.below(13) as usize;
+        fill(b, r, rows, cols, case % 25 == 0);
+        for s in sw[..rows * per].iter_mut().chain(&mut sx[..per]) {
+            *s = (r.below(1000) as f32 + 1.0) * 1e-4;
+        }
+        let g0 = r.below(per as u32) as usize;
+        let x = &b.x8[g0 * group..cols];
+        let (mut fast, mut slow) = ([0.0f32; MAX_ROWS], [0.0f32; MAX_ROWS]);
+        for (i, (f, s)) in fast.iter_mut().zip(slow.iter_mut()).take(rows).enumerate() {
+            (*f, *s) = (i as f32 * 0.5, i as f32 * 0.5);
+        }
+        let scales = (&sw[..rows * per], &sx[g0..per]);
+        add_group_dots_i8(&b.w[..rows * cols], cols, g0 * group, x, group, scales, &mut fast[..rows]);
+        reference::add_group_dots_i8(
+            &b.w[..rows * cols],
+            cols,
+            g0 * group,
+            x,
+            group,
+            scales,
+            &mut slow[..rows],
+        );
+        ok += fast.iter().zip(&slow).all(|(a, b)| a.to_bits() == b.to_bits()) as usize;
+    }
+    (ok, cases)
 }
 
 /// The FPU loops behind `FloatWeight::dot_seq` / `axpy` for f16 (the
