@@ -453,37 +453,23 @@ mod avx2 {
             let mut init = [0.0f32; 8];
             init.iter_mut().zip(&*yb).for_each(|(a, &v)| *a = v);
             let mut acc: core::arch::x86_64::__m256 = bytemuck::cast(init);
-            for (gi, &t) in sx.iter().take(g.n).enumerate() {
-                let at = gi * per;
-                let Some(xs) = xc.get(at..at + per) else {
-                    break;
-                };
-                let w: [&[[i8; 16]]; 8] = core::array::from_fn(|r| rows[r].get(at..at + per).unwrap_or(&[]));
-                let (mut a0, mut a1, mut a2, mut a3) = (zero(), zero(), zero(), zero());
-                let (mut a4, mut a5, mut a6, mut a7) = (zero(), zero(), zero(), zero());
-                for (k, xv) in xs.iter().enumerate() {
+            // The rows, their scales and the input walked in step: no
+            // per-group slicing (it cost more than the products at group 32).
+            let mut rit = rows.map(|r| r.iter());
+            let mut sit = scales.map(|s| s.iter());
+            let mut xit = xc.iter();
+            for &t in sx.iter().take(g.n) {
+                let mut a = [zero(); 8];
+                for xv in xit.by_ref().take(per) {
                     let xv = bytemuck::cast(*xv);
-                    let (Some(b0), Some(b1), Some(b2), Some(b3)) =
-                        (w[0].get(k), w[1].get(k), w[2].get(k), w[3].get(k))
-                    else {
-                        break;
-                    };
-                    let (Some(b4), Some(b5), Some(b6), Some(b7)) =
-                        (w[4].get(k), w[5].get(k), w[6].get(k), w[7].get(k))
-                    else {
-                        break;
-                    };
-                    a0 = mul_add(a0, b0, xv);
-                    a1 = mul_add(a1, b1, xv);
-                    a2 = mul_add(a2, b2, xv);
-                    a3 = mul_add(a3, b3, xv);
-                    a4 = mul_add(a4, b4, xv);
-                    a5 = mul_add(a5, b5, xv);
-                    a6 = mul_add(a6, b6, xv);
-                    a7 = mul_add(a7, b7, xv);
+                    for (a, r) in a.iter_mut().zip(rit.iter_mut()) {
+                        if let Some(b) = r.next() {
+                            *a = mul_add(*a, b, xv);
+                        }
+                    }
                 }
-                let sums = _mm256_cvtepi32_ps(sums8([a0, a1, a2, a3, a4, a5, a6, a7]));
-                let s: [f32; 8] = core::array::from_fn(|r| scales[r].get(gi).copied().unwrap_or(0.0));
+                let sums = _mm256_cvtepi32_ps(sums8(a));
+                let s: [f32; 8] = core::array::from_fn(|r| sit[r].next().copied().unwrap_or(0.0));
                 let scale = _mm256_mul_ps(bytemuck::cast(s), _mm256_set1_ps(t));
                 acc = _mm256_add_ps(acc, _mm256_mul_ps(sums, scale));
             }

@@ -238,9 +238,32 @@ impl Matrix<'_> {
             Weights::F32(w) => crate::kernels::matmul(w, self.bias, xs, cols, ys),
             Weights::F16(w) => crate::kernels::matmul(w, self.bias, xs, cols, ys),
             Weights::I8 { w, scales } if scales.len() != rows => {
-                let mut xq = alloc::vec![0i8; cols];
-                for (x, y) in xs.chunks_exact(cols).zip(ys.chunks_exact_mut(rows)) {
-                    self.forward_groups((w, scales), x, y, &mut xq);
+                // Every token quantized per group, then blocks of rows that
+                // stay in L2 across the tokens, each token's groups added
+                // in order over the whole row (the same bits as
+                // `forward_groups`' chunks: each row's groups in order).
+                let (group, per) = (self.group(), scales.len() / rows);
+                let tokens = (xs.len() / cols).min(ys.len() / rows);
+                let mut xq = alloc::vec![0i8; tokens * cols];
+                let sx: alloc::vec::Vec<f32> = xs
+                    .chunks_exact(group)
+                    .zip(xq.chunks_exact_mut(group))
+                    .map(|(x, q)| quantize_vector(x, q))
+                    .collect();
+                ys.iter_mut().take(tokens * rows).for_each(|v| *v = 0.0);
+                let rows_per = ((64 << 10) / cols.max(1)).clamp(1, rows);
+                for (b, block) in w.chunks(rows_per * cols).enumerate() {
+                    let (r0, n) = (b * rows_per, block.len() / cols);
+                    let sw = &scales[r0 * per..(r0 + n) * per];
+                    for (t, q) in xq.chunks_exact(cols).enumerate() {
+                        let y = &mut ys[t * rows + r0..t * rows + r0 + n];
+                        add_group_dots_i8(block, cols, 0, q, group, (sw, &sx[t * per..(t + 1) * per]), y);
+                    }
+                }
+                if let Some(b) = self.bias {
+                    for y in ys.chunks_exact_mut(rows).take(tokens) {
+                        y.iter_mut().zip(b).for_each(|(yo, &bo)| *yo += bo);
+                    }
                 }
             }
             Weights::I8 { w, scales } => {
