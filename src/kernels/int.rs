@@ -428,7 +428,6 @@ mod avx2 {
         (sw, sx): (&[f32], &[f32]),
         y: &mut [f32],
     ) {
-        use core::arch::x86_64::{_mm256_add_ps, _mm256_cvtepi32_ps, _mm256_mul_ps, _mm256_set1_ps};
         let mut buf = [0i16; N];
         let xw = &mut buf[..x.len().min(N)];
         for (o, &v) in xw.iter_mut().zip(x) {
@@ -452,32 +451,100 @@ mod avx2 {
             });
             let mut init = [0.0f32; 8];
             init.iter_mut().zip(&*yb).for_each(|(a, &v)| *a = v);
-            let mut acc: core::arch::x86_64::__m256 = bytemuck::cast(init);
-            // The rows, their scales and the input walked in step: no
-            // per-group slicing (it cost more than the products at group 32).
-            let mut rit = rows.map(|r| r.iter());
-            let mut sit = scales.map(|s| s.iter());
-            let mut xit = xc.iter();
-            for &t in sx.iter().take(g.n) {
-                let mut a = [zero(); 8];
-                for xv in xit.by_ref().take(per) {
-                    let xv = bytemuck::cast(*xv);
-                    for (a, r) in a.iter_mut().zip(rit.iter_mut()) {
-                        if let Some(b) = r.next() {
-                            *a = mul_add(*a, b, xv);
-                        }
-                    }
-                }
-                let sums = _mm256_cvtepi32_ps(sums8(a));
-                let s: [f32; 8] = core::array::from_fn(|r| sit[r].next().copied().unwrap_or(0.0));
-                let scale = _mm256_mul_ps(bytemuck::cast(s), _mm256_set1_ps(t));
-                acc = _mm256_add_ps(acc, _mm256_mul_ps(sums, scale));
-            }
+            let mut acc: __m256 = bytemuck::cast(init);
+            let n = g.n.min(sx.len());
+            acc = match per {
+                1 => block_groups::<1>(rows, xc, scales, &sx[..n], acc),
+                2 => block_groups::<2>(rows, xc, scales, &sx[..n], acc),
+                4 => block_groups::<4>(rows, xc, scales, &sx[..n], acc),
+                8 => block_groups::<8>(rows, xc, scales, &sx[..n], acc),
+                _ => block_groups_any(rows, xc, scales, &sx[..n], per, acc),
+            };
             let out: [f32; 8] = bytemuck::cast(acc);
             yb.iter_mut().zip(out).for_each(|(o, v)| *o = v);
             done += 8;
         }
         super::group_rows(w, g, x, (sw, sx), y, done);
+    }
+
+    /// One block of eight rows over the groups of `sx` (`P` sixteen-column
+    /// steps a group, known at compile time: the steps unrolled, one check
+    /// a row a group): each group's eight sums, then `acc + sum * (sw * sx)`
+    /// in each row's lane.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn block_groups<const P: usize>(
+        rows: [&[[i8; 16]]; 8],
+        xc: &[[i16; 16]],
+        scales: [&[f32]; 8],
+        sx: &[f32],
+        mut acc: __m256,
+    ) -> __m256 {
+        let mut rit = rows.map(|r| r.as_chunks::<P>().0.iter());
+        let mut sit = scales.map(|s| s.iter());
+        for (&t, xg) in sx.iter().zip(xc.as_chunks::<P>().0) {
+            let w: [Option<&[[i8; 16]; P]>; 8] = core::array::from_fn(|r| rit[r].next());
+            let [Some(w0), Some(w1), Some(w2), Some(w3), Some(w4), Some(w5), Some(w6), Some(w7)] = w else {
+                break;
+            };
+            let mut a = [zero(); 8];
+            for (k, xv) in xg.iter().enumerate() {
+                let xv = bytemuck::cast(*xv);
+                a[0] = mul_add(a[0], &w0[k], xv);
+                a[1] = mul_add(a[1], &w1[k], xv);
+                a[2] = mul_add(a[2], &w2[k], xv);
+                a[3] = mul_add(a[3], &w3[k], xv);
+                a[4] = mul_add(a[4], &w4[k], xv);
+                a[5] = mul_add(a[5], &w5[k], xv);
+                a[6] = mul_add(a[6], &w6[k], xv);
+                a[7] = mul_add(a[7], &w7[k], xv);
+            }
+            acc = scale_add(acc, a, &mut sit, t);
+        }
+        acc
+    }
+
+    /// [`block_groups`] for any number of steps a group.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn block_groups_any(
+        rows: [&[[i8; 16]]; 8],
+        xc: &[[i16; 16]],
+        scales: [&[f32]; 8],
+        sx: &[f32],
+        per: usize,
+        mut acc: __m256,
+    ) -> __m256 {
+        let mut rit = rows.map(|r| r.iter());
+        let mut sit = scales.map(|s| s.iter());
+        let mut xit = xc.iter();
+        for &t in sx {
+            let mut a = [zero(); 8];
+            for xv in xit.by_ref().take(per) {
+                let xv = bytemuck::cast(*xv);
+                for (a, r) in a.iter_mut().zip(rit.iter_mut()) {
+                    if let Some(b) = r.next() {
+                        *a = mul_add(*a, b, xv);
+                    }
+                }
+            }
+            acc = scale_add(acc, a, &mut sit, t);
+        }
+        acc
+    }
+
+    /// `acc + sums(a) * (sw * t)` lane by lane, `sw` the next scale of each
+    /// row: the portable loop's float steps.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn scale_add(acc: __m256, a: [__m256i; 8], sit: &mut [core::slice::Iter<'_, f32>; 8], t: f32) -> __m256 {
+        use core::arch::x86_64::{
+            _mm256_add_ps, _mm256_cvtepi32_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setr_ps,
+        };
+        let mut next = |r: usize| sit[r].next().copied().unwrap_or(0.0);
+        let s = _mm256_setr_ps(next(0), next(1), next(2), next(3), next(4), next(5), next(6), next(7));
+        let sums = _mm256_cvtepi32_ps(sums8(a));
+        _mm256_add_ps(acc, _mm256_mul_ps(sums, _mm256_mul_ps(s, _mm256_set1_ps(t))))
     }
 
     /// Each of eight vectors' lanes added: lane `r` of the result is the
@@ -498,7 +565,7 @@ mod avx2 {
         _mm256_add_epi32(low, high)
     }
 
-    use core::arch::x86_64::__m256i;
+    use core::arch::x86_64::{__m256, __m256i};
 
     #[inline]
     #[target_feature(enable = "avx2")]
