@@ -167,6 +167,28 @@ fn f16_within_tolerance() {
     }
 }
 
+/// One int8 conversion against transformers, printed and held to the int8
+/// tolerance (below).
+fn int8_checked(name: &str, label: &str, opts: &DecoderOptions) -> Compared {
+    let c = compare(name, opts);
+    println!(
+        "{name} {label}: max |logit error| {:.2e} = {:.3} of the largest, {}/{} choices differ (margin >= {:.1e}), argmax differs at {}",
+        c.err,
+        c.err / c.scale,
+        c.differ,
+        c.choices,
+        c.differ_margin,
+        c.argmax_differ
+    );
+    assert!(c.err <= 0.1 * c.scale, "{name} {label}: logits differ by {:e}", c.err);
+    assert!(
+        c.differ == 0 || c.differ_margin < 0.05,
+        "{name} {label}: experts differ at margin {:e}",
+        c.differ_margin
+    );
+    c
+}
+
 /// int8 weights (per row) times int8 inputs (per vector) lose about 1% per
 /// product: a router may then pick another expert where transformers' k-th
 /// and (k+1)-th probabilities are within 0.05 (and does so for at most 5%
@@ -183,22 +205,7 @@ fn int8_within_tolerance() {
                 DecoderOptions { gate_dtype: Some(Dtype::F32), ..DecoderOptions::new(Dtype::Int8) },
             ),
         ] {
-            let c = compare(name, &opts);
-            println!(
-                "{name} {label}: max |logit error| {:.2e} = {:.3} of the largest, {}/{} choices differ (margin >= {:.1e}), argmax differs at {}",
-                c.err,
-                c.err / c.scale,
-                c.differ,
-                c.choices,
-                c.differ_margin,
-                c.argmax_differ
-            );
-            assert!(c.err <= 0.1 * c.scale, "{name} {label}: logits differ by {:e}", c.err);
-            assert!(
-                c.differ == 0 || c.differ_margin < 0.05,
-                "{name} {label}: experts differ at margin {:e}",
-                c.differ_margin
-            );
+            let c = int8_checked(name, label, &opts);
             (choices, differ, argmax_differ) =
                 (choices + c.choices, differ + c.differ, argmax_differ + c.argmax_differ);
             positions += reference(name).tokens.len();
@@ -217,20 +224,10 @@ fn int8_within_tolerance() {
 fn int8_groups_within_tolerance() {
     for name in ["mixtral_tied", "mixtral_8x2_untied", "mixtral_top1_head_dim"] {
         for (label, group) in [("int8 per row", None), ("int8 group 16", Some(16))] {
-            let c = compare(name, &DecoderOptions { int8_group: group, ..DecoderOptions::new(Dtype::Int8) });
-            println!(
-                "{name} {label}: max |logit error| {:.2e} = {:.3} of the largest, {}/{} choices differ, argmax differs at {}",
-                c.err,
-                c.err / c.scale,
-                c.differ,
-                c.choices,
-                c.argmax_differ
-            );
-            assert!(c.err <= 0.1 * c.scale, "{name} {label}: logits differ by {:e}", c.err);
-            assert!(
-                c.differ == 0 || c.differ_margin < 0.05,
-                "{name} {label}: experts differ at margin {:e}",
-                c.differ_margin
+            int8_checked(
+                name,
+                label,
+                &DecoderOptions { int8_group: group, ..DecoderOptions::new(Dtype::Int8) },
             );
         }
     }

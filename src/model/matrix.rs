@@ -237,56 +237,38 @@ impl Matrix<'_> {
         match self.w {
             Weights::F32(w) => crate::kernels::matmul(w, self.bias, xs, cols, ys),
             Weights::F16(w) => crate::kernels::matmul(w, self.bias, xs, cols, ys),
-            Weights::I8 { w, scales } if scales.len() != rows => {
-                // Every token quantized per group, then blocks of rows that
-                // stay in L2 across the tokens, each token's groups added
-                // in order over the whole row (the same bits as
-                // `forward_groups`' chunks: each row's groups in order).
+            Weights::I8 { w, scales } => {
+                // Every token quantized (per group, or whole: `group ==
+                // cols`), then blocks of rows that stay in L2 (64 KB) across
+                // the tokens: the same bits as token by token (a group-scaled
+                // row adds its groups in order, as `forward_groups`' chunks do).
                 let (group, per) = (self.group(), scales.len() / rows);
                 let tokens = (xs.len() / cols).min(ys.len() / rows);
                 let mut xq = alloc::vec![0i8; tokens * cols];
-                let sx: alloc::vec::Vec<f32> = xs
+                let sx: alloc::vec::Vec<f32> = xs[..tokens * cols]
                     .chunks_exact(group)
                     .zip(xq.chunks_exact_mut(group))
                     .map(|(x, q)| quantize_vector(x, q))
                     .collect();
-                ys.iter_mut().take(tokens * rows).for_each(|v| *v = 0.0);
+                if per > 1 {
+                    ys.iter_mut().take(tokens * rows).for_each(|v| *v = 0.0);
+                }
                 let rows_per = ((64 << 10) / cols.max(1)).clamp(1, rows);
                 for (b, block) in w.chunks(rows_per * cols).enumerate() {
                     let (r0, n) = (b * rows_per, block.len() / cols);
-                    let sw = &scales[r0 * per..(r0 + n) * per];
                     for (t, q) in xq.chunks_exact(cols).enumerate() {
                         let y = &mut ys[t * rows + r0..t * rows + r0 + n];
-                        add_group_dots_i8(block, cols, 0, q, group, (sw, &sx[t * per..(t + 1) * per]), y);
-                    }
-                }
-                if let Some(b) = self.bias {
-                    for y in ys.chunks_exact_mut(rows).take(tokens) {
-                        y.iter_mut().zip(b).for_each(|(yo, &bo)| *yo += bo);
-                    }
-                }
-            }
-            Weights::I8 { w, scales } => {
-                let tokens = (xs.len() / cols).min(ys.len() / rows);
-                let mut xq = alloc::vec![0i8; tokens * cols];
-                let sx: alloc::vec::Vec<f32> = xs
-                    .chunks_exact(cols)
-                    .zip(xq.chunks_exact_mut(cols))
-                    .map(|(x, q)| quantize_vector(x, q))
-                    .collect();
-                // Blocks of rows that stay in L2 (64 KB) across the tokens.
-                let per = (64 << 10) / cols.max(1);
-                let per = per.clamp(1, rows);
-                for (b, block) in w.chunks(per * cols).enumerate() {
-                    let first = b * per;
-                    for (t, (q, &sx)) in xq.chunks_exact(cols).zip(&sx).enumerate() {
-                        let y = &mut ys[t * rows..(t + 1) * rows];
-                        let mut out = y[first..].iter_mut().zip(&scales[first..]);
-                        for_each_dot_i8(block, q, 0, |acc| {
-                            if let Some((yo, &s)) = out.next() {
-                                *yo = acc as f32 * (s * sx);
-                            }
-                        });
+                        if per == 1 {
+                            let mut out = y.iter_mut().zip(&scales[r0..]);
+                            for_each_dot_i8(block, q, 0, |acc| {
+                                if let Some((yo, &s)) = out.next() {
+                                    *yo = acc as f32 * (s * sx[t]);
+                                }
+                            });
+                        } else {
+                            let sw = &scales[r0 * per..(r0 + n) * per];
+                            add_group_dots_i8(block, cols, 0, q, group, (sw, &sx[t * per..(t + 1) * per]), y);
+                        }
                     }
                 }
                 if let Some(b) = self.bias {
