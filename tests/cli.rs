@@ -146,3 +146,19 @@ fn bad_checkpoints_are_refused_by_name() {
         micromoe(&["convert", dir.to_str().unwrap(), "-o", out.to_str().unwrap(), "--dtype", "int8"]);
     assert!(!ok && err.contains("--calibration"), "{err}");
 }
+
+#[test]
+fn info_names_the_int8_group() {
+    let tinylm = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tinylm");
+    for (file, want) in [("tinylm_int8.moe", "\"int8\""), ("tinylm_int8_g32.moe", "\"int8/g32\"")] {
+        let (ok, out, err) = micromoe(&["info", &format!("{tinylm}/{file}"), "--json"]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["dtypes"]["experts"].to_string(), want, "{file}");
+    }
+    // --group is checked before any tensor is read.
+    let out = tmp("group").join("x.moe");
+    let (ok, _, err) =
+        micromoe(&["convert", tinylm, "-o", out.to_str().unwrap(), "--dtype", "int8", "--group", "24"]);
+    assert!(!ok && err.contains("multiple of 16"), "{err}");
+}

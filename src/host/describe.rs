@@ -229,8 +229,9 @@ pub struct DecoderSummary {
     pub state_bytes: usize,
     /// Of which the KV cache.
     pub kv_cache_bytes: usize,
-    /// Storage type of each role's matrices, e.g. `[("experts", "int8")]`.
-    pub dtypes: Vec<(&'static str, &'static str)>,
+    /// Storage type of each role's matrices, e.g. `[("experts", "int8")]`;
+    /// int8 with a scale per group of columns names the group (`int8/g32`).
+    pub dtypes: Vec<(&'static str, String)>,
 }
 
 fn dtype_name(code: u8) -> &'static str {
@@ -249,7 +250,7 @@ pub fn summarize_decoder(dec: &crate::model::Decoder<'_>) -> crate::Result<Decod
     let config = *dec.config();
     let layers = (0..config.layers).map(|l| dec.layer_config(l)).collect::<crate::Result<Vec<_>>>()?;
     let (mut total_params, mut inactive) = (0, 0);
-    let mut dtypes: Vec<(&'static str, &'static str)> = Vec::new();
+    let mut dtypes: Vec<(&'static str, String)> = Vec::new();
     for t in (0..model.table().len()).filter_map(|i| model.table().get(i)) {
         if !matches!(t.key.part, part::WEIGHT | part::BIAS) {
             continue;
@@ -270,7 +271,14 @@ pub fn summarize_decoder(dec: &crate::model::Decoder<'_>) -> crate::Result<Decod
             _ => "norms",
         };
         if t.key.part == part::WEIGHT && !dtypes.iter().any(|(w, _)| *w == what) {
-            dtypes.push((what, dtype_name(t.dtype)));
+            let scales = crate::format::Key { part: crate::format::layout::decoder::SCALE_PART, ..t.key };
+            let name = match model.table().find(scales) {
+                Some(s) if t.dtype == crate::format::layout::dtype::I8 && s.cols > 1 => {
+                    format!("int8/g{}", t.cols / s.cols)
+                }
+                _ => dtype_name(t.dtype).to_string(),
+            };
+            dtypes.push((what, name));
         }
     }
     let kv = 2 * config.layers * config.context * config.kv_dim() * if config.kv_f16 { 2 } else { 4 };
