@@ -458,28 +458,38 @@ fn matmul_tiles<W: FloatWeight, const R: usize, const T: usize, const M: usize>(
             None => v,
         };
     };
-    let mut t = 0;
-    while t + T <= tokens {
-        let x: [&[f32]; T] = core::array::from_fn(|k| &xs[(t + k) * cols..(t + k + 1) * cols]);
-        let mut o = 0;
-        while o + R <= rows {
-            let out =
-                dot_tile(core::array::from_fn::<_, R, _>(|r| &w[(o + r) * cols..(o + r + 1) * cols]), x);
-            for (r, out) in out.iter().enumerate() {
-                for (k, &v) in out.iter().enumerate() {
-                    put(t + k, o + r, v);
+    // Blocks of rows that stay in L2 (64 KB of weights) while every token
+    // passes over them: weights streamed from memory are read once, not
+    // once per `T` tokens (each (row, token) sum is the same either way).
+    let per_block = ((64 << 10) / (cols * size_of::<W>()).max(1)).max(R) / R * R;
+    let mut o0 = 0;
+    while o0 < rows {
+        let o1 = (o0 + per_block).min(rows);
+        let mut t = 0;
+        while t + T <= tokens {
+            let x: [&[f32]; T] = core::array::from_fn(|k| &xs[(t + k) * cols..(t + k + 1) * cols]);
+            let mut o = o0;
+            while o + R <= o1 {
+                let out =
+                    dot_tile(core::array::from_fn::<_, R, _>(|r| &w[(o + r) * cols..(o + r + 1) * cols]), x);
+                for (r, out) in out.iter().enumerate() {
+                    for (k, &v) in out.iter().enumerate() {
+                        put(t + k, o + r, v);
+                    }
+                }
+                o += R;
+            }
+            for o in o..o1 {
+                let out = dot_tile([&w[o * cols..(o + 1) * cols]], x);
+                for (k, &v) in out[0].iter().enumerate() {
+                    put(t + k, o, v);
                 }
             }
-            o += R;
+            t += T;
         }
-        for o in o..rows {
-            let out = dot_tile([&w[o * cols..(o + 1) * cols]], x);
-            for (k, &v) in out[0].iter().enumerate() {
-                put(t + k, o, v);
-            }
-        }
-        t += T;
+        o0 = o1;
     }
+    let t = tokens / T * T;
     for t in t..tokens {
         matvec_rows::<W, M>(w, b, &xs[t * cols..(t + 1) * cols], &mut ys[t * rows..(t + 1) * rows]);
     }
