@@ -13,6 +13,7 @@
 //! cargo run --release --example decode_bench -- --sequential    # prompt token by token
 //! cargo run --release --example decode_bench -- --model m.moe   # a converted decoder
 //! cargo run --release --example decode_bench -- --threads 2     # Decoder::with_threads(2)
+//! cargo run --release --features fast-float --example decode_bench # FMA products (not the MCU's bits)
 //! taskset -c 0 cargo run --release --example decode_bench    # pinned, as README's figures
 //! ```
 //!
