@@ -49,6 +49,17 @@ kernels! {
     ExpertOut => "expert_out",
     Combine => "combine",
     AddShared => "add_shared",
+    Embed => "embed",
+    GatherRows => "gather_rows",
+    RmsScale => "rms_scale",
+    RmsApply => "rms_apply",
+    Linear => "linear",
+    Rope => "rope",
+    KvStore => "kv_store",
+    AttnScores => "attn_scores",
+    AttnSoftmax => "attn_softmax",
+    AttnOut => "attn_out",
+    Add => "add",
 }
 
 /// One loaded `T` per kernel (a CUDA function, an emulator name), built

@@ -4,9 +4,12 @@
 // Built by micromoe::cuda::Emulator with the host C++ compiler (C++20,
 // address and undefined-behaviour sanitizers on), one binary per weight type:
 //     c++ -std=c++20 -DWTYPE=float -I<dir> emu.cpp  (emu.cpp includes kernels.cu)
-// Every CUDA thread of a block is an OS thread; __syncthreads is a barrier,
-// and the emulator refuses a block whose threads reach different barriers
-// (a __syncthreads in divergent code: undefined on a GPU). Blocks run one
+// In a kernel with barriers (the table below says which), every CUDA thread
+// of a block is an OS thread; __syncthreads is a barrier, and the emulator
+// refuses a block whose threads reach different barriers (a __syncthreads in
+// divergent code: undefined on a GPU). The others run their threads one
+// after another on one OS thread (so the thread sanitizer sees no races
+// between their threads: each writes only its own outputs). Blocks run one
 // after another, so `__shared__` arrays are function-level statics.
 // Floats follow IEEE single precision without contraction
 // (-ffp-contract=off), as __fmul_rn / __fadd_rn / __fmaf_rn do on the GPU;
@@ -81,7 +84,11 @@ struct Block {
 
 void OnPhase::operator()() noexcept { block->check(); }
 
-inline void sync() { current->arrive(Sync); }
+inline void sync() {
+    // A kernel listed as barrier-free runs its threads one after another.
+    if (!current) throw std::runtime_error("__syncthreads in a kernel the emulator lists as barrier-free");
+    current->arrive(Sync);
+}
 }  // namespace emu
 
 #define MICROMOE_EMULATOR
@@ -90,6 +97,9 @@ inline void sync() { current->arrive(Sync); }
 #define FMA(a, b, c) std::fma((float)(a), (float)(b), (float)(c))
 #define EXPF(x) std::exp((float)(x))
 #define AS_FLOAT(i) std::bit_cast<float>(i)
+#define AS_BITS(f) std::bit_cast<unsigned int>(f)
+#define FDIV(a, b) ((a) / (b))
+#define FSQRT(x) std::sqrt((float)(x))
 #define KERNEL extern "C"
 #define DEVICE
 #define SHARED static
@@ -121,27 +131,50 @@ void call(void (*f)(P...), const std::vector<Arg>& a, std::index_sequence<I...>)
     f(static_cast<P>(a[I])...);
 }
 
-// Wraps a kernel so it can be called with the arguments of a request,
-// checking their number and kinds against the kernel's signature.
+// A kernel as the emulator runs it: its parameter count, a call with the
+// arguments of a request (their number and kinds checked against the
+// kernel's signature), and whether it has barriers. Kernels without
+// `__syncthreads` run every thread one after another on one OS thread
+// (a launch of thousands of threads costs no thread start-ups);
+// a `__syncthreads` reached there is an error, not a hang.
+struct Entry {
+    std::size_t params;
+    Invoke invoke;
+    bool barriers;
+};
+
 template <class... P>
-std::pair<std::size_t, Invoke> wrap(void (*f)(P...)) {
-    return {sizeof...(P), [f](const std::vector<Arg>& a) { call(f, a, std::index_sequence_for<P...>{}); }};
+Entry wrap(void (*f)(P...), bool barriers = false) {
+    return {sizeof...(P), [f](const std::vector<Arg>& a) { call(f, a, std::index_sequence_for<P...>{}); }, barriers};
 }
 
-static const std::map<std::string, std::pair<std::size_t, Invoke>> kernels = {
+constexpr bool BARRIERS = true;
+
+static const std::map<std::string, Entry> kernels = {
     {"gate_logits", wrap(gate_logits)},
-    {"expert_hidden", wrap(expert_hidden)},
-    {"expert_out", wrap(expert_out)},
+    {"expert_hidden", wrap(expert_hidden, BARRIERS)},
+    {"expert_out", wrap(expert_out, BARRIERS)},
     {"combine", wrap(combine)},
     {"add_shared", wrap(add_shared)},
+    {"embed", wrap(embed)},
+    {"gather_rows", wrap(gather_rows)},
+    {"rms_scale", wrap(rms_scale)},
+    {"rms_apply", wrap(rms_apply)},
+    {"linear", wrap(linear)},
+    {"rope", wrap(rope)},
+    {"kv_store", wrap(kv_store)},
+    {"attn_scores", wrap(attn_scores)},
+    {"attn_softmax", wrap(attn_softmax)},
+    {"attn_out", wrap(attn_out)},
+    {"add", wrap(add)},
 };
 
 // Runs a launch; returns an error message or "".
 std::string launch(const std::string& name, dim3 grid, dim3 block, const std::vector<Arg>& args) {
     auto k = kernels.find(name);
     if (k == kernels.end()) return "no kernel named " + name;
-    if (k->second.first != args.size()) {
-        return name + " takes " + std::to_string(k->second.first) + " arguments, got " + std::to_string(args.size());
+    if (k->second.params != args.size()) {
+        return name + " takes " + std::to_string(k->second.params) + " arguments, got " + std::to_string(args.size());
     }
     unsigned threads = block.x * block.y * block.z;
     if (threads == 0 || threads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
@@ -150,6 +183,26 @@ std::string launch(const std::string& name, dim3 grid, dim3 block, const std::ve
     }
     gridDim = grid;
     blockDim = block;
+    if (!k->second.barriers) {
+        current = nullptr;
+        try {
+            for (unsigned z = 0; z < grid.z; z++) {
+                for (unsigned y = 0; y < grid.y; y++) {
+                    for (unsigned x = 0; x < grid.x; x++) {
+                        blockIdx = {x, y, z};
+                        for (unsigned t = 0; t < threads; t++) {
+                            lane = t;
+                            threadIdx = {t % block.x, t / block.x % block.y, t / (block.x * block.y)};
+                            k->second.invoke(args);
+                        }
+                    }
+                }
+            }
+        } catch (std::exception& e) {
+            return e.what();
+        }
+        return "";
+    }
     Block state(threads);
     std::string failure;
     std::vector<std::thread> pool;
@@ -163,7 +216,7 @@ std::string launch(const std::string& name, dim3 grid, dim3 block, const std::ve
                     for (unsigned y = 0; y < grid.y; y++) {
                         for (unsigned x = 0; x < grid.x; x++) {
                             blockIdx = {x, y, z};
-                            k->second.second(args);
+                            k->second.invoke(args);
                             state.arrive(Exit);
                         }
                     }

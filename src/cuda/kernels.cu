@@ -16,9 +16,12 @@
 #define FMUL(a, b) ((a) * (b))
 #define FADD(a, b) ((a) + (b))
 #define FMA(a, b, c) __builtin_fmaf(a, b, c)
+#define FDIV(a, b) ((a) / (b))
+#define FSQRT(x) __builtin_sqrtf(x)
 // No libdevice in a header-less check: a stand-in keeps the code compiling.
 #define EXPF(x) (x)
 #define AS_FLOAT(i) __builtin_bit_cast(float, i)
+#define AS_BITS(f) __builtin_bit_cast(unsigned int, f)
 #define KERNEL extern "C" __attribute__((global))
 #define DEVICE __attribute__((device))
 #define SHARED __attribute__((shared))
@@ -29,8 +32,11 @@
 #define FMUL(a, b) __fmul_rn(a, b)
 #define FADD(a, b) __fadd_rn(a, b)
 #define FMA(a, b, c) __fmaf_rn(a, b, c)
+#define FDIV(a, b) __fdiv_rn(a, b)
+#define FSQRT(x) __fsqrt_rn(x)
 #define EXPF(x) expf(x)
 #define AS_FLOAT(i) __int_as_float(i)
+#define AS_BITS(f) __float_as_uint(f)
 #define KERNEL extern "C" __global__
 #define DEVICE __device__
 #define SHARED __shared__
@@ -63,18 +69,20 @@ DEVICE inline float load_w(const unsigned short* w, long i) {
 }
 
 // micromoe's dot order: lane i % 8, lanes added ((0+4)+(2+6))+((1+5)+(3+7)),
-// then the tail, multiplies and adds never fused.
-DEVICE float dot(const float* w, long w0, const float* x, int n) {
+// then the tail, multiplies and adds never fused (the CPU's `kernels::dot`,
+// each weight widened exactly first).
+template <class W>
+DEVICE float dot(const W* w, long w0, const float* x, int n) {
     float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int blocks = n / 8;
     for (int b = 0; b < blocks; b++) {
         for (int i = 0; i < 8; i++) {
-            l[i] = FADD(l[i], FMUL(w[w0 + b * 8 + i], x[b * 8 + i]));
+            l[i] = FADD(l[i], FMUL(load_w(w, w0 + b * 8 + i), x[b * 8 + i]));
         }
     }
     float s = FADD(FADD(FADD(l[0], l[4]), FADD(l[2], l[6])), FADD(FADD(l[1], l[5]), FADD(l[3], l[7])));
     for (int i = blocks * 8; i < n; i++) {
-        s = FADD(s, FMUL(w[w0 + i], x[i]));
+        s = FADD(s, FMUL(load_w(w, w0 + i), x[i]));
     }
     return s;
 }
@@ -199,4 +207,162 @@ KERNEL void add_shared(const float* sy, const float* scale, float* out, int toke
     long id = GLOBAL_ID();
     if (id >= (long)tokens * d) return;
     out[id] = FADD(out[id], FMUL(scale[id / d], sy[id]));
+}
+
+// ---- Whole decoders (src/cuda/decoder.rs). A batch is `rows` tokens, each
+// with its sequence's KV-cache slot and its position; every kernel below
+// computes each output in the CPU decoder's order (src/model/decoder.rs), so
+// that only the expert GEMMs' fused multiply-adds and expf differ from it.
+
+// out[r, i] = e[tokens[r], i]: the embedding rows, widened exactly.
+KERNEL void embed(const WTYPE* e, const int* tokens, float* out, int rows, int h) {
+    long id = GLOBAL_ID();
+    if (id >= (long)rows * h) return;
+    out[id] = load_w(e, (long)tokens[id / h] * h + id % h);
+}
+
+// out[r] = x[rows[r]] for `n` rows of width h.
+KERNEL void gather_rows(const float* x, const int* rows, float* out, int n, int h) {
+    long id = GLOBAL_ID();
+    if (id >= (long)n * h) return;
+    out[id] = x[(long)rows[id / h] * h + id % h];
+}
+
+// scale[r] = 1 / sqrt(mean(x[r]^2) + eps), the sum in element order, as
+// the CPU's `rms_norm`. A mean square that is not finite gives NaN (the CPU
+// refuses it; here the logits' check does).
+KERNEL void rms_scale(const float* x, float* scale, int rows, int h, int eps_bits) {
+    long r = GLOBAL_ID();
+    if (r >= rows) return;
+    float s = AS_FLOAT((int)0x80000000);
+    for (int i = 0; i < h; i++) s = FADD(s, FMUL(x[r * h + i], x[r * h + i]));
+    float ms = FDIV(s, (float)h);
+    float v = FDIV(1.0f, FSQRT(FADD(ms, AS_FLOAT(eps_bits))));
+    scale[r] = FADD(ms, -ms) == 0.0f ? v : AS_FLOAT(0x7fc00000);
+}
+
+// out[r, i] = g[i] * (x[r, i] * scale[r]).
+KERNEL void rms_apply(const float* x, const float* scale, const float* g, float* out, int rows, int h) {
+    long id = GLOBAL_ID();
+    if (id >= (long)rows * h) return;
+    out[id] = FMUL(g[id % h], FMUL(x[id], scale[id / h]));
+}
+
+// out[t, r] = w[r] . x[t] (+ bias[r]): the CPU's matrix-vector product, bit for bit.
+KERNEL void linear(const WTYPE* w, const float* bias, const float* x, float* out, int tokens, int rows,
+                   int cols, int has_bias) {
+    long id = GLOBAL_ID();
+    if (id >= (long)tokens * rows) return;
+    int t = id / rows, r = id % rows;
+    float s = dot(w, (long)r * cols, x + (long)t * cols, cols);
+    out[id] = has_bias ? FADD(s, bias[r]) : s;
+}
+
+// Rotates every head of v (rows x width, heads of hd): pairs (i, i + hd/2)
+// by the row's angles cos/sin (rows x hd/2, made on the host as the CPU makes them).
+KERNEL void rope(float* v, const float* cos, const float* sin, int rows, int width, int hd) {
+    const int half = hd / 2, pairs = width / 2;
+    long id = GLOBAL_ID();
+    if (id >= (long)rows * pairs) return;
+    int r = id / pairs, j = id % pairs, head = j / half, i = j % half;
+    long a = (long)r * width + head * hd + i, b = a + half;
+    float c = cos[(long)r * half + i], s = sin[(long)r * half + i];
+    float v1 = v[a], v2 = v[b];
+    v[a] = FADD(FMUL(v1, c), -FMUL(v2, s));
+    v[b] = FADD(FMUL(v2, c), FMUL(v1, s));
+}
+
+// f32 to the nearest f16 value (ties to even), as a float: an f16 cache.
+DEVICE float round_f16(float v) {
+    unsigned int b = AS_BITS(v), sign = b & 0x80000000u, a = b & 0x7fffffffu;
+    if (a >= 0x7f800000u) return v;                              // infinity, NaN
+    if (a >= 0x477ff000u) return AS_FLOAT((int)(sign | 0x7f800000u));  // rounds past 65504
+    if (a >= 0x38800000u) {                                      // a normal f16: 10 mantissa bits
+        unsigned int rem = a & 0x1fffu, base = a & ~0x1fffu;
+        if (rem > 0x1000u || (rem == 0x1000u && (base & 0x2000u))) base += 0x2000u;
+        return AS_FLOAT((int)(sign | base));
+    }
+    if (a < 0x33000000u) return AS_FLOAT((int)sign);             // below half the least subnormal
+    // A subnormal f16: a multiple of 2^-24.
+    unsigned int m = (a & 0x7fffffu) | 0x800000u;
+    int shift = 126 - (int)(a >> 23);                            // 14 ..= 24
+    unsigned int q = m >> shift, rem = m & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+    if (rem > halfway || (rem == halfway && (q & 1u))) q += 1;
+    float f = FMUL((float)q, AS_FLOAT(0x33800000));               // q * 2^-24, exact
+    return sign ? -f : f;
+}
+
+// The cache holds, per slot, `layers` planes of keys then `layers` planes of
+// values, each (context, kvd).
+DEVICE inline long plane(int slot, int which, int layer, int layers, int context, int kvd) {
+    return (((long)slot * 2 + which) * layers + layer) * context * kvd;
+}
+
+// Stores each row's keys and values at its position (rounded to f16 when
+// `f16`, as the CPU's f16 cache stores them).
+KERNEL void kv_store(const float* k, const float* v, float* cache, const int* slot, const int* pos, int rows,
+                     int layer, int layers, int context, int kvd, int f16) {
+    long id = GLOBAL_ID();
+    if (id >= (long)rows * kvd) return;
+    int r = id / kvd, i = id % kvd;
+    long at = (long)pos[r] * kvd + i;
+    float kv = k[id], vv = v[id];
+    cache[plane(slot[r], 0, layer, layers, context, kvd) + at] = f16 ? round_f16(kv) : kv;
+    cache[plane(slot[r], 1, layer, layers, context, kvd) + at] = f16 ? round_f16(vv) : vv;
+}
+
+// scores[r, head, t] = (q[r, head] . k[t]) * scale for t <= pos[r], the
+// products added in element order from -0 (the CPU's `dot_seq`).
+KERNEL void attn_scores(const float* q, const float* cache, float* scores, const int* slot, const int* pos,
+                        int rows, int heads, int group, int hd, int layer, int layers, int context, int kvd,
+                        int scale_bits) {
+    long id = GLOBAL_ID();
+    if (id >= (long)rows * heads * context) return;
+    int t = id % context, head = id / context % heads, r = id / ((long)context * heads);
+    if (t > pos[r]) return;
+    const float* qh = q + ((long)r * heads + head) * hd;
+    const float* kt = cache + plane(slot[r], 0, layer, layers, context, kvd) + (long)t * kvd + head / group * hd;
+    float s = AS_FLOAT((int)0x80000000);
+    for (int i = 0; i < hd; i++) s = FADD(s, FMUL(qh[i], kt[i]));
+    scores[id] = FMUL(s, AS_FLOAT(scale_bits));
+}
+
+// Softmax of each (row, head)'s scores 0 ..= pos[r] in place, the CPU's: a
+// maximum that is not finite leaves them as they are.
+KERNEL void attn_softmax(float* scores, const int* pos, int rows, int heads, int context) {
+    long id = GLOBAL_ID();
+    if (id >= (long)rows * heads) return;
+    float* s = scores + id * context;
+    int n = pos[id / heads] + 1;
+    float m = AS_FLOAT((int)0xff800000);
+    for (int t = 0; t < n; t++) {
+        if (s[t] > m) m = s[t];
+    }
+    if (FADD(m, -m) != 0.0f) return;
+    float sum = 0.0f;
+    for (int t = 0; t < n; t++) {
+        s[t] = EXPF(FADD(s[t], -m));
+        sum = FADD(sum, s[t]);
+    }
+    for (int t = 0; t < n; t++) s[t] = FDIV(s[t], sum);
+}
+
+// att[r, head, i] = sum over t <= pos[r], in order, of p[t] * v[t, i].
+KERNEL void attn_out(const float* scores, const float* cache, float* att, const int* slot, const int* pos,
+                     int rows, int heads, int group, int hd, int layer, int layers, int context, int kvd) {
+    long id = GLOBAL_ID();
+    if (id >= (long)rows * heads * hd) return;
+    int i = id % hd, head = id / hd % heads, r = id / ((long)hd * heads);
+    const float* p = scores + ((long)r * heads + head) * context;
+    const float* vt = cache + plane(slot[r], 1, layer, layers, context, kvd) + head / group * hd + i;
+    float o = 0.0f;
+    for (int t = 0; t <= pos[r]; t++) o = FADD(o, FMUL(p[t], vt[(long)t * kvd]));
+    att[id] = o;
+}
+
+// x += d (the residual).
+KERNEL void add(float* x, const float* d, int n) {
+    long id = GLOBAL_ID();
+    if (id >= n) return;
+    x[id] = FADD(x[id], d[id]);
 }

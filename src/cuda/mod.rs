@@ -23,8 +23,11 @@
 //! arithmetic) of gated SiLU experts without biases, routed by any rule the
 //! crate has (softmax or sigmoid, groups, selection bias, routed scaling):
 //! Mixtral, Qwen2-MoE with its sigmoid-gated shared expert, DeepSeek-style
-//! layers with an ungated one. Not (yet): integer layers, biased or
-//! non-SwiGLU experts (Switch / GLaM MLPs), whole decoders.
+//! layers with an ungated one ([`CudaMoe`]); and whole f32 / f16 decoders
+//! (Mixtral, Qwen2-MoE) with a KV cache per sequence on the device,
+//! prompts prefilled as one batch and several sequences decoded at once
+//! ([`CudaDecoder`]). Not (yet): integer layers and decoders, biased or
+//! non-SwiGLU experts (Switch / GLaM MLPs).
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -42,6 +45,7 @@
 //! let chosen = layer.infer_batch(&xs, &mut out)?; // each token's experts and weights
 //! # Ok(()) }
 //! ```
+mod decoder;
 mod device;
 mod emu;
 
@@ -50,6 +54,7 @@ use crate::kernels::{Activation, FloatWeight};
 use crate::moe::{ExpertSource, MoeLayer};
 use crate::router::{DispatchPlan, Router, Selection};
 use crate::{Error, Expert};
+pub use decoder::{CudaDecoder, Sequence};
 use device::{Arg, Buf, Cuda, Device, Host, Kernel, Shape};
 pub use emu::Emulator;
 
@@ -80,6 +85,9 @@ pub enum CudaError {
     Compile(String),
     /// Bad input (shapes, NaN), as the CPU path reports it.
     Model(Error),
+    /// A [`Sequence`] used where it cannot be: of another decoder, twice
+    /// in one batch, or none free.
+    Sequence(&'static str),
 }
 
 impl std::fmt::Display for CudaError {
@@ -95,6 +103,7 @@ impl std::fmt::Display for CudaError {
             CudaError::Driver(e) => write!(f, "CUDA driver: {e}"),
             CudaError::Compile(e) => write!(f, "compiling the kernels: {e}"),
             CudaError::Model(e) => write!(f, "{e}"),
+            CudaError::Sequence(why) => write!(f, "sequence: {why}"),
         }
     }
 }
@@ -138,19 +147,33 @@ pub enum Target<'e> {
 /// A MoE layer resident on a GPU (or in the [`Emulator`]).
 pub struct CudaMoe {
     device: Box<dyn Device>,
-    gate: Buf,
+    ffn: DeviceFfn,
+}
+
+/// A MoE (or dense) FFN's weights on a device: a layer of [`CudaMoe`] or of
+/// a [`CudaDecoder`].
+struct DeviceFfn {
+    /// Gate rows, f32: the routed experts', then the shared expert's gate
+    /// (if it has one); `None` when there are neither.
+    gate: Option<Buf>,
+    routed: Option<Routed>,
+    shared: Option<Shared>,
+    d: usize,
+}
+
+/// The routed experts and their router's rule.
+struct Routed {
     w1: Buf,
     w3: Buf,
     w2: Buf,
-    shared: Option<Shared>,
     rule: crate::Rule,
     bias: Option<Vec<f32>>,
     scaling: f32,
-    d: usize,
     hidden: usize,
 }
 
-/// The always-on expert (Qwen2-MoE, DeepSeek): run over every token.
+/// The always-on expert (Qwen2-MoE, DeepSeek, a decoder's dense FFN): run
+/// over every token.
 struct Shared {
     w1: Buf,
     w3: Buf,
@@ -177,18 +200,63 @@ impl SwiGlu {
         if gate.bias().is_some() || up.bias().is_some() || down.bias().is_some() || down.rows() != d {
             return Err(CudaError::Unsupported("expert biases or output width other than input width"));
         }
-        if !self.w1.is_empty() && gate.rows() != self.hidden {
+        self.push_values(
+            gate.rows(),
+            [gate.weights(), up.weights(), down.weights()].map(|w| w.iter().map(|v| v.to_f32())),
+        )
+    }
+
+    /// One expert's three matrices (`(hidden, d)`, `(hidden, d)`, `(d, hidden)`) as f32 values.
+    fn push_values(
+        &mut self,
+        hidden: usize,
+        [w1, w3, w2]: [impl Iterator<Item = f32>; 3],
+    ) -> Result<(), CudaError> {
+        if !self.w1.is_empty() && hidden != self.hidden {
             return Err(CudaError::Unsupported("experts of different widths"));
         }
-        self.hidden = gate.rows();
-        self.w1.extend(gate.weights().iter().map(|w| w.to_f32()));
-        self.w3.extend(up.weights().iter().map(|w| w.to_f32()));
-        self.w2.extend(down.weights().iter().map(|w| w.to_f32()));
+        self.hidden = hidden;
+        self.w1.extend(w1);
+        self.w3.extend(w3);
+        self.w2.extend(w2);
         Ok(())
     }
 
     fn upload(&self, device: &dyn Device, p: Precision) -> Result<(Buf, Buf, Buf), CudaError> {
         Ok((upload(device, &self.w1, p)?, upload(device, &self.w3, p)?, upload(device, &self.w2, p)?))
+    }
+}
+
+/// What a [`DeviceFfn`] is made from, gathered on the host.
+struct FfnParts {
+    /// Gate rows (`(experts, d)`, then the shared gate's row, if any).
+    gate: Vec<f32>,
+    routed: Option<(SwiGlu, crate::Rule, Option<Vec<f32>>, f32)>,
+    shared: Option<(SwiGlu, bool)>,
+    d: usize,
+}
+
+impl FfnParts {
+    fn upload(self, device: &dyn Device, precision: Precision) -> Result<DeviceFfn, CudaError> {
+        let d = self.d;
+        let routed = match self.routed {
+            Some((e, rule, bias, scaling)) => {
+                int(rule.experts * e.hidden * d)?;
+                let (w1, w3, w2) = e.upload(device, precision)?;
+                Some(Routed { w1, w3, w2, rule, bias, scaling, hidden: e.hidden })
+            }
+            None => None,
+        };
+        let shared = match self.shared {
+            Some((e, gated)) => {
+                int(e.hidden * d)?;
+                let (w1, w3, w2) = e.upload(device, precision)?;
+                Some(Shared { w1, w3, w2, hidden: e.hidden, gated })
+            }
+            None => None,
+        };
+        let gate = if self.gate.is_empty() { None } else { Some(device.upload(Host::F32(&self.gate))?) };
+        Ok(DeviceFfn { gate, routed, shared, d })
     }
 }
 
@@ -289,40 +357,21 @@ impl CudaMoe {
         }
         let mut gate: Vec<f32> = layer.gate().weights().iter().map(|w| w.to_f32()).collect();
         let mut shared = None;
-        let mut shared_gated = false;
         if let Some(s) = layer.shared() {
             let mut e = SwiGlu::default();
             e.push(&s.expert, d)?;
             if let Some(g) = &s.gate {
                 // The shared expert's gate row rides along as one more logit.
                 gate.extend(g.weights().iter().map(|w| w.to_f32()));
-                shared_gated = true;
             }
-            shared = Some(e);
+            shared = Some((e, s.gate.is_some()));
         }
-        int(experts * routed.hidden * d)?;
+        let bias = layer.router().bias().map(<[f32]>::to_vec);
+        let parts =
+            FfnParts { gate, routed: Some((routed, rule, bias, layer.router().scaling())), shared, d };
         let device = device()?;
-        let (w1, w3, w2) = routed.upload(&*device, precision)?;
-        let shared = match shared {
-            Some(e) => {
-                let (w1, w3, w2) = e.upload(&*device, precision)?;
-                Some(Shared { w1, w3, w2, hidden: e.hidden, gated: shared_gated })
-            }
-            None => None,
-        };
-        Ok(CudaMoe {
-            gate: device.upload(Host::F32(&gate))?,
-            w1,
-            w3,
-            w2,
-            shared,
-            device,
-            rule,
-            bias: layer.router().bias().map(<[f32]>::to_vec),
-            scaling: layer.router().scaling(),
-            d,
-            hidden: routed.hidden,
-        })
+        let ffn = parts.upload(&*device, precision)?;
+        Ok(CudaMoe { device, ffn })
     }
 
     /// Uploads layer `index` of a parsed `.moe` model: its f32 or f16
@@ -354,77 +403,97 @@ impl CudaMoe {
     /// (same shape); returns each token's experts and weights. Same routing
     /// code, and so the same choices, as the CPU's `infer_batch`.
     pub fn infer_batch(&self, xs: &[f32], out: &mut [f32]) -> Result<Vec<Selection<f32>>, CudaError> {
-        let d = self.d;
+        let d = self.ffn.d;
         if xs.is_empty() || !xs.len().is_multiple_of(d) || out.len() != xs.len() {
             return Err(Error::Shape { what: crate::What::Input, expected: d, actual: xs.len() }.into());
         }
         if let Some(index) = xs.iter().position(|v| !v.is_finite()) {
             return Err(Error::NonFinite { what: crate::What::Input, index }.into());
         }
-        let tokens = xs.len() / d;
-        let (e, k) = (self.rule.experts, self.rule.k);
         let dev = &*self.device;
-        let router = Router::new(self.rule, self.bias.as_deref(), self.scaling)?;
-        // Gate rows: the experts', then the shared expert's gate, if any.
-        let rows = e + self.shared.as_ref().is_some_and(|s| s.gated) as usize;
-        int(tokens * d.max(rows).max(self.hidden))?;
         let x = dev.upload(Host::F32(xs))?;
+        let (y, selections) = self.ffn.run(dev, &x, xs.len() / d)?;
+        dev.download(&y, out)?;
+        Ok(selections)
+    }
+}
 
-        // Gate on the device, routing on the host.
-        let logits_dev = dev.zeros(tokens * rows)?;
-        let args = [
-            Arg::Buf(&self.gate),
-            Arg::Buf(&x),
-            Arg::Buf(&logits_dev),
-            Arg::Int(tokens as i32),
-            Arg::Int(rows as i32),
-            Arg::Int(d as i32),
-        ];
-        dev.launch(Kernel::GateLogits, Shape::elements(tokens * rows)?, &args)?;
+impl DeviceFfn {
+    /// `ffn(x)` for the `tokens` rows of `x` (`(tokens, d)` on `dev`): the
+    /// gate on the device, each token routed on the host by the crate's
+    /// [`Router`] (the CPU's code), each expert's tokens through the grouped
+    /// GEMMs, combined in router order, then the shared expert added, as the
+    /// CPU adds it. Returns the output on the device and each token's
+    /// selection (empty for a dense FFN).
+    fn run(&self, dev: &dyn Device, x: &Buf, tokens: usize) -> Result<(Buf, Vec<Selection<f32>>), CudaError> {
+        let d = self.d;
+        let experts = self.routed.as_ref().map_or(0, |r| r.rule.experts);
+        let gated = self.shared.as_ref().is_some_and(|s| s.gated);
+        // Gate rows: the experts', then the shared expert's gate, if any.
+        let rows = experts + gated as usize;
+        let hidden =
+            self.routed.as_ref().map_or(0, |r| r.hidden).max(self.shared.as_ref().map_or(0, |s| s.hidden));
+        int(tokens * d.max(rows).max(hidden))?;
         let mut logits = vec![0.0; tokens * rows];
-        dev.download(&logits_dev, &mut logits)?;
-        let mut selections = Vec::with_capacity(tokens);
-        for row in logits.chunks_exact(rows) {
-            let mut sel = Selection::new();
-            router.route(&row[..e], &mut sel)?;
-            selections.push(sel);
+        if let Some(gate) = &self.gate {
+            let logits_dev = dev.zeros(tokens * rows)?;
+            let args = [
+                Arg::Buf(gate),
+                Arg::Buf(x),
+                Arg::Buf(&logits_dev),
+                Arg::Int(tokens as i32),
+                Arg::Int(rows as i32),
+                Arg::Int(d as i32),
+            ];
+            dev.launch(Kernel::GateLogits, Shape::elements(tokens * rows)?, &args)?;
+            dev.download(&logits_dev, &mut logits)?;
         }
-        let plan = DispatchPlan::new(&selections, e)?;
-        let entries = plan.tokens.len();
-        let entry_token: Vec<i32> = plan.tokens.iter().map(|&t| t as i32).collect();
-        let mut slot_entry = vec![-1i32; tokens * k];
-        let mut slot_weight = vec![0.0f32; tokens * k];
-        for (n, ((&t, &slot), &w)) in plan.tokens.iter().zip(&plan.slots).zip(&plan.weights).enumerate() {
-            let at = t as usize * k + slot as usize;
-            slot_entry[at] = n as i32;
-            slot_weight[at] = w;
-        }
-
-        // The grouped GEMMs over each expert's gathered tokens, then the combine.
-        let y = dev.zeros(entries * d)?;
-        if entries > 0 {
-            int(entries * self.hidden.max(d))?;
-            let experts = [&self.w1, &self.w3, &self.w2];
-            self.swiglu(experts, &x, &entry_token, &tiles(&plan.offsets), self.hidden, &y)?;
-        }
-        let se_dev = dev.upload(Host::I32(&slot_entry))?;
-        let sw_dev = dev.upload(Host::F32(&slot_weight))?;
         let out_dev = dev.zeros(tokens * d)?;
-        let args = [&y, &se_dev, &sw_dev, &out_dev].map(Arg::Buf);
-        let ints = [tokens, k, d].map(|v| Arg::Int(v as i32));
-        let args = [args[0], args[1], args[2], args[3], ints[0], ints[1], ints[2]];
-        dev.launch(Kernel::Combine, Shape::elements(tokens * d)?, &args)?;
+        let mut selections = Vec::with_capacity(tokens);
+        if let Some(routed) = &self.routed {
+            let k = routed.rule.k;
+            let router = Router::new(routed.rule, routed.bias.as_deref(), routed.scaling)?;
+            for row in logits.chunks_exact(rows) {
+                let mut sel = Selection::new();
+                router.route(&row[..experts], &mut sel)?;
+                selections.push(sel);
+            }
+            let plan = DispatchPlan::new(&selections, experts)?;
+            let entries = plan.tokens.len();
+            let entry_token: Vec<i32> = plan.tokens.iter().map(|&t| t as i32).collect();
+            let mut slot_entry = vec![-1i32; tokens * k];
+            let mut slot_weight = vec![0.0f32; tokens * k];
+            for (n, ((&t, &slot), &w)) in plan.tokens.iter().zip(&plan.slots).zip(&plan.weights).enumerate() {
+                let at = t as usize * k + slot as usize;
+                slot_entry[at] = n as i32;
+                slot_weight[at] = w;
+            }
+            // The grouped GEMMs over each expert's gathered tokens, then the combine.
+            let y = dev.zeros(entries * d)?;
+            if entries > 0 {
+                int(entries * routed.hidden.max(d))?;
+                let w = [&routed.w1, &routed.w3, &routed.w2];
+                swiglu(dev, w, x, &entry_token, &tiles(&plan.offsets), (routed.hidden, d), &y)?;
+            }
+            let se_dev = dev.upload(Host::I32(&slot_entry))?;
+            let sw_dev = dev.upload(Host::F32(&slot_weight))?;
+            let args = [&y, &se_dev, &sw_dev, &out_dev].map(Arg::Buf);
+            let ints = [tokens, k, d].map(|v| Arg::Int(v as i32));
+            let args = [args[0], args[1], args[2], args[3], ints[0], ints[1], ints[2]];
+            dev.launch(Kernel::Combine, Shape::elements(tokens * d)?, &args)?;
+        } else {
+            selections.resize(tokens, Selection::new());
+        }
 
         // The shared expert over every token, added last, as the CPU adds it.
         if let Some(sh) = &self.shared {
-            int(tokens * sh.hidden)?;
             let all: Vec<i32> = (0..tokens as i32).collect();
             let sy = dev.zeros(tokens * d)?;
-            self.swiglu([&sh.w1, &sh.w3, &sh.w2], &x, &all, &tiles(&[0, tokens]), sh.hidden, &sy)?;
+            swiglu(dev, [&sh.w1, &sh.w3, &sh.w2], x, &all, &tiles(&[0, tokens]), (sh.hidden, d), &sy)?;
             // sigmoid(shared gate . x) on the host from the device's logit:
             // the CPU's formula on the CPU's bits.
             let scale: Vec<f32> = match sh.gated {
-                true => logits.chunks_exact(rows).map(|r| crate::router::sigmoid(r[e])).collect(),
+                true => logits.chunks_exact(rows).map(|r| crate::router::sigmoid(r[experts])).collect(),
                 false => vec![1.0; tokens],
             };
             let scale_dev = dev.upload(Host::F32(&scale))?;
@@ -432,40 +501,33 @@ impl CudaMoe {
             let args = [args[0], args[1], args[2], Arg::Int(tokens as i32), Arg::Int(d as i32)];
             dev.launch(Kernel::AddShared, Shape::elements(tokens * d)?, &args)?;
         }
-        dev.download(&out_dev, out)?;
-        Ok(selections)
+        Ok((out_dev, selections))
     }
+}
 
-    /// `y[n] = w2 (silu(w1 x[rows[n]]) * (w3 x[rows[n]]))` for the entries of
-    /// `tiles`: the two grouped GEMMs.
-    fn swiglu(
-        &self,
-        [w1, w3, w2]: [&Buf; 3],
-        x: &Buf,
-        rows: &[i32],
-        tiles: &[i32],
-        hidden: usize,
-        y: &Buf,
-    ) -> Result<(), CudaError> {
-        let dev = &*self.device;
-        let d = self.d;
-        let tiles_dev = dev.upload(Host::I32(tiles))?;
-        let rows_dev = dev.upload(Host::I32(rows))?;
-        let hid = dev.zeros(rows.len() * hidden)?;
-        let grid = |outputs: usize| -> Result<Shape, CudaError> {
-            let x =
-                u32::try_from(tiles.len() / 3).map_err(|_| CudaError::Unsupported("a batch this large"))?;
-            let y = u32::try_from(outputs.div_ceil(TILE_N)).ok().filter(|&y| y <= 65_535);
-            Ok(Shape {
-                grid: (x, y.ok_or(CudaError::Unsupported("layers this wide"))?),
-                threads: TILE_THREADS,
-            })
-        };
-        let (h32, d32) = (Arg::Int(hidden as i32), Arg::Int(d as i32));
-        let (tl, hb) = (Arg::Buf(&tiles_dev), Arg::Buf(&hid));
-        let args = [Arg::Buf(w1), Arg::Buf(w3), Arg::Buf(x), Arg::Buf(&rows_dev), tl, hb, h32, d32];
-        dev.launch(Kernel::ExpertHidden, grid(hidden)?, &args)?;
-        let args = [Arg::Buf(w2), hb, tl, Arg::Buf(y), d32, h32];
-        dev.launch(Kernel::ExpertOut, grid(d)?, &args)
-    }
+/// `y[n] = w2 (silu(w1 x[rows[n]]) * (w3 x[rows[n]]))` for the entries of
+/// `tiles`: the two grouped GEMMs.
+fn swiglu(
+    dev: &dyn Device,
+    [w1, w3, w2]: [&Buf; 3],
+    x: &Buf,
+    rows: &[i32],
+    tiles: &[i32],
+    (hidden, d): (usize, usize),
+    y: &Buf,
+) -> Result<(), CudaError> {
+    let tiles_dev = dev.upload(Host::I32(tiles))?;
+    let rows_dev = dev.upload(Host::I32(rows))?;
+    let hid = dev.zeros(rows.len() * hidden)?;
+    let grid = |outputs: usize| -> Result<Shape, CudaError> {
+        let x = u32::try_from(tiles.len() / 3).map_err(|_| CudaError::Unsupported("a batch this large"))?;
+        let y = u32::try_from(outputs.div_ceil(TILE_N)).ok().filter(|&y| y <= 65_535);
+        Ok(Shape { grid: (x, y.ok_or(CudaError::Unsupported("layers this wide"))?), threads: TILE_THREADS })
+    };
+    let (h32, d32) = (Arg::Int(hidden as i32), Arg::Int(d as i32));
+    let (tl, hb) = (Arg::Buf(&tiles_dev), Arg::Buf(&hid));
+    let args = [Arg::Buf(w1), Arg::Buf(w3), Arg::Buf(x), Arg::Buf(&rows_dev), tl, hb, h32, d32];
+    dev.launch(Kernel::ExpertHidden, grid(hidden)?, &args)?;
+    let args = [Arg::Buf(w2), hb, tl, Arg::Buf(y), d32, h32];
+    dev.launch(Kernel::ExpertOut, grid(d)?, &args)
 }

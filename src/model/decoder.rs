@@ -203,7 +203,7 @@ fn key_allowed(bytes: &[u8], cfg: &Config, key: Key) -> Result<bool> {
 
 /// A decoder expert: a gated SwiGLU FFN, `down(silu(gate_proj x) * up x)`,
 /// the same [`Ffn`] (and the same float forward) as the stack's experts.
-type SwiGlu<'a> = Ffn<Matrix<'a>>;
+pub(crate) type SwiGlu<'a> = Ffn<Matrix<'a>>;
 
 /// The work space of one decoder expert: its gate and up halves `(inner,)`
 /// and the hidden vector quantized for an int8 `down`.
@@ -249,17 +249,17 @@ impl<'x> moe::Parts<Input<'x>, FfnWork<'_>> for LayerFfn<'_, '_> {
 
 /// One decoder layer's views.
 #[derive(Debug, Clone, Copy)]
-struct Layer<'a> {
-    attn_norm: &'a [f32],
-    ffn_norm: &'a [f32],
-    q: Matrix<'a>,
-    k: Matrix<'a>,
-    v: Matrix<'a>,
-    o: Matrix<'a>,
+pub(crate) struct Layer<'a> {
+    pub(crate) attn_norm: &'a [f32],
+    pub(crate) ffn_norm: &'a [f32],
+    pub(crate) q: Matrix<'a>,
+    pub(crate) k: Matrix<'a>,
+    pub(crate) v: Matrix<'a>,
+    pub(crate) o: Matrix<'a>,
     /// The router gate and router (MoE layers).
-    gate: Option<(Matrix<'a>, Router<'a>)>,
-    shared: Option<(SwiGlu<'a>, Option<Matrix<'a>>)>,
-    cfg: LayerConfig,
+    pub(crate) gate: Option<(Matrix<'a>, Router<'a>)>,
+    pub(crate) shared: Option<(SwiGlu<'a>, Option<Matrix<'a>>)>,
+    pub(crate) cfg: LayerConfig,
     /// Routed expert 0's block and its length (expert `e`'s block starts
     /// `e` lengths further when every expert has expert 0's tensors).
     experts: (Block, usize),
@@ -272,9 +272,9 @@ pub struct Decoder<'a> {
     bytes: &'a [u8],
     table: Table<'a>,
     cfg: Config,
-    embed: Matrix<'a>,
-    final_norm: &'a [f32],
-    lm_head: Matrix<'a>,
+    pub(crate) embed: Matrix<'a>,
+    pub(crate) final_norm: &'a [f32],
+    pub(crate) lm_head: Matrix<'a>,
     /// The widest FFN and the most routed experts of any layer (the state's sizes).
     ffn: (usize, usize),
     /// Workers a step or a prefill spreads over (`std`; 1 otherwise).
@@ -487,7 +487,7 @@ impl<'a> Decoder<'a> {
         LayerConfig::read(self.bytes, l)
     }
 
-    fn layer<const CHECK: bool>(&self, l: usize) -> Result<Layer<'a>> {
+    pub(crate) fn layer<const CHECK: bool>(&self, l: usize) -> Result<Layer<'a>> {
         let lc = self.layer_config(l)?;
         let (t, c) = (&self.table, &self.cfg);
         let at = |role| key(l as u16, LAYER_LEVEL, role);
@@ -549,7 +549,12 @@ impl<'a> Decoder<'a> {
 
     /// Routed expert `e` of `layer` (layer `l`): where expert 0's block
     /// length puts it.
-    fn expert<const CHECK: bool>(&self, layer: &Layer<'_>, l: usize, e: usize) -> Result<SwiGlu<'a>> {
+    pub(crate) fn expert<const CHECK: bool>(
+        &self,
+        layer: &Layer<'_>,
+        l: usize,
+        e: usize,
+    ) -> Result<SwiGlu<'a>> {
         let (block, stride) = &layer.experts;
         let from = Loc { t: &self.table, block: Some(block), shift: e.saturating_mul(*stride) };
         self.swiglu::<CHECK>(from, l, e as u16, layer.cfg.hidden)
@@ -860,7 +865,7 @@ pub(crate) fn rope_inv_freq(c: &Config, inv_freq: &mut [f32]) {
 }
 
 /// `cos`/`sin` of `pos * inv_freq[i]`.
-fn rope_table(pos: usize, inv_freq: &[f32], cos: &mut [f32], sin: &mut [f32]) {
+pub(crate) fn rope_table(pos: usize, inv_freq: &[f32], cos: &mut [f32], sin: &mut [f32]) {
     for ((co, si), &f) in cos.iter_mut().zip(sin.iter_mut()).zip(inv_freq) {
         // One range reduction for both; the same bits as `cosf` and `sinf`
         // (tested below).

@@ -120,6 +120,11 @@ impl<'a> Matrix<'a> {
         self.w
     }
 
+    /// The bias (`rows`), if any.
+    pub fn bias(&self) -> Option<&'a [f32]> {
+        self.bias
+    }
+
     /// Columns per int8 scale: `cols` for one scale a row (and for float
     /// matrices), else the group size.
     pub fn group(&self) -> usize {

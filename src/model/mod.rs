@@ -42,6 +42,8 @@ mod state;
 pub mod write;
 
 pub use decoder::{Config, Decoder, LayerConfig, MAX_EXPERTS, MAX_WIDTH, ResolvedDecoder};
+#[cfg(feature = "cuda")]
+pub(crate) use decoder::{rope_inv_freq, rope_table};
 pub use layers::{Experts, FloatExperts, IntExperts, IntLayer, IntPath, IntShared, Layer};
 pub use matrix::{INT8_GROUP_MULTIPLE, Input, MAX_INT8_COLS, Matrix, Weights, quantize_vector};
 pub use sample::{Rng, Sampler};
