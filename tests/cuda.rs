@@ -530,3 +530,105 @@ mod decoders {
         }
     }
 }
+
+// ---- The command line on the device.
+
+mod cli {
+    use std::path::Path;
+    use std::process::Command;
+
+    use micromoe::cuda::available;
+    use serde_json::Value;
+
+    fn micromoe(args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_micromoe")).args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        )
+    }
+
+    fn devices() -> Vec<&'static str> {
+        let mut d = Vec::new();
+        if super::emulator().is_some() {
+            d.push("emulator");
+        }
+        if available().is_ok() {
+            d.push("cuda");
+        }
+        d
+    }
+
+    /// `eval --device X --json`: the CPU's experts at every position and
+    /// logits within 1e-5; `generate --device X` continues the tiny LM's
+    /// first prompt as transformers' `generate` does; without a GPU,
+    /// `--device cuda` says why.
+    #[test]
+    fn eval_and_generate_on_the_device() {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda-cli");
+        std::fs::create_dir_all(&dir).unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let (fixture, tiny) = (dir.join("qwen2_moe_shared.moe"), dir.join("tinylm.moe"));
+        let src = root.join("tests/fixtures/decoders/qwen2_moe_shared");
+        assert!(micromoe(&["convert", src.to_str().unwrap(), "-o", fixture.to_str().unwrap()]).0);
+        let src = root.join("models/tinylm");
+        assert!(
+            micromoe(&["convert", src.to_str().unwrap(), "-o", tiny.to_str().unwrap(), "--dtype", "f16"]).0
+        );
+        let (f, t) = (fixture.to_str().unwrap(), tiny.to_str().unwrap());
+        let tokens = "3,1,4,1,5,9,2,6";
+        let json = |s: &str| -> Value { serde_json::from_str(s).unwrap() };
+        let (ok, cpu, err) = micromoe(&["eval", f, "--tokens", tokens, "--json"]);
+        assert!(ok, "{err}");
+        let cpu = json(&cpu);
+        let reference: Value =
+            serde_json::from_slice(&std::fs::read(root.join("models/tinylm/reference.json")).unwrap())
+                .unwrap();
+        let (prompt, theirs) = reference["greedy"].as_object().unwrap().iter().next().unwrap();
+        let ids: Vec<String> = prompt.bytes().map(|b| b.to_string()).collect();
+        let theirs: Vec<u64> =
+            theirs.as_array().unwrap().iter().take(24).map(|v| v.as_u64().unwrap()).collect();
+        for device in devices() {
+            let (ok, out, err) = micromoe(&["eval", f, "--tokens", tokens, "--json", "--device", device]);
+            assert!(ok, "{device}: {err}");
+            let got = json(&out);
+            assert_eq!(got["experts"], cpu["experts"], "{device}: experts");
+            let rows = |v: &Value| -> Vec<Vec<f32>> {
+                v["logits"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+                    .collect()
+            };
+            for (g, c) in rows(&got).iter().zip(&rows(&cpu)) {
+                assert!(super::rel_err(g, c) <= 1e-5, "{device}: {}", super::rel_err(g, c));
+            }
+            let n = theirs.len().to_string();
+            let (ok, out, err) = micromoe(&[
+                "generate",
+                t,
+                "--tokens",
+                &ids.join(","),
+                "--max-tokens",
+                &n,
+                "--json",
+                "--device",
+                device,
+            ]);
+            assert!(ok, "{device}: {err}");
+            let ours: Vec<u64> =
+                json(&out)["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+            assert_eq!(ours, theirs, "{device}: the tiny LM (f16) against transformers' greedy tokens");
+            println!(
+                "--device {device}: eval as the CPU, generate as transformers ({} tokens)",
+                theirs.len()
+            );
+        }
+        if let Err(e) = available() {
+            let (ok, _, err) = micromoe(&["eval", f, "--tokens", "1", "--device", "cuda"]);
+            assert!(!ok && err.contains(&e.to_string()), "{err}");
+        }
+    }
+}

@@ -186,3 +186,62 @@ fn unsupported_checkpoints_are_refused_by_name() {
         assert!(err.contains(needle), "expected {needle:?} in: {err}");
     }
 }
+
+/// The tiny LM's prompts and transformers' greedy continuations (models/tinylm).
+fn tinylm_greedy() -> Vec<(String, Vec<u32>)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tinylm/reference.json");
+    let v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    v["greedy"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(p, c)| (p.clone(), c.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()))
+        .collect()
+}
+
+/// `generate` (the prompt as one prefill, then greedy steps) continues each
+/// prompt as transformers' `generate` does, token for token, in both output
+/// formats; its refusals name the limit.
+#[test]
+fn generate_follows_transformers_greedy() {
+    let dir = tmp("generate");
+    let model = dir.join("tinylm.moe");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tinylm");
+    let (ok, _, err) =
+        micromoe(&["convert", src.to_str().unwrap(), "-o", model.to_str().unwrap(), "--context", "128"]);
+    assert!(ok, "{err}");
+    let m = model.to_str().unwrap();
+    for (prompt, theirs) in tinylm_greedy() {
+        let ids: Vec<String> = prompt.bytes().map(|b| b.to_string()).collect();
+        let n = theirs.len().to_string();
+        let (ok, out, err) =
+            micromoe(&["generate", m, "--tokens", &ids.join(","), "--max-tokens", &n, "--json"]);
+        assert!(ok, "{err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let ours: Vec<u32> =
+            v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+        assert_eq!(ours, theirs, "prompt {prompt:?}");
+        let (ok, text, err) = micromoe(&["generate", m, "--tokens", &ids.join(","), "--max-tokens", &n]);
+        assert!(ok, "{err}");
+        let listed: Vec<String> = theirs.iter().map(u32::to_string).collect();
+        assert_eq!(text.trim(), listed.join(","));
+    }
+    // The tiny LM's context is 128: a 100-token prompt leaves room for 29.
+    let long = vec!["65"; 100].join(",");
+    let (ok, out, _) = micromoe(&["generate", m, "--tokens", &long, "--max-tokens", "29"]);
+    assert!(ok && out.trim().split(',').count() == 29);
+    let (ok, _, err) = micromoe(&["generate", m, "--tokens", &long, "--max-tokens", "30"]);
+    assert!(!ok && err.contains("at most 29 more"), "{err}");
+    let (ok, _, err) = micromoe(&["generate", m, "--tokens", "65,200"]);
+    assert!(!ok && err.contains("token id"), "{err}");
+    let (ok, _, err) = micromoe(&["generate", m, "--tokens", "65", "--temperature=-1"]);
+    assert!(!ok && err.contains("temperature"), "{err}");
+    // Sampling with a seed repeats itself.
+    let sampled =
+        |seed: &str| micromoe(&["generate", m, "--tokens", "65", "--temperature", "0.8", "--seed", seed]).1;
+    assert_eq!(sampled("7"), sampled("7"));
+    if !cfg!(feature = "cuda") {
+        let (ok, _, err) = micromoe(&["generate", m, "--tokens", "65", "--device", "cuda"]);
+        assert!(!ok && err.contains("--features cuda"), "{err}");
+    }
+}

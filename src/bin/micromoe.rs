@@ -90,7 +90,49 @@ enum Command {
         /// Print one JSON object: {"logits": [[vocab] per position], "experts": [[[ids] per position] per MoE layer]}.
         #[arg(long)]
         json: bool,
+        /// Where to run: cpu, cuda (GPU 0; a build with --features cuda), or emulator
+        /// (the CUDA kernels on the CPU, slowly: a check without a GPU; needs a C++20 compiler).
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: Device,
     },
+    /// Continue a prompt with a decoder: the prompt as one batch, then one token
+    /// at a time, greedy unless --temperature is set; prints the new token ids.
+    Generate {
+        /// The decoder model.
+        model: PathBuf,
+        /// The prompt's token ids, comma-separated: 5,17,3.
+        #[arg(long, value_delimiter = ',', required = true)]
+        tokens: Vec<u32>,
+        /// Tokens to generate (at most the context left after the prompt, plus one).
+        #[arg(long, default_value_t = 16)]
+        max_tokens: usize,
+        /// Sampling temperature (0: greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Nucleus sampling: the smallest set of tokens whose probabilities reach this.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Seed of the sampler's random numbers.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print one JSON object: {"prompt": [ids], "tokens": [ids]}.
+        #[arg(long)]
+        json: bool,
+        /// Where to run: cpu, cuda or emulator (as for eval).
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: Device,
+    },
+}
+
+/// Where a decoder runs.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Device {
+    /// This machine's CPU.
+    Cpu,
+    /// GPU 0 (`--features cuda`).
+    Cuda,
+    /// The CUDA kernels on the CPU (`--features cuda`, a C++20 compiler).
+    Emulator,
 }
 
 fn dtype(s: &str) -> Result<Dtype, HostError> {
@@ -177,7 +219,11 @@ fn run(cli: Cli) -> Result<(), HostError> {
                 s.scratch_bytes
             );
         }
-        Command::Eval { model, tokens, json } => eval(&model, &tokens, json)?,
+        Command::Eval { model, tokens, json, device } => eval(&model, &tokens, json, device)?,
+        Command::Generate { model, tokens, max_tokens, temperature, top_p, seed, json, device } => {
+            let sampler = micromoe::model::Sampler::new(temperature, top_p, seed);
+            generate(&model, &tokens, max_tokens, sampler, json, device)?
+        }
         Command::Upgrade { model, output } => {
             let bytes = load(&model)?;
             let new = micromoe::format::write::upgrade(&bytes)?;
@@ -243,61 +289,251 @@ fn run(cli: Cli) -> Result<(), HostError> {
     Ok(())
 }
 
-/// `eval`: logits per position and experts per MoE layer and position.
-/// The logits are written as they are computed (JSON included), so memory
-/// stays one vocabulary row whatever the number of tokens.
-fn eval(path: &Path, tokens: &[u32], as_json: bool) -> Result<(), HostError> {
-    let bytes = load(path)?;
-    if !decoder_bytes(&bytes)? {
+/// A decoder on a device: the steps `eval` and `generate` take.
+trait Steps {
+    /// One token; `on_layer(layer, selection)`.
+    fn step(
+        &mut self,
+        token: u32,
+        logits: &mut [f32],
+        on_layer: &mut dyn FnMut(usize, &micromoe::Selection<f32>),
+    ) -> Result<(), HostError>;
+
+    /// A prompt as one batch; `on_layer(token, layer, selection)`.
+    fn prefill(
+        &mut self,
+        tokens: &[u32],
+        logits: &mut [f32],
+        on_layer: &mut dyn FnMut(usize, usize, &micromoe::Selection<f32>),
+    ) -> Result<(), HostError>;
+}
+
+struct Cpu<'d, 's> {
+    dec: &'d Decoder<'d>,
+    state: micromoe::model::State<'s>,
+}
+
+impl Steps for Cpu<'_, '_> {
+    fn step(
+        &mut self,
+        token: u32,
+        logits: &mut [f32],
+        on_layer: &mut dyn FnMut(usize, &micromoe::Selection<f32>),
+    ) -> Result<(), HostError> {
+        Ok(self.dec.step(&mut self.state, token, logits, on_layer)?)
+    }
+
+    fn prefill(
+        &mut self,
+        tokens: &[u32],
+        logits: &mut [f32],
+        on_layer: &mut dyn FnMut(usize, usize, &micromoe::Selection<f32>),
+    ) -> Result<(), HostError> {
+        Ok(self.dec.prefill(&mut self.state, tokens, logits, on_layer)?)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use micromoe::Selection;
+    use micromoe::cuda::{CudaDecoder, CudaError, Sequence};
+    use micromoe::host::HostError;
+
+    pub(super) struct Gpu {
+        pub(super) dec: CudaDecoder,
+        pub(super) seq: Sequence,
+    }
+
+    pub(super) fn error(e: CudaError) -> HostError {
+        match e {
+            CudaError::Model(e) => HostError::Model(e),
+            e => HostError::Device(e.to_string()),
+        }
+    }
+
+    impl super::Steps for Gpu {
+        fn step(
+            &mut self,
+            token: u32,
+            logits: &mut [f32],
+            on_layer: &mut dyn FnMut(usize, &Selection<f32>),
+        ) -> Result<(), HostError> {
+            self.dec.step(&mut self.seq, token, logits, on_layer).map_err(error)
+        }
+
+        fn prefill(
+            &mut self,
+            tokens: &[u32],
+            logits: &mut [f32],
+            on_layer: &mut dyn FnMut(usize, usize, &Selection<f32>),
+        ) -> Result<(), HostError> {
+            self.dec.prefill(&mut self.seq, tokens, logits, on_layer).map_err(error)
+        }
+    }
+}
+
+/// Runs `f` on `dec` on `device`.
+fn on_device<R>(
+    dec: &Decoder<'_>,
+    device: Device,
+    f: impl FnOnce(&mut dyn Steps) -> Result<R, HostError>,
+) -> Result<R, HostError> {
+    match device {
+        Device::Cpu => {
+            let mut buf = zeroed::<u8>(dec.state_bytes(), "the decoder's state (KV cache)")?;
+            let state = dec.state(&mut buf)?;
+            f(&mut Cpu { dec, state })
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda | Device::Emulator => {
+            use micromoe::cuda::{CudaDecoder, Emulator, Target};
+            let dir = std::env::temp_dir().join(format!("micromoe-emulator-{}", std::process::id()));
+            let run = || {
+                let emulator;
+                let target = if device == Device::Cuda {
+                    Target::Gpu
+                } else {
+                    // A folder of this process's own: runs side by side do not share one.
+                    emulator = Emulator::compile(&dir).map_err(gpu::error)?;
+                    Target::Emulator(&emulator)
+                };
+                let dec = CudaDecoder::on(target, dec, 1).map_err(gpu::error)?;
+                let seq = dec.sequence().map_err(gpu::error)?;
+                f(&mut gpu::Gpu { dec, seq })
+            };
+            let out = run();
+            if device == Device::Emulator {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            out
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda | Device::Emulator => Err(HostError::Device(
+            "--device cuda and emulator need a micromoe built with the cuda feature \
+             (cargo install micromoe --features cuda)"
+                .into(),
+        )),
+    }
+}
+
+/// A decoder's bytes parsed, with the checks every command makes first.
+fn decoder_of(bytes: &AlignedBytes) -> Result<Decoder<'_>, HostError> {
+    if !decoder_bytes(bytes)? {
         return Err(HostError::Input(
             "a stack or multi-gate model takes inputs: use `micromoe run MODEL --input FILE`".into(),
         ));
     }
-    let dec = Decoder::parse(&bytes)?;
-    // The step's own checks, before anything is printed.
+    Ok(Decoder::parse(bytes)?)
+}
+
+/// The step's own checks, before anything is printed or uploaded.
+fn check_tokens(dec: &Decoder<'_>, tokens: &[u32], positions: usize) -> Result<(), HostError> {
     if let Some(&t) = tokens.iter().find(|&&t| t as usize >= dec.config().vocab) {
         return Err(
             micromoe::Error::OutOfRange { what: micromoe::error::What::Token, index: t as usize }.into()
         );
     }
-    if tokens.len() > dec.config().context {
+    if positions > dec.config().context {
         return Err(micromoe::Error::ContextFull { context: dec.config().context }.into());
     }
-    let mut buf = zeroed::<u8>(dec.state_bytes(), "the decoder's state (KV cache)")?;
-    let mut state = dec.state(&mut buf)?;
-    let moe: Vec<usize> = (0..dec.config().layers)
+    Ok(())
+}
+
+/// The indices of a decoder's MoE layers (the ones whose experts are printed).
+fn moe_layers(dec: &Decoder<'_>) -> Vec<usize> {
+    (0..dec.config().layers)
         .filter(|&l| dec.layer_config(l).map(|c| c.experts > 0).unwrap_or(false))
-        .collect();
+        .collect()
+}
+
+/// `eval`: logits per position and experts per MoE layer and position.
+/// The logits are written as they are computed (JSON included), so memory
+/// stays one vocabulary row whatever the number of tokens.
+fn eval(path: &Path, tokens: &[u32], as_json: bool, device: Device) -> Result<(), HostError> {
+    let bytes = load(path)?;
+    let dec = decoder_of(&bytes)?;
+    check_tokens(&dec, tokens, tokens.len())?;
+    let moe = moe_layers(&dec);
     let mut experts: Vec<Vec<Vec<u16>>> = vec![Vec::new(); moe.len()];
     let mut out = zeroed::<f32>(dec.config().vocab, "logits")?;
-    let stdout = std::io::stdout();
-    let mut w = std::io::BufWriter::new(stdout.lock());
-    let io = |e: std::io::Error| HostError::Io("stdout".into(), e);
-    if as_json {
-        write!(w, "{{\"logits\":[").map_err(io)?;
-    }
-    for (p, &t) in tokens.iter().enumerate() {
-        dec.step(&mut state, t, &mut out, |l, sel| {
-            if let Some(i) = moe.iter().position(|&x| x == l) {
-                experts[i].push(sel.iter().map(|c| c.expert).collect());
-            }
-        })?;
+    on_device(&dec, device, |steps| {
+        let stdout = std::io::stdout();
+        let mut w = std::io::BufWriter::new(stdout.lock());
+        let io = |e: std::io::Error| HostError::Io("stdout".into(), e);
         if as_json {
-            // serde_json's number format, one row at a time.
-            let row = serde_json::to_string(&out).map_err(|e| HostError::Input(e.to_string()))?;
-            write!(w, "{}{row}", if p > 0 { "," } else { "" }).map_err(io)?;
-        } else {
-            let routed: Vec<&Vec<u16>> = experts.iter().map(|e| &e[p]).collect();
-            let best = argmax(&out);
-            writeln!(w, "pos {p}: token {t} -> next {best} (logit {:.4}), experts {routed:?}", out[best])
-                .map_err(io)?;
+            write!(w, "{{\"logits\":[").map_err(io)?;
         }
+        for (p, &t) in tokens.iter().enumerate() {
+            steps.step(t, &mut out, &mut |l, sel| {
+                if let Some(i) = moe.iter().position(|&x| x == l) {
+                    experts[i].push(sel.iter().map(|c| c.expert).collect());
+                }
+            })?;
+            if as_json {
+                // serde_json's number format, one row at a time.
+                let row = serde_json::to_string(&out).map_err(|e| HostError::Input(e.to_string()))?;
+                write!(w, "{}{row}", if p > 0 { "," } else { "" }).map_err(io)?;
+            } else {
+                let routed: Vec<&Vec<u16>> = experts.iter().map(|e| &e[p]).collect();
+                let best = argmax(&out);
+                writeln!(w, "pos {p}: token {t} -> next {best} (logit {:.4}), experts {routed:?}", out[best])
+                    .map_err(io)?;
+            }
+        }
+        if as_json {
+            let e = serde_json::to_string(&experts).map_err(|e| HostError::Input(e.to_string()))?;
+            writeln!(w, "],\"experts\":{e}}}").map_err(io)?;
+        }
+        w.flush().map_err(io)
+    })
+}
+
+/// `generate`: the prompt as one batch, then `n` tokens sampled one at a time.
+fn generate(
+    path: &Path,
+    prompt: &[u32],
+    n: usize,
+    mut sampler: micromoe::model::Sampler,
+    as_json: bool,
+    device: Device,
+) -> Result<(), HostError> {
+    let bytes = load(path)?;
+    let dec = decoder_of(&bytes)?;
+    let context = dec.config().context;
+    // The last new token is not fed: the prompt and n - 1 tokens must fit.
+    if prompt.len() + n.saturating_sub(1) > context {
+        return Err(HostError::Input(format!(
+            "--max-tokens {n}: the context holds {context} positions and the prompt takes {}, \
+             so at most {} more",
+            prompt.len(),
+            (context + 1).saturating_sub(prompt.len())
+        )));
     }
+    check_tokens(&dec, prompt, prompt.len())?;
+    let vocab = dec.config().vocab;
+    let (mut logits, mut order) = (zeroed::<f32>(vocab, "logits")?, zeroed::<u32>(vocab, "sampling")?);
+    let new = on_device(&dec, device, |steps| {
+        let mut new = Vec::with_capacity(n);
+        if n == 0 {
+            return Ok(new);
+        }
+        steps.prefill(prompt, &mut logits, &mut |_, _, _| {})?;
+        loop {
+            let next = sampler.sample(&mut logits, &mut order)?;
+            new.push(next);
+            if new.len() == n {
+                return Ok(new);
+            }
+            steps.step(next, &mut logits, &mut |_, _| {})?;
+        }
+    })?;
     if as_json {
-        let e = serde_json::to_string(&experts).map_err(|e| HostError::Input(e.to_string()))?;
-        writeln!(w, "],\"experts\":{e}}}").map_err(io)?;
+        println!("{}", json!({ "prompt": prompt, "tokens": new }));
+    } else {
+        let ids: Vec<String> = new.iter().map(u32::to_string).collect();
+        println!("{}", ids.join(","));
     }
-    w.flush().map_err(io)
+    Ok(())
 }
 
 fn argmax(y: &[f32]) -> usize {

@@ -25,6 +25,9 @@ pub enum HostError {
     Input(String),
     /// The model itself was refused.
     Model(crate::Error),
+    /// The device asked for (`--device cuda`) cannot run it: none, no
+    /// driver, an unsupported model.
+    Device(String),
     /// A buffer sized by a number read from a file is larger than the limit
     /// ([`max_alloc`](super::max_alloc)) or could not be allocated.
     Memory {
@@ -46,6 +49,7 @@ impl fmt::Display for HostError {
             HostError::Tensor(m) => write!(f, "tensor {m}"),
             HostError::Input(m) => write!(f, "input: {m}"),
             HostError::Model(e) => write!(f, "model: {e}"),
+            HostError::Device(m) => write!(f, "device: {m}"),
             HostError::Memory { what, bytes, limit } => write!(
                 f,
                 "{what}: needs {bytes} bytes, more than the limit of {limit} \
