@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU check in one command: the CUDA tests (the kernels in the CPU
-# emulator and on GPU 0, against the CPU batched path and PyTorch), then the
-# throughput table of examples/cuda_bench. A few minutes with a GPU; without
-# one the GPU half says why and succeeds. No CUDA toolkit needed to build:
-# cudarc loads the driver and NVRTC at run time.
+# emulator and on GPU 0, layers against the CPU batched path and PyTorch,
+# whole decoders and the CLI's --device cuda against the CPU decoder), then
+# the throughput tables of examples/cuda_bench (a layer; a decoder's prefill
+# and decode at 1 / 16 / 64 sequences) and, where python3 has torch with
+# CUDA and transformers, tools/torch_moe_bench.py (PyTorch eager on the same
+# layer). A few minutes with a GPU; without one the GPU half says why and
+# succeeds. No CUDA toolkit needed to build: cudarc loads the driver and
+# NVRTC at run time.
 #
 #   bash tools/gpu-check.sh          build and run here (cargo, a GPU)
 #   bash tools/gpu-check.sh pack     build both programs into .gpu/ for an
@@ -21,11 +25,21 @@ gpu_line() {
     || echo "nvidia-smi: not found"
 }
 
+torch_bench() {
+  if command -v python3 >/dev/null; then
+    python3 tools/torch_moe_bench.py "$1" || echo "torch_moe_bench failed (above)"
+  else
+    echo "torch_moe_bench: skipped (no python3)"
+  fi
+}
+
 case "$mode" in
 run)
   gpu_line
-  cargo test --release --features cuda --test cuda -- --nocapture --test-threads 1
-  cargo run --release --features cuda --example cuda_bench
+  # The emulator half runs in CI (.ci/run); here the GPU's.
+  MICROMOE_SKIP_EMULATOR=1 cargo test --release --features cuda --test cuda -- --nocapture --test-threads 1
+  cargo run --release --features cuda --example cuda_bench -- --save-layer target/layer.safetensors
+  torch_bench target/layer.safetensors
   ;;
 pack)
   mkdir -p .gpu
@@ -39,7 +53,9 @@ for l in sys.stdin:
   cargo build --release --features cuda --example cuda_bench
   cp "$test_bin" .gpu/cuda-tests
   cp target/release/examples/cuda_bench .gpu/cuda_bench
-  strip .gpu/cuda-tests .gpu/cuda_bench
+  # The CLI tests run the micromoe binary the test binary was built beside.
+  cp target/release/micromoe .gpu/micromoe
+  strip .gpu/cuda-tests .gpu/cuda_bench .gpu/micromoe
   # The test binary finds the fixtures and its scratch folder where it was built.
   echo "$PWD" >.gpu/built-in
   ls -l .gpu
@@ -62,8 +78,13 @@ packed)
       echo "NVRTC: $found"
     fi
   fi
-  .gpu/cuda-tests --nocapture --test-threads 1
-  .gpu/cuda_bench
+  if [ ! -x target/release/micromoe ]; then
+    mkdir -p target/release
+    ln -sf "$PWD/.gpu/micromoe" target/release/micromoe
+  fi
+  MICROMOE_SKIP_EMULATOR=1 .gpu/cuda-tests --nocapture --test-threads 1
+  .gpu/cuda_bench --save-layer .gpu/layer.safetensors
+  torch_bench .gpu/layer.safetensors
   ;;
 *)
   echo "usage: $0 [run|pack|packed]" >&2
