@@ -19,10 +19,11 @@ use micromoe::cuda::{CudaError, CudaMoe, Emulator, Precision, Target, available}
 use micromoe::kernels::{Activation, FloatWeight};
 use micromoe::{MoeLayer, Rule, Selection};
 
-/// The PyTorch fixtures with gated SiLU experts: Mixtral, and Qwen2-MoE with
-/// its sigmoid-gated shared expert (with and without `norm_topk_prob`).
+/// Every PyTorch layer fixture: Mixtral, Qwen2-MoE with its sigmoid-gated
+/// shared expert (with and without `norm_topk_prob`), and Switch / GLaM
+/// MLP experts with biases (GELU, ReLU).
 fn cases() -> impl Iterator<Item = &'static str> {
-    MOE_CASES.iter().copied().filter(|n| n.starts_with("mixtral") || n.starts_with("qwen2moe"))
+    MOE_CASES.iter().copied()
 }
 
 fn emulator() -> Option<&'static Emulator> {
@@ -633,6 +634,148 @@ mod cli {
         if let Err(e) = available() {
             let (ok, _, err) = micromoe(&["eval", f, "--tokens", "1", "--device", "cuda"]);
             assert!(!ok && err.contains(&e.to_string()), "{err}");
+        }
+    }
+
+    /// `run --device X`: the digits classifier on the first 12 test images
+    /// (as JSON input), the CPU's classes and experts, outputs within 1e-5.
+    #[test]
+    fn run_on_the_device() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let test = std::fs::read(root.join("models/digits/test.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&test).unwrap();
+        let x = st.tensor("x").unwrap();
+        let xs: Vec<f32> =
+            x.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let rows: Vec<&[f32]> = xs.chunks_exact(64).take(12).collect();
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda-cli");
+        std::fs::create_dir_all(&dir).unwrap();
+        let input = dir.join("digits.json");
+        std::fs::write(&input, serde_json::to_string(&rows).unwrap()).unwrap();
+        let model = root.join("models/digits/digits_f32.moe");
+        let args = |device| {
+            ["run", model.to_str().unwrap(), "--input", input.to_str().unwrap(), "--json", "--device", device]
+        };
+        let (ok, cpu, err) = micromoe(&args("cpu"));
+        assert!(ok, "{err}");
+        let cpu: Value = serde_json::from_str(&cpu).unwrap();
+        for device in devices() {
+            let (ok, out, err) = micromoe(&args(device));
+            assert!(ok, "{device}: {err}");
+            let got: Value = serde_json::from_str(&out).unwrap();
+            let (g, c) = (got["results"].as_array().unwrap(), cpu["results"].as_array().unwrap());
+            assert_eq!(g.len(), 12);
+            for (g, c) in g.iter().zip(c) {
+                assert_eq!((&g["class"], &g["experts"]), (&c["class"], &c["experts"]), "{device}");
+                let v = |r: &Value| -> Vec<f32> {
+                    r["output"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+                };
+                assert!(super::rel_err(&v(g), &v(c)) <= 1e-5, "{device}");
+            }
+            println!("run --device {device}: the CPU's classes and experts on 12 digits");
+        }
+    }
+}
+
+// ---- Stack and multi-gate models (`CudaModel`) against `Model::infer`.
+
+mod models {
+    use super::*;
+    use micromoe::Model;
+    use micromoe::cuda::CudaModel;
+    use micromoe::format::write::AlignedBytes;
+    use safetensors::SafeTensors;
+
+    fn f32s(st: &SafeTensors<'_>, name: &str) -> Vec<f32> {
+        let t = st.tensor(name).unwrap();
+        t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    }
+
+    /// `xs` through `model` on `target` and on the CPU token by token: the
+    /// same experts in every layer, outputs within `limit` of the CPU's
+    /// (relative, per token); a batch of one the same bits as inside the
+    /// batch. Returns the device's outputs.
+    fn compare_model(target: Target<'_>, model: &Model<'_>, xs: &[f32], limit: f32, what: &str) -> Vec<f32> {
+        let (d, o) = (model.input_dim(), model.output_dim());
+        let gpu = CudaModel::on(target, model).unwrap();
+        let mut out = vec![0.0; xs.len() / d * o];
+        let chosen = gpu.infer_batch(xs, &mut out).unwrap();
+        let mut scratch = vec![0u8; model.scratch_bytes()];
+        let mut worst = 0.0f32;
+        for (t, x) in xs.chunks_exact(d).enumerate() {
+            let mut y = vec![0.0; o];
+            let mut cpu_chosen = Vec::new();
+            model
+                .infer_observed(x, &mut y, &mut scratch, |s| {
+                    cpu_chosen.push(s.selection.iter().map(|c| c.expert).collect::<Vec<_>>())
+                })
+                .unwrap();
+            let dev: Vec<Vec<u16>> = chosen.iter().map(|l| l[t].iter().map(|c| c.expert).collect()).collect();
+            assert_eq!(dev, cpu_chosen, "{what} token {t}: experts");
+            worst = worst.max(rel_err(&out[t * o..(t + 1) * o], &y));
+        }
+        for t in [0, xs.len() / d - 1] {
+            let mut one = vec![0.0; o];
+            gpu.infer_batch(&xs[t * d..(t + 1) * d], &mut one).unwrap();
+            assert_eq!(one, out[t * o..(t + 1) * o], "{what} token {t}: a batch of one differs");
+        }
+        println!("{what} ({:?}): max relative error vs CPU {worst:.2e}", gpu.precision());
+        assert!(worst <= limit, "{what}: {worst:e}");
+        out
+    }
+
+    /// The digits classifier (MLP experts with biases, ReLU, 64 -> 10): its
+    /// 360 test images, f32 and f16.
+    #[test]
+    fn digits_classify_as_on_the_cpu() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/digits");
+        let test = std::fs::read(root.join("test.safetensors")).unwrap();
+        let xs = f32s(&SafeTensors::deserialize(&test).unwrap(), "x");
+        for (target_name, target) in targets() {
+            for (file, limit) in [("digits_f32.moe", 1e-5), ("digits_f16.moe", 1e-3)] {
+                let bytes = AlignedBytes::from(&std::fs::read(root.join(file)).unwrap()[..]);
+                let model = Model::parse(&bytes).unwrap();
+                compare_model(target, &model, &xs, limit, &format!("{target_name} {file}"));
+            }
+        }
+    }
+
+    /// Multi-gate MoE (two task gates over one pool, two layers a task):
+    /// against the CPU and PyTorch.
+    #[test]
+    fn multi_gate_matches_the_cpu_and_pytorch() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mmoe");
+        let reference = std::fs::read(dir.join("reference.safetensors")).unwrap();
+        let st = SafeTensors::deserialize(&reference).unwrap();
+        let (xs, want) = (f32s(&st, "x"), f32s(&st, "y"));
+        let bytes = micromoe::host::convert(&dir, micromoe::host::Dtype::F32, None, None).unwrap();
+        let bytes = AlignedBytes::from(&bytes[..]);
+        let model = Model::parse(&bytes).unwrap();
+        assert_eq!(model.tasks(), 2);
+        for (target_name, target) in targets() {
+            let out = compare_model(target, &model, &xs, 1e-5, &format!("{target_name} multi-gate"));
+            let o = model.output_dim();
+            let torch =
+                out.chunks_exact(o).zip(want.chunks_exact(o)).map(|(g, w)| rel_err(g, w)).fold(0.0, f32::max);
+            println!("{target_name} multi-gate: max relative error vs PyTorch {torch:.2e}");
+            assert!(torch <= 1e-5, "{torch:e}");
+        }
+    }
+
+    #[test]
+    fn integer_models_are_refused() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/digits");
+        let bytes = AlignedBytes::from(&std::fs::read(root.join("digits_int8.moe")).unwrap()[..]);
+        let model = Model::parse(&bytes).unwrap();
+        for (_, target) in targets() {
+            assert!(matches!(CudaModel::on(target, &model), Err(CudaError::Unsupported(_))));
+            let f32_bytes = AlignedBytes::from(&std::fs::read(root.join("digits_f32.moe")).unwrap()[..]);
+            let m = Model::parse(&f32_bytes).unwrap();
+            let gpu = CudaModel::on(target, &m).unwrap();
+            let mut out = vec![0.0; 10];
+            assert!(matches!(gpu.infer_batch(&[0.0; 63], &mut out), Err(CudaError::Model(_))));
+            assert!(matches!(gpu.infer_batch(&[0.0; 64], &mut out[..9]), Err(CudaError::Model(_))));
+            assert!(matches!(gpu.infer_batch(&[f32::NAN; 64], &mut out), Err(CudaError::Model(_))));
         }
     }
 }

@@ -68,6 +68,10 @@ enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Where to run: cpu, cuda (every input in one batch on GPU 0; a build with
+        /// --features cuda) or emulator (the CUDA kernels on the CPU, slowly).
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: Device,
     },
     /// Rewrite a version 1 .moe (CRC-32 trailer) as version 2 (the checksum
     /// that parses in a fraction of the time on a microcontroller); the
@@ -249,7 +253,7 @@ fn run(cli: Cli) -> Result<(), HostError> {
                 print!("{s}");
             }
         }
-        Command::Run { model, input, json } => {
+        Command::Run { model, input, json, device } => {
             let bytes = load(&model)?;
             if decoder_bytes(&bytes)? {
                 return Err(HostError::Input(
@@ -258,18 +262,22 @@ fn run(cli: Cli) -> Result<(), HostError> {
             }
             let m = Model::parse(&bytes)?;
             let xs = read_inputs(&input, m.input_dim())?;
-            let mut scratch = zeroed::<u8>(m.scratch_bytes(), "scratch")?;
             let mut results = Vec::new();
-            for x in xs.chunks_exact(m.input_dim()) {
-                let mut y = vec![0.0f32; m.output_dim()];
-                let mut experts: Vec<Vec<u16>> = Vec::new();
-                let mut weights: Vec<Vec<f32>> = Vec::new();
-                m.infer_observed(x, &mut y, &mut scratch, |s| {
-                    experts.push(s.selection.iter().map(|c| c.expert).collect());
-                    weights.push(s.selection.iter().map(|c| c.weight).collect());
-                })?;
-                let class = m.is_classifier().then(|| argmax(&y));
-                results.push((y, experts, weights, class));
+            if device == Device::Cpu {
+                let mut scratch = zeroed::<u8>(m.scratch_bytes(), "scratch")?;
+                for x in xs.chunks_exact(m.input_dim()) {
+                    let mut y = vec![0.0f32; m.output_dim()];
+                    let mut experts: Vec<Vec<u16>> = Vec::new();
+                    let mut weights: Vec<Vec<f32>> = Vec::new();
+                    m.infer_observed(x, &mut y, &mut scratch, |s| {
+                        experts.push(s.selection.iter().map(|c| c.expert).collect());
+                        weights.push(s.selection.iter().map(|c| c.weight).collect());
+                    })?;
+                    let class = m.is_classifier().then(|| argmax(&y));
+                    results.push((y, experts, weights, class));
+                }
+            } else {
+                results = run_on_device(&m, &xs, device)?;
             }
             if json {
                 let rows: Vec<_> = results
@@ -408,12 +416,17 @@ fn on_device<R>(
             out
         }
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda | Device::Emulator => Err(HostError::Device(
-            "--device cuda and emulator need a micromoe built with the cuda feature \
-             (cargo install micromoe --features cuda)"
-                .into(),
-        )),
+        Device::Cuda | Device::Emulator => Err(no_cuda()),
     }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda() -> HostError {
+    HostError::Device(
+        "--device cuda and emulator need a micromoe built with the cuda feature \
+         (cargo install micromoe --features cuda)"
+            .into(),
+    )
 }
 
 /// A decoder's bytes parsed, with the checks every command makes first.
@@ -534,6 +547,47 @@ fn generate(
         println!("{}", ids.join(","));
     }
     Ok(())
+}
+
+/// One input's output, experts and weights per layer, and class.
+type RunResult = (Vec<f32>, Vec<Vec<u16>>, Vec<Vec<f32>>, Option<usize>);
+
+/// `run` on the CUDA device (or its emulator): every input in one batch.
+#[cfg(feature = "cuda")]
+fn run_on_device(m: &Model<'_>, xs: &[f32], device: Device) -> Result<Vec<RunResult>, HostError> {
+    use micromoe::cuda::{CudaModel, Emulator, Target};
+    let dir = std::env::temp_dir().join(format!("micromoe-emulator-{}", std::process::id()));
+    let run = || {
+        let emulator;
+        let target = if device == Device::Cuda {
+            Target::Gpu
+        } else {
+            emulator = Emulator::compile(&dir).map_err(gpu::error)?;
+            Target::Emulator(&emulator)
+        };
+        let gpu = CudaModel::on(target, m).map_err(gpu::error)?;
+        let mut out = zeroed::<f32>(xs.len() / m.input_dim() * m.output_dim(), "outputs")?;
+        let chosen = gpu.infer_batch(xs, &mut out).map_err(gpu::error)?;
+        Ok(out
+            .chunks_exact(m.output_dim())
+            .enumerate()
+            .map(|(t, y)| {
+                let experts = chosen.iter().map(|l| l[t].iter().map(|c| c.expert).collect()).collect();
+                let weights = chosen.iter().map(|l| l[t].iter().map(|c| c.weight).collect()).collect();
+                (y.to_vec(), experts, weights, m.is_classifier().then(|| argmax(y)))
+            })
+            .collect())
+    };
+    let out = run();
+    if device == Device::Emulator {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    out
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_on_device(_: &Model<'_>, _: &[f32], _: Device) -> Result<Vec<RunResult>, HostError> {
+    Err(no_cuda())
 }
 
 fn argmax(y: &[f32]) -> usize {

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::device::{Arg, Buf, Device, Host, Kernel, Shape};
-use super::{CudaError, DeviceFfn, FfnParts, Precision, SwiGlu, Target, int, upload};
+use super::{CudaError, DeviceFfn, FfnParts, HostExperts, Mat, Precision, Target, int, upload};
 use crate::error::{Error, What, check_len};
 use crate::expert::Ffn;
 use crate::kernels::Activation;
@@ -152,12 +152,9 @@ fn swiglu_parts<'m, 'a>(e: &'m Ffn<Matrix<'a>>) -> Result<[&'m Matrix<'a>; 3], C
     }
 }
 
-fn push(s: &mut SwiGlu, e: &Ffn<Matrix<'_>>) -> Result<(), CudaError> {
-    let [g, u, d] = swiglu_parts(e)?;
-    if g.bias().is_some() || u.bias().is_some() || d.bias().is_some() {
-        return Err(CudaError::Unsupported("expert biases"));
-    }
-    s.push_values(g.rows(), [values(g)?.into_iter(), values(u)?.into_iter(), values(d)?.into_iter()])
+/// A decoder matrix for [`HostExperts::push`].
+fn mat(m: &Matrix<'_>) -> Result<Mat, CudaError> {
+    Ok(Mat { rows: m.rows(), cols: m.cols(), values: values(m)?, bias: m.bias().map(<[f32]>::to_vec) })
 }
 
 impl CudaDecoder {
@@ -237,9 +234,9 @@ impl CudaDecoder {
             let routed = match &layer.gate {
                 Some((g, router)) => {
                     gate = values(g)?;
-                    let mut e = SwiGlu::default();
+                    let mut e = HostExperts::default();
                     for i in 0..layer.cfg.experts {
-                        push(&mut e, &decoder.expert::<false>(&layer, l, i)?)?;
+                        e.push(&decoder.expert::<false>(&layer, l, i)?, c.hidden, mat)?;
                     }
                     Some((e, *router.rule(), router.bias().map(<[f32]>::to_vec), router.scaling()))
                 }
@@ -247,8 +244,8 @@ impl CudaDecoder {
             };
             let shared = match &layer.shared {
                 Some((s, g)) => {
-                    let mut e = SwiGlu::default();
-                    push(&mut e, s)?;
+                    let mut e = HostExperts::default();
+                    e.push(s, c.hidden, mat)?;
                     if let Some(g) = g {
                         gate.extend(values(g)?);
                     }

@@ -13,7 +13,7 @@
 // after another, so `__shared__` arrays are function-level statics.
 // Floats follow IEEE single precision without contraction
 // (-ffp-contract=off), as __fmul_rn / __fadd_rn / __fmaf_rn do on the GPU;
-// only expf may differ from CUDA's in the last bits.
+// only expf, erff and tanhf may differ from CUDA's in the last bits.
 //
 // Protocol on stdin / stdout, little-endian, one request then one reply:
 //   'U' u64 bytes, data      upload          -> u32 buffer id
@@ -96,6 +96,8 @@ inline void sync() {
 #define FADD(a, b) ((a) + (b))
 #define FMA(a, b, c) std::fma((float)(a), (float)(b), (float)(c))
 #define EXPF(x) std::exp((float)(x))
+#define ERFF(x) std::erf((float)(x))
+#define TANHF(x) std::tanh((float)(x))
 #define AS_FLOAT(i) std::bit_cast<float>(i)
 #define AS_BITS(f) std::bit_cast<unsigned int>(f)
 #define FDIV(a, b) ((a) / (b))

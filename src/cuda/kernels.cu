@@ -18,8 +18,10 @@
 #define FMA(a, b, c) __builtin_fmaf(a, b, c)
 #define FDIV(a, b) ((a) / (b))
 #define FSQRT(x) __builtin_sqrtf(x)
-// No libdevice in a header-less check: a stand-in keeps the code compiling.
+// No libdevice in a header-less check: stand-ins keep the code compiling.
 #define EXPF(x) (x)
+#define ERFF(x) (x)
+#define TANHF(x) (x)
 #define AS_FLOAT(i) __builtin_bit_cast(float, i)
 #define AS_BITS(f) __builtin_bit_cast(unsigned int, f)
 #define KERNEL extern "C" __attribute__((global))
@@ -35,6 +37,8 @@
 #define FDIV(a, b) __fdiv_rn(a, b)
 #define FSQRT(x) __fsqrt_rn(x)
 #define EXPF(x) expf(x)
+#define ERFF(x) erff(x)
+#define TANHF(x) tanhf(x)
 #define AS_FLOAT(i) __int_as_float(i)
 #define AS_BITS(f) __float_as_uint(f)
 #define KERNEL extern "C" __global__
@@ -98,6 +102,26 @@ KERNEL void gate_logits(const float* gate, const float* x, float* logits, int to
     logits[id] = dot(gate, (long)e * d, x + (long)t * d, d);
 }
 
+// The CPU's expert non-linearities (`Activation`) by code: 0 ReLU, 1 GELU
+// (erf), 2 GELU (tanh), 3 SiLU; anything else, none. The same formulas,
+// operation for operation; erff, tanhf and expf may differ in the last bits.
+DEVICE float activate(float x, int act) {
+    switch (act) {
+    case 0:
+        return x > 0.0f ? x : 0.0f;
+    case 1:
+        return FMUL(FMUL(0.5f, x), FADD(1.0f, ERFF(FMUL(x, 0.70710678f))));
+    case 2: {
+        float inner = FMUL(0.7978846f, FADD(x, FMUL(FMUL(FMUL(0.044715f, x), x), x)));
+        return FMUL(FMUL(0.5f, x), FADD(1.0f, TANHF(inner)));
+    }
+    case 3:
+        return FDIV(x, FADD(1.0f, EXPF(-x)));
+    default:
+        return x;
+    }
+}
+
 // The grouped expert GEMM. The plan lists entries (token, expert) grouped by
 // expert; the host cuts each expert's group into tiles of up to TILE_M
 // entries: tiles[3 i .. 3 i + 3] = (expert, first entry, entries). Block
@@ -106,8 +130,9 @@ KERNEL void gate_logits(const float* gate, const float* x, float* logits, int to
 // TILE_K staged in shared memory (gathered through `gather` when given, so
 // the tokens are read straight from the batch). 256 threads, each 4 x 4
 // outputs at rows ty + 16 a and columns tx + 16 b (conflict-free reads).
-// With DUAL the block also computes w3's products and stores the SwiGLU
-// silu(w1 . x) * (w3 . x) instead.
+// Each sum gets its expert's bias (when `has_bias`), then: with DUAL the
+// block also computes w3's products and stores the gated unit
+// act(w1 . x + b1) * (w3 . x + b3); without, act(w . x + b).
 #define TILE_M 64
 #define TILE_N 64
 #define TILE_K 16
@@ -115,7 +140,8 @@ KERNEL void gate_logits(const float* gate, const float* x, float* logits, int to
 
 template <bool DUAL>
 DEVICE void grouped_gemm(const WTYPE* w, const WTYPE* w3, const float* in, const int* gather, const int* tiles,
-                         float* out, int n_out, int k_in) {
+                         float* out, int n_out, int k_in, const float* bias, const float* bias3, int has_bias,
+                         int act) {
     SHARED float xs[TILE_K][TILE_M];
     SHARED float ws[TILE_K][TILE_N];
     SHARED float vs[DUAL ? TILE_K : 1][DUAL ? TILE_N : 1];
@@ -171,21 +197,30 @@ DEVICE void grouped_gemm(const WTYPE* w, const WTYPE* w3, const float* in, const
         for (int b = 0; b < 4; b++) {
             int n = n0 + tx + 16 * b;
             if (n >= n_out) continue;
-            float g = acc[a][b];
-            out[(long)(first + r) * n_out + n] = DUAL ? FMUL(g / FADD(1.0f, EXPF(-g)), acc3[a][b]) : g;
+            long at = (long)expert * n_out + n;
+            float g = has_bias ? FADD(acc[a][b], bias[at]) : acc[a][b];
+            float u = has_bias && DUAL ? FADD(acc3[a][b], bias3[at]) : acc3[a][b];
+            out[(long)(first + r) * n_out + n] = DUAL ? FMUL(activate(g, act), u) : activate(g, act);
         }
     }
 }
 
-// h[n, j] = silu(w1[e][j] . x[t]) * (w3[e][j] . x[t]) for plan entry n = (t, e).
+// h[n, j] = act(w1[e][j] . x[t] + b1) * (w3[e][j] . x[t] + b3) for plan entry
+// n = (t, e) of a gated expert, act(w1[e][j] . x[t] + b1) of an MLP's (`gated` 0).
 KERNEL void expert_hidden(const WTYPE* w1, const WTYPE* w3, const float* x, const int* entry_token,
-                          const int* tiles, float* h, int hidden, int d) {
-    grouped_gemm<true>(w1, w3, x, entry_token, tiles, h, hidden, d);
+                          const int* tiles, float* h, int hidden, int d, const float* b1, const float* b3,
+                          int has_bias, int act, int gated) {
+    if (gated) {
+        grouped_gemm<true>(w1, w3, x, entry_token, tiles, h, hidden, d, b1, b3, has_bias, act);
+    } else {
+        grouped_gemm<false>(w1, w1, x, entry_token, tiles, h, hidden, d, b1, b1, has_bias, act);
+    }
 }
 
-// y[n, i] = w2[e][i] . h[n]
-KERNEL void expert_out(const WTYPE* w2, const float* h, const int* tiles, float* y, int d, int hidden) {
-    grouped_gemm<false>(w2, w2, h, nullptr, tiles, y, d, hidden);
+// y[n, i] = w2[e][i] . h[n] + b2[e][i]
+KERNEL void expert_out(const WTYPE* w2, const float* h, const int* tiles, float* y, int d, int hidden,
+                       const float* b2, int has_bias) {
+    grouped_gemm<false>(w2, w2, h, nullptr, tiles, y, d, hidden, b2, b2, has_bias, -1);
 }
 
 // out[t, i] = sum over the token's slots, in router order, of weight * y[entry].

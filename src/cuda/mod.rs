@@ -5,7 +5,7 @@
 //! [`DispatchPlan`] — the very code the MCU
 //! runs — and the GPU runs the experts as a grouped GEMM over each expert's
 //! gathered tokens (64 x 64 output tiles staged through shared memory,
-//! SwiGLU fused) and combines them in router order. Every output value is
+//! the gated unit or activation and biases fused) and combines them in router order. Every output value is
 //! summed by one thread in an order that depends only on the shapes:
 //! deterministic and independent of the batch.
 //!
@@ -20,14 +20,16 @@
 //! machines without a GPU test the kernels and the launches (slowly).
 //!
 //! Supported: float layers (f32 or f16 expert weights, f32 gate and
-//! arithmetic) of gated SiLU experts without biases, routed by any rule the
-//! crate has (softmax or sigmoid, groups, selection bias, routed scaling):
-//! Mixtral, Qwen2-MoE with its sigmoid-gated shared expert, DeepSeek-style
-//! layers with an ungated one ([`CudaMoe`]); and whole f32 / f16 decoders
-//! (Mixtral, Qwen2-MoE) with a KV cache per sequence on the device,
-//! prompts prefilled as one batch and several sequences decoded at once
-//! ([`CudaDecoder`]). Not (yet): integer layers and decoders, biased or
-//! non-SwiGLU experts (Switch / GLaM MLPs).
+//! arithmetic) routed by any rule the crate has (softmax or sigmoid,
+//! groups, selection bias, routed scaling), with experts of any kind the
+//! format holds (gated units or MLPs, ReLU / GELU / SiLU, with or without
+//! biases, output width of their own): Mixtral, Qwen2-MoE with its
+//! sigmoid-gated shared expert, DeepSeek-style layers with an ungated one,
+//! Switch and GLaM MLPs ([`CudaMoe`]); whole stack and multi-gate models
+//! ([`CudaModel`]); and whole f32 / f16 decoders (Mixtral, Qwen2-MoE) with
+//! a KV cache per sequence on the device, prompts prefilled as one batch and
+//! several sequences decoded at once ([`CudaDecoder`]). Not (yet): integer
+//! layers, models and decoders.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -48,6 +50,7 @@
 mod decoder;
 mod device;
 mod emu;
+mod model;
 
 use crate::expert::Ffn;
 use crate::kernels::{Activation, FloatWeight};
@@ -57,6 +60,7 @@ use crate::{Error, Expert};
 pub use decoder::{CudaDecoder, Sequence};
 use device::{Arg, Buf, Cuda, Device, Host, Kernel, Shape};
 pub use emu::Emulator;
+pub use model::CudaModel;
 
 const SOURCE: &str = include_str!("kernels.cu");
 
@@ -150,80 +154,139 @@ pub struct CudaMoe {
     ffn: DeviceFfn,
 }
 
-/// A MoE (or dense) FFN's weights on a device: a layer of [`CudaMoe`] or of
-/// a [`CudaDecoder`].
+/// A MoE (or dense) FFN's weights on a device: a layer of [`CudaMoe`],
+/// [`CudaModel`] or [`CudaDecoder`].
 struct DeviceFfn {
     /// Gate rows, f32: the routed experts', then the shared expert's gate
     /// (if it has one); `None` when there are neither.
     gate: Option<Buf>,
     routed: Option<Routed>,
     shared: Option<Shared>,
+    /// Input and output widths.
     d: usize,
+    out: usize,
 }
 
 /// The routed experts and their router's rule.
 struct Routed {
-    w1: Buf,
-    w3: Buf,
-    w2: Buf,
+    experts: DevExperts,
     rule: crate::Rule,
     bias: Option<Vec<f32>>,
     scaling: f32,
-    hidden: usize,
 }
 
 /// The always-on expert (Qwen2-MoE, DeepSeek, a decoder's dense FFN): run
 /// over every token.
 struct Shared {
-    w1: Buf,
-    w3: Buf,
-    w2: Buf,
-    hidden: usize,
+    experts: DevExperts,
     /// Scaled by sigmoid(shared gate . x) (Qwen2-MoE); else added as is.
     gated: bool,
 }
 
-/// SwiGLU experts' weights gathered for upload, expert after expert.
-#[derive(Default)]
-struct SwiGlu {
-    w1: Vec<f32>,
-    w3: Vec<f32>,
-    w2: Vec<f32>,
+/// Experts of one shape on the device, expert after expert: `w1` the gate
+/// (gated units) or up projection (MLPs), `w3` the up projection of gated
+/// units, `w2` the down projection; biases (f32) when the experts have them.
+struct DevExperts {
+    w1: Buf,
+    w3: Option<Buf>,
+    w2: Buf,
+    biases: Option<[Buf; 3]>,
+    act: i32,
     hidden: usize,
 }
 
-impl SwiGlu {
-    fn push<W: FloatWeight>(&mut self, expert: &Expert<'_, W>, d: usize) -> Result<(), CudaError> {
-        let Ffn::Gated { gate, up, act: Activation::Silu, down } = expert.ffn() else {
-            return Err(CudaError::Unsupported("experts other than gated SiLU (SwiGLU)"));
-        };
-        if gate.bias().is_some() || up.bias().is_some() || down.bias().is_some() || down.rows() != d {
-            return Err(CudaError::Unsupported("expert biases or output width other than input width"));
-        }
-        self.push_values(
-            gate.rows(),
-            [gate.weights(), up.weights(), down.weights()].map(|w| w.iter().map(|v| v.to_f32())),
-        )
-    }
+/// One matrix of an expert, as f32 values.
+struct Mat {
+    rows: usize,
+    cols: usize,
+    values: Vec<f32>,
+    bias: Option<Vec<f32>>,
+}
 
-    /// One expert's three matrices (`(hidden, d)`, `(hidden, d)`, `(d, hidden)`) as f32 values.
-    fn push_values(
+impl Mat {
+    fn of<W: FloatWeight>(l: &crate::kernels::Linear<'_, W>) -> Result<Self, CudaError> {
+        let values = l.weights().iter().map(|w| w.to_f32()).collect();
+        Ok(Mat { rows: l.rows(), cols: l.cols(), values, bias: l.bias().map(<[f32]>::to_vec) })
+    }
+}
+
+/// The kernels' code for an activation (`activate` in kernels.cu).
+fn act_code(a: Activation) -> i32 {
+    match a {
+        Activation::Relu => 0,
+        Activation::Gelu => 1,
+        Activation::GeluTanh => 2,
+        Activation::Silu => 3,
+    }
+}
+
+/// Experts of one shape gathered for upload, expert after expert.
+#[derive(Default)]
+struct HostExperts {
+    w: [Vec<f32>; 3],
+    b: [Vec<f32>; 3],
+    /// (gated, activation code, biased, hidden, out) of the first expert.
+    shape: Option<(bool, i32, bool, usize, usize)>,
+}
+
+impl HostExperts {
+    /// Adds an expert (`d` inputs) whose matrices `m` reads.
+    fn push<L>(
         &mut self,
-        hidden: usize,
-        [w1, w3, w2]: [impl Iterator<Item = f32>; 3],
+        ffn: &Ffn<L>,
+        d: usize,
+        m: impl Fn(&L) -> Result<Mat, CudaError>,
     ) -> Result<(), CudaError> {
-        if !self.w1.is_empty() && hidden != self.hidden {
-            return Err(CudaError::Unsupported("experts of different widths"));
+        let (act, first, second, down) = match ffn {
+            Ffn::Gated { gate, up, act, down } => (*act, m(gate)?, Some(m(up)?), m(down)?),
+            Ffn::Mlp { up, act, down } => (*act, m(up)?, None, m(down)?),
+        };
+        let (hidden, out) = (first.rows, down.rows);
+        let fits = |x: &Mat| x.rows == hidden && x.cols == d;
+        if !fits(&first) || !second.as_ref().is_none_or(fits) || down.cols != hidden {
+            return Err(CudaError::Unsupported("experts whose matrices do not chain"));
         }
-        self.hidden = hidden;
-        self.w1.extend(w1);
-        self.w3.extend(w3);
-        self.w2.extend(w2);
+        let biased =
+            first.bias.is_some() || second.as_ref().is_some_and(|s| s.bias.is_some()) || down.bias.is_some();
+        let shape = (second.is_some(), act_code(act), biased, hidden, out);
+        if self.shape.is_some_and(|s| s != shape) {
+            return Err(CudaError::Unsupported("experts of different shapes in one layer"));
+        }
+        self.shape = Some(shape);
+        for (i, x) in [Some(first), second, Some(down)].into_iter().enumerate() {
+            let Some(x) = x else { continue };
+            self.w[i].extend(&x.values);
+            if biased {
+                // A missing bias is zeros: the same sums.
+                let zeros = vec![0.0; x.rows];
+                self.b[i].extend(x.bias.as_deref().unwrap_or(&zeros));
+            }
+        }
         Ok(())
     }
 
-    fn upload(&self, device: &dyn Device, p: Precision) -> Result<(Buf, Buf, Buf), CudaError> {
-        Ok((upload(device, &self.w1, p)?, upload(device, &self.w3, p)?, upload(device, &self.w2, p)?))
+    fn upload(&self, dev: &dyn Device, p: Precision, d: usize) -> Result<DevExperts, CudaError> {
+        let (gated, act, biased, hidden, out) = self.shape.ok_or(CudaError::Unsupported("no experts"))?;
+        int(self.w[0].len().max(self.w[2].len()))?;
+        int(hidden.max(out).max(d))?;
+        let biases = if biased {
+            let b = |v: &Vec<f32>| dev.upload(Host::F32(if v.is_empty() { &[0.0] } else { v }));
+            Some([b(&self.b[0])?, b(&self.b[1])?, b(&self.b[2])?])
+        } else {
+            None
+        };
+        Ok(DevExperts {
+            w1: upload(dev, &self.w[0], p)?,
+            w3: if gated { Some(upload(dev, &self.w[1], p)?) } else { None },
+            w2: upload(dev, &self.w[2], p)?,
+            biases,
+            act,
+            hidden,
+        })
+    }
+
+    fn out(&self) -> usize {
+        self.shape.map_or(0, |s| s.4)
     }
 }
 
@@ -231,32 +294,31 @@ impl SwiGlu {
 struct FfnParts {
     /// Gate rows (`(experts, d)`, then the shared gate's row, if any).
     gate: Vec<f32>,
-    routed: Option<(SwiGlu, crate::Rule, Option<Vec<f32>>, f32)>,
-    shared: Option<(SwiGlu, bool)>,
+    routed: Option<(HostExperts, crate::Rule, Option<Vec<f32>>, f32)>,
+    shared: Option<(HostExperts, bool)>,
     d: usize,
 }
 
 impl FfnParts {
     fn upload(self, device: &dyn Device, precision: Precision) -> Result<DeviceFfn, CudaError> {
         let d = self.d;
+        let out =
+            self.routed.as_ref().map(|r| r.0.out()).or(self.shared.as_ref().map(|s| s.0.out())).unwrap_or(d);
+        if self.shared.as_ref().is_some_and(|s| s.0.out() != out) {
+            return Err(CudaError::Unsupported("a shared expert of another output width"));
+        }
         let routed = match self.routed {
             Some((e, rule, bias, scaling)) => {
-                int(rule.experts * e.hidden * d)?;
-                let (w1, w3, w2) = e.upload(device, precision)?;
-                Some(Routed { w1, w3, w2, rule, bias, scaling, hidden: e.hidden })
+                Some(Routed { experts: e.upload(device, precision, d)?, rule, bias, scaling })
             }
             None => None,
         };
         let shared = match self.shared {
-            Some((e, gated)) => {
-                int(e.hidden * d)?;
-                let (w1, w3, w2) = e.upload(device, precision)?;
-                Some(Shared { w1, w3, w2, hidden: e.hidden, gated })
-            }
+            Some((e, gated)) => Some(Shared { experts: e.upload(device, precision, d)?, gated }),
             None => None,
         };
         let gate = if self.gate.is_empty() { None } else { Some(device.upload(Host::F32(&self.gate))?) };
-        Ok(DeviceFfn { gate, routed, shared, d })
+        Ok(DeviceFfn { gate, routed, shared, d, out })
     }
 }
 
@@ -348,27 +410,7 @@ impl CudaMoe {
         W: FloatWeight,
         S: ExpertSource<Expert = Expert<'a, W>>,
     {
-        let rule = *layer.router().rule();
-        let (d, experts) = (layer.in_dim(), rule.experts);
-        let mut routed = SwiGlu::default();
-        for e in 0..experts {
-            let expert = layer.experts().expert(e).map_err(CudaError::Model)?;
-            routed.push(&expert, d)?;
-        }
-        let mut gate: Vec<f32> = layer.gate().weights().iter().map(|w| w.to_f32()).collect();
-        let mut shared = None;
-        if let Some(s) = layer.shared() {
-            let mut e = SwiGlu::default();
-            e.push(&s.expert, d)?;
-            if let Some(g) = &s.gate {
-                // The shared expert's gate row rides along as one more logit.
-                gate.extend(g.weights().iter().map(|w| w.to_f32()));
-            }
-            shared = Some((e, s.gate.is_some()));
-        }
-        let bias = layer.router().bias().map(<[f32]>::to_vec);
-        let parts =
-            FfnParts { gate, routed: Some((routed, rule, bias, layer.router().scaling())), shared, d };
+        let parts = ffn_parts(layer)?;
         let device = device()?;
         let ffn = parts.upload(&*device, precision)?;
         Ok(CudaMoe { device, ffn })
@@ -404,9 +446,10 @@ impl CudaMoe {
     /// code, and so the same choices, as the CPU's `infer_batch`.
     pub fn infer_batch(&self, xs: &[f32], out: &mut [f32]) -> Result<Vec<Selection<f32>>, CudaError> {
         let d = self.ffn.d;
-        if xs.is_empty() || !xs.len().is_multiple_of(d) || out.len() != xs.len() {
+        if xs.is_empty() || !xs.len().is_multiple_of(d) {
             return Err(Error::Shape { what: crate::What::Input, expected: d, actual: xs.len() }.into());
         }
+        crate::error::check_len(crate::What::Output, xs.len() / d * self.ffn.out, out.len())?;
         if let Some(index) = xs.iter().position(|v| !v.is_finite()) {
             return Err(Error::NonFinite { what: crate::What::Input, index }.into());
         }
@@ -426,14 +469,17 @@ impl DeviceFfn {
     /// CPU adds it. Returns the output on the device and each token's
     /// selection (empty for a dense FFN).
     fn run(&self, dev: &dyn Device, x: &Buf, tokens: usize) -> Result<(Buf, Vec<Selection<f32>>), CudaError> {
-        let d = self.d;
+        let (d, out) = (self.d, self.out);
         let experts = self.routed.as_ref().map_or(0, |r| r.rule.experts);
         let gated = self.shared.as_ref().is_some_and(|s| s.gated);
         // Gate rows: the experts', then the shared expert's gate, if any.
         let rows = experts + gated as usize;
-        let hidden =
-            self.routed.as_ref().map_or(0, |r| r.hidden).max(self.shared.as_ref().map_or(0, |s| s.hidden));
-        int(tokens * d.max(rows).max(hidden))?;
+        let hidden = self
+            .routed
+            .as_ref()
+            .map_or(0, |r| r.experts.hidden)
+            .max(self.shared.as_ref().map_or(0, |s| s.experts.hidden));
+        int(tokens * d.max(out).max(rows).max(hidden))?;
         let mut logits = vec![0.0; tokens * rows];
         if let Some(gate) = &self.gate {
             let logits_dev = dev.zeros(tokens * rows)?;
@@ -448,7 +494,7 @@ impl DeviceFfn {
             dev.launch(Kernel::GateLogits, Shape::elements(tokens * rows)?, &args)?;
             dev.download(&logits_dev, &mut logits)?;
         }
-        let out_dev = dev.zeros(tokens * d)?;
+        let out_dev = dev.zeros(tokens * out)?;
         let mut selections = Vec::with_capacity(tokens);
         if let Some(routed) = &self.routed {
             let k = routed.rule.k;
@@ -469,18 +515,17 @@ impl DeviceFfn {
                 slot_weight[at] = w;
             }
             // The grouped GEMMs over each expert's gathered tokens, then the combine.
-            let y = dev.zeros(entries * d)?;
+            let y = dev.zeros(entries * out)?;
             if entries > 0 {
-                int(entries * routed.hidden.max(d))?;
-                let w = [&routed.w1, &routed.w3, &routed.w2];
-                swiglu(dev, w, x, &entry_token, &tiles(&plan.offsets), (routed.hidden, d), &y)?;
+                int(entries * routed.experts.hidden.max(out))?;
+                run_experts(dev, &routed.experts, x, &entry_token, &tiles(&plan.offsets), (d, out), &y)?;
             }
             let se_dev = dev.upload(Host::I32(&slot_entry))?;
             let sw_dev = dev.upload(Host::F32(&slot_weight))?;
             let args = [&y, &se_dev, &sw_dev, &out_dev].map(Arg::Buf);
-            let ints = [tokens, k, d].map(|v| Arg::Int(v as i32));
+            let ints = [tokens, k, out].map(|v| Arg::Int(v as i32));
             let args = [args[0], args[1], args[2], args[3], ints[0], ints[1], ints[2]];
-            dev.launch(Kernel::Combine, Shape::elements(tokens * d)?, &args)?;
+            dev.launch(Kernel::Combine, Shape::elements(tokens * out)?, &args)?;
         } else {
             selections.resize(tokens, Selection::new());
         }
@@ -488,8 +533,8 @@ impl DeviceFfn {
         // The shared expert over every token, added last, as the CPU adds it.
         if let Some(sh) = &self.shared {
             let all: Vec<i32> = (0..tokens as i32).collect();
-            let sy = dev.zeros(tokens * d)?;
-            swiglu(dev, [&sh.w1, &sh.w3, &sh.w2], x, &all, &tiles(&[0, tokens]), (sh.hidden, d), &sy)?;
+            let sy = dev.zeros(tokens * out)?;
+            run_experts(dev, &sh.experts, x, &all, &tiles(&[0, tokens]), (d, out), &sy)?;
             // sigmoid(shared gate . x) on the host from the device's logit:
             // the CPU's formula on the CPU's bits.
             let scale: Vec<f32> = match sh.gated {
@@ -498,36 +543,75 @@ impl DeviceFfn {
             };
             let scale_dev = dev.upload(Host::F32(&scale))?;
             let args = [&sy, &scale_dev, &out_dev].map(Arg::Buf);
-            let args = [args[0], args[1], args[2], Arg::Int(tokens as i32), Arg::Int(d as i32)];
-            dev.launch(Kernel::AddShared, Shape::elements(tokens * d)?, &args)?;
+            let args = [args[0], args[1], args[2], Arg::Int(tokens as i32), Arg::Int(out as i32)];
+            dev.launch(Kernel::AddShared, Shape::elements(tokens * out)?, &args)?;
         }
         Ok((out_dev, selections))
     }
 }
 
-/// `y[n] = w2 (silu(w1 x[rows[n]]) * (w3 x[rows[n]]))` for the entries of
+/// A float MoE layer's weights gathered for upload.
+fn ffn_parts<'a, G, W, S>(layer: &MoeLayer<'a, G, W, S>) -> Result<FfnParts, CudaError>
+where
+    G: FloatWeight,
+    W: FloatWeight,
+    S: ExpertSource<Expert = Expert<'a, W>>,
+{
+    let rule = *layer.router().rule();
+    let (d, experts) = (layer.in_dim(), rule.experts);
+    let gate_bias = layer.shared().and_then(|s| s.gate.as_ref()).is_some_and(|g| g.bias().is_some());
+    if layer.gate().bias().is_some() || gate_bias {
+        return Err(CudaError::Unsupported("router gates with a bias"));
+    }
+    let mut routed = HostExperts::default();
+    for e in 0..experts {
+        let expert = layer.experts().expert(e).map_err(CudaError::Model)?;
+        routed.push(expert.ffn(), d, Mat::of)?;
+    }
+    let mut gate: Vec<f32> = layer.gate().weights().iter().map(|w| w.to_f32()).collect();
+    let mut shared = None;
+    if let Some(s) = layer.shared() {
+        let mut e = HostExperts::default();
+        e.push(s.expert.ffn(), d, Mat::of)?;
+        if let Some(g) = &s.gate {
+            // The shared expert's gate row rides along as one more logit.
+            gate.extend(g.weights().iter().map(|w| w.to_f32()));
+        }
+        shared = Some((e, s.gate.is_some()));
+    }
+    let bias = layer.router().bias().map(<[f32]>::to_vec);
+    Ok(FfnParts { gate, routed: Some((routed, rule, bias, layer.router().scaling())), shared, d })
+}
+
+/// `y[n] = w2 (act(w1 x[rows[n]] + b1) * (w3 x[rows[n]] + b3)) + b2` (gated
+/// units) or `w2 act(w1 x[rows[n]] + b1) + b2` (MLPs) for the entries of
 /// `tiles`: the two grouped GEMMs.
-fn swiglu(
+fn run_experts(
     dev: &dyn Device,
-    [w1, w3, w2]: [&Buf; 3],
+    e: &DevExperts,
     x: &Buf,
     rows: &[i32],
     tiles: &[i32],
-    (hidden, d): (usize, usize),
+    (d, out): (usize, usize),
     y: &Buf,
 ) -> Result<(), CudaError> {
     let tiles_dev = dev.upload(Host::I32(tiles))?;
     let rows_dev = dev.upload(Host::I32(rows))?;
-    let hid = dev.zeros(rows.len() * hidden)?;
+    let hid = dev.zeros(rows.len() * e.hidden)?;
     let grid = |outputs: usize| -> Result<Shape, CudaError> {
         let x = u32::try_from(tiles.len() / 3).map_err(|_| CudaError::Unsupported("a batch this large"))?;
         let y = u32::try_from(outputs.div_ceil(TILE_N)).ok().filter(|&y| y <= 65_535);
         Ok(Shape { grid: (x, y.ok_or(CudaError::Unsupported("layers this wide"))?), threads: TILE_THREADS })
     };
-    let (h32, d32) = (Arg::Int(hidden as i32), Arg::Int(d as i32));
+    let i = |v: usize| Arg::Int(v as i32);
     let (tl, hb) = (Arg::Buf(&tiles_dev), Arg::Buf(&hid));
-    let args = [Arg::Buf(w1), Arg::Buf(w3), Arg::Buf(x), Arg::Buf(&rows_dev), tl, hb, h32, d32];
-    dev.launch(Kernel::ExpertHidden, grid(hidden)?, &args)?;
-    let args = [Arg::Buf(w2), hb, tl, Arg::Buf(y), d32, h32];
-    dev.launch(Kernel::ExpertOut, grid(d)?, &args)
+    // Without biases (or w3) the kernel reads none: `w1` stands in.
+    let b = |j: usize| Arg::Buf(e.biases.as_ref().map_or(&e.w1, |b| &b[j]));
+    let biased = i(e.biases.is_some() as usize);
+    let w3 = Arg::Buf(e.w3.as_ref().unwrap_or(&e.w1));
+    let args = [Arg::Buf(&e.w1), w3, Arg::Buf(x), Arg::Buf(&rows_dev), tl, hb, i(e.hidden), i(d)];
+    let args = [&args[..], &[b(0), b(1), biased, Arg::Int(e.act), i(e.w3.is_some() as usize)]].concat();
+    dev.launch(Kernel::ExpertHidden, grid(e.hidden)?, &args)?;
+    let args = [Arg::Buf(&e.w2), hb, tl, Arg::Buf(y), i(out), i(e.hidden), b(2), biased];
+    dev.launch(Kernel::ExpertOut, grid(out)?, &args)
 }
