@@ -10,14 +10,8 @@ use micromoe::host::{DecoderOptions, Dtype, convert_decoder};
 use micromoe::model::Decoder;
 use serde_json::Value;
 
-const CASES: [&str; 6] = [
-    "mixtral_tied",
-    "mixtral_8x2_untied",
-    "mixtral_top1_head_dim",
-    "qwen2_moe_shared",
-    "qwen2_moe_dense_layers",
-    "qwen2_moe_sparse_step",
-];
+mod common;
+use common::DECODER_CASES as CASES;
 
 struct Reference {
     tokens: Vec<u32>,

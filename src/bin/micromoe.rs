@@ -344,12 +344,27 @@ impl Steps for Cpu<'_, '_> {
 #[cfg(feature = "cuda")]
 mod gpu {
     use micromoe::Selection;
-    use micromoe::cuda::{CudaDecoder, CudaError, Sequence};
+    use micromoe::cuda::{CudaDecoder, CudaError, Emulator, Sequence, Target};
     use micromoe::host::HostError;
 
     pub(super) struct Gpu {
         pub(super) dec: CudaDecoder,
         pub(super) seq: Sequence,
+    }
+
+    /// `f` on GPU 0, or on the emulator compiled into a folder of this
+    /// process's own (runs side by side do not share one), removed after.
+    pub(super) fn with_target<R>(
+        emulated: bool,
+        f: impl FnOnce(Target<'_>) -> Result<R, HostError>,
+    ) -> Result<R, HostError> {
+        if !emulated {
+            return f(Target::Gpu);
+        }
+        let dir = std::env::temp_dir().join(format!("micromoe-emulator-{}", std::process::id()));
+        let out = Emulator::compile(&dir).map_err(error).and_then(|emu| f(Target::Emulator(&emu)));
+        let _ = std::fs::remove_dir_all(&dir);
+        out
     }
 
     pub(super) fn error(e: CudaError) -> HostError {
@@ -393,28 +408,11 @@ fn on_device<R>(
             f(&mut Cpu { dec, state })
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda | Device::Emulator => {
-            use micromoe::cuda::{CudaDecoder, Emulator, Target};
-            let dir = std::env::temp_dir().join(format!("micromoe-emulator-{}", std::process::id()));
-            let run = || {
-                let emulator;
-                let target = if device == Device::Cuda {
-                    Target::Gpu
-                } else {
-                    // A folder of this process's own: runs side by side do not share one.
-                    emulator = Emulator::compile(&dir).map_err(gpu::error)?;
-                    Target::Emulator(&emulator)
-                };
-                let dec = CudaDecoder::on(target, dec, 1).map_err(gpu::error)?;
-                let seq = dec.sequence().map_err(gpu::error)?;
-                f(&mut gpu::Gpu { dec, seq })
-            };
-            let out = run();
-            if device == Device::Emulator {
-                let _ = std::fs::remove_dir_all(&dir);
-            }
-            out
-        }
+        Device::Cuda | Device::Emulator => gpu::with_target(device == Device::Emulator, |target| {
+            let dec = micromoe::cuda::CudaDecoder::on(target, dec, 1).map_err(gpu::error)?;
+            let seq = dec.sequence().map_err(gpu::error)?;
+            f(&mut gpu::Gpu { dec, seq })
+        }),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda | Device::Emulator => Err(no_cuda()),
     }
@@ -555,17 +553,8 @@ type RunResult = (Vec<f32>, Vec<Vec<u16>>, Vec<Vec<f32>>, Option<usize>);
 /// `run` on the CUDA device (or its emulator): every input in one batch.
 #[cfg(feature = "cuda")]
 fn run_on_device(m: &Model<'_>, xs: &[f32], device: Device) -> Result<Vec<RunResult>, HostError> {
-    use micromoe::cuda::{CudaModel, Emulator, Target};
-    let dir = std::env::temp_dir().join(format!("micromoe-emulator-{}", std::process::id()));
-    let run = || {
-        let emulator;
-        let target = if device == Device::Cuda {
-            Target::Gpu
-        } else {
-            emulator = Emulator::compile(&dir).map_err(gpu::error)?;
-            Target::Emulator(&emulator)
-        };
-        let gpu = CudaModel::on(target, m).map_err(gpu::error)?;
+    gpu::with_target(device == Device::Emulator, |target| {
+        let gpu = micromoe::cuda::CudaModel::on(target, m).map_err(gpu::error)?;
         let mut out = zeroed::<f32>(xs.len() / m.input_dim() * m.output_dim(), "outputs")?;
         let chosen = gpu.infer_batch(xs, &mut out).map_err(gpu::error)?;
         Ok(out
@@ -577,12 +566,7 @@ fn run_on_device(m: &Model<'_>, xs: &[f32], device: Device) -> Result<Vec<RunRes
                 (y.to_vec(), experts, weights, m.is_classifier().then(|| argmax(y)))
             })
             .collect())
-    };
-    let out = run();
-    if device == Device::Emulator {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    out
+    })
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -10,6 +10,17 @@ use micromoe::quant::f16;
 use micromoe::{MoeLayer, Rule};
 use safetensors::{Dtype, SafeTensors};
 
+/// The committed decoders (tests/fixtures/decoders, made by
+/// tools/make_decoder_fixtures.py).
+pub const DECODER_CASES: [&str; 6] = [
+    "mixtral_tied",
+    "mixtral_8x2_untied",
+    "mixtral_top1_head_dim",
+    "qwen2_moe_shared",
+    "qwen2_moe_dense_layers",
+    "qwen2_moe_sparse_step",
+];
+
 pub const MOE_CASES: &[&str] = &[
     "mixtral_h16_e4_k1",
     "mixtral_h32_e8_k2",
