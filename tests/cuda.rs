@@ -202,7 +202,7 @@ fn tile_edges_match_the_cpu() {
 /// The kernels under the thread sanitizer: the threads of each block run
 /// concurrently, so shared memory used without the barriers it needs shows
 /// up as a data race (the emulator then stops and the launch fails). Both
-/// weight types, routed and shared experts, tile edges.
+/// weight types, routed and shared experts, gated and MLP experts, tile edges.
 #[test]
 fn kernels_have_no_data_races() {
     if emulator().is_none() {
@@ -219,6 +219,11 @@ fn kernels_have_no_data_races() {
     let xs = fixture_tokens(&fx);
     let (_, _, err) = with_layer(&fx, to_f16, |l| compare(Target::Emulator(&emu), l, Precision::F16, &xs));
     assert!(err <= 1e-3, "{err:e}");
+    // MLP experts with biases (the non-gated path of the same GEMM).
+    let fx = Fixture::load("glam_mlp_relu_h24_e8_k2");
+    let xs = fixture_tokens(&fx);
+    let (_, _, err) = with_layer(&fx, to_f32, |l| compare(Target::Emulator(&emu), l, Precision::F32, &xs));
+    assert!(err <= 1e-5, "{err:e}");
     println!("thread sanitizer: no races reported");
 }
 
