@@ -30,6 +30,8 @@ mod float;
 mod int;
 
 pub use float::{Activation, FloatWeight, LANES, Linear, dot, matmul, matvec};
+#[cfg(feature = "std")]
+pub use int::for_each_dot_i8_batch;
 pub use int::{
     IntKernel, MulParams, QLinear, add_group_dots_i8, expand_words, for_each_dot_i8, matvec_i8, matvec_q15,
     reference,

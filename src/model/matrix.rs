@@ -244,9 +244,9 @@ impl Matrix<'_> {
             Weights::F16(w) => crate::kernels::matmul(w, self.bias, xs, cols, ys),
             Weights::I8 { w, scales } => {
                 // Every token quantized (per group, or whole: `group ==
-                // cols`), then blocks of rows that stay in L2 (64 KB) across
-                // the tokens: the same bits as token by token (a group-scaled
-                // row adds its groups in order, as `forward_groups`' chunks do).
+                // cols`), then the products: the same bits as token by token
+                // (a group-scaled row adds its groups in order, as
+                // `forward_groups`' chunks do).
                 let (group, per) = (self.group(), scales.len() / rows);
                 let tokens = (xs.len() / cols).min(ys.len() / rows);
                 let mut xq = alloc::vec![0i8; tokens * cols];
@@ -255,23 +255,26 @@ impl Matrix<'_> {
                     .zip(xq.chunks_exact_mut(group))
                     .map(|(x, q)| quantize_vector(x, q))
                     .collect();
-                if per > 1 {
+                if per == 1 {
+                    // One scale a row: every token against every row at
+                    // once, in register tiles (the same integer sums).
+                    crate::kernels::for_each_dot_i8_batch(w, &xq, cols, |t, r, acc| {
+                        if let (Some(yo), Some(&s), Some(&st)) =
+                            (ys.get_mut(t * rows + r), scales.get(r), sx.get(t))
+                        {
+                            *yo = acc as f32 * (s * st);
+                        }
+                    });
+                } else {
+                    // Groups: blocks of rows that stay in L2 (64 KB) across
+                    // the tokens, each row's groups added in order.
                     ys.iter_mut().take(tokens * rows).for_each(|v| *v = 0.0);
-                }
-                let rows_per = ((64 << 10) / cols.max(1)).clamp(1, rows);
-                for (b, block) in w.chunks(rows_per * cols).enumerate() {
-                    let (r0, n) = (b * rows_per, block.len() / cols);
-                    for (t, q) in xq.chunks_exact(cols).enumerate() {
-                        let y = &mut ys[t * rows + r0..t * rows + r0 + n];
-                        if per == 1 {
-                            let mut out = y.iter_mut().zip(&scales[r0..]);
-                            for_each_dot_i8(block, q, 0, |acc| {
-                                if let Some((yo, &s)) = out.next() {
-                                    *yo = acc as f32 * (s * sx[t]);
-                                }
-                            });
-                        } else {
-                            let sw = &scales[r0 * per..(r0 + n) * per];
+                    let rows_per = ((64 << 10) / cols.max(1)).clamp(1, rows);
+                    for (b, block) in w.chunks(rows_per * cols).enumerate() {
+                        let (r0, n) = (b * rows_per, block.len() / cols);
+                        let sw = &scales[r0 * per..(r0 + n) * per];
+                        for (t, q) in xq.chunks_exact(cols).enumerate() {
+                            let y = &mut ys[t * rows + r0..t * rows + r0 + n];
                             add_group_dots_i8(block, cols, 0, q, group, (sw, &sx[t * per..(t + 1) * per]), y);
                         }
                     }
