@@ -150,6 +150,23 @@ fn run(decoder: &Decoder<'_>, sequential: bool) -> (f64, f64) {
 }
 
 fn main() {
+    if let Err(e) = bench() {
+        eprintln!("decode_bench: {e}");
+        std::process::exit(2);
+    }
+}
+
+/// The value after a flag, parsed.
+fn value<T: std::str::FromStr>(
+    it: &mut impl Iterator<Item = String>,
+    flag: &str,
+    what: &str,
+) -> Result<T, String> {
+    let v = it.next().ok_or_else(|| format!("{flag} needs {what}"))?;
+    v.parse().map_err(|_| format!("{flag}: {v:?} is not {what}"))
+}
+
+fn bench() -> Result<(), String> {
     let mut widths = Vec::new();
     let mut runs = 3;
     let mut only: Option<String> = None;
@@ -159,24 +176,39 @@ fn main() {
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--runs" => runs = it.next().and_then(|v| v.parse().ok()).expect("--runs N"),
+            "--runs" => runs = value(&mut it, "--runs", "a count")?,
             "--sequential" => sequential = true,
-            "--threads" => threads = it.next().and_then(|v| v.parse().ok()).expect("--threads N"),
-            "--model" => models.push(it.next().expect("--model PATH")),
-            "--type" => only = Some(it.next().expect("--type f32|f16|int8|i8g32")),
-            w => widths.push(w.parse::<usize>().expect("a width (multiple of 8) or --runs N")),
+            "--threads" => threads = value(&mut it, "--threads", "a count")?,
+            "--model" => models.push(value(&mut it, "--model", "a path")?),
+            "--type" => only = Some(value(&mut it, "--type", "f32, f16, int8 or i8g32")?),
+            w => match w.parse::<usize>() {
+                // Eight heads, and `--type i8g32`'s groups of 32 in the
+                // inner width (3.5x).
+                Ok(h) if h > 0 && h.is_multiple_of(64) => widths.push(h),
+                _ => return Err(format!("{w:?}: expected a width (a multiple of 64) or a flag")),
+            },
         }
+    }
+    if runs == 0 {
+        return Err("--runs must be at least 1".into());
+    }
+    if let Some(t) = only.as_deref().filter(|t| !["f32", "f16", "int8", "i8g32"].contains(t)) {
+        return Err(format!("--type {t:?}: expected f32, f16, int8 or i8g32"));
     }
     println!("width  type  prompt tok/s  decode tok/s  (median of {runs}, {TOKENS} tokens each)");
     // A converted model instead of the built-in ones (its own vocabulary and context).
     for path in &models {
-        let bytes = AlignedBytes::from(&std::fs::read(path).expect("a readable .moe")[..]);
-        let decoder = Decoder::parse(&bytes).expect("a decoder .moe").with_threads(threads);
+        let file = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
+        let bytes = AlignedBytes::from(&file[..]);
+        let decoder = Decoder::parse(&bytes).map_err(|e| format!("{path}: {e}"))?.with_threads(threads);
+        if decoder.config().context <= 2 * TOKENS {
+            return Err(format!("{path}: its context must exceed {} positions", 2 * TOKENS));
+        }
         let (p, d): (Vec<f64>, Vec<f64>) = (0..runs).map(|_| run(&decoder, sequential)).unzip();
         println!("{:5}  {path}  {:12.1}  {:12.1}", decoder.config().hidden, median(p), median(d));
     }
     if !models.is_empty() && widths.is_empty() {
-        return;
+        return Ok(());
     }
     if widths.is_empty() {
         widths = vec![512, 1024];
@@ -198,4 +230,5 @@ fn main() {
             println!("{hidden:5}  {name:4}  {:12.1}  {:12.1}", median(p), median(d));
         }
     }
+    Ok(())
 }

@@ -26,103 +26,133 @@ pub fn for_each_dot_i8_batch(w: &[i8], xs: &[i8], cols: usize, mut f: impl FnMut
     }
 }
 
-/// AVX-VNNI tiles of four rows by four inputs. `vpdpbusd` multiplies
-/// unsigned by signed bytes, so each input goes in as `x + 128` (`x ^ 0x80`,
-/// 0..=255 for any i8) and `128 * sum w_r` comes off after:
-/// `sum (x + 128) w = sum x w + 128 sum w`, exact in wrapping `i32`, so
-/// the sums are the portable loop's for every i8 input and weight (-128
-/// included). Per 32 columns a tile loads four weight and four input
-/// vectors for sixteen `vpdpbusd`; the row sums are taken once per row.
+/// AVX-VNNI tiles of four rows by four inputs (512-bit AVX-512 VNNI where
+/// the CPU has it, else 256-bit AVX-VNNI). `vpdpbusd` multiplies unsigned
+/// by signed bytes, so each input goes in as `x + 128` (`x ^ 0x80`, 0..=255
+/// for any i8) and `128 * sum w_r` comes off after: `sum (x + 128) w = sum
+/// x w + 128 sum w`, exact in wrapping `i32`, so the sums are the portable
+/// loop's for every i8 input and weight (-128 included). Per step a tile
+/// loads four weight and four input vectors for sixteen `vpdpbusd`; the row
+/// sums are taken once per row.
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod vnni {
-    use core::arch::x86_64::__m256i;
-
     /// Rows and inputs per tile.
     const R: usize = 4;
     const T: usize = 4;
 
     /// False (nothing done) on a CPU without AVX2 and AVX-VNNI, or for
-    /// rows shorter than one step.
+    /// rows shorter than one 256-bit step.
     pub(super) fn dots(w: &[i8], xs: &[i8], cols: usize, f: &mut impl FnMut(usize, usize, i32)) -> bool {
-        if cols < 32 || !std::is_x86_feature_detected!("avxvnni") || !std::is_x86_feature_detected!("avx2") {
+        use std::is_x86_feature_detected as has;
+        if cols >= 64 && has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
+            // SAFETY: the CPU has AVX-512F, BW and VNNI, the features enabled.
+            unsafe { dots512(w, xs, cols, f) };
+            return true;
+        }
+        if cols < 32 || !has!("avxvnni") || !has!("avx2") {
             return false;
         }
         // SAFETY: the CPU has AVX2 and AVX-VNNI, the features enabled.
-        unsafe { dots_vnni(w, xs, cols, f) };
+        unsafe { dots256(w, xs, cols, f) };
         true
     }
 
-    #[target_feature(enable = "avx2,avxvnni")]
-    fn dots_vnni(w: &[i8], xs: &[i8], cols: usize, f: &mut impl FnMut(usize, usize, i32)) {
-        let steps = cols / 32;
-        let main = steps * 32;
-        // The inputs' first `main` columns as `x + 128`, 32 bytes a step.
-        let tokens = xs.len() / cols;
-        let mut xu = std::vec![[0u8; 32]; tokens * steps];
-        for (x, u) in xs.chunks_exact(cols).zip(xu.chunks_exact_mut(steps.max(1))) {
-            for (s, d) in x.as_chunks::<32>().0.iter().zip(u) {
-                *d = s.map(|v| v as u8 ^ 0x80);
-            }
-        }
-        let xu: std::vec::Vec<&[[u8; 32]]> = xu.chunks_exact(steps.max(1)).collect();
-        let xrows: std::vec::Vec<&[i8]> = xs.chunks_exact(cols).collect();
-        let rows = w.len() / cols;
-        for r0 in (0..rows).step_by(R) {
-            let n = R.min(rows - r0);
-            let wr: [&[i8]; R] = core::array::from_fn(|r| {
-                let r = r0 + if r < n { r } else { 0 };
-                w.get(r * cols..(r + 1) * cols).unwrap_or(&[])
-            });
-            let wc: [&[[i8; 32]]; R] = wr.map(|r| r.as_chunks::<32>().0);
-            // 128 * sum of each row's first `main` weights, wrapping.
-            let off: [i32; R] = wr.map(|r| {
-                let s = r.iter().take(main).fold(0i32, |s, &v| s.wrapping_add(i32::from(v)));
-                s.wrapping_mul(128)
-            });
-            let mut t0 = 0;
-            while t0 < tokens {
-                let m = T.min(tokens - t0);
-                let xt: [&[[u8; 32]]; T] = core::array::from_fn(|t| xu[t0 + if t < m { t } else { 0 }]);
-                let acc = tile(wc, xt, steps);
-                for (r, (row, (a, o))) in wr.iter().zip(acc.iter().zip(off)).enumerate().take(n) {
-                    for (t, &a) in a.iter().enumerate().take(m) {
-                        let x = xrows[t0 + t];
-                        let tail = row[main..].iter().zip(&x[main..]);
-                        let d = tail.fold(a.wrapping_sub(o), |s, (&wv, &xv)| {
-                            s.wrapping_add(i32::from(wv) * i32::from(xv))
-                        });
-                        f(t0 + t, r0 + r, d);
+    /// One kernel per vector width: `$dots` over every tile, `$tile` one
+    /// tile of `$n`-byte steps.
+    macro_rules! vnni_kernel {
+        ($dots:ident, $tile:ident, $n:literal, $v:ty, $features:literal, $zero:ident, $dp:ident) => {
+            #[target_feature(enable = $features)]
+            fn $dots(w: &[i8], xs: &[i8], cols: usize, f: &mut impl FnMut(usize, usize, i32)) {
+                let steps = cols / $n;
+                let main = steps * $n;
+                // The inputs' first `main` columns as `x + 128`, a step at a time.
+                let tokens = xs.len() / cols;
+                let mut xu = std::vec![[0u8; $n]; tokens * steps];
+                for (x, u) in xs.chunks_exact(cols).zip(xu.chunks_exact_mut(steps.max(1))) {
+                    for (s, d) in x.as_chunks::<$n>().0.iter().zip(u) {
+                        *d = s.map(|v| v as u8 ^ 0x80);
                     }
                 }
-                t0 += m;
-            }
-        }
-    }
-
-    /// `sum (x + 128) w` of every (row, input) pair of the tile over
-    /// `steps` steps (a partial tile repeats its first row or input).
-    #[inline]
-    #[target_feature(enable = "avx2,avxvnni")]
-    fn tile(w: [&[[i8; 32]]; R], x: [&[[u8; 32]]; T], steps: usize) -> [[i32; T]; R] {
-        use core::arch::x86_64::{_mm256_dpbusd_avx_epi32, _mm256_setzero_si256};
-        let z = [0u8; 32];
-        let zw = [0i8; 32];
-        let mut acc = [[_mm256_setzero_si256(); T]; R];
-        for k in 0..steps {
-            let wv: [__m256i; R] = core::array::from_fn(|r| bytemuck::cast(*w[r].get(k).unwrap_or(&zw)));
-            for t in 0..T {
-                let xv: __m256i = bytemuck::cast(*x[t].get(k).unwrap_or(&z));
-                for r in 0..R {
-                    acc[r][t] = _mm256_dpbusd_avx_epi32(acc[r][t], xv, wv[r]);
+                let xu: std::vec::Vec<&[[u8; $n]]> = xu.chunks_exact(steps.max(1)).collect();
+                let xrows: std::vec::Vec<&[i8]> = xs.chunks_exact(cols).collect();
+                let rows = w.len() / cols;
+                for r0 in (0..rows).step_by(R) {
+                    let n = R.min(rows - r0);
+                    let wr: [&[i8]; R] = core::array::from_fn(|r| {
+                        let r = r0 + if r < n { r } else { 0 };
+                        w.get(r * cols..(r + 1) * cols).unwrap_or(&[])
+                    });
+                    let wc: [&[[i8; $n]]; R] = wr.map(|r| r.as_chunks::<$n>().0);
+                    // 128 * the sum of each row's first `main` weights, wrapping.
+                    let off: [i32; R] = wr.map(|r| {
+                        let s = r.iter().take(main).fold(0i32, |s, &v| s.wrapping_add(i32::from(v)));
+                        s.wrapping_mul(128)
+                    });
+                    let mut t0 = 0;
+                    while t0 < tokens {
+                        let m = T.min(tokens - t0);
+                        let xt: [&[[u8; $n]]; T] = core::array::from_fn(|t| xu[t0 + if t < m { t } else { 0 }]);
+                        let acc = $tile(wc, xt, steps);
+                        for (r, (row, (a, o))) in wr.iter().zip(acc.iter().zip(off)).enumerate().take(n) {
+                            for (t, &a) in a.iter().enumerate().take(m) {
+                                let x = xrows[t0 + t];
+                                let tail = row[main..].iter().zip(&x[main..]);
+                                let d = tail.fold(a.wrapping_sub(o), |s, (&wv, &xv)| {
+                                    s.wrapping_add(i32::from(wv) * i32::from(xv))
+                                });
+                                f(t0 + t, r0 + r, d);
+                            }
+                        }
+                        t0 += m;
+                    }
                 }
             }
-        }
-        acc.map(|a| {
-            a.map(|v| {
-                let lanes: [i32; 8] = bytemuck::cast(v);
-                lanes.iter().fold(0i32, |s, &l| s.wrapping_add(l))
-            })
-        })
+
+            /// `sum (x + 128) w` of every (row, input) pair of the tile over
+            /// `steps` steps (a partial tile repeats its first row or input).
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn $tile(w: [&[[i8; $n]]; R], x: [&[[u8; $n]]; T], steps: usize) -> [[i32; T]; R] {
+                use core::arch::x86_64::{$dp, $zero};
+                let z = [0u8; $n];
+                let zw = [0i8; $n];
+                let mut acc = [[$zero(); T]; R];
+                for k in 0..steps {
+                    let wv: [$v; R] = core::array::from_fn(|r| bytemuck::cast(*w[r].get(k).unwrap_or(&zw)));
+                    for t in 0..T {
+                        let xv: $v = bytemuck::cast(*x[t].get(k).unwrap_or(&z));
+                        for r in 0..R {
+                            acc[r][t] = $dp(acc[r][t], xv, wv[r]);
+                        }
+                    }
+                }
+                acc.map(|a| {
+                    a.map(|v| {
+                        let lanes: [i32; $n / 4] = bytemuck::cast(v);
+                        lanes.iter().fold(0i32, |s, &l| s.wrapping_add(l))
+                    })
+                })
+            }
+        };
     }
+
+    vnni_kernel!(
+        dots256,
+        tile256,
+        32,
+        core::arch::x86_64::__m256i,
+        "avx2,avxvnni",
+        _mm256_setzero_si256,
+        _mm256_dpbusd_avx_epi32
+    );
+    vnni_kernel!(
+        dots512,
+        tile512,
+        64,
+        core::arch::x86_64::__m512i,
+        "avx512f,avx512bw,avx512vnni",
+        _mm512_setzero_si512,
+        _mm512_dpbusd_epi32
+    );
 }
