@@ -38,9 +38,13 @@ if [ ! -d "$src" ] && [ -n "${LLAMACPP_GIT:-}" ]; then
 fi
 if [ ! -x "$build/bin/llama-bench" ]; then
   echo "building llama-bench in $build" >&2
-  cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-    -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF >/dev/null
-  cmake --build "$build" -j2 --target llama-bench >/dev/null
+  # The compilers' output (thousands of warning lines) goes to a log,
+  # shown only when the build fails.
+  log="$work/llama-build.log"
+  { cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+      -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF \
+      && cmake --build "$build" -j2 --target llama-bench; } >"$log" 2>&1 \
+    || { tail -n 40 "$log" >&2; echo "llama.cpp build failed: $log" >&2; exit 1; }
 fi
 (cd "$repo" && cargo build --release --quiet && cargo build --release --quiet --example decode_bench)
 mm="$repo/target/release/micromoe"
