@@ -1181,11 +1181,7 @@ mod tests {
     /// power-of-two scales make every float step exact.
     #[test]
     fn group_dots_equal_the_reference_and_the_exact_model() {
-        let mut seed = 11u64;
-        let mut next = move || {
-            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            (seed >> 33) as u32
-        };
+        let mut next = lcg(11u64);
         let cases: &[(usize, usize, usize)] = if cfg!(miri) {
             &[(9, 32, 16), (3, 64, 32)]
         } else {
@@ -1254,11 +1250,7 @@ mod tests {
     /// extreme and random values.
     #[test]
     fn fast_int8_paths_equal_the_reference() {
-        let mut seed = 7u64;
-        let mut next = move || {
-            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            (seed >> 33) as u32
-        };
+        let mut next = lcg(7u64);
         // Under Miri the shapes that still cross every tail and the Q15
         // block boundary (256 products).
         let shapes: &[(usize, usize)] = if cfg!(miri) {
@@ -1297,11 +1289,7 @@ mod tests {
     /// included, and an input holding -128.
     #[test]
     fn decoder_dots_equal_the_portable_sums() {
-        let mut seed = 9u64;
-        let mut next = move || {
-            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            (seed >> 33) as u32
-        };
+        let mut next = lcg(9u64);
         let shapes: &[(usize, usize)] = if cfg!(miri) {
             &[(5, 33)]
         } else {
@@ -1328,15 +1316,13 @@ mod tests {
     /// rows by four inputs where the CPU has it) against the portable sums
     /// of every (input, row) pair: partial tiles, column tails, -128 in
     /// weights and inputs, and all -128 (the largest sums, whose `128 *
-    /// sum w` correction is the largest too). Each pair exactly once.
+    /// sum w` correction is the largest too). Each pair exactly once. Rows
+    /// of 31 columns take the portable path (2,200 of them: several 64 KB
+    /// blocks), of 32-63 the 256-bit one.
     #[cfg(feature = "std")]
     #[test]
     fn batched_dots_equal_the_portable_sums() {
-        let mut seed = 11u64;
-        let mut next = move || {
-            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            (seed >> 33) as u32
-        };
+        let mut next = lcg(11u64);
         let shapes: &[(usize, usize, usize)] = if cfg!(miri) {
             &[(5, 33, 3), (1, 8, 2)]
         } else {
@@ -1348,6 +1334,8 @@ mod tests {
                 (8, 513, 3),
                 (3, 4097, 6),
                 (13, 31, 4),
+                (6, 40, 5),
+                (2200, 31, 3),
                 (7, 96, 0),
             ]
         };
@@ -1368,6 +1356,14 @@ mod tests {
                     .collect();
                 assert_eq!(got, want, "{rows}x{cols}, {tokens} inputs, all -128: {extreme}");
             }
+        }
+    }
+
+    /// A seeded linear congruential generator's high 31 bits.
+    fn lcg(mut seed: u64) -> impl FnMut() -> u32 {
+        move || {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) as u32
         }
     }
 

@@ -17,12 +17,17 @@ pub fn for_each_dot_i8_batch(w: &[i8], xs: &[i8], cols: usize, mut f: impl FnMut
     if vnni::dots(w, xs, cols, &mut f) {
         return;
     }
-    for (t, x) in xs.chunks_exact(cols).enumerate() {
-        let mut r = 0;
-        super::each_dot_i8(w, x, 0, |d| {
-            f(t, r, d);
-            r += 1;
-        });
+    // Blocks of rows that stay in L2 (64 KB) while every input passes over
+    // them: weights streamed from memory are read once, not once an input.
+    let per_block = ((64 << 10) / cols).max(1);
+    for (b, block) in w.chunks(per_block * cols).enumerate() {
+        for (t, x) in xs.chunks_exact(cols).enumerate() {
+            let mut r = b * per_block;
+            super::each_dot_i8(block, x, 0, |d| {
+                f(t, r, d);
+                r += 1;
+            });
+        }
     }
 }
 
@@ -41,8 +46,8 @@ mod vnni {
     const R: usize = 4;
     const T: usize = 4;
 
-    /// False (nothing done) on a CPU without AVX2 and AVX-VNNI, or for
-    /// rows shorter than one 256-bit step.
+    /// False (nothing done) unless the CPU has AVX-512 VNNI (taken for
+    /// rows of 64 columns or more) or AVX-VNNI (32 or more).
     pub(super) fn dots(w: &[i8], xs: &[i8], cols: usize, f: &mut impl FnMut(usize, usize, i32)) -> bool {
         use std::is_x86_feature_detected as has;
         if cols >= 64 && has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
