@@ -397,6 +397,18 @@ pub fn matvec<W: FloatWeight>(w: &[W], b: Option<&[f32]>, x: &[f32], y: &mut [f3
 /// chains where the target has the registers for them).
 #[inline(always)]
 fn matvec_rows<W: FloatWeight, const R: usize>(w: &[W], b: Option<&[f32]>, x: &[f32], y: &mut [f32]) {
+    matvec_passes::<W, R, false>(w, b, x, y)
+}
+
+/// [`matvec_rows`], or with `STREAMED` `R` rows a pass over matrices of
+/// any size.
+#[inline(always)]
+fn matvec_passes<W: FloatWeight, const R: usize, const STREAMED: bool>(
+    w: &[W],
+    b: Option<&[f32]>,
+    x: &[f32],
+    y: &mut [f32],
+) {
     if x.is_empty() {
         y.iter_mut().for_each(|v| *v = 0.0);
     } else {
@@ -405,7 +417,7 @@ fn matvec_rows<W: FloatWeight, const R: usize>(w: &[W], b: Option<&[f32]>, x: &[
         // from 14 to 8 GFLOP/s with four rows 16 KB apart). f16 rows are
         // half as far apart and bound by their widening: several rows at a
         // time always (4096 x 4096: 7.5 instead of 3.3 GFLOP/s). Same bits.
-        if core::mem::size_of_val(w) <= CACHED_BYTES || size_of::<W>() == 2 {
+        if STREAMED || core::mem::size_of_val(w) <= CACHED_BYTES || size_of::<W>() == 2 {
             rows_n::<W, R>(w, x, y);
         } else {
             for (yo, row) in y.iter_mut().zip(w.chunks_exact(x.len())) {
@@ -501,6 +513,7 @@ fn matmul_tiles<W: FloatWeight, const R: usize, const T: usize, const M: usize>(
 mod avx2 {
     use super::FloatWeight;
     use crate::quant::f16;
+    use core::arch::x86_64::__m512;
 
     /// [`matvec`](super::matvec) compiled for AVX2 (f16 weights: with
     /// F16C too, where the CPU has it); false (nothing done) on a CPU
@@ -629,6 +642,16 @@ mod avx2 {
             return false;
         }
         let wide = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl");
+        // f32 weights over 16 rows or more in tiles of paired tokens (f16:
+        // no faster than `matmul_f16c_wide`, its widening doubles the work
+        // of the ports the pairs free; fewer rows: the packing outweighs).
+        let is_f32 = core::any::TypeId::of::<W>() == core::any::TypeId::of::<f32>();
+        if let (true, Some(cpu)) = (is_f32 && w.len() / cols.max(1) >= 16, Avx512::detect()) {
+            // SAFETY: the CPU has AVX2, AVX-512F and VL (`cpu`), the
+            // features enabled; `W` is f32 (`is_f32`).
+            unsafe { matmul_pairs(cpu, bytemuck::cast_slice(w), b, xs, cols, ys) };
+            return true;
+        }
         if let Some(w) = as_f16c(w) {
             if wide {
                 // SAFETY: the CPU has AVX2, F16C, AVX-512F and VL, the features enabled.
@@ -666,6 +689,148 @@ mod avx2 {
     const MR: usize = 4;
     const MT: usize = 4;
 
+    /// Proof that the CPU has AVX2 and AVX-512F (VL too): made only by
+    /// [`Avx512::detect`], it lets [`pair_tile`] (inlined into the
+    /// functions compiled for those features) use their instructions.
+    #[derive(Clone, Copy)]
+    pub(super) struct Avx512(());
+
+    impl Avx512 {
+        pub(super) fn detect() -> Option<Self> {
+            (std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512vl"))
+            .then_some(Avx512(()))
+        }
+    }
+
+    /// Two tokens' blocks of eight side by side (tokens `2p` and `2p + 1`
+    /// of a group in lanes 0-7 and 8-15), as [`pair_tile`] loads them.
+    type PairBlock = [f32; 2 * super::LANES];
+
+    /// [`dot_tile`](super::dot_tile) for `R` rows and `2P` tokens with two
+    /// tokens' eight lane chains in each 512-bit register: `pairs[p]` holds
+    /// tokens `2p` and `2p + 1` block by block, `tails[t]` token `t`'s
+    /// columns past the last block. Every lane is multiplied, then added,
+    /// block by block, as in [`dot`](super::dot), so every sum has the same
+    /// bits, in half the instructions of eight-lane registers.
+    #[inline(always)]
+    fn pair_tile<const R: usize, const P: usize, const T: usize>(
+        _: Avx512,
+        rows: [&[f32]; R],
+        pairs: [&[PairBlock]; P],
+        tails: [&[f32]; T],
+    ) -> [[f32; T]; R] {
+        use core::arch::x86_64::{
+            _mm256_loadu_pd, _mm512_add_ps, _mm512_broadcast_f64x4, _mm512_castpd_ps, _mm512_loadu_ps,
+            _mm512_mul_ps, _mm512_setzero_ps,
+        };
+        const { assert!(T == 2 * P) };
+        let w = rows.map(|r| r.as_chunks::<{ super::LANES }>());
+        let blocks = pairs.iter().map(|x| x.len()).chain(w.iter().map(|w| w.0.len())).min().unwrap_or(0);
+        let wc: [&[[f32; super::LANES]]; R] = core::array::from_fn(|r| w[r].0.get(..blocks).unwrap_or(&[]));
+        let xc: [&[PairBlock]; P] = core::array::from_fn(|p| pairs[p].get(..blocks).unwrap_or(&[]));
+        let blocks = wc.iter().map(|w| w.len()).chain(xc.iter().map(|x| x.len())).min().unwrap_or(0);
+        // SAFETY (each block below): the `Avx512` proves AVX-512F; every
+        // slice in `wc` and `xc` holds at least `blocks` blocks and k <
+        // blocks; each load reads one block (unaligned allowed), the
+        // weights' eight as bits into both halves.
+        let mut l: [[__m512; P]; R] = [[unsafe { _mm512_setzero_ps() }; P]; R];
+        for k in 0..blocks {
+            let xp: [__m512; P] =
+                core::array::from_fn(|p| unsafe { _mm512_loadu_ps(xc[p].get_unchecked(k).as_ptr()) });
+            for r in 0..R {
+                let wv = unsafe {
+                    _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(
+                        wc[r].get_unchecked(k).as_ptr().cast(),
+                    )))
+                };
+                for p in 0..P {
+                    l[r][p] = unsafe { _mm512_add_ps(l[r][p], _mm512_mul_ps(wv, xp[p])) };
+                }
+            }
+        }
+        core::array::from_fn(|r| {
+            core::array::from_fn(|t| {
+                let lanes: [[f32; super::LANES]; 2] = bytemuck::cast(l[r][t / 2]);
+                super::finish(lanes[t % 2], w[r].1, tails[t])
+            })
+        })
+    }
+
+    /// [`matmul_wide`] in tiles of four rows x eight tokens, two tokens a
+    /// 512-bit register ([`pair_tile`]), the tokens of each group of eight
+    /// packed in pairs first; the last `tokens % 8` through
+    /// [`matmul_wide`]'s tiles. The same bits.
+    #[target_feature(enable = "avx2,avx512f,avx512vl")]
+    fn matmul_pairs(cpu: Avx512, w: &[f32], b: Option<&[f32]>, xs: &[f32], cols: usize, ys: &mut [f32]) {
+        const R: usize = 4;
+        const P: usize = 4;
+        const T: usize = 2 * P;
+        const L: usize = super::LANES;
+        if cols == 0 {
+            return;
+        }
+        let rows = w.len() / cols;
+        if rows == 0 {
+            return;
+        }
+        let tokens = (xs.len() / cols).min(ys.len() / rows);
+        let (groups, blocks) = (tokens / T, cols / L);
+        let mut packed = vec![[0.0f32; 2 * L]; groups * P * blocks];
+        for (i, pair) in packed.chunks_exact_mut(blocks.max(1)).enumerate() {
+            let (a, b) = (&xs[2 * i * cols..][..blocks * L], &xs[(2 * i + 1) * cols..][..blocks * L]);
+            for ((o, a), b) in pair.iter_mut().zip(a.as_chunks::<L>().0).zip(b.as_chunks::<L>().0) {
+                o[..L].copy_from_slice(a);
+                o[L..].copy_from_slice(b);
+            }
+        }
+        let bias = |o: usize| b.and_then(|b| b.get(o)).copied();
+        let mut put = |t: usize, o: usize, v: f32| {
+            ys[t * rows + o] = match bias(o) {
+                Some(bo) => v + bo,
+                None => v,
+            };
+        };
+        // Rows in blocks of 64 KB of weights, as in `matmul_tiles`.
+        let per_block = ((64 << 10) / (cols * size_of::<f32>()).max(1)).max(R) / R * R;
+        let mut o0 = 0;
+        while o0 < rows {
+            let o1 = (o0 + per_block).min(rows);
+            for g in 0..groups {
+                let pairs: [&[PairBlock]; P] =
+                    core::array::from_fn(|p| &packed[(g * P + p) * blocks..(g * P + p + 1) * blocks]);
+                let tails: [&[f32]; T] =
+                    core::array::from_fn(|k| &xs[(g * T + k) * cols + blocks * L..][..cols - blocks * L]);
+                let mut o = o0;
+                while o + R <= o1 {
+                    let tile = core::array::from_fn::<_, R, _>(|r| &w[(o + r) * cols..(o + r + 1) * cols]);
+                    for (r, out) in pair_tile::<R, P, T>(cpu, tile, pairs, tails).iter().enumerate() {
+                        for (k, &v) in out.iter().enumerate() {
+                            put(g * T + k, o + r, v);
+                        }
+                    }
+                    o += R;
+                }
+                for o in o..o1 {
+                    let out = pair_tile::<1, P, T>(cpu, [&w[o * cols..(o + 1) * cols]], pairs, tails);
+                    for (k, &v) in out[0].iter().enumerate() {
+                        put(g * T + k, o, v);
+                    }
+                }
+            }
+            o0 = o1;
+        }
+        let done = groups * T;
+        super::matmul_tiles::<f32, MR, MT, 8>(
+            w,
+            b,
+            &xs[done * cols..tokens * cols],
+            cols,
+            &mut ys[done * rows..],
+        );
+    }
+
     // Sixteen vector registers: eight chains (plus the loaded blocks) fit.
     // 64 x 64: 79 GFLOP/s with eight rows per pass, 22 with four.
     #[target_feature(enable = "avx2")]
@@ -674,7 +839,11 @@ mod avx2 {
         if size_of::<W>() == 2 {
             super::matvec_rows::<W, 4>(w, b, x, y)
         } else {
-            super::matvec_rows::<W, 8>(w, b, x, y)
+            // Eight rows a pass over streamed matrices too (more loads in
+            // flight; the Xeon, 32000 x 512 f32: 7.5-15 -> 21-26 GB/s; 4096 x
+            // 4096: 8-12 -> 27), as the int8 decode kernels found on the
+            // AMD EPYC.
+            super::matvec_passes::<W, 8, true>(w, b, x, y)
         }
     }
 
@@ -897,7 +1066,9 @@ mod tests {
 
     /// Every pass shape (rows per pass, rows x tokens tiles, the AVX2
     /// choices) equals one `dot` per row and token plus the bias, bit for bit,
-    /// over shapes with row, token and column tails.
+    /// over shapes with row, token and column tails. `matmul` takes the
+    /// paired-token tiles for f32 from 16 rows and 8 tokens on CPUs with
+    /// AVX-512 (groups of eight, then the last tokens by four and one).
     #[test]
     fn every_pass_shape_equals_the_dot_per_row() {
         // Under Miri (which interprets every step) the shapes that still
@@ -906,7 +1077,16 @@ mod tests {
         let shapes: &[(usize, usize, usize)] = if cfg!(miri) {
             &[(13, 37, 7), (1, 3, 1)]
         } else {
-            &[(13, 37, 7), (1, 3, 1), (8, 8, 4), (19, 64, 9), (5, 7, 3), (16, 130, 8)]
+            &[
+                (13, 37, 7),
+                (1, 3, 1),
+                (8, 8, 4),
+                (19, 64, 9),
+                (5, 7, 3),
+                (16, 130, 8),
+                (21, 40, 19),
+                (33, 24, 29),
+            ]
         };
         for &(rows, cols, tokens) in shapes {
             let w = values(rows * cols, 3);
