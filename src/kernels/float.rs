@@ -463,6 +463,40 @@ fn matmul_tiles<W: FloatWeight, const R: usize, const T: usize, const M: usize>(
         return;
     }
     let tokens = (xs.len() / cols).min(ys.len() / rows);
+    let x = |t: usize| -> [&[f32]; T] { core::array::from_fn(|k| &xs[(t + k) * cols..(t + k + 1) * cols]) };
+    let row = |o: usize| &w[o * cols..(o + 1) * cols];
+    // `inline(always)` on the closures: a closure is not compiled with the
+    // target features of the function it is inlined into, so F16C's
+    // widening in a closure LLVM left out of line became a call a block
+    // (64-token f16 prompts 630 -> 158 tokens/s).
+    tile_loop::<R, T>(
+        (rows, tokens, cols * size_of::<W>()),
+        b,
+        ys,
+        #[inline(always)]
+        |o, t| dot_tile(core::array::from_fn::<_, R, _>(|r| row(o + r)), x(t)),
+        #[inline(always)]
+        |o, t| dot_tile([row(o)], x(t))[0],
+    );
+    let t = tokens / T * T;
+    for t in t..tokens {
+        matvec_rows::<W, M>(w, b, &xs[t * cols..(t + 1) * cols], &mut ys[t * rows..(t + 1) * rows]);
+    }
+}
+
+/// The tile order of [`matmul_tiles`] for `(rows, tokens, row_bytes)`:
+/// `tile(o, t)` gives rows `o..o + R` x tokens `t..t + T`, `one(o, t)`
+/// row `o` (past the last full tile of a block) x the same tokens; each
+/// value plus its bias goes to `ys[t * rows + o]`. Tokens past the last
+/// multiple of `T` are left to the caller.
+#[inline(always)]
+fn tile_loop<const R: usize, const T: usize>(
+    (rows, tokens, row_bytes): (usize, usize, usize),
+    b: Option<&[f32]>,
+    ys: &mut [f32],
+    tile: impl Fn(usize, usize) -> [[f32; T]; R],
+    one: impl Fn(usize, usize) -> [f32; T],
+) {
     let bias = |o: usize| b.and_then(|b| b.get(o)).copied();
     let mut put = |t: usize, o: usize, v: f32| {
         ys[t * rows + o] = match bias(o) {
@@ -473,18 +507,15 @@ fn matmul_tiles<W: FloatWeight, const R: usize, const T: usize, const M: usize>(
     // Blocks of rows that stay in L2 (64 KB of weights) while every token
     // passes over them: weights streamed from memory are read once, not
     // once per `T` tokens (each (row, token) sum is the same either way).
-    let per_block = ((64 << 10) / (cols * size_of::<W>()).max(1)).max(R) / R * R;
+    let per_block = ((64 << 10) / row_bytes.max(1)).max(R) / R * R;
     let mut o0 = 0;
     while o0 < rows {
         let o1 = (o0 + per_block).min(rows);
         let mut t = 0;
         while t + T <= tokens {
-            let x: [&[f32]; T] = core::array::from_fn(|k| &xs[(t + k) * cols..(t + k + 1) * cols]);
             let mut o = o0;
             while o + R <= o1 {
-                let out =
-                    dot_tile(core::array::from_fn::<_, R, _>(|r| &w[(o + r) * cols..(o + r + 1) * cols]), x);
-                for (r, out) in out.iter().enumerate() {
+                for (r, out) in tile(o, t).iter().enumerate() {
                     for (k, &v) in out.iter().enumerate() {
                         put(t + k, o + r, v);
                     }
@@ -492,18 +523,13 @@ fn matmul_tiles<W: FloatWeight, const R: usize, const T: usize, const M: usize>(
                 o += R;
             }
             for o in o..o1 {
-                let out = dot_tile([&w[o * cols..(o + 1) * cols]], x);
-                for (k, &v) in out[0].iter().enumerate() {
+                for (k, &v) in one(o, t).iter().enumerate() {
                     put(t + k, o, v);
                 }
             }
             t += T;
         }
         o0 = o1;
-    }
-    let t = tokens / T * T;
-    for t in t..tokens {
-        matvec_rows::<W, M>(w, b, &xs[t * cols..(t + 1) * cols], &mut ys[t * rows..(t + 1) * rows]);
     }
 }
 
@@ -583,12 +609,30 @@ mod avx2 {
         }
     }
 
-    /// `fast-float`: one row at a time, four partial sums of eight lanes
-    /// each fed by FMA, added at the end: not the portable order, so not
-    /// the microcontrollers' bits (the opt-in feature's documented cost).
+    /// `fast-float`: f32 weights eight rows a pass (more loads in flight
+    /// from streamed weights) with one FMA-fed sum of eight lanes a row,
+    /// f16 weights one row at a time with four such sums (their widening
+    /// needs the registers); the lanes added at the end: not the portable
+    /// order, so not the microcontrollers' bits (the opt-in feature's
+    /// documented cost).
     #[cfg(feature = "fast-float")]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn rows_fma<W: FloatWeight>(w: &[W], b: Option<&[f32]>, x: &[f32], y: &mut [f32]) {
+        if size_of::<W>() == 4 {
+            fma_passes::<W, 8>(w, x, y)
+        } else {
+            row_fma4(w, x, y)
+        }
+        if let Some(b) = b {
+            y.iter_mut().zip(b).for_each(|(yo, &bo)| *yo += bo);
+        }
+    }
+
+    /// [`rows_fma`] for f16 weights, without the bias: one row at a time,
+    /// four partial sums.
+    #[cfg(feature = "fast-float")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn row_fma4<W: FloatWeight>(w: &[W], x: &[f32], y: &mut [f32]) {
         use core::arch::x86_64::{__m256, _mm256_add_ps, _mm256_fmadd_ps, _mm256_setzero_ps};
         let cols = x.len();
         if cols == 0 {
@@ -615,9 +659,54 @@ mod avx2 {
             let tail = wt.iter().zip(xt).fold(0.0f32, |s, (&wv, &xv)| wv.to_f32().mul_add(xv, s));
             *yo = lanes.iter().sum::<f32>() + tail;
         }
-        if let Some(b) = b {
-            y.iter_mut().zip(b).for_each(|(yo, &bo)| *yo += bo);
+    }
+
+    /// [`rows_fma`] for f32 weights without the bias, `R` rows a pass.
+    #[cfg(feature = "fast-float")]
+    #[inline(always)]
+    fn fma_passes<W: FloatWeight, const R: usize>(w: &[W], x: &[f32], y: &mut [f32]) {
+        let cols = x.len();
+        if cols == 0 {
+            y.iter_mut().for_each(|v| *v = 0.0);
+            return;
         }
+        let mut done = 0;
+        for (pass, yq) in w.chunks_exact(R * cols).zip(y.chunks_exact_mut(R)) {
+            let rows: [&[W]; R] = core::array::from_fn(|r| &pass[r * cols..(r + 1) * cols]);
+            yq.copy_from_slice(&fma_rows::<W, R>(rows, x));
+            done += R;
+        }
+        let rest = w.get(done * cols..).unwrap_or(&[]).chunks_exact(cols);
+        for (yo, row) in y.iter_mut().skip(done).zip(rest) {
+            *yo = fma_rows::<W, 1>([row], x)[0];
+        }
+    }
+
+    /// [`rows_fma`]'s sums for `R` rows as long as `x`, one FMA-fed sum of
+    /// eight lanes a row.
+    #[cfg(feature = "fast-float")]
+    #[inline(always)]
+    fn fma_rows<W: FloatWeight, const R: usize>(rows: [&[W]; R], x: &[f32]) -> [f32; R] {
+        use core::arch::x86_64::{__m256, _mm256_fmadd_ps, _mm256_setzero_ps};
+        const L: usize = super::LANES;
+        let (xb, xt) = x.as_chunks::<L>();
+        let wc = rows.map(|r| r.as_chunks::<L>());
+        // SAFETY (each block): this inlines only into `rows_fma`, compiled
+        // for AVX2, FMA and F16C on a CPU that has them.
+        let mut acc: [__m256; R] = [unsafe { _mm256_setzero_ps() }; R];
+        for (k, xv) in xb.iter().enumerate() {
+            let xv: __m256 = bytemuck::cast(*xv);
+            for r in 0..R {
+                let Some(wv) = wc[r].0.get(k) else { continue };
+                let wv: __m256 = bytemuck::cast(W::widen(wv));
+                acc[r] = unsafe { _mm256_fmadd_ps(wv, xv, acc[r]) };
+            }
+        }
+        core::array::from_fn(|r| {
+            let lanes: [f32; L] = bytemuck::cast(acc[r]);
+            let tail = wc[r].1.iter().zip(xt).fold(0.0f32, |s, (&wv, &xv)| wv.to_f32().mul_add(xv, s));
+            lanes.iter().sum::<f32>() + tail
+        })
     }
 
     #[target_feature(enable = "avx2,f16c")]
@@ -785,42 +874,22 @@ mod avx2 {
                 o[L..].copy_from_slice(b);
             }
         }
-        let bias = |o: usize| b.and_then(|b| b.get(o)).copied();
-        let mut put = |t: usize, o: usize, v: f32| {
-            ys[t * rows + o] = match bias(o) {
-                Some(bo) => v + bo,
-                None => v,
-            };
+        let pairs = |t: usize| -> [&[PairBlock]; P] {
+            core::array::from_fn(|p| &packed[(t / 2 + p) * blocks..(t / 2 + p + 1) * blocks])
         };
-        // Rows in blocks of 64 KB of weights, as in `matmul_tiles`.
-        let per_block = ((64 << 10) / (cols * size_of::<f32>()).max(1)).max(R) / R * R;
-        let mut o0 = 0;
-        while o0 < rows {
-            let o1 = (o0 + per_block).min(rows);
-            for g in 0..groups {
-                let pairs: [&[PairBlock]; P] =
-                    core::array::from_fn(|p| &packed[(g * P + p) * blocks..(g * P + p + 1) * blocks]);
-                let tails: [&[f32]; T] =
-                    core::array::from_fn(|k| &xs[(g * T + k) * cols + blocks * L..][..cols - blocks * L]);
-                let mut o = o0;
-                while o + R <= o1 {
-                    let tile = core::array::from_fn::<_, R, _>(|r| &w[(o + r) * cols..(o + r + 1) * cols]);
-                    for (r, out) in pair_tile::<R, P, T>(cpu, tile, pairs, tails).iter().enumerate() {
-                        for (k, &v) in out.iter().enumerate() {
-                            put(g * T + k, o + r, v);
-                        }
-                    }
-                    o += R;
-                }
-                for o in o..o1 {
-                    let out = pair_tile::<1, P, T>(cpu, [&w[o * cols..(o + 1) * cols]], pairs, tails);
-                    for (k, &v) in out[0].iter().enumerate() {
-                        put(g * T + k, o, v);
-                    }
-                }
-            }
-            o0 = o1;
-        }
+        let tails = |t: usize| -> [&[f32]; T] {
+            core::array::from_fn(|k| &xs[(t + k) * cols + blocks * L..][..cols - blocks * L])
+        };
+        let row = |o: usize| &w[o * cols..(o + 1) * cols];
+        super::tile_loop::<R, T>(
+            (rows, groups * T, cols * size_of::<f32>()),
+            b,
+            ys,
+            #[inline(always)]
+            |o, t| pair_tile::<R, P, T>(cpu, core::array::from_fn(|r| row(o + r)), pairs(t), tails(t)),
+            #[inline(always)]
+            |o, t| pair_tile::<1, P, T>(cpu, [row(o)], pairs(t), tails(t))[0],
+        );
         let done = groups * T;
         super::matmul_tiles::<f32, MR, MT, 8>(
             w,
@@ -1122,7 +1191,11 @@ mod tests {
                         mv(x, y);
                     }
                 };
-                run(&|y| each(y, &|x, y| matvec(w, Some(b), x, y)));
+                // `fast-float`'s matvec is FMA, checked against exact sums
+                // in `fast_float_products_are_close_to_exact` instead.
+                if !cfg!(feature = "fast-float") {
+                    run(&|y| each(y, &|x, y| matvec(w, Some(b), x, y)));
+                }
                 run(&|y| each(y, &|x, y| matvec_rows::<W, 1>(w, Some(b), x, y)));
                 run(&|y| each(y, &|x, y| matvec_rows::<W, 4>(w, Some(b), x, y)));
                 run(&|y| each(y, &|x, y| matvec_rows::<W, 8>(w, Some(b), x, y)));
