@@ -455,14 +455,7 @@ fn matmul_tiles<W: FloatWeight, const R: usize, const T: usize, const M: usize>(
     cols: usize,
     ys: &mut [f32],
 ) {
-    if cols == 0 {
-        return;
-    }
-    let rows = w.len() / cols;
-    if rows == 0 {
-        return;
-    }
-    let tokens = (xs.len() / cols).min(ys.len() / rows);
+    let Some((rows, tokens)) = matmul_shape(w.len(), xs.len(), ys.len(), cols) else { return };
     let x = |t: usize| -> [&[f32]; T] { core::array::from_fn(|k| &xs[(t + k) * cols..(t + k + 1) * cols]) };
     let row = |o: usize| &w[o * cols..(o + 1) * cols];
     // `inline(always)` on the closures: a closure is not compiled with the
@@ -482,6 +475,14 @@ fn matmul_tiles<W: FloatWeight, const R: usize, const T: usize, const M: usize>(
     for t in t..tokens {
         matvec_rows::<W, M>(w, b, &xs[t * cols..(t + 1) * cols], &mut ys[t * rows..(t + 1) * rows]);
     }
+}
+
+/// `(rows, tokens)` of a matrix product with `w`, `xs` and `ys` this long
+/// and `cols` columns; `None` if there is nothing to compute.
+#[inline(always)]
+fn matmul_shape(w: usize, xs: usize, ys: usize, cols: usize) -> Option<(usize, usize)> {
+    let rows = w.checked_div(cols).filter(|&r| r > 0)?;
+    Some((rows, (xs / cols).min(ys / rows)))
 }
 
 /// The tile order of [`matmul_tiles`] for `(rows, tokens, row_bytes)`:
@@ -857,14 +858,7 @@ mod avx2 {
         const P: usize = 4;
         const T: usize = 2 * P;
         const L: usize = super::LANES;
-        if cols == 0 {
-            return;
-        }
-        let rows = w.len() / cols;
-        if rows == 0 {
-            return;
-        }
-        let tokens = (xs.len() / cols).min(ys.len() / rows);
+        let Some((rows, tokens)) = super::matmul_shape(w.len(), xs.len(), ys.len(), cols) else { return };
         let (groups, blocks) = (tokens / T, cols / L);
         let mut packed = vec![[0.0f32; 2 * L]; groups * P * blocks];
         for (i, pair) in packed.chunks_exact_mut(blocks.max(1)).enumerate() {
