@@ -291,12 +291,28 @@ fn finish<W: FloatWeight>(l: [f32; LANES], wt: &[W], xt: &[f32]) -> f32 {
 /// Matrices up to this size take the several-rows-per-pass path.
 const CACHED_BYTES: usize = 8 << 20;
 
+/// Matrices from this size prefetch ahead in one token's products (x86-64
+/// hosts).
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+const AHEAD_BYTES: usize = 1 << 20;
+
 /// `R` rows' [`dot`]s with each of `T` inputs in one pass: `R x T`
 /// independent lane chains keep the pipeline busy, and each weight and input
 /// block is loaded once per pass. `out[r][t]` is `dot(rows[r], xs[t])` bit for
 /// bit (all slices of one length).
 #[inline(always)]
 fn dot_tile<W: FloatWeight, const R: usize, const T: usize>(
+    rows: [&[W]; R],
+    xs: [&[f32]; T],
+) -> [[f32; T]; R] {
+    dot_tile_ahead::<W, R, T, false>(rows, xs)
+}
+
+/// [`dot_tile`]; with `AHEAD` (x86-64 hosts) each row's block at `R`
+/// rows further on is prefetched as the block is used: the next pass's
+/// rows when the rows are consecutive ones of a matrix.
+#[inline(always)]
+fn dot_tile_ahead<W: FloatWeight, const R: usize, const T: usize, const AHEAD: bool>(
     rows: [&[W]; R],
     xs: [&[f32]; T],
 ) -> [[f32; T]; R] {
@@ -317,6 +333,10 @@ fn dot_tile<W: FloatWeight, const R: usize, const T: usize>(
             // were spilled: 27 instead of 79 GFLOP/s at 64 x 64.)
             #[allow(unsafe_code)]
             let wb = unsafe { wc[r].get_unchecked(k) };
+            #[cfg(all(feature = "std", target_arch = "x86_64"))]
+            if AHEAD {
+                avx2::prefetch(rows[r].as_ptr().wrapping_add(R * rows[r].len() + k * LANES));
+            }
             for t in 0..T {
                 // SAFETY: as above.
                 #[allow(unsafe_code)]
@@ -350,7 +370,7 @@ fn lanes_mul_add<W: FloatWeight>(l: &mut [f32; LANES], w: &[W; LANES], x: &[f32;
 
 /// Every row's [`dot`] with `x` (non-empty), `R` rows per pass.
 #[inline(always)]
-fn rows_n<W: FloatWeight, const R: usize>(w: &[W], x: &[f32], y: &mut [f32]) {
+fn rows_n<W: FloatWeight, const R: usize, const AHEAD: bool>(w: &[W], x: &[f32], y: &mut [f32]) {
     // At least 1, so no `chunks_exact` below can panic.
     let cols = x.len().max(1);
     let mut done = 0;
@@ -359,7 +379,10 @@ fn rows_n<W: FloatWeight, const R: usize>(w: &[W], x: &[f32], y: &mut [f32]) {
     for (i, q) in w.chunks_exact(cols.saturating_mul(R).max(1)).enumerate() {
         let Some(yq) = y.get_mut(i * R..).and_then(|y| y.first_chunk_mut::<R>()) else { break };
         let mut rows = q.chunks_exact(cols);
-        let out = dot_tile(core::array::from_fn::<_, R, _>(|_| rows.next().unwrap_or(&[])), [x]);
+        let out = dot_tile_ahead::<W, R, 1, AHEAD>(
+            core::array::from_fn::<_, R, _>(|_| rows.next().unwrap_or(&[])),
+            [x],
+        );
         for (yo, o) in yq.iter_mut().zip(out) {
             *yo = o[0];
         }
@@ -418,7 +441,21 @@ fn matvec_passes<W: FloatWeight, const R: usize, const STREAMED: bool>(
         // half as far apart and bound by their widening: several rows at a
         // time always (4096 x 4096: 7.5 instead of 3.3 GFLOP/s). Same bits.
         if STREAMED || core::mem::size_of_val(w) <= CACHED_BYTES || size_of::<W>() == 2 {
-            rows_n::<W, R>(w, x, y);
+            // x86-64 hosts prefetch the next pass's rows in matrices of a
+            // megabyte or more: one token's products read each weight once,
+            // mostly from memory (decode, the Xeon, one thread: f16 99-108 ->
+            // 223-245 tokens/s at width 512, 37 -> 50-51 at 1024; f32
+            // 84-85 -> 90-94 and 27.5-28.5 -> 28.4-29.1); cache-resident
+            // ones lose to the extra loads (64 x 64 f32: 39-41 -> 30-32
+            // GFLOP/s), as would the microcontrollers' flash.
+            #[cfg(all(feature = "std", target_arch = "x86_64"))]
+            if core::mem::size_of_val(w) >= AHEAD_BYTES {
+                rows_n::<W, R, true>(w, x, y);
+            } else {
+                rows_n::<W, R, false>(w, x, y);
+            }
+            #[cfg(not(all(feature = "std", target_arch = "x86_64")))]
+            rows_n::<W, R, false>(w, x, y);
         } else {
             for (yo, row) in y.iter_mut().zip(w.chunks_exact(x.len())) {
                 *yo = dot(row, x);
@@ -619,10 +656,12 @@ mod avx2 {
     #[cfg(feature = "fast-float")]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn rows_fma<W: FloatWeight>(w: &[W], b: Option<&[f32]>, x: &[f32], y: &mut [f32]) {
-        if size_of::<W>() == 4 {
-            fma_passes::<W, 8>(w, x, y)
-        } else {
-            row_fma4(w, x, y)
+        // Prefetching ahead as the exact products do.
+        match (size_of::<W>() == 4, core::mem::size_of_val(w) >= super::AHEAD_BYTES) {
+            (true, true) => fma_passes::<W, 8, true>(w, x, y),
+            (true, false) => fma_passes::<W, 8, false>(w, x, y),
+            (false, true) => row_fma4::<W, true>(w, x, y),
+            (false, false) => row_fma4::<W, false>(w, x, y),
         }
         if let Some(b) = b {
             y.iter_mut().zip(b).for_each(|(yo, &bo)| *yo += bo);
@@ -633,7 +672,7 @@ mod avx2 {
     /// four partial sums.
     #[cfg(feature = "fast-float")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn row_fma4<W: FloatWeight>(w: &[W], x: &[f32], y: &mut [f32]) {
+    fn row_fma4<W: FloatWeight, const AHEAD: bool>(w: &[W], x: &[f32], y: &mut [f32]) {
         use core::arch::x86_64::{__m256, _mm256_add_ps, _mm256_fmadd_ps, _mm256_setzero_ps};
         let cols = x.len();
         if cols == 0 {
@@ -646,6 +685,9 @@ mod avx2 {
             let (wq, wr) = wb.as_chunks::<4>();
             let (xq, xr) = xb.as_chunks::<4>();
             for (w4, x4) in wq.iter().zip(xq) {
+                if AHEAD {
+                    prefetch(w4.as_ptr().wrapping_add(8 * cols / (4 * super::LANES)));
+                }
                 for k in 0..4 {
                     let wv: __m256 = bytemuck::cast(W::widen(&w4[k]));
                     acc[k] = _mm256_fmadd_ps(wv, bytemuck::cast(x4[k]), acc[k]);
@@ -665,7 +707,7 @@ mod avx2 {
     /// [`rows_fma`] for f32 weights without the bias, `R` rows a pass.
     #[cfg(feature = "fast-float")]
     #[inline(always)]
-    fn fma_passes<W: FloatWeight, const R: usize>(w: &[W], x: &[f32], y: &mut [f32]) {
+    fn fma_passes<W: FloatWeight, const R: usize, const AHEAD: bool>(w: &[W], x: &[f32], y: &mut [f32]) {
         let cols = x.len();
         if cols == 0 {
             y.iter_mut().for_each(|v| *v = 0.0);
@@ -674,12 +716,12 @@ mod avx2 {
         let mut done = 0;
         for (pass, yq) in w.chunks_exact(R * cols).zip(y.chunks_exact_mut(R)) {
             let rows: [&[W]; R] = core::array::from_fn(|r| &pass[r * cols..(r + 1) * cols]);
-            yq.copy_from_slice(&fma_rows::<W, R>(rows, x));
+            yq.copy_from_slice(&fma_rows::<W, R, AHEAD>(rows, x));
             done += R;
         }
         let rest = w.get(done * cols..).unwrap_or(&[]).chunks_exact(cols);
         for (yo, row) in y.iter_mut().skip(done).zip(rest) {
-            *yo = fma_rows::<W, 1>([row], x)[0];
+            *yo = fma_rows::<W, 1, false>([row], x)[0];
         }
     }
 
@@ -687,7 +729,7 @@ mod avx2 {
     /// eight lanes a row.
     #[cfg(feature = "fast-float")]
     #[inline(always)]
-    fn fma_rows<W: FloatWeight, const R: usize>(rows: [&[W]; R], x: &[f32]) -> [f32; R] {
+    fn fma_rows<W: FloatWeight, const R: usize, const AHEAD: bool>(rows: [&[W]; R], x: &[f32]) -> [f32; R] {
         use core::arch::x86_64::{__m256, _mm256_fmadd_ps, _mm256_setzero_ps};
         const L: usize = super::LANES;
         let (xb, xt) = x.as_chunks::<L>();
@@ -699,6 +741,9 @@ mod avx2 {
             let xv: __m256 = bytemuck::cast(*xv);
             for r in 0..R {
                 let Some(wv) = wc[r].0.get(k) else { continue };
+                if AHEAD {
+                    prefetch(rows[r].as_ptr().wrapping_add(R * rows[r].len() + k * L));
+                }
                 let wv: __m256 = bytemuck::cast(W::widen(wv));
                 acc[r] = unsafe { _mm256_fmadd_ps(wv, xv, acc[r]) };
             }
@@ -778,6 +823,16 @@ mod avx2 {
 
     const MR: usize = 4;
     const MT: usize = 4;
+
+    /// A hint to bring the cache line at `p` into L1 (any address: the
+    /// next pass's rows may lie past the matrix).
+    #[inline(always)]
+    pub(super) fn prefetch<T>(p: *const T) {
+        use core::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        // SAFETY: a prefetch is a hint (SSE, in every x86-64): it reads
+        // nothing the program sees and never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+    }
 
     /// Proof that the CPU has AVX2 and AVX-512F (VL too): made only by
     /// [`Avx512::detect`], it lets [`pair_tile`] (inlined into the
@@ -1149,6 +1204,8 @@ mod tests {
                 (16, 130, 8),
                 (21, 40, 19),
                 (33, 24, 29),
+                // Over `AHEAD_BYTES` in f32 and f16: the prefetching passes.
+                (261, 2050, 2),
             ]
         };
         for &(rows, cols, tokens) in shapes {
