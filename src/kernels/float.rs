@@ -573,6 +573,9 @@ fn tile_loop<const R: usize, const T: usize>(
 
 /// The same kernels compiled for AVX2 (x86-64 hosts, chosen at run time).
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
+pub(crate) use avx2::prefetch;
+
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
 #[allow(unsafe_code)]
 mod avx2 {
     use super::FloatWeight;
@@ -827,7 +830,7 @@ mod avx2 {
     /// A hint to bring the cache line at `p` into L1 (any address: the
     /// next pass's rows may lie past the matrix).
     #[inline(always)]
-    pub(super) fn prefetch<T>(p: *const T) {
+    pub(crate) fn prefetch<T>(p: *const T) {
         use core::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
         // SAFETY: a prefetch is a hint (SSE, in every x86-64): it reads
         // nothing the program sees and never faults, whatever the address.

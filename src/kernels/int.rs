@@ -320,7 +320,11 @@ mod avx2 {
             let mut acc = [zero(); 8];
             for (k, xc) in xb.iter().enumerate() {
                 let xv: __m256i = bytemuck::cast(*xc);
-                for (a, c) in acc.iter_mut().zip(&c).take(per) {
+                for (a, (c, row)) in acc.iter_mut().zip(c.iter().zip(rows)).take(per) {
+                    if per == 8 {
+                        // The next pass's row, as the float products do.
+                        crate::kernels::float::prefetch(row.as_ptr().wrapping_add(8 * cols + 32 * k));
+                    }
                     if let Some(wc) = c.get(k) {
                         *a = step(*a, wc, xv);
                     }
