@@ -436,16 +436,17 @@ fn matvec_passes<W: FloatWeight, const R: usize, const STREAMED: bool>(
         y.iter_mut().for_each(|v| *v = 0.0);
     } else {
         // Several rows at a time while the matrix stays in cache; streamed from
-        // memory, one row at a time is faster (measured: 4096 x 4096, 64 MB, drops
-        // from 14 to 8 GFLOP/s with four rows 16 KB apart). f16 rows are
+        // memory, one row at a time was faster on the AMD EPYC (4096 x 4096,
+        // 64 MB: 14 -> 8 GFLOP/s with four portable rows 16 KB apart), not
+        // on the Xeon with AVX2's eight (`STREAMED`, `avx2::matvec_avx2`). f16 rows are
         // half as far apart and bound by their widening: several rows at a
         // time always (4096 x 4096: 7.5 instead of 3.3 GFLOP/s). Same bits.
         if STREAMED || core::mem::size_of_val(w) <= CACHED_BYTES || size_of::<W>() == 2 {
             // x86-64 hosts prefetch the next pass's rows in matrices of a
             // megabyte or more: one token's products read each weight once,
-            // mostly from memory (decode, the Xeon, one thread: f16 99-108 ->
-            // 223-245 tokens/s at width 512, 37 -> 50-51 at 1024; f32
-            // 84-85 -> 90-94 and 27.5-28.5 -> 28.4-29.1); cache-resident
+            // mostly from memory (decode, the Xeon, one thread: f16 99-111 ->
+            // 141-245 tokens/s at width 512, 36-37 -> 48-51 at 1024; f32
+            // within noise to +10 %); cache-resident
             // ones lose to the extra loads (64 x 64 f32: 39-41 -> 30-32
             // GFLOP/s), as would the microcontrollers' flash.
             #[cfg(all(feature = "std", target_arch = "x86_64"))]
@@ -571,10 +572,10 @@ fn tile_loop<const R: usize, const T: usize>(
     }
 }
 
-/// The same kernels compiled for AVX2 (x86-64 hosts, chosen at run time).
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
 pub(crate) use avx2::prefetch;
 
+/// The same kernels compiled for AVX2 (x86-64 hosts, chosen at run time).
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
 #[allow(unsafe_code)]
 mod avx2 {
@@ -689,6 +690,7 @@ mod avx2 {
             let (xq, xr) = xb.as_chunks::<4>();
             for (w4, x4) in wq.iter().zip(xq) {
                 if AHEAD {
+                    // Eight rows ahead (`w4` steps are 32 weights).
                     prefetch(w4.as_ptr().wrapping_add(8 * cols / (4 * super::LANES)));
                 }
                 for k in 0..4 {
