@@ -377,11 +377,15 @@ mod avx2 {
         // streamed from memory: 168 -> 282 tokens/s at width 512); short
         // rows keep four (64 x 64: 13 instead of 17 G products/s).
         let rest = if cols >= 128 {
+            // Matrices past 64 KB (streamed: decode's) prefetch the next
+            // pass's rows, as the AVX-VNNI passes do.
+            let ahead = w.len() > 64 << 10;
             let mut octs = w.chunks_exact(8 * cols);
             for q in &mut octs {
                 let mut rows = q.chunks_exact(cols);
                 let rows: [&[i8]; 8] = core::array::from_fn(|_| rows.next().unwrap_or(&[]));
-                dots8(rows, xw).into_iter().for_each(&mut *f);
+                let out = if ahead { dots8::<true>(rows, xw) } else { dots8::<false>(rows, xw) };
+                out.into_iter().for_each(&mut *f);
             }
             octs.remainder()
         } else {
@@ -420,10 +424,13 @@ mod avx2 {
         core::array::from_fn(|r| finish(acc[r], rows[r], xb.len() * 16, xt))
     }
 
-    /// [`dots4`] for eight rows (more loads in flight from streamed weights).
+    /// [`dots4`] for eight rows (more loads in flight from streamed
+    /// weights); with `AHEAD` each row's cache line eight rows on (the next
+    /// pass's, when the rows are consecutive ones of a matrix) is
+    /// prefetched as its line here is begun.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn dots8(rows: [&[i8]; 8], xw: &[i16]) -> [i32; 8] {
+    fn dots8<const AHEAD: bool>(rows: [&[i8]; 8], xw: &[i16]) -> [i32; 8] {
         let (xb, xt) = xw.as_chunks::<16>();
         let n = rows.iter().map(|r| r.len() / 16).fold(xb.len(), usize::min);
         let w: [&[[i8; 16]]; 8] = rows.map(|r| r.as_chunks::<16>().0.get(..n).unwrap_or(&[]));
@@ -440,6 +447,12 @@ mod avx2 {
             else {
                 break;
             };
+            if AHEAD && k % 4 == 0 {
+                // Four sixteen-byte steps a 64-byte line.
+                for r in rows {
+                    crate::kernels::float::prefetch(r.as_ptr().wrapping_add(8 * r.len() + 16 * k));
+                }
+            }
             a0 = mul_add(a0, b0, x);
             a1 = mul_add(a1, b1, x);
             a2 = mul_add(a2, b2, x);
@@ -1322,7 +1335,8 @@ mod tests {
     /// weights and inputs, and all -128 (the largest sums, whose `128 *
     /// sum w` correction is the largest too). Each pair exactly once. Rows
     /// of 31 columns take the portable path (2,200 of them: several 64 KB
-    /// blocks), of 32-63 the 256-bit one.
+    /// blocks), of 32-63 the 256-bit one; one input takes the one-token
+    /// products.
     #[cfg(feature = "std")]
     #[test]
     fn batched_dots_equal_the_portable_sums() {
@@ -1341,6 +1355,7 @@ mod tests {
                 (6, 40, 5),
                 (2200, 31, 3),
                 (7, 96, 0),
+                (67, 256, 1),
             ]
         };
         for &(rows, cols, tokens) in shapes {

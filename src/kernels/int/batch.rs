@@ -13,6 +13,18 @@ pub fn for_each_dot_i8_batch(w: &[i8], xs: &[i8], cols: usize, mut f: impl FnMut
     if cols == 0 {
         return;
     }
+    if xs.len() / cols == 1 {
+        // One input: the one-token products (eight rows a pass, prefetching
+        // where they do), not a tile of four inputs three of which repeat
+        // the first (a decode step's experts on several threads: 4x the
+        // sums).
+        let mut r = 0;
+        super::each_dot_i8(w, &xs[..cols], 0, |d| {
+            f(0, r, d);
+            r += 1;
+        });
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if vnni::dots(w, xs, cols, &mut f) {
         return;
