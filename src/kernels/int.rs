@@ -1334,9 +1334,9 @@ mod tests {
     /// of every (input, row) pair: partial tiles, column tails, -128 in
     /// weights and inputs, and all -128 (the largest sums, whose `128 *
     /// sum w` correction is the largest too). Each pair exactly once. Rows
-    /// of 31 columns take the portable path (2,200 of them: several 64 KB
-    /// blocks), of 32-63 the 256-bit one; one input takes the one-token
-    /// products.
+    /// of 31 columns take the AVX2 `vpmaddwd` tiles where the CPU has no
+    /// AVX-VNNI (2,200 of them: several 64 KB blocks), of 32-63 the 256-bit
+    /// VNNI one; one input takes the one-token products.
     #[cfg(feature = "std")]
     #[test]
     fn batched_dots_equal_the_portable_sums() {
