@@ -49,11 +49,18 @@ pub fn for_each_dot_i8_batch(w: &[i8], xs: &[i8], cols: usize, mut f: impl FnMut
 /// for any i8) and `128 * sum w_r` comes off after: `sum (x + 128) w = sum
 /// x w + 128 sum w`, exact in wrapping `i32`, so the sums are the portable
 /// loop's for every i8 input and weight (-128 included). Per step a tile
-/// loads four weight and four input vectors for sixteen `vpdpbusd`; the row
-/// sums are taken once per row.
+/// loads four weight and four input vectors for sixteen `vpdpbusd`; the
+/// sixteen accumulators are reduced in registers (`vphaddd` trees, four
+/// sums a vector), and each row's `128 * sum w` is one more `vpdpbusd` a
+/// step (weights times bytes of 128), taken once per row.
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod vnni {
+    use core::arch::x86_64::{
+        __m128i, __m256i, __m512i, _mm_add_epi32, _mm256_castsi256_si128, _mm256_extracti128_si256,
+        _mm256_hadd_epi32,
+    };
+
     /// Rows and inputs per tile.
     const R: usize = 4;
     const T: usize = 4;
@@ -63,7 +70,8 @@ mod vnni {
     pub(super) fn dots(w: &[i8], xs: &[i8], cols: usize, f: &mut impl FnMut(usize, usize, i32)) -> bool {
         use std::is_x86_feature_detected as has;
         if cols >= 64 && has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
-            // SAFETY: the CPU has AVX-512F, BW and VNNI, the features enabled.
+            // SAFETY: the CPU has AVX-512F, BW and VNNI (AVX2 with them),
+            // the features enabled.
             unsafe { dots512(w, xs, cols, f) };
             return true;
         }
@@ -75,42 +83,73 @@ mod vnni {
         true
     }
 
+    /// The four lanes-sums of four 256-bit accumulators, in order
+    /// (wrapping, so any order of the adds gives the same values).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn sum4_256(a: [__m256i; 4]) -> __m128i {
+        // [a0 01 23, a1 01 23 | a0 45 67, a1 45 67] and a2, a3 alike.
+        let h01 = _mm256_hadd_epi32(a[0], a[1]);
+        let h23 = _mm256_hadd_epi32(a[2], a[3]);
+        // [a0 0-3, a1 0-3, a2 0-3, a3 0-3 | the same of 4-7].
+        let h = _mm256_hadd_epi32(h01, h23);
+        _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
+    }
+
+    /// [`sum4_256`] of 512-bit accumulators: each halved first.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2")]
+    fn sum4_512(a: [__m512i; 4]) -> __m128i {
+        use core::arch::x86_64::{_mm256_add_epi32, _mm512_castsi512_si256, _mm512_extracti64x4_epi64};
+        sum4_256(a.map(|v| _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v))))
+    }
+
     /// One kernel per vector width: `$dots` over every tile, `$tile` one
-    /// tile of `$n`-byte steps.
+    /// tile of `$n`-byte steps, `$sum4` the reduction of four accumulators.
     macro_rules! vnni_kernel {
-        ($dots:ident, $tile:ident, $n:literal, $v:ty, $features:literal, $zero:ident, $dp:ident) => {
+        ($dots:ident, $tile:ident, $n:literal, $v:ty, $features:literal, $zero:ident, $set1:ident, $dp:ident, $sum4:ident) => {
             #[target_feature(enable = $features)]
             fn $dots(w: &[i8], xs: &[i8], cols: usize, f: &mut impl FnMut(usize, usize, i32)) {
+                use core::arch::x86_64::{$dp, $set1, $zero};
                 let steps = cols / $n;
                 let main = steps * $n;
                 // The inputs' first `main` columns as `x + 128`, a step at a time.
                 let tokens = xs.len() / cols;
                 let mut xu = std::vec![[0u8; $n]; tokens * steps];
-                for (x, u) in xs.chunks_exact(cols).zip(xu.chunks_exact_mut(steps.max(1))) {
+                for (x, u) in xs.chunks_exact(cols).zip(xu.chunks_exact_mut(steps)) {
                     for (s, d) in x.as_chunks::<$n>().0.iter().zip(u) {
                         *d = s.map(|v| v as u8 ^ 0x80);
                     }
                 }
-                let xu: std::vec::Vec<&[[u8; $n]]> = xu.chunks_exact(steps.max(1)).collect();
+                let xu: std::vec::Vec<&[[u8; $n]]> = xu.chunks_exact(steps).collect();
                 let xrows: std::vec::Vec<&[i8]> = xs.chunks_exact(cols).collect();
                 let rows = w.len() / cols;
+                let k128: $v = $set1(0x80u8 as i8);
                 for r0 in (0..rows).step_by(R) {
                     let n = R.min(rows - r0);
+                    // A partial tile repeats its first row (sums not given out).
                     let wr: [&[i8]; R] = core::array::from_fn(|r| {
                         let r = r0 + if r < n { r } else { 0 };
                         w.get(r * cols..(r + 1) * cols).unwrap_or(&[])
                     });
+                    // Each row's `steps` steps (a slice of that length,
+                    // so the tile's indexing needs no checks).
                     let wc: [&[[i8; $n]]; R] = wr.map(|r| r.as_chunks::<$n>().0);
-                    // 128 * the sum of each row's first `main` weights, wrapping.
-                    let off: [i32; R] = wr.map(|r| {
-                        let s = r.iter().take(main).fold(0i32, |s, &v| s.wrapping_add(i32::from(v)));
-                        s.wrapping_mul(128)
-                    });
+                    // 128 * the sum of each row's first `main` weights (wrapping).
+                    let mut sums = [$zero(); R];
+                    for k in 0..steps {
+                        for (s, row) in sums.iter_mut().zip(&wc) {
+                            if let Some(c) = row.get(k) {
+                                *s = $dp(*s, k128, bytemuck::cast(*c));
+                            }
+                        }
+                    }
+                    let off: [i32; 4] = bytemuck::cast($sum4(sums));
                     let mut t0 = 0;
                     while t0 < tokens {
                         let m = T.min(tokens - t0);
                         let xt: [&[[u8; $n]]; T] = core::array::from_fn(|t| xu[t0 + if t < m { t } else { 0 }]);
-                        let acc = $tile(wc, xt, steps);
+                        let acc = $tile(wc, xt);
                         for (r, (row, (a, o))) in wr.iter().zip(acc.iter().zip(off)).enumerate().take(n) {
                             for (t, &a) in a.iter().enumerate().take(m) {
                                 let x = xrows[t0 + t];
@@ -127,29 +166,28 @@ mod vnni {
             }
 
             /// `sum (x + 128) w` of every (row, input) pair of the tile over
-            /// `steps` steps (a partial tile repeats its first row or input).
+            /// their common steps.
             #[inline]
             #[target_feature(enable = $features)]
-            fn $tile(w: [&[[i8; $n]]; R], x: [&[[u8; $n]]; T], steps: usize) -> [[i32; T]; R] {
+            fn $tile(w: [&[[i8; $n]]; R], x: [&[[u8; $n]]; T]) -> [[i32; T]; R] {
                 use core::arch::x86_64::{$dp, $zero};
-                let z = [0u8; $n];
-                let zw = [0i8; $n];
+                // Slices of one length, taken again from what they hold, so
+                // the indexing below needs no checks.
+                let n = w.iter().map(|w| w.len()).chain(x.iter().map(|x| x.len())).min().unwrap_or(0);
+                let w = w.map(|w| w.get(..n).unwrap_or(&[]));
+                let x = x.map(|x| x.get(..n).unwrap_or(&[]));
+                let n = w.iter().map(|w| w.len()).chain(x.iter().map(|x| x.len())).min().unwrap_or(0);
                 let mut acc = [[$zero(); T]; R];
-                for k in 0..steps {
-                    let wv: [$v; R] = core::array::from_fn(|r| bytemuck::cast(*w[r].get(k).unwrap_or(&zw)));
+                for k in 0..n {
+                    let wv: [$v; R] = core::array::from_fn(|r| bytemuck::cast(w[r][k]));
                     for t in 0..T {
-                        let xv: $v = bytemuck::cast(*x[t].get(k).unwrap_or(&z));
+                        let xv: $v = bytemuck::cast(x[t][k]);
                         for r in 0..R {
                             acc[r][t] = $dp(acc[r][t], xv, wv[r]);
                         }
                     }
                 }
-                acc.map(|a| {
-                    a.map(|v| {
-                        let lanes: [i32; $n / 4] = bytemuck::cast(v);
-                        lanes.iter().fold(0i32, |s, &l| s.wrapping_add(l))
-                    })
-                })
+                acc.map(|a| bytemuck::cast($sum4(a)))
             }
         };
     }
@@ -158,19 +196,23 @@ mod vnni {
         dots256,
         tile256,
         32,
-        core::arch::x86_64::__m256i,
+        __m256i,
         "avx2,avxvnni",
         _mm256_setzero_si256,
-        _mm256_dpbusd_avx_epi32
+        _mm256_set1_epi8,
+        _mm256_dpbusd_avx_epi32,
+        sum4_256
     );
     vnni_kernel!(
         dots512,
         tile512,
         64,
-        core::arch::x86_64::__m512i,
-        "avx512f,avx512bw,avx512vnni",
+        __m512i,
+        "avx512f,avx512bw,avx512vnni,avx2",
         _mm512_setzero_si512,
-        _mm512_dpbusd_epi32
+        _mm512_set1_epi8,
+        _mm512_dpbusd_epi32,
+        sum4_512
     );
 }
 
