@@ -15,6 +15,7 @@
 //! cargo run --release --example decode_bench -- --threads 2     # Decoder::with_threads(2)
 //! cargo run --release --features fast-float --example decode_bench # FMA products (not the MCU's bits)
 //! taskset -c 0 cargo run --release --example decode_bench    # pinned, as README's figures
+//! cargo run --release --example decode_bench -- --prompt-only   # no decoding (for profiles)
 //! ```
 //!
 //! The models: vocabulary 32,000 (untied head), 4 layers, 8 experts top-2
@@ -120,8 +121,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Tokens/s of the prompt and of the decoded tokens (greedy).
-fn run(decoder: &Decoder<'_>, sequential: bool) -> (f64, f64) {
+/// Tokens/s of the prompt and of the decoded tokens (greedy; NaN when
+/// `decode` is false).
+fn run(decoder: &Decoder<'_>, sequential: bool, decode: bool) -> (f64, f64) {
     let mut buf = vec![0u8; decoder.state_bytes()];
     let mut state = decoder.state(&mut buf).unwrap();
     let vocab = decoder.config().vocab;
@@ -141,6 +143,9 @@ fn run(decoder: &Decoder<'_>, sequential: bool) -> (f64, f64) {
         decoder.prefill(&mut state, &prompt, &mut logits, |_, _, _| {}).unwrap();
     }
     let prefill = TOKENS as f64 / t.elapsed().as_secs_f64();
+    if !decode {
+        return (prefill, f64::NAN);
+    }
     let t = Instant::now();
     for _ in 0..TOKENS {
         let next = micromoe::argmax(&logits).unwrap_or(0) as u32;
@@ -171,6 +176,7 @@ fn bench() -> Result<(), String> {
     let mut runs = 3;
     let mut only: Option<String> = None;
     let mut sequential = false;
+    let mut decode = true;
     let mut threads = 1;
     let mut models: Vec<String> = Vec::new();
     let mut it = std::env::args().skip(1);
@@ -178,6 +184,7 @@ fn bench() -> Result<(), String> {
         match a.as_str() {
             "--runs" => runs = value(&mut it, "--runs", "a count")?,
             "--sequential" => sequential = true,
+            "--prompt-only" => decode = false,
             "--threads" => threads = value(&mut it, "--threads", "a count")?,
             "--model" => models.push(value(&mut it, "--model", "a path")?),
             "--type" => only = Some(value(&mut it, "--type", "f32, f16, int8 or i8g32")?),
@@ -204,7 +211,7 @@ fn bench() -> Result<(), String> {
         if decoder.config().context <= 2 * TOKENS {
             return Err(format!("{path}: its context must exceed {} positions", 2 * TOKENS));
         }
-        let (p, d): (Vec<f64>, Vec<f64>) = (0..runs).map(|_| run(&decoder, sequential)).unzip();
+        let (p, d): (Vec<f64>, Vec<f64>) = (0..runs).map(|_| run(&decoder, sequential, decode)).unzip();
         println!("{:5}  {path}  {:12.1}  {:12.1}", decoder.config().hidden, median(p), median(d));
     }
     if !models.is_empty() && widths.is_empty() {
@@ -226,7 +233,7 @@ fn bench() -> Result<(), String> {
             }
             let bytes = AlignedBytes::from(&model(hidden, dtype, group)[..]);
             let decoder = Decoder::parse(&bytes).unwrap().with_threads(threads);
-            let (p, d): (Vec<f64>, Vec<f64>) = (0..runs).map(|_| run(&decoder, sequential)).unzip();
+            let (p, d): (Vec<f64>, Vec<f64>) = (0..runs).map(|_| run(&decoder, sequential, decode)).unzip();
             println!("{hidden:5}  {name:4}  {:12.1}  {:12.1}", median(p), median(d));
         }
     }

@@ -26,9 +26,11 @@
 
 #[cfg(micromoe_dsp)]
 mod arm;
+mod expf;
 mod float;
 mod int;
 
+pub(crate) use expf::exp_shifted;
 pub use float::{Activation, FloatWeight, LANES, Linear, dot, matmul, matvec};
 #[cfg(feature = "std")]
 pub use int::for_each_dot_i8_batch;

@@ -847,11 +847,10 @@ fn softmax(s: &mut [f32]) {
     if !max.is_finite() {
         return;
     }
-    let mut sum = 0.0;
-    for v in s.iter_mut() {
-        *v = libm::expf(*v - max);
-        sum += *v;
-    }
+    // The exponentials many at a time where the host has SIMD (the same
+    // bits as `libm::expf`), the sum in order.
+    crate::kernels::exp_shifted(s, max);
+    let sum = s.iter().fold(0.0f32, |a, &v| a + v);
     s.iter_mut().for_each(|v| *v /= sum);
 }
 
